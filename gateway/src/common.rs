@@ -1,0 +1,301 @@
+//! Plumbing every devgate binary shares: configuration layering, secrets, logging, shutdown and
+//! the health/readiness/metrics HTTP surface. Kept in one place so the three services behave
+//! the same way to an operator.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::registry::Registry;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+/// A secret string (auth secret, API token, NATS password). `Debug` and `Display` never show it,
+/// so a config dump in a log cannot leak it.
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+
+    /// The secret itself; call sites that need it are easy to audit.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+/// A configuration problem, reported before anything starts.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file is missing, unreadable, not TOML, has unknown keys or wrongly typed values.
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    /// Values parse but do not make sense together.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Builds a typed config from, lowest precedence first: the struct's defaults, an optional TOML
+/// file, then `overrides` (the command line, whose flags also read `DEVGATE_*` env vars).
+///
+/// `C` should be `#[serde(default, deny_unknown_fields)]` so a typo in the file is an error
+/// instead of a silently ignored key; `overrides` serializes only the flags that were given.
+pub fn load_config<C, O>(file: Option<&Path>, overrides: &O) -> Result<C, ConfigError>
+where
+    C: DeserializeOwned,
+    O: Serialize,
+{
+    let mut builder = config::Config::builder();
+    if let Some(path) = file {
+        builder = builder.add_source(
+            config::File::from(path)
+                .format(config::FileFormat::Toml)
+                .required(true),
+        );
+    }
+    builder = builder.add_source(config::Config::try_from(overrides)?);
+    Ok(builder.build()?.try_deserialize()?)
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+/// Installs the global `tracing` subscriber. `RUST_LOG` filters (default `info`).
+pub fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // A second init (tests) keeps the first subscriber.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// A token cancelled on SIGTERM or SIGINT: the root of every binary's shutdown tree.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = ctrl_c => tracing::info!(signal = "SIGINT", "shutdown requested"),
+                        _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutdown requested"),
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot listen for SIGTERM; only SIGINT stops the process");
+                    let _ = ctrl_c.await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = ctrl_c.await;
+        }
+        trigger.cancel();
+    });
+    token
+}
+
+/// Answers "is this process ready for traffic?" for `/readyz`; `Err` carries the reason shown.
+pub type ReadinessProbe = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// `/healthz` (process alive), `/readyz` (ready for traffic) and `/metrics` (Prometheus text).
+pub fn ops_router(registry: Arc<Registry>, ready: ReadinessProbe) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.clone();
+                async move {
+                    match ready() {
+                        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+                        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let registry = registry.clone();
+                async move { render_metrics(&registry) }
+            }),
+        )
+}
+
+fn render_metrics(registry: &Registry) -> axum::response::Response {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(error) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {error}\n")).into_response()
+        }
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown`, letting in-flight requests finish.
+pub async fn serve_http(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before 1970).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Nanoseconds since the Unix epoch (0 if the clock is before 1970).
+pub fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    #[serde(default, deny_unknown_fields)]
+    struct Demo {
+        port: u16,
+        name: String,
+        secret: Option<Secret>,
+    }
+
+    impl Default for Demo {
+        fn default() -> Self {
+            Demo {
+                port: 1,
+                name: "default".into(),
+                secret: None,
+            }
+        }
+    }
+
+    #[derive(Serialize, Default)]
+    struct DemoFlags {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        port: Option<u16>,
+    }
+
+    fn file(text: &str) -> tempfile_path::TempToml {
+        tempfile_path::TempToml::new(text)
+    }
+
+    /// Tiny temp-file helper so these tests need no extra crate.
+    mod tempfile_path {
+        pub struct TempToml(pub std::path::PathBuf);
+        impl TempToml {
+            pub fn new(text: &str) -> Self {
+                let path = std::env::temp_dir().join(format!(
+                    "devgate-config-test-{}-{}.toml",
+                    std::process::id(),
+                    super::unix_ns()
+                ));
+                std::fs::write(&path, text).expect("write temp config");
+                TempToml(path)
+            }
+        }
+        impl Drop for TempToml {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn flags_override_file_which_overrides_defaults() {
+        let f = file("port = 5\nname = \"from-file\"\n");
+        let c: Demo = load_config(Some(&f.0), &DemoFlags { port: Some(9) }).expect("loads");
+        assert_eq!(c.port, 9);
+        assert_eq!(c.name, "from-file");
+        let c: Demo = load_config(None, &DemoFlags::default()).expect("loads");
+        assert_eq!(c, Demo::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_name() {
+        let f = file("prot = 5\n");
+        let err = load_config::<Demo, _>(Some(&f.0), &DemoFlags::default())
+            .expect_err("typo must fail");
+        assert!(err.to_string().contains("prot"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let err = load_config::<Demo, _>(
+            Some(Path::new("/nonexistent/devgate.toml")),
+            &DemoFlags::default(),
+        )
+        .expect_err("missing file must fail");
+        assert!(err.to_string().contains("devgate.toml"), "{err}");
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let f = file("secret = \"hunter2\"\n");
+        let c: Demo = load_config(Some(&f.0), &DemoFlags::default()).expect("loads");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert_eq!(c.secret.as_ref().map(Secret::expose), Some("hunter2"));
+    }
+}

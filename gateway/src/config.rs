@@ -1,0 +1,379 @@
+//! Gateway configuration: one typed struct, filled from defaults, an optional TOML file, env
+//! vars and flags (in rising precedence), then validated as a whole before anything starts.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+
+use crate::auth::DeviceAuth;
+use crate::common::{ConfigError, LogFormat, Secret, load_config};
+use crate::contract::validate_instance_id;
+
+/// Everything the gateway can be told. Field names are the config-file keys; each is also a
+/// `--flag` and a `DEVGATE_*` env var (see [`Cli`]).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Device TCP listener.
+    pub listen: SocketAddr,
+    /// Address other components (lb-sync) use to reach the device port. Default: `listen`, with
+    /// an unspecified IP replaced by the pod IP from `POD_IP` when set.
+    pub advertise_addr: Option<String>,
+    /// Health, readiness and metrics listener.
+    pub http_listen: SocketAddr,
+    /// NATS server URL(s), comma-separated.
+    pub nats_url: String,
+    /// NATS user (with `nats_password`), for servers with accounts.
+    pub nats_user: Option<String>,
+    /// NATS password.
+    pub nats_password: Option<Secret>,
+    /// Instance id; default: the host name (pod name), made subject-safe.
+    pub instance_id: Option<String>,
+    /// Fleet secret for device tokens (HMAC-SHA256 of the device id).
+    pub auth_secret: Option<Secret>,
+    /// Accept every device without a token. Only for local experiments.
+    pub insecure_no_auth: bool,
+    /// Largest frame (type byte + body) accepted or sent.
+    pub max_frame_len: usize,
+    /// A connection must send HELLO within this time.
+    pub hello_timeout_ms: u64,
+    /// Heartbeat period told to devices; silence for 3 periods closes the session.
+    pub heartbeat_s: u64,
+    /// Most concurrent device connections; more are refused with `ERROR overloaded`.
+    pub max_connections: usize,
+    /// Bytes of downlink a session may have queued towards a slow device.
+    pub session_queue_bytes: usize,
+    /// Most DOWN frames awaiting a device ACK, and most UP frames awaiting NATS confirmation,
+    /// per session. At the uplink limit the gateway stops reading from the device.
+    pub max_inflight: usize,
+    /// How long the gateway waits for a device's ACK of a DOWN before answering `timeout`.
+    pub ack_timeout_ms: u64,
+    /// A session whose queued downlink makes no progress this long is closed `slow_consumer`.
+    pub write_timeout_ms: u64,
+    /// Expect a PROXY protocol (v1 or v2) header on every connection (behind nginx).
+    pub proxy_protocol: bool,
+    /// On SIGTERM, GOAWAY draining is spread over this window so devices do not reconnect at
+    /// once.
+    pub drain_window_ms: u64,
+    /// Upper bound of the random `reconnect_after_ms` told to drained devices.
+    pub drain_reconnect_jitter_ms: u64,
+    /// Period of the instance announcement on NATS.
+    pub announce_interval_ms: u64,
+    /// How long a login waits for the previous holder to let go.
+    pub claim_timeout_ms: u64,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 7000)),
+            advertise_addr: None,
+            http_listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
+            nats_url: "nats://127.0.0.1:4222".into(),
+            nats_user: None,
+            nats_password: None,
+            instance_id: None,
+            auth_secret: None,
+            insecure_no_auth: false,
+            max_frame_len: crate::codec::DEFAULT_MAX_FRAME_LEN,
+            hello_timeout_ms: 10_000,
+            heartbeat_s: 30,
+            max_connections: 100_000,
+            session_queue_bytes: 256 * 1024,
+            max_inflight: 256,
+            ack_timeout_ms: 30_000,
+            write_timeout_ms: 30_000,
+            proxy_protocol: false,
+            drain_window_ms: 10_000,
+            drain_reconnect_jitter_ms: 2_000,
+            announce_interval_ms: 1_000,
+            claim_timeout_ms: 3_000,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// Smallest and largest accepted `max_frame_len`: room for an UP header, and well under NATS's
+/// default 1 MiB `max_payload` so every accepted frame can be published.
+const FRAME_LEN_RANGE: std::ops::RangeInclusive<usize> = 64..=(1 << 20) - 4096;
+
+impl Config {
+    /// Checks the values together; every problem is reported, not just the first.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        match (&self.auth_secret, self.insecure_no_auth) {
+            (None, false) => problems.push(
+                "devices must authenticate: set --auth-secret (DEVGATE_AUTH_SECRET), or pass \
+                 --insecure-no-auth to run without device authentication"
+                    .to_owned(),
+            ),
+            (Some(_), true) => problems.push(
+                "--auth-secret and --insecure-no-auth contradict each other; choose one".to_owned(),
+            ),
+            (Some(s), false) if s.expose().len() < 16 => {
+                problems.push("--auth-secret must be at least 16 characters".to_owned())
+            }
+            _ => {}
+        }
+        if !FRAME_LEN_RANGE.contains(&self.max_frame_len) {
+            problems.push(format!(
+                "max_frame_len {} is outside {}..={}",
+                self.max_frame_len,
+                FRAME_LEN_RANGE.start(),
+                FRAME_LEN_RANGE.end()
+            ));
+        }
+        if self.session_queue_bytes < self.max_frame_len + crate::codec::HEADER_LEN {
+            problems.push(format!(
+                "session_queue_bytes {} must hold at least one maximum frame ({})",
+                self.session_queue_bytes,
+                self.max_frame_len + crate::codec::HEADER_LEN
+            ));
+        }
+        for (name, value) in [
+            ("heartbeat_s", self.heartbeat_s),
+            ("hello_timeout_ms", self.hello_timeout_ms),
+            ("ack_timeout_ms", self.ack_timeout_ms),
+            ("write_timeout_ms", self.write_timeout_ms),
+            ("announce_interval_ms", self.announce_interval_ms),
+            ("claim_timeout_ms", self.claim_timeout_ms),
+            ("max_connections", self.max_connections as u64),
+            ("max_inflight", self.max_inflight as u64),
+        ] {
+            if value == 0 {
+                problems.push(format!("{name} must be greater than 0"));
+            }
+        }
+        if let Some(id) = &self.instance_id
+            && let Err(e) = validate_instance_id(id)
+        {
+            problems.push(format!("instance_id {id:?}: {e}"));
+        }
+        if self.nats_password.is_some() != self.nats_user.is_some() {
+            problems.push("nats_user and nats_password go together".to_owned());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems.join("; ")))
+        }
+    }
+
+    /// The instance id: configured, or the host name made subject-safe.
+    pub fn instance_id(&self) -> String {
+        self.instance_id.clone().unwrap_or_else(default_instance_id)
+    }
+
+    /// The device authentication this config asks for.
+    pub fn device_auth(&self) -> DeviceAuth {
+        match &self.auth_secret {
+            Some(secret) if !self.insecure_no_auth => DeviceAuth::Hmac(secret.clone()),
+            _ => DeviceAuth::Insecure,
+        }
+    }
+
+    /// The address announced for the device port, given the bound listener address.
+    pub fn advertise_addr(&self, bound: SocketAddr) -> String {
+        if let Some(addr) = &self.advertise_addr {
+            return addr.clone();
+        }
+        if bound.ip().is_unspecified()
+            && let Ok(pod_ip) = std::env::var("POD_IP")
+            && !pod_ip.is_empty()
+        {
+            return SocketAddr::new(pod_ip.parse().unwrap_or(bound.ip()), bound.port()).to_string();
+        }
+        bound.to_string()
+    }
+
+    /// `heartbeat_s` as a duration.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_s)
+    }
+}
+
+/// The host name with every character outside `[A-Za-z0-9_-]` replaced by `-`, so it is a valid
+/// subject token.
+fn default_instance_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_owned())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "gateway".to_owned());
+    let safe: String = host
+        .chars()
+        .take(crate::contract::MAX_DEVICE_ID_LEN)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    safe
+}
+
+/// Command line of `devgate-gateway`. Every flag is optional and also read from its `DEVGATE_*`
+/// env var; whatever is given overrides the config file.
+#[derive(Debug, Parser, Serialize)]
+#[command(name = "devgate-gateway", version, about = "Device connection gateway routed over NATS")]
+pub struct Cli {
+    /// TOML config file (keys are the flag names with `_` instead of `-`).
+    #[arg(long, env = "DEVGATE_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Device TCP listen address [default: 0.0.0.0:7000].
+    #[arg(long, env = "DEVGATE_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// Address announced for the device port [default: listen address or $POD_IP].
+    #[arg(long, env = "DEVGATE_ADVERTISE_ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise_addr: Option<String>,
+    /// Health/readiness/metrics listen address [default: 0.0.0.0:9090].
+    #[arg(long, env = "DEVGATE_HTTP_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_listen: Option<SocketAddr>,
+    /// NATS URL(s), comma-separated [default: nats://127.0.0.1:4222].
+    #[arg(long, env = "DEVGATE_NATS_URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_url: Option<String>,
+    /// NATS user.
+    #[arg(long, env = "DEVGATE_NATS_USER")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_user: Option<String>,
+    /// NATS password.
+    #[arg(long, env = "DEVGATE_NATS_PASSWORD", hide_env_values = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_password: Option<Secret>,
+    /// Instance id [default: host name].
+    #[arg(long, env = "DEVGATE_INSTANCE_ID")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    /// Fleet secret for device tokens.
+    #[arg(long, env = "DEVGATE_AUTH_SECRET", hide_env_values = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth_secret: Option<Secret>,
+    /// Accept devices without authentication (local experiments only; logged loudly).
+    #[arg(long, env = "DEVGATE_INSECURE_NO_AUTH", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub insecure_no_auth: Option<bool>,
+    /// Largest frame accepted or sent, in bytes [default: 65536].
+    #[arg(long, env = "DEVGATE_MAX_FRAME_LEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_frame_len: Option<usize>,
+    /// HELLO deadline in ms [default: 10000].
+    #[arg(long, env = "DEVGATE_HELLO_TIMEOUT_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hello_timeout_ms: Option<u64>,
+    /// Heartbeat period in seconds [default: 30].
+    #[arg(long, env = "DEVGATE_HEARTBEAT_S")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_s: Option<u64>,
+    /// Most concurrent device connections [default: 100000].
+    #[arg(long, env = "DEVGATE_MAX_CONNECTIONS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    /// Downlink bytes queued per session [default: 262144].
+    #[arg(long, env = "DEVGATE_SESSION_QUEUE_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_queue_bytes: Option<usize>,
+    /// Unacknowledged frames per session and direction [default: 256].
+    #[arg(long, env = "DEVGATE_MAX_INFLIGHT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_inflight: Option<usize>,
+    /// Device ACK timeout in ms [default: 30000].
+    #[arg(long, env = "DEVGATE_ACK_TIMEOUT_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ack_timeout_ms: Option<u64>,
+    /// Slow-consumer write timeout in ms [default: 30000].
+    #[arg(long, env = "DEVGATE_WRITE_TIMEOUT_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub write_timeout_ms: Option<u64>,
+    /// Expect a PROXY protocol v1/v2 header on each connection.
+    #[arg(long, env = "DEVGATE_PROXY_PROTOCOL", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<bool>,
+    /// Drain window on SIGTERM in ms [default: 10000].
+    #[arg(long, env = "DEVGATE_DRAIN_WINDOW_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain_window_ms: Option<u64>,
+    /// Max random reconnect delay told to drained devices, ms [default: 2000].
+    #[arg(long, env = "DEVGATE_DRAIN_RECONNECT_JITTER_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain_reconnect_jitter_ms: Option<u64>,
+    /// Announcement period in ms [default: 1000].
+    #[arg(long, env = "DEVGATE_ANNOUNCE_INTERVAL_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub announce_interval_ms: Option<u64>,
+    /// Takeover claim timeout in ms [default: 3000].
+    #[arg(long, env = "DEVGATE_CLAIM_TIMEOUT_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub claim_timeout_ms: Option<u64>,
+    /// Log format [default: text].
+    #[arg(long, env = "DEVGATE_LOG_FORMAT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+}
+
+impl Cli {
+    /// Layers defaults, the config file and these flags into a validated [`Config`].
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let config: Config = load_config(self.config.as_deref(), &self)?;
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("devgate-gateway").chain(args.iter().copied()))
+            .expect("flags parse")
+    }
+
+    #[test]
+    fn auth_is_required_unless_insecure_is_explicit() {
+        let err = cli(&[]).into_config().expect_err("no auth must fail");
+        assert!(err.to_string().contains("--auth-secret"), "{err}");
+        let c = cli(&["--insecure-no-auth"]).into_config().expect("explicit insecure");
+        assert!(matches!(c.device_auth(), DeviceAuth::Insecure));
+        let c = cli(&["--auth-secret", "0123456789abcdef"]).into_config().expect("secret");
+        assert!(matches!(c.device_auth(), DeviceAuth::Hmac(_)));
+    }
+
+    #[test]
+    fn all_problems_are_reported_together() {
+        let err = cli(&["--max-frame-len", "1", "--heartbeat-s", "0", "--instance-id", "a.b"])
+            .into_config()
+            .expect_err("invalid");
+        let msg = err.to_string();
+        for needle in ["--auth-secret", "max_frame_len", "heartbeat_s", "instance_id"] {
+            assert!(msg.contains(needle), "{needle} missing from {msg}");
+        }
+    }
+
+    #[test]
+    fn secret_is_masked_in_debug() {
+        let c = cli(&["--auth-secret", "super-secret-value-123"]).into_config().expect("ok");
+        assert!(!format!("{c:?}").contains("super-secret-value-123"));
+    }
+
+    #[test]
+    fn default_instance_id_is_subject_safe() {
+        assert!(validate_instance_id(&default_instance_id()).is_ok());
+    }
+}
