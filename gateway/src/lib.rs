@@ -9,7 +9,18 @@
 //! plumbing ([`common`]) that bridge-api and lb-sync build on, so the three cannot drift apart.
 
 pub mod auth;
+pub mod bus;
+pub mod client;
 pub mod codec;
 pub mod common;
 pub mod config;
+pub mod conn;
 pub mod contract;
+mod control;
+pub mod metrics;
+pub mod proxy_protocol;
+pub mod registry;
+pub mod server;
+mod session;
+
+pub use server::{Gateway, GatewayError, run};

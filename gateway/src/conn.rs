@@ -1,0 +1,151 @@
+//! Framed I/O on one device socket, shaped for many mostly-idle connections.
+//!
+//! Read and write buffers are allocated only while there is something in them and released
+//! when they empty, so an idle session holds no buffer memory at all (tokio-util's `Framed`
+//! keeps 8 KiB per direction for the life of the connection). All waiting happens in
+//! `readable()` / `writable()`, which makes both operations cancel-safe inside `select!`.
+
+use std::io;
+
+use bytes::{Buf, BytesMut};
+use tokio::net::TcpStream;
+use tokio_util::codec::{Decoder, Encoder};
+
+use crate::codec::{CodecError, Frame, FrameCodec};
+
+/// How much to read per syscall while a device is sending.
+const READ_CHUNK: usize = 4096;
+
+/// One device connection: the socket plus independent read and write halves, so a session can
+/// wait on both at once in one `select!` (they borrow disjoint fields; the socket is shared).
+pub struct Conn {
+    /// The socket (`readable`/`writable`/`try_*` only need `&TcpStream`).
+    pub stream: TcpStream,
+    /// Incoming frames.
+    pub reader: FrameReader,
+    /// Outgoing frames.
+    pub writer: FrameWriter,
+}
+
+/// Decodes frames from a socket into a buffer that exists only while it holds bytes.
+pub struct FrameReader {
+    codec: FrameCodec,
+    buf: BytesMut,
+}
+
+/// Queues encoded frames and writes them out, tracking offsets so callers learn when a given
+/// frame has reached the socket.
+pub struct FrameWriter {
+    codec: FrameCodec,
+    buf: BytesMut,
+    written: u64,
+    queued: u64,
+}
+
+impl Conn {
+    /// Wraps an accepted socket; `leftover` holds bytes already read (after a PROXY header).
+    pub fn new(stream: TcpStream, codec: FrameCodec, leftover: BytesMut) -> Self {
+        Conn {
+            stream,
+            reader: FrameReader { codec, buf: leftover },
+            writer: FrameWriter {
+                codec,
+                buf: BytesMut::new(),
+                written: 0,
+                queued: 0,
+            },
+        }
+    }
+
+    /// The next frame from the device; `None` when it closed the connection. Cancel-safe.
+    pub async fn read_frame(&mut self) -> Result<Option<Frame>, CodecError> {
+        self.reader.read_frame(&self.stream).await
+    }
+
+    /// Writes everything queued (used before closing, bounded by the caller's timeout).
+    pub async fn flush(&mut self) -> io::Result<()> {
+        while self.writer.pending() > 0 {
+            if self.writer.write_some(&self.stream).await? == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues `frame`, writes everything within `limit`, then closes the write side: the last
+    /// words of a session (`GOAWAY`, `ERROR`).
+    pub async fn close_with(&mut self, frame: Option<Frame>, limit: std::time::Duration) {
+        if let Some(frame) = frame {
+            let _ = self.writer.queue(frame);
+        }
+        let _ = tokio::time::timeout(limit, self.flush()).await;
+        let _ = tokio::time::timeout(limit, async {
+            use tokio::io::AsyncWriteExt;
+            self.stream.shutdown().await
+        })
+        .await;
+    }
+}
+
+impl FrameReader {
+    /// The next frame from `stream`; `None` when the peer closed. Cancel-safe: the only await
+    /// is `readable()`, and partial frames stay in the buffer.
+    pub async fn read_frame(&mut self, stream: &TcpStream) -> Result<Option<Frame>, CodecError> {
+        loop {
+            if let Some(frame) = self.codec.decode(&mut self.buf)? {
+                if self.buf.is_empty() {
+                    self.buf = BytesMut::new();
+                }
+                return Ok(Some(frame));
+            }
+            stream.readable().await?;
+            self.buf.reserve(READ_CHUNK);
+            match stream.try_read_buf(&mut self.buf) {
+                Ok(0) => return Ok(None),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+impl FrameWriter {
+    /// Appends a frame and returns the stream offset at which it ends (compare with
+    /// [`FrameWriter::written`]).
+    pub fn queue(&mut self, frame: Frame) -> Result<u64, CodecError> {
+        let before = self.buf.len();
+        self.codec.encode(frame, &mut self.buf)?;
+        self.queued += (self.buf.len() - before) as u64;
+        Ok(self.queued)
+    }
+
+    /// Bytes queued but not yet written.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Total bytes written to the socket so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Writes as much of the queue as the socket takes, waiting until it takes something.
+    /// Cancel-safe: the only await is `writable()`.
+    pub async fn write_some(&mut self, stream: &TcpStream) -> io::Result<usize> {
+        loop {
+            match stream.try_write(&self.buf) {
+                Ok(n) => {
+                    self.buf.advance(n);
+                    self.written += n as u64;
+                    if self.buf.is_empty() {
+                        self.buf = BytesMut::new();
+                    }
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.writable().await?,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}

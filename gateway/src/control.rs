@@ -1,0 +1,122 @@
+//! Instance-level control over NATS: the announcement heartbeat other components discover
+//! gateways by, and the stats / session-list requests every instance answers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Serialize;
+use tokio::task::JoinHandle;
+
+use crate::contract::{
+    Announce, ControlError, GatewayStats, MAX_SESSION_PAGE, SessionList, SessionListRequest,
+    subjects,
+};
+use crate::server::Shared;
+
+/// Starts the control task; it stops (after a last "draining, not ready" announcement) when
+/// the gateway's hard stop fires.
+pub(crate) fn spawn(shared: Arc<Shared>) -> JoinHandle<()> {
+    tokio::spawn(run(shared))
+}
+
+fn json<T: Serialize>(v: &T) -> Bytes {
+    Bytes::from(serde_json::to_vec(v).unwrap_or_default())
+}
+
+async fn run(shared: Arc<Shared>) {
+    let client = shared.bus.client().clone();
+    let subscribed = futures::future::try_join(
+        client.subscribe(subjects::STATS),
+        client.subscribe(subjects::sessions(&shared.instance)),
+    )
+    .await;
+    let (mut stats, mut sessions) = match subscribed {
+        Ok(subs) => subs,
+        Err(error) => {
+            tracing::error!(%error, "cannot subscribe to control subjects; stats and listing unavailable");
+            return;
+        }
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(shared.config.announce_interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut connected = shared.bus.connected_watch();
+    let mut draining_announced = false;
+    loop {
+        tokio::select! {
+            () = shared.hard_stop.cancelled() => break,
+            _ = tick.tick() => announce(&shared).await,
+            () = shared.draining.cancelled(), if !draining_announced => {
+                draining_announced = true;
+                announce(&shared).await;
+            }
+            changed = connected.changed() => {
+                if changed.is_err() { break; }
+                announce(&shared).await;
+            }
+            Some(msg) = stats.next() => {
+                if let Some(reply) = msg.reply {
+                    let _ = client.publish(reply, json(&stats_of(&shared))).await;
+                }
+            }
+            Some(msg) = sessions.next() => {
+                if let Some(reply) = msg.reply {
+                    let _ = client.publish(reply, session_page(&shared, &msg.payload)).await;
+                }
+            }
+        }
+    }
+    announce(&shared).await;
+}
+
+fn stats_of(shared: &Shared) -> GatewayStats {
+    GatewayStats {
+        instance: shared.instance.clone(),
+        advertise_addr: shared.advertise_addr.clone(),
+        ready: shared.readiness().is_ok(),
+        draining: shared.draining.is_cancelled(),
+        sessions: shared.metrics.sessions.get().max(0) as u64,
+        started_ms: shared.started_ms,
+    }
+}
+
+async fn announce(shared: &Shared) {
+    let s = stats_of(shared);
+    let body = json(&Announce {
+        instance: s.instance,
+        advertise_addr: s.advertise_addr,
+        ready: s.ready,
+        draining: s.draining,
+        sessions: s.sessions,
+        heartbeat_ms: shared.config.announce_interval_ms,
+        started_ms: s.started_ms,
+    });
+    if let Err(error) = shared.bus.client().publish(subjects::ANNOUNCE, body).await {
+        tracing::debug!(%error, "announce not published");
+    }
+}
+
+fn session_page(shared: &Shared, payload: &[u8]) -> Bytes {
+    let request = if payload.is_empty() {
+        Ok(SessionListRequest::default())
+    } else {
+        serde_json::from_slice::<SessionListRequest>(payload)
+    };
+    match request {
+        Ok(req) => {
+            let limit = req.limit.unwrap_or(MAX_SESSION_PAGE).clamp(1, MAX_SESSION_PAGE);
+            let (page, next_after) = shared.registry.page(req.after.as_deref(), limit);
+            json(&SessionList {
+                instance: shared.instance.clone(),
+                total: shared.metrics.sessions.get().max(0) as u64,
+                sessions: page,
+                next_after,
+            })
+        }
+        Err(e) => json(&ControlError {
+            error: "bad_request".into(),
+            message: format!("expected {{\"after\": string?, \"limit\": number?}}: {e}"),
+        }),
+    }
+}

@@ -1,0 +1,278 @@
+//! Prometheus metrics of the gateway.
+//!
+//! Handles for every label combination are resolved once at start-up, so the per-frame hot path
+//! only bumps an atomic and never hashes labels or takes a lock.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::codec::{ErrorCode, kind};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FrameLabels {
+    direction: &'static str,
+    r#type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabels {
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+const FRAME_TYPES: [(u8, &str); 9] = [
+    (kind::HELLO, "hello"),
+    (kind::WELCOME, "welcome"),
+    (kind::UP, "up"),
+    (kind::DOWN, "down"),
+    (kind::ACK, "ack"),
+    (kind::PING, "ping"),
+    (kind::PONG, "pong"),
+    (kind::GOAWAY, "goaway"),
+    (kind::ERROR, "error"),
+];
+
+const ERROR_CODES: [ErrorCode; 13] = [
+    ErrorCode::FrameTooLarge,
+    ErrorCode::UnknownFrameType,
+    ErrorCode::MalformedFrame,
+    ErrorCode::BadHello,
+    ErrorCode::BadDeviceId,
+    ErrorCode::Unauthorized,
+    ErrorCode::ProtocolViolation,
+    ErrorCode::HelloTimeout,
+    ErrorCode::IdleTimeout,
+    ErrorCode::SlowConsumer,
+    ErrorCode::Unavailable,
+    ErrorCode::Overloaded,
+    ErrorCode::Internal,
+];
+
+/// What happened to one downlink message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Downlink {
+    /// Written to the device socket.
+    Sent,
+    /// Confirmed by the device.
+    Acked,
+    /// Refused because the session queue was full.
+    Busy,
+    /// The device did not ACK in time.
+    Timeout,
+    /// Could not be delivered (session ended, payload too large).
+    Failed,
+    /// A plain publish (nobody to tell) that could not be delivered.
+    Dropped,
+}
+
+/// What happened to one uplink message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Uplink {
+    /// Handed to NATS.
+    Published,
+    /// Confirmed to the device after NATS accepted it.
+    Acked,
+    /// NATS acceptance could not be proven (reconnect, timeout): not ACKed, the device resends.
+    Unconfirmed,
+}
+
+/// All gateway metrics, cheap to clone (every handle is an `Arc`).
+#[derive(Clone)]
+pub struct Metrics {
+    /// Live (welcomed) sessions.
+    pub sessions: Gauge,
+    /// Open TCP connections, welcomed or not.
+    pub connections: Gauge,
+    /// Successful logins.
+    pub logins: Counter,
+    /// Logins that displaced an older session of the same device.
+    pub takeovers: Counter,
+    /// 1 while the NATS connection is up.
+    pub nats_connected: Gauge,
+    /// NATS connection losses.
+    pub nats_disconnects: Counter,
+    /// Messages async-nats dropped because a session did not drain its subscription in time.
+    pub nats_slow_consumers: Counter,
+    frames_in: [Counter; 9],
+    frames_out: [Counter; 9],
+    bytes_in: Counter,
+    bytes_out: Counter,
+    errors: [Counter; 13],
+    downlink: [Counter; 6],
+    uplink: [Counter; 3],
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them in `registry` under `devgate_gateway_*`.
+    pub fn new(registry: &mut Registry) -> Self {
+        let reg = registry.sub_registry_with_prefix("devgate_gateway");
+        let gauge = |reg: &mut Registry, name: &str, help: &str| {
+            let g = Gauge::default();
+            reg.register(name, help, g.clone());
+            g
+        };
+        let counter = |reg: &mut Registry, name: &str, help: &str| {
+            let c = Counter::default();
+            reg.register(name, help, c.clone());
+            c
+        };
+        let sessions = gauge(reg, "sessions", "Live device sessions (welcomed)");
+        let connections = gauge(reg, "connections", "Open device TCP connections");
+        let logins = counter(reg, "logins", "Successful device logins");
+        let takeovers = counter(reg, "takeovers", "Logins that replaced an older session");
+        let nats_connected = gauge(reg, "nats_connected", "1 while connected to NATS");
+        let nats_disconnects = counter(reg, "nats_disconnects", "NATS connection losses");
+        let nats_slow_consumers = counter(
+            reg,
+            "nats_slow_consumers",
+            "Messages the NATS client dropped for a session that did not keep up",
+        );
+
+        let frames = Family::<FrameLabels, Counter>::default();
+        reg.register("frames", "Protocol frames by direction and type", frames.clone());
+        let frame_handles = |direction: &'static str| {
+            FRAME_TYPES.map(|(_, name)| {
+                frames
+                    .get_or_create(&FrameLabels {
+                        direction,
+                        r#type: name,
+                    })
+                    .clone()
+            })
+        };
+        let frames_in = frame_handles("in");
+        let frames_out = frame_handles("out");
+
+        let bytes = Family::<DirectionLabels, Counter>::default();
+        reg.register("bytes", "Device socket bytes by direction", bytes.clone());
+        let bytes_in = bytes.get_or_create(&DirectionLabels { direction: "in" }).clone();
+        let bytes_out = bytes.get_or_create(&DirectionLabels { direction: "out" }).clone();
+
+        let errors_family = Family::<CodeLabels, Counter>::default();
+        reg.register(
+            "errors",
+            "ERROR frames sent to devices, by code",
+            errors_family.clone(),
+        );
+        let errors = ERROR_CODES.map(|code| {
+            errors_family
+                .get_or_create(&CodeLabels {
+                    code: code.as_str(),
+                })
+                .clone()
+        });
+
+        let outcome_family = |reg: &mut Registry, name: &str, help: &str, outcomes: &[&'static str]| {
+            let fam = Family::<OutcomeLabels, Counter>::default();
+            reg.register(name, help, fam.clone());
+            outcomes
+                .iter()
+                .map(|o| fam.get_or_create(&OutcomeLabels { outcome: o }).clone())
+                .collect::<Vec<_>>()
+        };
+        let down = outcome_family(
+            reg,
+            "downlink_messages",
+            "Downlink messages by outcome",
+            &["sent", "acked", "busy", "timeout", "failed", "dropped"],
+        );
+        let up = outcome_family(
+            reg,
+            "uplink_messages",
+            "Uplink messages by outcome",
+            &["published", "acked", "unconfirmed"],
+        );
+        let downlink: [Counter; 6] = std::array::from_fn(|i| down[i].clone());
+        let uplink: [Counter; 3] = std::array::from_fn(|i| up[i].clone());
+
+        Metrics {
+            sessions,
+            connections,
+            logins,
+            takeovers,
+            nats_connected,
+            nats_disconnects,
+            nats_slow_consumers,
+            frames_in,
+            frames_out,
+            bytes_in,
+            bytes_out,
+            errors,
+            downlink,
+            uplink,
+        }
+    }
+
+    /// A frame arrived from a device.
+    pub fn frame_in(&self, frame_kind: u8, wire_len: usize) {
+        if let Some(c) = self.frames_in.get(usize::from(frame_kind).wrapping_sub(1)) {
+            c.inc();
+        }
+        self.bytes_in.inc_by(wire_len as u64);
+    }
+
+    /// A frame was queued to a device.
+    pub fn frame_out(&self, frame_kind: u8, wire_len: usize) {
+        if let Some(c) = self.frames_out.get(usize::from(frame_kind).wrapping_sub(1)) {
+            c.inc();
+        }
+        self.bytes_out.inc_by(wire_len as u64);
+    }
+
+    /// An ERROR frame with `code` was sent.
+    pub fn error(&self, code: ErrorCode) {
+        if let Some(i) = ERROR_CODES.iter().position(|c| *c == code) {
+            self.errors[i].inc();
+        }
+    }
+
+    /// Counts one downlink outcome.
+    pub fn downlink(&self, outcome: Downlink) {
+        self.downlink[outcome as usize].inc();
+    }
+
+    /// Counts one uplink outcome.
+    pub fn uplink(&self, outcome: Uplink) {
+        self.uplink[outcome as usize].inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_land_under_their_labels() {
+        let mut registry = Registry::default();
+        let m = Metrics::new(&mut registry);
+        m.frame_in(kind::UP, 10);
+        m.frame_out(kind::DOWN, 7);
+        m.error(ErrorCode::Unauthorized);
+        m.downlink(Downlink::Busy);
+        m.uplink(Uplink::Unconfirmed);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        for line in [
+            "devgate_gateway_frames_total{direction=\"in\",type=\"up\"} 1",
+            "devgate_gateway_frames_total{direction=\"out\",type=\"down\"} 1",
+            "devgate_gateway_bytes_total{direction=\"in\"} 10",
+            "devgate_gateway_errors_total{code=\"unauthorized\"} 1",
+            "devgate_gateway_downlink_messages_total{outcome=\"busy\"} 1",
+            "devgate_gateway_uplink_messages_total{outcome=\"unconfirmed\"} 1",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! The sessions of *this* gateway instance.
+//!
+//! NATS interest is the cluster-wide device->gateway registry; this local table only serves
+//! what NATS cannot: settling two logins of the same device on the same gateway (NATS does not
+//! echo a gateway's claim back to itself), drain, and the per-instance session listing. Entries
+//! are ordered by device id so listings paginate without sorting.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::Mutex;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::contract::{DeviceId, SessionSummary};
+
+/// What the rest of the gateway can ask of a running session.
+#[derive(Debug)]
+pub enum SessionCommand {
+    /// A newer login of the same device on this gateway: deliver what is in flight, send
+    /// `GOAWAY replaced`, unsubscribe, then signal `done`.
+    Release {
+        /// Signalled once the session no longer holds the device.
+        done: oneshot::Sender<()>,
+    },
+    /// The gateway is shutting down: `GOAWAY draining` and close.
+    Drain {
+        /// Told to the device as `reconnect_after_ms`.
+        reconnect_after_ms: u64,
+    },
+}
+
+/// One session in the table.
+#[derive(Debug)]
+pub struct Entry {
+    /// Session id.
+    pub session: String,
+    /// Command channel of the session task.
+    pub commands: mpsc::Sender<SessionCommand>,
+    /// Set once the session is welcomed; listed only then.
+    pub summary: Option<SessionSummary>,
+}
+
+/// The local session table.
+#[derive(Debug, Default)]
+pub struct Registry {
+    entries: Mutex<BTreeMap<DeviceId, Entry>>,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<DeviceId, Entry>> {
+        // A panic while holding this short, non-async lock cannot leave the map inconsistent
+        // (every operation is a single insert/remove/read), so poisoning is ignored.
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a login in progress and returns the entry it displaces (an older session of
+    /// the same device on this gateway, welcomed or still logging in), which the caller must
+    /// tell to release.
+    pub fn insert(&self, id: DeviceId, entry: Entry) -> Option<Entry> {
+        self.lock().insert(id, entry)
+    }
+
+    /// Marks the session welcomed so it is listed.
+    pub fn welcome(&self, id: &DeviceId, session: &str, summary: SessionSummary) {
+        if let Some(e) = self.lock().get_mut(id)
+            && e.session == session
+        {
+            e.summary = Some(summary);
+        }
+    }
+
+    /// Removes the entry if it still belongs to `session` (a newer login may have replaced it).
+    pub fn remove(&self, id: &DeviceId, session: &str) {
+        let mut map = self.lock();
+        if map.get(id).is_some_and(|e| e.session == session) {
+            map.remove(id);
+        }
+    }
+
+    /// Welcomed sessions.
+    pub fn welcomed(&self) -> u64 {
+        self.lock().values().filter(|e| e.summary.is_some()).count() as u64
+    }
+
+    /// One page of welcomed sessions with device ids after `after`; returns the page and the
+    /// cursor for the next one.
+    pub fn page(&self, after: Option<&str>, limit: usize) -> (Vec<SessionSummary>, Option<String>) {
+        let map = self.lock();
+        let start = match after.and_then(|a| DeviceId::parse(a).ok()) {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        let mut page: Vec<SessionSummary> = map
+            .range((start, Bound::Unbounded))
+            .filter_map(|(_, e)| e.summary.clone())
+            .take(limit.saturating_add(1))
+            .collect();
+        let next = if page.len() > limit {
+            page.truncate(limit);
+            page.last().map(|s| s.device_id.to_string())
+        } else {
+            None
+        };
+        (page, next)
+    }
+
+    /// Command channels of every session, for drain.
+    pub fn all_commands(&self) -> Vec<mpsc::Sender<SessionCommand>> {
+        self.lock().values().map(|e| e.commands.clone()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(session: &str, welcomed: bool, id: &str) -> Entry {
+        let (tx, _rx) = mpsc::channel(1);
+        Entry {
+            session: session.into(),
+            commands: tx,
+            summary: welcomed.then(|| SessionSummary {
+                device_id: DeviceId::parse(id).expect("id"),
+                session: session.into(),
+                since_ms: 0,
+                remote_addr: String::new(),
+            }),
+        }
+    }
+
+    fn id(s: &str) -> DeviceId {
+        DeviceId::parse(s).expect("id")
+    }
+
+    #[test]
+    fn insert_returns_the_displaced_session() {
+        let r = Registry::default();
+        assert!(r.insert(id("d"), entry("s1", true, "d")).is_none());
+        let old = r.insert(id("d"), entry("s2", false, "d")).expect("displaced");
+        assert_eq!(old.session, "s1");
+        // The displaced session's cleanup must not remove its successor.
+        r.remove(&id("d"), "s1");
+        assert_eq!(r.all_commands().len(), 1);
+        r.remove(&id("d"), "s2");
+        assert!(r.all_commands().is_empty());
+    }
+
+    #[test]
+    fn pages_are_sorted_and_only_list_welcomed_sessions() {
+        let r = Registry::default();
+        for (d, w) in [("c", true), ("a", true), ("b", false), ("d", true), ("e", true)] {
+            r.insert(id(d), entry(&format!("s-{d}"), w, d));
+        }
+        assert_eq!(r.welcomed(), 4);
+        let (p1, next) = r.page(None, 2);
+        assert_eq!(
+            p1.iter().map(|s| s.device_id.as_str()).collect::<Vec<_>>(),
+            ["a", "c"]
+        );
+        assert_eq!(next.as_deref(), Some("c"));
+        let (p2, next) = r.page(next.as_deref(), 2);
+        assert_eq!(
+            p2.iter().map(|s| s.device_id.as_str()).collect::<Vec<_>>(),
+            ["d", "e"]
+        );
+        assert_eq!(next, None);
+    }
+}

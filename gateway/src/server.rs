@@ -1,0 +1,320 @@
+//! The gateway process: binds its listeners, accepts devices, and shuts down by draining.
+//!
+//! Shutdown is a tree of cancellation tokens. `shutdown` (SIGTERM) starts the drain: stop
+//! accepting, turn unready, tell each device `GOAWAY draining` at a random moment within the
+//! drain window so reconnects spread out. `hard_stop` fires when the window (plus a grace
+//! period) is over and ends whatever is left.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::registry::Registry as MetricsRegistry;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::DeviceAuth;
+use crate::bus::{Bus, BusError};
+use crate::codec::{ErrorBody, ErrorCode, Frame, FrameCodec};
+use crate::common::{ReadinessProbe, ops_router, serve_http, unix_ms};
+use crate::config::Config;
+use crate::control;
+use crate::metrics::Metrics;
+use crate::registry::{Registry, SessionCommand};
+use crate::session;
+
+/// Extra time after the drain window before remaining sessions are cut.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the gateway could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// NATS options are unusable.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// A background task panicked.
+    #[error("gateway task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// State every task of one gateway instance shares.
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) instance: String,
+    pub(crate) advertise_addr: String,
+    pub(crate) started_ms: u64,
+    pub(crate) auth: DeviceAuth,
+    pub(crate) codec: FrameCodec,
+    pub(crate) bus: Bus,
+    pub(crate) registry: Registry,
+    pub(crate) metrics: Metrics,
+    /// Cancelled when draining starts.
+    pub(crate) draining: CancellationToken,
+    /// Cancelled when the drain window is over.
+    pub(crate) hard_stop: CancellationToken,
+}
+
+impl Shared {
+    /// Ready for new devices: NATS is up and we are not draining.
+    pub(crate) fn readiness(&self) -> Result<(), String> {
+        if self.draining.is_cancelled() {
+            Err("draining".into())
+        } else if !self.bus.is_connected() {
+            Err("NATS not connected".into())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// A running gateway instance.
+pub struct Gateway {
+    device_addr: SocketAddr,
+    http_addr: SocketAddr,
+    instance: String,
+    connected: tokio::sync::watch::Receiver<bool>,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), GatewayError>>,
+}
+
+impl Gateway {
+    /// Binds the device and HTTP listeners, connects to NATS (in the background if it is down)
+    /// and starts serving. The instance drains and stops when [`Gateway::shutdown`] is called
+    /// or `parent` is cancelled.
+    pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
+        Self::start_with(config, CancellationToken::new()).await
+    }
+
+    /// Like [`Gateway::start`], stopping when `parent` is cancelled.
+    pub async fn start_with(
+        config: Config,
+        parent: CancellationToken,
+    ) -> Result<Gateway, GatewayError> {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| GatewayError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let http = TcpListener::bind(config.http_listen)
+            .await
+            .map_err(|source| GatewayError::Bind {
+                addr: config.http_listen,
+                source,
+            })?;
+        let device_addr = local_addr(&listener, config.listen);
+        let http_addr = local_addr(&http, config.http_listen);
+        let instance = config.instance_id();
+        let shutdown = parent.child_token();
+        let (shared, metrics_registry) = build(config, &instance, device_addr).await?;
+        let connected = shared.bus.connected_watch();
+        let task = tokio::spawn(serve(
+            shared,
+            metrics_registry,
+            listener,
+            http,
+            shutdown.clone(),
+        ));
+        Ok(Gateway {
+            device_addr,
+            http_addr,
+            instance,
+            connected,
+            shutdown,
+            task,
+        })
+    }
+
+    /// Where devices connect.
+    pub fn device_addr(&self) -> SocketAddr {
+        self.device_addr
+    }
+
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The instance id.
+    pub fn instance_id(&self) -> &str {
+        &self.instance
+    }
+
+    /// Waits until the NATS connection is up (the gateway accepts logins only then).
+    pub async fn wait_connected(&self) {
+        let mut connected = self.connected.clone();
+        let _ = connected.wait_for(|up| *up).await;
+    }
+
+    /// Drains (GOAWAY to every device over the drain window) and waits until stopped.
+    pub async fn shutdown(self) -> Result<(), GatewayError> {
+        self.shutdown.cancel();
+        self.task.await?
+    }
+
+    /// Waits until the gateway stops (after its shutdown token is cancelled).
+    pub async fn wait(self) -> Result<(), GatewayError> {
+        self.task.await?
+    }
+}
+
+fn local_addr(listener: &TcpListener, configured: SocketAddr) -> SocketAddr {
+    listener.local_addr().unwrap_or(configured)
+}
+
+/// Runs a gateway until `shutdown` is cancelled: the library entry point `main` calls.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), GatewayError> {
+    Gateway::start_with(config, shutdown).await?.wait().await
+}
+
+async fn build(
+    config: Config,
+    instance: &str,
+    device_addr: SocketAddr,
+) -> Result<(Arc<Shared>, MetricsRegistry), GatewayError> {
+    let mut registry = MetricsRegistry::default();
+    let metrics = Metrics::new(&mut registry);
+    let hard_stop = CancellationToken::new();
+    let bus = Bus::connect(&config, instance, metrics.clone(), hard_stop.clone()).await?;
+    let auth = config.device_auth();
+    if matches!(auth, DeviceAuth::Insecure) {
+        tracing::warn!(
+            instance = %instance,
+            "INSECURE: device authentication is OFF (--insecure-no-auth); any client can log in as any device"
+        );
+    }
+    let shared = Arc::new(Shared {
+        advertise_addr: config.advertise_addr(device_addr),
+        codec: FrameCodec::new(config.max_frame_len),
+        started_ms: unix_ms(),
+        instance: instance.to_owned(),
+        auth,
+        bus,
+        registry: Registry::default(),
+        metrics,
+        draining: CancellationToken::new(),
+        hard_stop,
+        config,
+    });
+    Ok((shared, registry))
+}
+
+async fn serve(
+    shared: Arc<Shared>,
+    metrics_registry: MetricsRegistry,
+    listener: TcpListener,
+    http: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), GatewayError> {
+    let probe = shared.clone();
+    let ready: ReadinessProbe = Arc::new(move || probe.readiness());
+    // Health endpoints stay up while draining (readiness says "draining"), until the very end.
+    let http_task = tokio::spawn(serve_http(
+        http,
+        ops_router(Arc::new(metrics_registry), ready),
+        shared.hard_stop.clone(),
+    ));
+    let control_task = control::spawn(shared.clone());
+    tracing::info!(
+        instance = %shared.instance,
+        advertise_addr = %shared.advertise_addr,
+        max_frame_len = shared.codec.max_frame_len(),
+        "gateway accepting devices"
+    );
+
+    let connections = TaskTracker::new();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    if connections.len() >= shared.config.max_connections {
+                        shared.metrics.error(ErrorCode::Overloaded);
+                        tokio::spawn(refuse_overloaded(stream));
+                        continue;
+                    }
+                    let shared = shared.clone();
+                    connections.spawn(async move {
+                        shared.metrics.connections.inc();
+                        session::serve(shared.clone(), stream, peer).await;
+                        shared.metrics.connections.dec();
+                    });
+                }
+                Err(error) => {
+                    // Usually EMFILE: back off instead of spinning, existing sessions go on.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    drop(listener);
+    drain(&shared, &connections).await;
+    let _ = control_task.await;
+    let _ = http_task.await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), shared.bus.client().flush()).await;
+    tracing::info!(instance = %shared.instance, "gateway stopped");
+    Ok(())
+}
+
+/// Spreads `GOAWAY draining` over the drain window, then cuts what is left.
+async fn drain(shared: &Arc<Shared>, connections: &TaskTracker) {
+    shared.draining.cancel();
+    let window = Duration::from_millis(shared.config.drain_window_ms);
+    let mut targets: Vec<(Duration, _)> = shared
+        .registry
+        .all_commands()
+        .into_iter()
+        .map(|c| (window.mul_f64(rand::random::<f64>()), c))
+        .collect();
+    targets.sort_by_key(|(d, _)| *d);
+    tracing::info!(
+        instance = %shared.instance,
+        sessions = targets.len(),
+        window_ms = shared.config.drain_window_ms,
+        "draining: devices get GOAWAY spread over the window"
+    );
+    let jitter = shared.config.drain_reconnect_jitter_ms;
+    let start = tokio::time::Instant::now();
+    let schedule = tokio::spawn(async move {
+        for (delay, commands) in targets {
+            tokio::time::sleep_until(start + delay).await;
+            // A full command queue means the session is already being released.
+            let _ = commands.try_send(SessionCommand::Drain {
+                reconnect_after_ms: rand::random_range(0..=jitter),
+            });
+        }
+    });
+    connections.close();
+    tokio::select! {
+        () = connections.wait() => {}
+        () = tokio::time::sleep(window + DRAIN_GRACE) => {
+            tracing::warn!(remaining = connections.len(), "drain window over; closing remaining sessions");
+        }
+    }
+    shared.hard_stop.cancel();
+    schedule.abort();
+    connections.wait().await;
+}
+
+async fn refuse_overloaded(stream: tokio::net::TcpStream) {
+    let mut conn = crate::conn::Conn::new(stream, FrameCodec::default(), bytes::BytesMut::new());
+    let frame = Frame::json(
+        Frame::Error,
+        &ErrorBody {
+            code: ErrorCode::Overloaded,
+            message: "gateway at its connection limit; reconnect later".into(),
+        },
+    );
+    conn.close_with(Some(frame), Duration::from_secs(1)).await;
+}

@@ -1,0 +1,1107 @@
+//! One device connection from accept to close.
+//!
+//! The life of a session: optional PROXY header, `HELLO` (deadline, id rules, token), login
+//! (take the device over from any older session, here or on another gateway), `WELCOME`, then
+//! one task multiplexing the device socket, the device's NATS subscription, local commands and
+//! timers. One task and no per-session channels beyond the subscription keep an idle session
+//! small.
+//!
+//! ## Takeover without duplicates
+//! The newest login wins. An older holder that must yield first *drains* its subscription
+//! (NATS confirms nothing more will be routed to it), writes what it already received to its
+//! device, sends `GOAWAY replaced`, and only then answers "released". The new session
+//! subscribes after that and re-checks for competitors before `WELCOME`, so no message reaches
+//! two sessions and none reaches the old one after the new one is welcomed. Two simultaneous
+//! logins on different gateways both subscribe, see each other's claim, and agree on the
+//! winner by comparing [`ClaimKey`]s; the loser hands messages it received meanwhile back to
+//! NATS, where they reach the winner.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_nats::{HeaderMap, Message, Subject, Subscriber};
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use serde::Serialize;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::codec::{ErrorBody, ErrorCode, Frame, GoAway, GoAwayReason, Hello, Welcome};
+use crate::common::{unix_ms, unix_ns};
+use crate::conn::Conn;
+use crate::contract::{
+    ClaimKey, ClaimReply, ClaimRequest, DeliveryReply, DeliveryStatus, DeviceId, KickReply,
+    PresenceEvent, PresenceEventKind, PresenceInfo, SessionSummary, headers, subjects,
+    subjects::ControlOp,
+};
+use crate::metrics::{Downlink, Uplink};
+use crate::proxy_protocol;
+use crate::registry::{Entry, SessionCommand};
+use crate::server::Shared;
+
+/// How long last words (GOAWAY/ERROR and what precedes them) may take to write.
+const LAST_WORDS: Duration = Duration::from_secs(2);
+/// Claim rounds before a login gives up on an unstable device (flapping between gateways).
+const MAX_CLAIM_ROUNDS: usize = 8;
+
+/// Why a connection is refused before or during login: becomes an `ERROR` frame.
+#[derive(Debug)]
+struct Refusal {
+    code: ErrorCode,
+    message: String,
+}
+
+impl Refusal {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn frame(&self) -> Frame {
+        Frame::json(
+            Frame::Error,
+            &ErrorBody {
+                code: self.code,
+                message: self.message.clone(),
+            },
+        )
+    }
+}
+
+/// How a welcomed session ended; the presence event's reason.
+#[derive(Debug)]
+enum End {
+    /// The device closed the connection.
+    Closed,
+    /// The socket failed.
+    Io(String),
+    /// The gateway closed with an ERROR frame.
+    Error(Refusal),
+    /// The gateway closed with a GOAWAY frame.
+    GoAway(GoAwayReason),
+    /// Hard stop at the end of the drain window.
+    Shutdown,
+}
+
+impl End {
+    fn reason(&self) -> String {
+        match self {
+            End::Closed => "closed".into(),
+            End::Io(_) => "io_error".into(),
+            End::Error(r) => r.code.as_str().into(),
+            End::GoAway(r) => r.as_str().into(),
+            End::Shutdown => "shutdown".into(),
+        }
+    }
+}
+
+/// Serves one accepted connection until it closes.
+pub(crate) async fn serve(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let hello_deadline = Instant::now() + Duration::from_millis(shared.config.hello_timeout_ms);
+    let mut leftover = BytesMut::new();
+    let mut remote = peer;
+    let mut refusal = None;
+    if shared.config.proxy_protocol {
+        match tokio::time::timeout_at(
+            hello_deadline,
+            proxy_protocol::read_header(&mut stream, &mut leftover),
+        )
+        .await
+        {
+            Ok(Ok(source)) => remote = source.unwrap_or(peer),
+            Ok(Err(e)) => refusal = Some(Refusal::new(ErrorCode::ProtocolViolation, e.to_string())),
+            Err(_) => {
+                refusal = Some(Refusal::new(
+                    ErrorCode::HelloTimeout,
+                    "no PROXY header before the deadline",
+                ))
+            }
+        }
+    }
+    let mut conn = Conn::new(stream, shared.codec, leftover);
+    if let Some(r) = refusal {
+        refuse(&shared, &mut conn, remote, None, r).await;
+        return;
+    }
+    let hello = tokio::select! {
+        h = handshake(&shared, &mut conn, hello_deadline) => h,
+        () = shared.draining.cancelled() => {
+            goodbye(&shared, &mut conn, GoAwayReason::Draining).await;
+            return;
+        }
+    };
+    let (id, hello) = match hello {
+        Ok(ok) => ok,
+        Err(None) => return, // closed before HELLO
+        Err(Some(r)) => {
+            refuse(&shared, &mut conn, remote, None, r).await;
+            return;
+        }
+    };
+    login_and_run(shared, conn, id, hello, remote).await;
+}
+
+/// Sends an ERROR frame, counts it, and closes.
+async fn refuse(
+    shared: &Shared,
+    conn: &mut Conn,
+    remote: SocketAddr,
+    device: Option<&DeviceId>,
+    refusal: Refusal,
+) {
+    shared.metrics.error(refusal.code);
+    tracing::info!(
+        remote = %remote,
+        device_id = device.map(DeviceId::as_str),
+        code = refusal.code.as_str(),
+        message = %refusal.message,
+        "refusing device connection"
+    );
+    let frame = refusal.frame();
+    shared.metrics.frame_out(frame.kind(), frame.wire_len());
+    conn.close_with(Some(frame), LAST_WORDS).await;
+}
+
+/// Sends GOAWAY and closes.
+async fn goodbye(shared: &Shared, conn: &mut Conn, reason: GoAwayReason) {
+    let frame = goaway_frame(shared, reason);
+    shared.metrics.frame_out(frame.kind(), frame.wire_len());
+    conn.close_with(Some(frame), LAST_WORDS).await;
+}
+
+fn goaway_frame(shared: &Shared, reason: GoAwayReason) -> Frame {
+    let reconnect_after_ms = match reason {
+        GoAwayReason::Draining | GoAwayReason::Rebalance => {
+            rand::random_range(0..=shared.config.drain_reconnect_jitter_ms)
+        }
+        GoAwayReason::Replaced | GoAwayReason::Kicked => 0,
+    };
+    Frame::json(
+        Frame::GoAway,
+        &GoAway {
+            reason,
+            reconnect_after_ms,
+        },
+    )
+}
+
+/// Reads and checks HELLO. `Err(None)`: the peer left silently.
+async fn handshake(
+    shared: &Shared,
+    conn: &mut Conn,
+    deadline: Instant,
+) -> Result<(DeviceId, Hello), Option<Refusal>> {
+    let frame = match tokio::time::timeout_at(deadline, conn.read_frame()).await {
+        Err(_) => {
+            return Err(Some(Refusal::new(
+                ErrorCode::HelloTimeout,
+                format!(
+                    "no HELLO within {} ms of connecting",
+                    shared.config.hello_timeout_ms
+                ),
+            )));
+        }
+        Ok(Ok(None)) => return Err(None),
+        Ok(Ok(Some(f))) => f,
+        Ok(Err(e)) => return Err(Some(Refusal::new(e.code(), e.to_string()))),
+    };
+    shared.metrics.frame_in(frame.kind(), frame.wire_len());
+    let Frame::Hello(body) = frame else {
+        return Err(Some(Refusal::new(
+            ErrorCode::ProtocolViolation,
+            format!("the first frame must be HELLO, got {}", frame.name().to_uppercase()),
+        )));
+    };
+    let hello: Hello = serde_json::from_slice(&body).map_err(|e| {
+        Some(Refusal::new(
+            ErrorCode::BadHello,
+            format!("HELLO body is not {{\"device_id\", \"token\"}} JSON: {e}"),
+        ))
+    })?;
+    let id = DeviceId::parse(&hello.device_id).map_err(|e| {
+        Some(Refusal::new(
+            ErrorCode::BadDeviceId,
+            format!("device id {:?}: {e}", hello.device_id),
+        ))
+    })?;
+    if !shared.auth.verify(id.as_str(), &hello.token) {
+        return Err(Some(Refusal::new(
+            ErrorCode::Unauthorized,
+            "token does not match the device id",
+        )));
+    }
+    if !shared.bus.is_connected() {
+        return Err(Some(Refusal::new(
+            ErrorCode::Unavailable,
+            "the message bus is unreachable; reconnect later",
+        )));
+    }
+    Ok((id, hello))
+}
+
+/// Everything a login decides before WELCOME.
+enum LoginOutcome {
+    /// This session holds the device. `early` are messages routed to it before WELCOME.
+    Won {
+        sub: Subscriber,
+        early: Vec<Message>,
+    },
+    /// A newer session (or shutdown) took precedence: close with this GOAWAY.
+    Lost(GoAwayReason),
+    /// NATS could not be used.
+    Failed(Refusal),
+}
+
+/// Result of one claim request.
+enum ClaimRound {
+    /// Nobody else holds or claims the device.
+    Clear,
+    /// A holder let go; ask again (another may remain).
+    Released,
+    /// Someone with a newer claim holds on.
+    Superseded,
+}
+
+fn delivery_reply(
+    shared: &Shared,
+    session: &str,
+    status: DeliveryStatus,
+    seq: u32,
+    reason: Option<&str>,
+) -> Bytes {
+    json_bytes(&DeliveryReply {
+        status,
+        gateway: shared.instance.clone(),
+        session: session.to_owned(),
+        seq,
+        reason: reason.map(str::to_owned),
+    })
+}
+
+fn json_bytes<T: Serialize>(v: &T) -> Bytes {
+    Bytes::from(serde_json::to_vec(v).unwrap_or_default())
+}
+
+fn control_op(msg: &Message) -> Option<Result<ControlOp, String>> {
+    let value = msg.headers.as_ref()?.get(headers::CONTROL)?;
+    Some(ControlOp::from_token(value.as_str()).ok_or_else(|| value.as_str().to_owned()))
+}
+
+async fn claim_round(shared: &Shared, down: &Subject, key: &ClaimKey) -> Result<ClaimRound, Refusal> {
+    let request = shared.bus.client().request_with_headers(
+        down.clone(),
+        headers::control(ControlOp::Claim),
+        json_bytes(&ClaimRequest { key: key.clone() }),
+    );
+    let timeout = Duration::from_millis(shared.config.claim_timeout_ms);
+    match tokio::time::timeout(timeout, request).await {
+        Ok(Ok(reply)) => match serde_json::from_slice::<ClaimReply>(&reply.payload) {
+            Ok(ClaimReply::Released { .. }) => Ok(ClaimRound::Released),
+            Ok(ClaimReply::Superseded { .. }) => Ok(ClaimRound::Superseded),
+            Err(e) => {
+                tracing::warn!(device_id = %key_device(down), error = %e, "unparseable claim reply; treating as released");
+                Ok(ClaimRound::Released)
+            }
+        },
+        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(ClaimRound::Clear),
+        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::TimedOut => Ok(ClaimRound::Clear),
+        Err(_) => {
+            // A holder that does not answer within the claim timeout is partitioned or hung:
+            // availability wins, the new session proceeds (the old one yields when it sees
+            // this device's next claim or its own connection fails).
+            tracing::warn!(device_id = %key_device(down), "previous holder did not answer the claim in time");
+            Ok(ClaimRound::Clear)
+        }
+        Ok(Err(e)) => Err(Refusal::new(
+            ErrorCode::Unavailable,
+            format!("message bus error during login: {e}"),
+        )),
+    }
+}
+
+fn key_device(down: &Subject) -> &str {
+    down.as_str().split('.').nth(1).unwrap_or("")
+}
+
+/// A message arrives for a session that is not welcomed yet.
+enum Pending {
+    /// Keep going.
+    Continue,
+    /// A newer claim arrived: give up, then answer it.
+    Yield(Subject),
+}
+
+/// Login: settle local and cluster-wide ownership of the device, then run the session.
+async fn login_and_run(
+    shared: Arc<Shared>,
+    mut conn: Conn,
+    id: DeviceId,
+    hello: Hello,
+    remote: SocketAddr,
+) {
+    let session = format!("{:016x}", rand::random::<u64>());
+    let key = ClaimKey {
+        login_ns: unix_ns(),
+        gateway: shared.instance.clone(),
+        session: session.clone(),
+    };
+    let (commands_tx, mut commands) = mpsc::channel(4);
+    let displaced = shared.registry.insert(
+        id.clone(),
+        Entry {
+            session: session.clone(),
+            commands: commands_tx,
+            summary: None,
+        },
+    );
+    if let Some(old) = displaced {
+        shared.metrics.takeovers.inc();
+        let (done, released) = oneshot::channel();
+        if old.commands.send(SessionCommand::Release { done }).await.is_ok() {
+            let _ = tokio::time::timeout(
+                Duration::from_millis(shared.config.claim_timeout_ms),
+                released,
+            )
+            .await;
+        }
+    }
+
+    let outcome = tokio::select! {
+        o = login(&shared, &id, &key, &mut commands) => o,
+        () = shared.hard_stop.cancelled() => LoginOutcome::Lost(GoAwayReason::Draining),
+    };
+    let (sub, early) = match outcome {
+        LoginOutcome::Won { sub, early } => (sub, early),
+        LoginOutcome::Lost(reason) => {
+            shared.registry.remove(&id, &session);
+            tracing::info!(device_id = %id, session = %session, reason = reason.as_str(), "login superseded");
+            goodbye(&shared, &mut conn, reason).await;
+            return;
+        }
+        LoginOutcome::Failed(r) => {
+            shared.registry.remove(&id, &session);
+            refuse(&shared, &mut conn, remote, Some(&id), r).await;
+            return;
+        }
+    };
+
+    let welcome = Frame::json(
+        Frame::Welcome,
+        &Welcome {
+            session: session.clone(),
+            gateway: shared.instance.clone(),
+            heartbeat_s: shared.config.heartbeat_s,
+            max_frame_len: shared.codec.max_frame_len(),
+        },
+    );
+    shared.metrics.frame_out(welcome.kind(), welcome.wire_len());
+    let _ = conn.writer.queue(welcome);
+    let since_ms = unix_ms();
+    let remote_addr = remote.to_string();
+    shared.registry.welcome(
+        &id,
+        &session,
+        SessionSummary {
+            device_id: id.clone(),
+            session: session.clone(),
+            since_ms,
+            remote_addr: remote_addr.clone(),
+        },
+    );
+    shared.metrics.logins.inc();
+    shared.metrics.sessions.inc();
+    tracing::info!(device_id = %id, session = %session, remote = %remote_addr, "device connected");
+
+    let mut up_headers = HeaderMap::new();
+    up_headers.insert(headers::DEVICE, id.as_str());
+    up_headers.insert(headers::SESSION, session.as_str());
+    up_headers.insert(headers::GATEWAY, shared.instance.as_str());
+    let mut s = Session {
+        up: Subject::from(subjects::up(&id)),
+        up_headers,
+        shared: shared.clone(),
+        conn,
+        id,
+        session,
+        since_ms,
+        remote_addr,
+        metadata: hello.metadata,
+        sub,
+        commands,
+        sent_waiters: VecDeque::new(),
+        acks: HashMap::new(),
+        ack_deadlines: VecDeque::new(),
+        next_seq: 0,
+        uplink: VecDeque::new(),
+        last_frame: Instant::now(),
+        last_write: Instant::now(),
+    };
+    s.presence(PresenceEventKind::Connected, None).await;
+    for msg in early {
+        if let Err(end) = s.on_bus_message(msg).await {
+            s.finish(end).await;
+            return;
+        }
+    }
+    let end = s.run().await;
+    s.finish(end).await;
+}
+
+/// Claims the device across gateways, subscribes, and re-checks for a concurrent claimant.
+async fn login(
+    shared: &Shared,
+    id: &DeviceId,
+    key: &ClaimKey,
+    commands: &mut mpsc::Receiver<SessionCommand>,
+) -> LoginOutcome {
+    let down = Subject::from(subjects::down(id));
+    // Phase 1: make every current holder let go.
+    for _ in 0..MAX_CLAIM_ROUNDS {
+        match claim_round(shared, &down, key).await {
+            Ok(ClaimRound::Clear) => break,
+            Ok(ClaimRound::Released) => continue,
+            Ok(ClaimRound::Superseded) => return LoginOutcome::Lost(GoAwayReason::Replaced),
+            Err(r) => return LoginOutcome::Failed(r),
+        }
+    }
+    // Phase 2: become visible, then confirm no concurrent claimant subscribed meanwhile.
+    let mut sub = match shared.bus.client().subscribe(down.clone()).await {
+        Ok(s) => s,
+        Err(e) => {
+            return LoginOutcome::Failed(Refusal::new(
+                ErrorCode::Unavailable,
+                format!("cannot subscribe: {e}"),
+            ));
+        }
+    };
+    let mut early = Vec::new();
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        let round = claim_round(shared, &down, key);
+        tokio::pin!(round);
+        let decided = loop {
+            tokio::select! {
+                r = &mut round => break Some(r),
+                msg = sub.next() => match msg {
+                    Some(msg) => match pending_message(shared, key, msg, &mut early).await {
+                        Pending::Continue => {}
+                        Pending::Yield(reply) => {
+                            hand_off(shared, &mut sub, early).await;
+                            let reply_body = json_bytes(&ClaimReply::Released { key: key.clone() });
+                            let _ = shared.bus.client().publish(reply, reply_body).await;
+                            return LoginOutcome::Lost(GoAwayReason::Replaced);
+                        }
+                    },
+                    None => break None,
+                },
+                cmd = commands.recv() => {
+                    hand_off(shared, &mut sub, early).await;
+                    return match cmd {
+                        Some(SessionCommand::Release { done }) => {
+                            let _ = done.send(());
+                            LoginOutcome::Lost(GoAwayReason::Replaced)
+                        }
+                        Some(SessionCommand::Drain { .. }) | None => LoginOutcome::Lost(GoAwayReason::Draining),
+                    };
+                }
+            }
+        };
+        match decided {
+            Some(Ok(ClaimRound::Clear)) => return LoginOutcome::Won { sub, early },
+            Some(Ok(ClaimRound::Released)) if rounds < MAX_CLAIM_ROUNDS => continue,
+            Some(Ok(ClaimRound::Released)) => return LoginOutcome::Won { sub, early },
+            Some(Ok(ClaimRound::Superseded)) => {
+                hand_off(shared, &mut sub, early).await;
+                return LoginOutcome::Lost(GoAwayReason::Replaced);
+            }
+            Some(Err(r)) => {
+                hand_off(shared, &mut sub, early).await;
+                return LoginOutcome::Failed(r);
+            }
+            None => {
+                return LoginOutcome::Failed(Refusal::new(
+                    ErrorCode::Unavailable,
+                    "subscription closed during login",
+                ));
+            }
+        }
+    }
+}
+
+/// A message for a session still logging in: claims are decided by key, data is kept for after
+/// WELCOME (or handed back to NATS if this login loses), and other control waits its turn.
+async fn pending_message(
+    shared: &Shared,
+    key: &ClaimKey,
+    msg: Message,
+    early: &mut Vec<Message>,
+) -> Pending {
+    match control_op(&msg) {
+        Some(Ok(ControlOp::Claim)) => {
+            let Some(reply) = msg.reply.clone() else {
+                return Pending::Continue;
+            };
+            match serde_json::from_slice::<ClaimRequest>(&msg.payload) {
+                Ok(req) if req.key > *key => Pending::Yield(reply),
+                Ok(_) => {
+                    let body = json_bytes(&ClaimReply::Superseded { key: key.clone() });
+                    let _ = shared.bus.client().publish(reply, body).await;
+                    Pending::Continue
+                }
+                Err(_) => Pending::Continue,
+            }
+        }
+        _ => {
+            early.push(msg);
+            Pending::Continue
+        }
+    }
+}
+
+/// Gives up a subscription taken during a lost login: drain it, and republish everything it
+/// received so the winning session (subscribed by now) gets it. Nothing is answered twice: only
+/// the winner replies.
+async fn hand_off(shared: &Shared, sub: &mut Subscriber, mut early: Vec<Message>) {
+    let _ = sub.drain().await;
+    let limit = Duration::from_millis(shared.config.claim_timeout_ms);
+    while let Ok(Some(msg)) = tokio::time::timeout(limit, sub.next()).await {
+        early.push(msg);
+    }
+    let client = shared.bus.client();
+    for msg in early {
+        if matches!(control_op(&msg), Some(Ok(ControlOp::Claim))) {
+            if let Some(reply) = msg.reply {
+                // We hold nothing; tell the claimant so (it will re-check).
+                let body = json_bytes(&ClaimReply::Released {
+                    key: ClaimKey {
+                        login_ns: 0,
+                        gateway: shared.instance.clone(),
+                        session: String::new(),
+                    },
+                });
+                let _ = client.publish(reply, body).await;
+            }
+            continue;
+        }
+        let headers = msg.headers.unwrap_or_default();
+        let _ = match msg.reply {
+            Some(reply) => {
+                client
+                    .publish_with_reply_and_headers(msg.subject, reply, headers, msg.payload)
+                    .await
+            }
+            None => client.publish_with_headers(msg.subject, headers, msg.payload).await,
+        };
+    }
+}
+
+/// A welcomed session.
+struct Session {
+    shared: Arc<Shared>,
+    conn: Conn,
+    id: DeviceId,
+    session: String,
+    since_ms: u64,
+    remote_addr: String,
+    metadata: serde_json::Map<String, serde_json::Value>,
+    up: Subject,
+    up_headers: HeaderMap,
+    sub: Subscriber,
+    commands: mpsc::Receiver<SessionCommand>,
+    /// Requests to answer `sent` once the writer passes the given stream offset.
+    sent_waiters: VecDeque<(u64, Subject)>,
+    /// DOWN frames awaiting the device's ACK: seq -> reply subject.
+    acks: HashMap<u32, Subject>,
+    /// Expiry order of `acks` (constant timeout, so insertion order is deadline order).
+    ack_deadlines: VecDeque<(u32, Instant)>,
+    next_seq: u32,
+    /// UP frames awaiting NATS confirmation, in publish order.
+    uplink: VecDeque<(u32, oneshot::Receiver<bool>)>,
+    last_frame: Instant,
+    last_write: Instant,
+}
+
+/// Polls the oldest uplink confirmation (they complete in order). Cancel-safe: the entry is
+/// removed only when it is ready.
+fn poll_uplink(
+    queue: &mut VecDeque<(u32, oneshot::Receiver<bool>)>,
+    cx: &mut Context<'_>,
+) -> Poll<(u32, bool)> {
+    let Some((seq, rx)) = queue.front_mut() else {
+        return Poll::Pending;
+    };
+    match Pin::new(rx).poll(cx) {
+        Poll::Ready(result) => {
+            let seq = *seq;
+            queue.pop_front();
+            Poll::Ready((seq, result.unwrap_or(false)))
+        }
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+impl Session {
+    fn idle_limit(&self) -> Duration {
+        self.shared.config.heartbeat() * 3
+    }
+
+    fn next_deadline(&self) -> Instant {
+        let mut d = self.last_frame + self.idle_limit();
+        if let Some((_, t)) = self.ack_deadlines.front() {
+            d = d.min(*t);
+        }
+        if self.conn.writer.pending() > 0 {
+            d = d.min(self.last_write + Duration::from_millis(self.shared.config.write_timeout_ms));
+        }
+        d
+    }
+
+    async fn run(&mut self) -> End {
+        let mut connected = self.shared.bus.connected_watch();
+        let timer = tokio::time::sleep_until(self.next_deadline());
+        tokio::pin!(timer);
+        let max_inflight = self.shared.config.max_inflight;
+        let queue_limit = self.shared.config.session_queue_bytes;
+        loop {
+            let deadline = self.next_deadline();
+            if timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
+            }
+            let bus_up = *connected.borrow_and_update();
+            // Backpressure: stop reading (never drop) while NATS is away, while too many UPs
+            // await confirmation, or while the device is not reading what we send it.
+            let can_read = bus_up
+                && self.uplink.len() < max_inflight
+                && self.conn.writer.pending() < queue_limit;
+            let result: Result<(), End> = tokio::select! {
+                cmd = self.commands.recv() => match cmd {
+                    Some(SessionCommand::Release { done }) => {
+                        let end = self.release(GoAwayReason::Replaced).await;
+                        let _ = done.send(());
+                        Err(end)
+                    }
+                    Some(SessionCommand::Drain { reconnect_after_ms }) => {
+                        Err(self.release_with(GoAwayReason::Draining, Some(reconnect_after_ms)).await)
+                    }
+                    None => Err(End::Shutdown),
+                },
+                () = self.shared.hard_stop.cancelled() => Err(End::Shutdown),
+                msg = self.sub.next() => match msg {
+                    Some(msg) => self.on_bus_message(msg).await,
+                    None => Err(End::Error(Refusal::new(ErrorCode::Internal, "subscription ended"))),
+                },
+                written = self.conn.writer.write_some(&self.conn.stream), if self.conn.writer.pending() > 0 => {
+                    match written {
+                        Ok(_) => {
+                            self.last_write = Instant::now();
+                            self.resolve_sent().await;
+                            Ok(())
+                        }
+                        Err(e) => Err(End::Io(e.to_string())),
+                    }
+                }
+                frame = self.conn.reader.read_frame(&self.conn.stream), if can_read => match frame {
+                    Ok(Some(frame)) => self.on_frame(frame).await,
+                    Ok(None) => Err(End::Closed),
+                    Err(e) => match e {
+                        crate::codec::CodecError::Io(io) => Err(End::Io(io.to_string())),
+                        other => Err(End::Error(Refusal::new(other.code(), other.to_string()))),
+                    },
+                },
+                (seq, ok) = std::future::poll_fn(|cx| poll_uplink(&mut self.uplink, cx)), if !self.uplink.is_empty() => {
+                    if ok {
+                        self.shared.metrics.uplink(Uplink::Acked);
+                        self.send(Frame::Ack(seq))
+                    } else {
+                        self.shared.metrics.uplink(Uplink::Unconfirmed);
+                        tracing::debug!(device_id = %self.id, seq, "uplink not confirmed by NATS; not acknowledged");
+                        Ok(())
+                    }
+                }
+                () = &mut timer => self.on_timer().await,
+                _ = connected.changed(), if !bus_up => Ok(()),
+            };
+            if let Err(end) = result {
+                return end;
+            }
+        }
+    }
+
+    /// Queues a frame to the device.
+    fn send(&mut self, frame: Frame) -> Result<(), End> {
+        self.shared.metrics.frame_out(frame.kind(), frame.wire_len());
+        self.conn
+            .writer
+            .queue(frame)
+            .map(|_| ())
+            .map_err(|e| End::Error(Refusal::new(ErrorCode::Internal, e.to_string())))
+    }
+
+    async fn reply(&self, to: Subject, body: Bytes) {
+        if let Err(e) = self.shared.bus.client().publish(to, body).await {
+            tracing::debug!(device_id = %self.id, error = %e, "could not publish a reply");
+        }
+    }
+
+    async fn reply_delivery(&self, to: Subject, status: DeliveryStatus, seq: u32, reason: Option<&str>) {
+        let body = delivery_reply(&self.shared, &self.session, status, seq, reason);
+        self.reply(to, body).await;
+    }
+
+    /// Answers `sent` for every request whose DOWN frame has fully reached the socket.
+    async fn resolve_sent(&mut self) {
+        let written = self.conn.writer.written();
+        while self.sent_waiters.front().is_some_and(|(end, _)| *end <= written) {
+            if let Some((_, reply)) = self.sent_waiters.pop_front() {
+                self.shared.metrics.downlink(Downlink::Sent);
+                self.reply_delivery(reply, DeliveryStatus::Sent, 0, None).await;
+            }
+        }
+    }
+
+    async fn on_bus_message(&mut self, msg: Message) -> Result<(), End> {
+        match control_op(&msg) {
+            None => self.on_downlink(msg).await,
+            Some(Ok(ControlOp::Presence)) => {
+                if let Some(reply) = msg.reply {
+                    let info = PresenceInfo {
+                        device_id: self.id.clone(),
+                        gateway: self.shared.instance.clone(),
+                        session: self.session.clone(),
+                        since_ms: self.since_ms,
+                        remote_addr: self.remote_addr.clone(),
+                        metadata: self.metadata.clone(),
+                    };
+                    self.reply(reply, json_bytes(&info)).await;
+                }
+                Ok(())
+            }
+            Some(Ok(ControlOp::Kick)) => {
+                tracing::info!(device_id = %self.id, session = %self.session, "kicked");
+                let end = self.release(GoAwayReason::Kicked).await;
+                if let Some(reply) = msg.reply {
+                    let body = json_bytes(&KickReply {
+                        status: "kicked".into(),
+                        gateway: self.shared.instance.clone(),
+                        session: self.session.clone(),
+                    });
+                    self.reply(reply, body).await;
+                }
+                Err(end)
+            }
+            Some(Ok(ControlOp::Claim)) => {
+                // A welcomed holder always yields: the claimant logged in later.
+                let end = self.release(GoAwayReason::Replaced).await;
+                if let Some(reply) = msg.reply {
+                    let body = json_bytes(&ClaimReply::Released {
+                        key: ClaimKey {
+                            login_ns: 0,
+                            gateway: self.shared.instance.clone(),
+                            session: self.session.clone(),
+                        },
+                    });
+                    self.reply(reply, body).await;
+                }
+                Err(end)
+            }
+            Some(Err(unknown)) => {
+                if let Some(reply) = msg.reply {
+                    let body = json_bytes(&crate::contract::ControlError {
+                        error: "bad_request".into(),
+                        message: format!("unknown {} value {unknown:?}", headers::CONTROL),
+                    });
+                    self.reply(reply, body).await;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// A message for the device. Every request gets exactly one reply; a plain publish that
+    /// cannot be delivered is counted and, when the queue overflows, closes the session.
+    async fn on_downlink(&mut self, msg: Message) -> Result<(), End> {
+        let payload_limit = self.shared.codec.max_frame_len() - 5;
+        if msg.payload.len() > payload_limit {
+            let reason = format!("too_large: payload of {} bytes exceeds {payload_limit}", msg.payload.len());
+            match msg.reply {
+                Some(reply) => {
+                    self.shared.metrics.downlink(Downlink::Failed);
+                    self.reply_delivery(reply, DeliveryStatus::Failed, 0, Some("too_large")).await;
+                }
+                None => self.shared.metrics.downlink(Downlink::Dropped),
+            }
+            tracing::warn!(device_id = %self.id, %reason, "downlink refused");
+            return Ok(());
+        }
+        let wire_len = 9 + msg.payload.len();
+        let queue_full = self.conn.writer.pending() + wire_len > self.shared.config.session_queue_bytes;
+        let wants_device_ack = msg.reply.is_some()
+            && msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(headers::ACK))
+                .is_some_and(|v| v.as_str() == headers::ACK_DEVICE);
+        let acks_full = wants_device_ack && self.acks.len() >= self.shared.config.max_inflight;
+        if queue_full || acks_full {
+            return match msg.reply {
+                Some(reply) => {
+                    self.shared.metrics.downlink(Downlink::Busy);
+                    let why = if queue_full { "queue_full" } else { "too_many_unacked" };
+                    self.reply_delivery(reply, DeliveryStatus::Busy, 0, Some(why)).await;
+                    Ok(())
+                }
+                None => {
+                    self.shared.metrics.downlink(Downlink::Dropped);
+                    Err(End::Error(Refusal::new(
+                        ErrorCode::SlowConsumer,
+                        format!(
+                            "more than {} bytes of downlink queued; the device is not reading",
+                            self.shared.config.session_queue_bytes
+                        ),
+                    )))
+                }
+            };
+        }
+        let seq = if wants_device_ack { self.allocate_seq() } else { 0 };
+        self.send(Frame::Down {
+            seq,
+            payload: msg.payload,
+        })?;
+        if let Some(reply) = msg.reply {
+            if wants_device_ack {
+                self.acks.insert(seq, reply);
+                self.ack_deadlines.push_back((
+                    seq,
+                    Instant::now() + Duration::from_millis(self.shared.config.ack_timeout_ms),
+                ));
+            } else {
+                let end = self.conn.writer.written() + self.conn.writer.pending() as u64;
+                self.sent_waiters.push_back((end, reply));
+            }
+        } else {
+            self.shared.metrics.downlink(Downlink::Sent);
+        }
+        Ok(())
+    }
+
+    fn allocate_seq(&mut self) -> u32 {
+        loop {
+            self.next_seq = self.next_seq.wrapping_add(1);
+            if self.next_seq != 0 && !self.acks.contains_key(&self.next_seq) {
+                return self.next_seq;
+            }
+        }
+    }
+
+    async fn on_frame(&mut self, frame: Frame) -> Result<(), End> {
+        self.shared.metrics.frame_in(frame.kind(), frame.wire_len());
+        self.last_frame = Instant::now();
+        match frame {
+            Frame::Up { seq, payload } => {
+                let epoch = self.shared.bus.epoch();
+                let mut headers = self.up_headers.clone();
+                if seq != 0 {
+                    headers.insert(crate::contract::headers::SEQ, seq.to_string().as_str());
+                }
+                let published = self
+                    .shared
+                    .bus
+                    .client()
+                    .publish_with_headers(self.up.clone(), headers, payload)
+                    .await;
+                if let Err(e) = published {
+                    return Err(End::Error(Refusal::new(
+                        ErrorCode::Unavailable,
+                        format!("cannot publish uplink: {e}"),
+                    )));
+                }
+                self.shared.metrics.uplink(Uplink::Published);
+                if seq != 0 {
+                    let rx = self.shared.bus.confirm(epoch).await;
+                    self.uplink.push_back((seq, rx));
+                }
+                Ok(())
+            }
+            Frame::Ack(seq) => {
+                if let Some(reply) = self.acks.remove(&seq) {
+                    self.shared.metrics.downlink(Downlink::Acked);
+                    self.reply_delivery(reply, DeliveryStatus::Acked, seq, None).await;
+                }
+                Ok(())
+            }
+            Frame::Ping(body) => self.send(Frame::Pong(body)),
+            Frame::Pong(_) => Ok(()),
+            Frame::Hello(_) => Err(End::Error(Refusal::new(
+                ErrorCode::ProtocolViolation,
+                "second HELLO on a logged-in session",
+            ))),
+            other => Err(End::Error(Refusal::new(
+                ErrorCode::ProtocolViolation,
+                format!("{} is a gateway-to-device frame", other.name().to_uppercase()),
+            ))),
+        }
+    }
+
+    async fn on_timer(&mut self) -> Result<(), End> {
+        let now = Instant::now();
+        while let Some(&(seq, deadline)) = self.ack_deadlines.front() {
+            if deadline > now {
+                break;
+            }
+            self.ack_deadlines.pop_front();
+            if let Some(reply) = self.acks.remove(&seq) {
+                self.shared.metrics.downlink(Downlink::Timeout);
+                self.reply_delivery(reply, DeliveryStatus::Timeout, seq, Some("device_did_not_ack"))
+                    .await;
+            }
+        }
+        if now >= self.last_frame + self.idle_limit() {
+            return Err(End::Error(Refusal::new(
+                ErrorCode::IdleTimeout,
+                format!("no frame for {} s", self.idle_limit().as_secs()),
+            )));
+        }
+        let write_limit = Duration::from_millis(self.shared.config.write_timeout_ms);
+        if self.conn.writer.pending() > 0 && now >= self.last_write + write_limit {
+            return Err(End::Error(Refusal::new(
+                ErrorCode::SlowConsumer,
+                format!("no write progress for {} ms", write_limit.as_millis()),
+            )));
+        }
+        Ok(())
+    }
+
+    async fn release(&mut self, reason: GoAwayReason) -> End {
+        self.release_with(reason, None).await
+    }
+
+    /// Gives the device up: stop NATS routing (confirmed by the server), deliver what was
+    /// already routed here, write it all with the GOAWAY, then close.
+    async fn release_with(&mut self, reason: GoAwayReason, reconnect_after_ms: Option<u64>) -> End {
+        if let Err(e) = self.sub.drain().await {
+            tracing::warn!(device_id = %self.id, error = %e, "could not drain the subscription");
+        }
+        let limit = Duration::from_millis(self.shared.config.claim_timeout_ms);
+        loop {
+            match tokio::time::timeout(limit, self.sub.next()).await {
+                Ok(Some(msg)) => match control_op(&msg) {
+                    // Already letting go: further claims just hear so.
+                    Some(Ok(ControlOp::Claim)) | Some(Ok(ControlOp::Kick)) => {
+                        if let Some(reply) = msg.reply {
+                            let body = json_bytes(&ClaimReply::Released {
+                                key: ClaimKey {
+                                    login_ns: 0,
+                                    gateway: self.shared.instance.clone(),
+                                    session: self.session.clone(),
+                                },
+                            });
+                            self.reply(reply, body).await;
+                        }
+                    }
+                    _ => {
+                        // Overflow here ends the session anyway; what matters is every request
+                        // still gets its answer, which `on_downlink` guarantees.
+                        let _ = self.on_downlink(msg).await;
+                    }
+                },
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let mut frame = goaway_frame(&self.shared, reason);
+        if let Some(ms) = reconnect_after_ms {
+            frame = Frame::json(
+                Frame::GoAway,
+                &GoAway {
+                    reason,
+                    reconnect_after_ms: ms,
+                },
+            );
+        }
+        let _ = self.send(frame);
+        let write_limit = LAST_WORDS.max(Duration::from_millis(100));
+        let _ = tokio::time::timeout(write_limit, self.conn.flush()).await;
+        self.resolve_sent().await;
+        let _ = tokio::time::timeout(write_limit, async {
+            use tokio::io::AsyncWriteExt;
+            self.conn.stream.shutdown().await
+        })
+        .await;
+        End::GoAway(reason)
+    }
+
+    /// Ends the session: answer every open request, unregister, announce the disconnect.
+    async fn finish(mut self, end: End) {
+        if let End::Error(r) = &end {
+            self.shared.metrics.error(r.code);
+            tracing::info!(device_id = %self.id, session = %self.session, code = r.code.as_str(), message = %r.message, "closing session");
+            let frame = r.frame();
+            self.shared.metrics.frame_out(frame.kind(), frame.wire_len());
+            self.conn.close_with(Some(frame), LAST_WORDS).await;
+            self.resolve_sent().await;
+        }
+        let _ = self.sub.unsubscribe().await;
+        let reason = end.reason();
+        if let End::Io(error) = &end {
+            tracing::debug!(device_id = %self.id, %error, "device socket failed");
+        }
+        // Whatever was routed here and not written can no longer be delivered.
+        while let Some(msg) = try_next(&mut self.sub) {
+            match msg.reply {
+                Some(reply) if control_op(&msg).is_none() => {
+                    self.shared.metrics.downlink(Downlink::Failed);
+                    self.reply_delivery(reply, DeliveryStatus::Failed, 0, Some("session_closed")).await;
+                }
+                None => self.shared.metrics.downlink(Downlink::Dropped),
+                _ => {}
+            }
+        }
+        for (_, reply) in std::mem::take(&mut self.sent_waiters) {
+            self.shared.metrics.downlink(Downlink::Failed);
+            self.reply_delivery(reply, DeliveryStatus::Failed, 0, Some("session_closed")).await;
+        }
+        for (seq, reply) in std::mem::take(&mut self.acks) {
+            self.shared.metrics.downlink(Downlink::Failed);
+            self.reply_delivery(reply, DeliveryStatus::Failed, seq, Some("session_closed_before_ack"))
+                .await;
+        }
+        self.shared.registry.remove(&self.id, &self.session);
+        self.shared.metrics.sessions.dec();
+        self.presence(PresenceEventKind::Disconnected, Some(reason.clone())).await;
+        tracing::info!(device_id = %self.id, session = %self.session, reason = %reason, "device disconnected");
+    }
+
+    async fn presence(&self, event: PresenceEventKind, reason: Option<String>) {
+        let body = json_bytes(&PresenceEvent {
+            event,
+            device_id: self.id.clone(),
+            gateway: self.shared.instance.clone(),
+            session: self.session.clone(),
+            at_ms: unix_ms(),
+            remote_addr: self.remote_addr.clone(),
+            reason,
+        });
+        let subject = subjects::presence_events(&self.id);
+        let _ = self
+            .shared
+            .bus
+            .client()
+            .publish_with_headers(subject, self.up_headers.clone(), body)
+            .await;
+    }
+}
+
+/// What a subscription has already buffered, without waiting.
+fn try_next(sub: &mut Subscriber) -> Option<Message> {
+    use futures::FutureExt;
+    sub.next().now_or_never().flatten()
+}

@@ -1,0 +1,65 @@
+//! In-process gateways wired to a test nats-server, and devices that log in to them.
+
+use std::time::Duration;
+
+use devgate_gateway::auth::device_token;
+use devgate_gateway::client::{ClientError, DeviceClient};
+use devgate_gateway::codec::Welcome;
+use devgate_gateway::common::Secret;
+use devgate_gateway::config::Config;
+use devgate_gateway::server::Gateway;
+
+use crate::NatsServer;
+
+/// The fleet secret every test gateway uses.
+pub const SECRET: &str = "test-fleet-secret-0123456789";
+
+/// A token valid for `device_id` under [`SECRET`].
+pub fn token(device_id: &str) -> String {
+    device_token(&Secret::new(SECRET), device_id)
+}
+
+/// A gateway config on loopback ports chosen by the OS, with short timeouts for tests.
+pub fn config(nats: &NatsServer, instance: &str) -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()),
+        http_listen: "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()),
+        nats_url: nats.url(),
+        instance_id: Some(instance.to_owned()),
+        auth_secret: Some(Secret::new(SECRET)),
+        drain_window_ms: 300,
+        drain_reconnect_jitter_ms: 100,
+        announce_interval_ms: 200,
+        claim_timeout_ms: 2_000,
+        ..Config::default()
+    }
+}
+
+/// Starts a gateway with `config` and waits until it is connected to NATS.
+pub async fn start_with(config: Config) -> Gateway {
+    config.validate().unwrap_or_else(|e| panic!("test config invalid: {e}"));
+    let gw = Gateway::start(config)
+        .await
+        .unwrap_or_else(|e| panic!("gateway failed to start: {e}"));
+    tokio::time::timeout(Duration::from_secs(10), gw.wait_connected())
+        .await
+        .unwrap_or_else(|_| panic!("gateway {} never connected to NATS", gw.instance_id()));
+    gw
+}
+
+/// Starts a gateway named `instance` on `nats`.
+pub async fn start(nats: &NatsServer, instance: &str) -> Gateway {
+    start_with(config(nats, instance)).await
+}
+
+/// Logs `device_id` in to `gw` with a valid token.
+pub async fn device(gw: &Gateway, device_id: &str) -> (DeviceClient, Welcome) {
+    try_device(gw, device_id)
+        .await
+        .unwrap_or_else(|e| panic!("device {device_id} could not log in: {e}"))
+}
+
+/// Logs `device_id` in, returning the gateway's refusal if any.
+pub async fn try_device(gw: &Gateway, device_id: &str) -> Result<(DeviceClient, Welcome), ClientError> {
+    DeviceClient::connect(gw.device_addr(), device_id, &token(device_id)).await
+}

@@ -1,0 +1,107 @@
+//! A real `nats-server` child process on a random loopback port.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use crate::bins::tool;
+
+/// A running nats-server, killed on drop. Like the nats.rs `nats-server` test crate, but it
+/// reads the bound port back from the server instead of guessing a free one.
+pub struct NatsServer {
+    child: Option<Child>,
+    port: u16,
+    config: Option<PathBuf>,
+}
+
+impl NatsServer {
+    /// Starts a server on a random port of 127.0.0.1.
+    pub fn start() -> Self {
+        Self::spawn(None, None)
+    }
+
+    /// Starts a server with a config file (ports in it are overridden).
+    pub fn with_config(config: impl Into<PathBuf>) -> Self {
+        Self::spawn(None, Some(config.into()))
+    }
+
+    fn spawn(port: Option<u16>, config: Option<PathBuf>) -> Self {
+        let mut cmd = Command::new(tool("nats-server", "NATS_SERVER_BIN"));
+        if let Some(c) = &config {
+            cmd.arg("-c").arg(c);
+        }
+        let port_arg = port.map_or("-1".to_owned(), |p| p.to_string());
+        cmd.args(["-a", "127.0.0.1", "-p", &port_arg, "-m", "0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting nats-server: {e}"));
+        let stderr = child.stderr.take().unwrap_or_else(|| unreachable!("piped"));
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reported = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if !reported
+                    && let Some(addr) = line.split("Listening for client connections on ").nth(1)
+                {
+                    let port = addr.rsplit(':').next().and_then(|p| p.trim().parse().ok());
+                    let _ = tx.send(port);
+                    reported = true;
+                }
+            }
+        });
+        let port = match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Some(p)) => p,
+            other => {
+                let _ = child.kill();
+                panic!("nats-server did not report its port: {other:?}")
+            }
+        };
+        NatsServer {
+            child: Some(child),
+            port,
+            config,
+        }
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The client port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills the server (clients see the connection drop).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        let fresh = Self::spawn(Some(self.port), self.config.clone());
+        *self = fresh;
+    }
+
+    /// A client connection for a test's "service" side.
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(self.url())
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {}: {e}", self.url()))
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
