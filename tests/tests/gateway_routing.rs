@@ -1,0 +1,144 @@
+//! End-to-end routing through real nats-server and gateways: downlink by publish and request,
+//! every ack mode, offline devices, and uplink with acknowledgements.
+
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use devgate_gateway::contract::{DeliveryReply, DeliveryStatus, headers, subjects};
+use devgate_gateway::contract::DeviceId;
+use devgate_tests::NatsServer;
+use devgate_tests::gateway::{device, start};
+use futures::StreamExt;
+
+fn id(s: &str) -> DeviceId {
+    DeviceId::parse(s).expect("valid id")
+}
+
+const WAIT: Duration = Duration::from_secs(5);
+
+#[tokio::test]
+async fn a_plain_publish_reaches_the_device_on_whichever_gateway_holds_it() {
+    let nats = NatsServer::start();
+    let gw1 = start(&nats, "gw-1").await;
+    let gw2 = start(&nats, "gw-2").await;
+    let (mut d1, w1) = device(&gw1, "dev-1").await;
+    let (mut d2, w2) = device(&gw2, "dev-2").await;
+    assert_eq!(w1.gateway, "gw-1");
+    assert_eq!(w2.gateway, "gw-2");
+
+    let service = nats.client().await;
+    service
+        .publish(subjects::down(&id("dev-2")), Bytes::from_static(b"to two"))
+        .await
+        .expect("publish");
+    service
+        .publish(subjects::down(&id("dev-1")), Bytes::from_static(b"to one"))
+        .await
+        .expect("publish");
+    let (seq, payload) = tokio::time::timeout(WAIT, d2.recv_down()).await.expect("in time").expect("down");
+    assert_eq!((seq, &payload[..]), (0, &b"to two"[..]));
+    let (_, payload) = tokio::time::timeout(WAIT, d1.recv_down()).await.expect("in time").expect("down");
+    assert_eq!(&payload[..], b"to one");
+}
+
+#[tokio::test]
+async fn a_request_is_answered_sent_once_the_frame_is_written() {
+    let nats = NatsServer::start();
+    let gw = start(&nats, "gw-1").await;
+    let (mut dev, welcome) = device(&gw, "dev-1").await;
+    let service = nats.client().await;
+    let reply = service
+        .request(subjects::down(&id("dev-1")), Bytes::from_static(b"hello"))
+        .await
+        .expect("answered");
+    let reply: DeliveryReply = serde_json::from_slice(&reply.payload).expect("json reply");
+    assert_eq!(reply.status, DeliveryStatus::Sent);
+    assert_eq!(reply.gateway, "gw-1");
+    assert_eq!(reply.session, welcome.session);
+    let (seq, payload) = dev.recv_down().await.expect("down");
+    assert_eq!((seq, &payload[..]), (0, &b"hello"[..]));
+}
+
+#[tokio::test]
+async fn ack_device_waits_for_the_devices_ack() {
+    let nats = NatsServer::start();
+    let gw = start(&nats, "gw-1").await;
+    let (mut dev, _) = device(&gw, "dev-1").await;
+    let service = nats.client().await;
+    let mut h = HeaderMap::new();
+    h.insert(headers::ACK, headers::ACK_DEVICE);
+    let request = service.request_with_headers(subjects::down(&id("dev-1")), h, Bytes::from_static(b"confirm me"));
+    let device_side = async {
+        let (seq, payload) = dev.recv_down().await.expect("down");
+        assert_ne!(seq, 0, "an ack=device DOWN carries a sequence number");
+        assert_eq!(&payload[..], b"confirm me");
+        dev.ack(seq).await.expect("ack");
+        seq
+    };
+    let (reply, seq) = tokio::join!(request, device_side);
+    let reply: DeliveryReply = serde_json::from_slice(&reply.expect("answered").payload).expect("json");
+    assert_eq!(reply.status, DeliveryStatus::Acked);
+    assert_eq!(reply.seq, seq);
+}
+
+#[tokio::test]
+async fn a_device_that_never_acks_gets_timeout_from_the_gateway() {
+    let nats = NatsServer::start();
+    let mut config = devgate_tests::gateway::config(&nats, "gw-1");
+    config.ack_timeout_ms = 300;
+    let gw = devgate_tests::gateway::start_with(config).await;
+    let (mut dev, _) = device(&gw, "dev-1").await;
+    let service = nats.client().await;
+    let mut h = HeaderMap::new();
+    h.insert(headers::ACK, headers::ACK_DEVICE);
+    let started = Instant::now();
+    let reply = service
+        .request_with_headers(subjects::down(&id("dev-1")), h, Bytes::from_static(b"x"))
+        .await
+        .expect("answered");
+    let reply: DeliveryReply = serde_json::from_slice(&reply.payload).expect("json");
+    assert_eq!(reply.status, DeliveryStatus::Timeout);
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    // The frame itself was delivered; only the ack is missing.
+    let (seq, _) = dev.recv_down().await.expect("down");
+    assert_eq!(seq, reply.seq);
+}
+
+#[tokio::test]
+async fn an_offline_device_is_reported_at_once_by_no_responders() {
+    let nats = NatsServer::start();
+    let _gw = start(&nats, "gw-1").await;
+    let service = nats.client().await;
+    let started = Instant::now();
+    let err = service
+        .request(subjects::down(&id("nobody")), Bytes::from_static(b"x"))
+        .await
+        .expect_err("nobody holds it");
+    assert_eq!(err.kind(), async_nats::RequestErrorKind::NoResponders);
+    assert!(started.elapsed() < Duration::from_secs(1), "no-responders must not wait for a timeout");
+}
+
+#[tokio::test]
+async fn uplink_reaches_services_with_headers_and_is_acked_after_nats_accepts_it() {
+    let nats = NatsServer::start();
+    let gw = start(&nats, "gw-1").await;
+    let service = nats.client().await;
+    let mut ups = service.subscribe(subjects::ALL_UP).await.expect("sub");
+    service.flush().await.expect("flush");
+    let (mut dev, welcome) = device(&gw, "dev-7").await;
+    dev.send_up(0, Bytes::from_static(b"fire and forget")).await.expect("up");
+    dev.send_up(41, Bytes::from_static(b"please ack")).await.expect("up");
+    let m1 = tokio::time::timeout(WAIT, ups.next()).await.expect("in time").expect("msg");
+    let m2 = tokio::time::timeout(WAIT, ups.next()).await.expect("in time").expect("msg");
+    assert_eq!(m1.subject.as_str(), "device.dev-7.up");
+    assert_eq!(&m1.payload[..], b"fire and forget");
+    assert_eq!(&m2.payload[..], b"please ack");
+    let h = m2.headers.expect("headers");
+    assert_eq!(h.get(headers::DEVICE).map(|v| v.as_str()), Some("dev-7"));
+    assert_eq!(h.get(headers::SESSION).map(|v| v.as_str()), Some(welcome.session.as_str()));
+    assert_eq!(h.get(headers::GATEWAY).map(|v| v.as_str()), Some("gw-1"));
+    assert_eq!(h.get(headers::SEQ).map(|v| v.as_str()), Some("41"));
+    let acked = tokio::time::timeout(WAIT, dev.recv_ack()).await.expect("in time").expect("ack");
+    assert_eq!(acked, 41, "only the seq != 0 frame is acknowledged");
+}
