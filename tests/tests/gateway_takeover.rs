@@ -1,0 +1,176 @@
+//! At most one live session per device across all gateways; the newest login wins, nothing is
+//! delivered twice, and nothing reaches the old session after the new one is welcomed.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+use devgate_gateway::client::{ClientError, DeviceClient};
+use devgate_gateway::codec::{Frame, GoAwayReason};
+use devgate_gateway::contract::{DeliveryReply, DeliveryStatus, DeviceId, subjects};
+use devgate_tests::NatsServer;
+use devgate_tests::gateway::{device, start, try_device};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn down(s: &str) -> String {
+    subjects::down(&DeviceId::parse(s).expect("valid id"))
+}
+
+/// Reads frames until the gateway's GOAWAY; returns the DOWN payloads seen before it.
+async fn downs_until_goaway(dev: &mut DeviceClient) -> (Vec<Bytes>, GoAwayReason) {
+    let mut seen = Vec::new();
+    loop {
+        match tokio::time::timeout(WAIT, dev.recv_down()).await.expect("frame in time") {
+            Ok((_, payload)) => seen.push(payload),
+            Err(ClientError::GoAway(g)) => return (seen, g.reason),
+            Err(other) => panic!("expected DOWN or GOAWAY, got {other}"),
+        }
+    }
+}
+
+async fn request_sent(service: &async_nats::Client, subject: &str, payload: Bytes) -> DeliveryReply {
+    // During a takeover the device is briefly unsubscribed: a service retries "no responders".
+    for _ in 0..100 {
+        match service.request(subject.to_owned(), payload.clone()).await {
+            Ok(reply) => return serde_json::from_slice(&reply.payload).expect("json reply"),
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                tokio::task::yield_now().await;
+            }
+            Err(e) => panic!("request failed: {e}"),
+        }
+    }
+    panic!("device never became reachable")
+}
+
+#[tokio::test]
+async fn a_login_on_another_gateway_replaces_the_old_session() {
+    let nats = NatsServer::start();
+    let gw1 = start(&nats, "gw-1").await;
+    let gw2 = start(&nats, "gw-2").await;
+    let (mut old, _) = device(&gw1, "dev-1").await;
+    let (mut new, welcome) = device(&gw2, "dev-1").await;
+    let (seen, reason) = downs_until_goaway(&mut old).await;
+    assert!(seen.is_empty());
+    assert_eq!(reason, GoAwayReason::Replaced);
+    assert!(old.next_frame().await.map(|f| f.is_none()).unwrap_or(true), "old connection closed");
+
+    let service = nats.client().await;
+    let reply = request_sent(&service, &down("dev-1"), Bytes::from_static(b"hi")).await;
+    assert_eq!(reply.status, DeliveryStatus::Sent);
+    assert_eq!((reply.gateway.as_str(), reply.session.as_str()), ("gw-2", welcome.session.as_str()));
+    assert_eq!(&new.recv_down().await.expect("down").1[..], b"hi");
+}
+
+#[tokio::test]
+async fn a_second_login_on_the_same_gateway_replaces_the_first() {
+    let nats = NatsServer::start();
+    let gw = start(&nats, "gw-1").await;
+    let (mut old, w1) = device(&gw, "dev-1").await;
+    let (mut new, w2) = device(&gw, "dev-1").await;
+    assert_ne!(w1.session, w2.session);
+    assert_eq!(downs_until_goaway(&mut old).await.1, GoAwayReason::Replaced);
+    let service = nats.client().await;
+    let reply = request_sent(&service, &down("dev-1"), Bytes::from_static(b"x")).await;
+    assert_eq!(reply.session, w2.session);
+    assert_eq!(&new.recv_down().await.expect("down").1[..], b"x");
+}
+
+#[tokio::test]
+async fn messages_during_a_takeover_reach_exactly_one_session_and_the_old_one_only_before_the_new_welcome() {
+    let nats = NatsServer::start();
+    let gw1 = start(&nats, "gw-1").await;
+    let gw2 = start(&nats, "gw-2").await;
+    let (mut old, old_welcome) = device(&gw1, "dev-1").await;
+    let service = nats.client().await;
+    const N: usize = 200;
+
+    let sender = {
+        let service = service.clone();
+        tokio::spawn(async move {
+            let mut replies = Vec::new();
+            for i in 0..N {
+                let payload = Bytes::from(format!("m{i}"));
+                replies.push((i, request_sent(&service, &down("dev-1"), payload).await));
+            }
+            replies
+        })
+    };
+    // Take over while the stream of requests is flowing.
+    tokio::task::yield_now().await;
+    let (mut new, new_welcome) = device(&gw2, "dev-1").await;
+    let replies = sender.await.expect("sender");
+    let (old_seen, reason) = downs_until_goaway(&mut old).await;
+    assert_eq!(reason, GoAwayReason::Replaced);
+
+    let mut new_seen = Vec::new();
+    let for_new = replies.iter().filter(|(_, r)| r.session == new_welcome.session).count();
+    while new_seen.len() < for_new {
+        let (_, p) = tokio::time::timeout(WAIT, new.recv_down()).await.expect("in time").expect("down");
+        new_seen.push(p);
+    }
+    let old_set: HashSet<_> = old_seen.iter().cloned().collect();
+    let new_set: HashSet<_> = new_seen.iter().cloned().collect();
+    assert!(old_set.is_disjoint(&new_set), "a message reached both sessions");
+    assert_eq!(old_set.len() + new_set.len(), N, "every message reached exactly one session");
+    for (i, r) in &replies {
+        assert_eq!(r.status, DeliveryStatus::Sent, "m{i}");
+        let payload = Bytes::from(format!("m{i}"));
+        if r.session == old_welcome.session {
+            assert!(old_set.contains(&payload), "m{i} answered by the old session but not received by it");
+        } else {
+            assert_eq!(r.session, new_welcome.session);
+            assert!(new_set.contains(&payload), "m{i} answered by the new session but not received by it");
+        }
+    }
+    // Everything the old session got was numbered before everything the new one got.
+    let num = |b: &Bytes| -> usize { std::str::from_utf8(&b[1..]).expect("utf8").parse().expect("n") };
+    if let (Some(last_old), Some(first_new)) = (old_seen.iter().map(num).max(), new_seen.iter().map(num).min()) {
+        assert!(last_old < first_new, "old got m{last_old} after new got m{first_new}");
+    }
+}
+
+/// Outcome of one side of a login race: welcomed and still holding, or told to go away.
+async fn race_side(result: Result<(DeviceClient, devgate_gateway::codec::Welcome), ClientError>) -> Option<(DeviceClient, String)> {
+    match result {
+        Ok((dev, w)) => Some((dev, w.session)),
+        Err(ClientError::GoAway(g)) => {
+            assert_eq!(g.reason, GoAwayReason::Replaced);
+            None
+        }
+        Err(e) => panic!("unexpected login outcome: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn concurrent_logins_on_two_gateways_leave_exactly_one_live_session() {
+    let nats = NatsServer::start();
+    let gw1 = start(&nats, "gw-1").await;
+    let gw2 = start(&nats, "gw-2").await;
+    let service = nats.client().await;
+    for round in 0..15 {
+        let id = format!("race-{round}");
+        let (a, b) = tokio::join!(try_device(&gw1, &id), try_device(&gw2, &id));
+        let mut alive = Vec::new();
+        for side in [race_side(a).await, race_side(b).await].into_iter().flatten() {
+            alive.push(side);
+        }
+        assert!(!alive.is_empty(), "{id}: somebody must win");
+        // A welcomed loser is told to go away right after; find the one that keeps the device.
+        let reply = request_sent(&service, &down(&id), Bytes::from_static(b"who")).await;
+        let mut holders = 0;
+        for (mut dev, session) in alive {
+            if session == reply.session {
+                holders += 1;
+                let (_, p) = tokio::time::timeout(WAIT, dev.recv_down()).await.expect("in time").expect("down");
+                assert_eq!(&p[..], b"who");
+            } else {
+                let (seen, reason) = downs_until_goaway(&mut dev).await;
+                assert_eq!(reason, GoAwayReason::Replaced, "{id}");
+                assert!(seen.is_empty(), "{id}: the loser must not receive the probe");
+            }
+        }
+        assert_eq!(holders, 1, "{id}: exactly one live session");
+        let _ = Frame::Ack(0);
+    }
+}
