@@ -1,0 +1,609 @@
+//! lb-sync configuration: one typed struct, filled from defaults, an optional TOML file, env
+//! vars and flags (in rising precedence), then validated as a whole before anything starts.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use devgate_gateway::common::{ConfigError, LogFormat, Secret, load_config};
+use serde::{Deserialize, Serialize};
+
+use crate::endpoints::{Endpoint, parse_static_endpoint};
+use crate::render::RenderSettings;
+
+/// Where the set of gateway instances comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// EndpointSlices of the gateway Service (inside Kubernetes).
+    Kube,
+    /// Gateway announcements on NATS (VMs, bare metal, the local stack).
+    #[default]
+    Nats,
+    /// A fixed list from `--static-endpoints`.
+    Static,
+}
+
+/// Where the rendered configuration goes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkKind {
+    /// A key of a ConfigMap that an nginx ingress controller consumes (`stream-snippets`).
+    Configmap,
+    /// A file included by nginx, validated and reloaded by lb-sync.
+    #[default]
+    File,
+}
+
+/// Everything lb-sync can be told. Field names are the config-file keys; each is also a
+/// `--flag` and a `DEVGATE_*` env var (see [`Cli`]).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where gateway instances are discovered.
+    pub source: SourceKind,
+    /// Where the rendered configuration is written.
+    pub sink: SinkKind,
+    /// Address nginx listens on for devices (the `listen` of the rendered `server` block).
+    pub listen: SocketAddr,
+    /// Health, readiness and metrics listener of lb-sync itself.
+    pub http_listen: SocketAddr,
+    /// Name of the nginx upstream (and its shared memory zone).
+    pub upstream_name: String,
+    /// Send a PROXY protocol header to the gateways (they must run with `--proxy-protocol`).
+    pub proxy_protocol: bool,
+    /// nginx `proxy_timeout` in seconds; must exceed the gateway's idle timeout (3 x 30 s).
+    pub proxy_timeout_s: u64,
+    /// nginx `proxy_connect_timeout` in seconds.
+    pub proxy_connect_timeout_s: u64,
+    /// nginx `max_fails` per server (0 disables failure accounting).
+    pub max_fails: u32,
+    /// nginx `fail_timeout` per server, in seconds.
+    pub fail_timeout_s: u64,
+    /// Changes arriving within this window after the first are applied together.
+    pub debounce_ms: u64,
+    /// Least time between two applies (each file-sink apply is an nginx reload).
+    pub min_reload_interval_ms: u64,
+    /// File sink: the file nginx includes inside `stream { }`.
+    pub output: Option<PathBuf>,
+    /// File sink: command that checks the configuration (split on whitespace, no shell).
+    pub validate_cmd: String,
+    /// File sink: command that makes nginx load the new file (split on whitespace, no shell).
+    pub reload_cmd: String,
+    /// File sink: a validate or reload command running longer than this is killed and failed.
+    pub command_timeout_ms: u64,
+    /// NATS source: server URL(s), comma-separated.
+    pub nats_url: String,
+    /// NATS user (with `nats_password`).
+    pub nats_user: Option<String>,
+    /// NATS password.
+    pub nats_password: Option<Secret>,
+    /// NATS source: an instance leaves after this many announce periods without an
+    /// announcement.
+    pub announce_expiry_beats: u32,
+    /// Static source: `IP:PORT` or `IP:PORT=WEIGHT` entries.
+    pub static_endpoints: Vec<String>,
+    /// Kubernetes namespace of the Service and the ConfigMap [default: the client's namespace].
+    pub kube_namespace: Option<String>,
+    /// Kubernetes source: the gateway Service whose EndpointSlices are watched.
+    pub kube_service: String,
+    /// Kubernetes source: the EndpointSlice port name of the device port. A slice with exactly
+    /// one port uses it whatever its name.
+    pub kube_port_name: String,
+    /// Kubernetes API URL, overriding in-cluster/kubeconfig discovery (e.g. `kubectl proxy`).
+    pub kube_api_url: Option<String>,
+    /// ConfigMap sink: the ConfigMap to write.
+    pub configmap_name: Option<String>,
+    /// ConfigMap sink: the data key that holds the rendered text.
+    pub configmap_key: String,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let r = RenderSettings::default();
+        Config {
+            source: SourceKind::Nats,
+            sink: SinkKind::File,
+            listen: r.listen,
+            http_listen: SocketAddr::from(([0, 0, 0, 0], 9092)),
+            upstream_name: r.upstream_name,
+            proxy_protocol: r.proxy_protocol,
+            proxy_timeout_s: r.proxy_timeout_s,
+            proxy_connect_timeout_s: r.proxy_connect_timeout_s,
+            max_fails: r.max_fails,
+            fail_timeout_s: r.fail_timeout_s,
+            debounce_ms: 200,
+            min_reload_interval_ms: 1000,
+            output: None,
+            validate_cmd: "nginx -t".into(),
+            reload_cmd: "nginx -s reload".into(),
+            command_timeout_ms: 30_000,
+            nats_url: "nats://127.0.0.1:4222".into(),
+            nats_user: None,
+            nats_password: None,
+            announce_expiry_beats: 3,
+            static_endpoints: Vec::new(),
+            kube_namespace: None,
+            kube_service: "devgate-gateway".into(),
+            kube_port_name: "device".into(),
+            kube_api_url: None,
+            configmap_name: None,
+            configmap_key: "stream-snippets".into(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// Kubernetes object names (DNS-1123 labels/subdomains) as far as lb-sync needs to check them.
+fn is_dns_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && !s.starts_with(['-', '.'])
+        && !s.ends_with(['-', '.'])
+}
+
+impl Config {
+    /// Checks the values together; every problem is reported, not just the first.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if self.upstream_name.is_empty()
+            || !self
+                .upstream_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            problems.push(format!(
+                "upstream_name {:?} must be non-empty and only A-Z, a-z, 0-9, '_'",
+                self.upstream_name
+            ));
+        }
+        if self.listen.port() == 0 {
+            problems.push("listen needs a port (nginx cannot listen on port 0)".to_owned());
+        }
+        for (name, value) in [
+            ("proxy_timeout_s", self.proxy_timeout_s),
+            ("proxy_connect_timeout_s", self.proxy_connect_timeout_s),
+            ("fail_timeout_s", self.fail_timeout_s),
+            ("command_timeout_ms", self.command_timeout_ms),
+            (
+                "announce_expiry_beats",
+                u64::from(self.announce_expiry_beats),
+            ),
+        ] {
+            if value == 0 {
+                problems.push(format!("{name} must be greater than 0"));
+            }
+        }
+        match self.source {
+            SourceKind::Static => {
+                if self.static_endpoints.is_empty() {
+                    problems.push(
+                        "--source static needs --static-endpoints (IP:PORT[=WEIGHT],...)"
+                            .to_owned(),
+                    );
+                }
+                if let Err(e) = self.parsed_static_endpoints() {
+                    problems.push(e);
+                }
+            }
+            SourceKind::Nats => {
+                if self.nats_url.trim().is_empty() {
+                    problems.push("--source nats needs --nats-url".to_owned());
+                }
+                if self.nats_password.is_some() != self.nats_user.is_some() {
+                    problems.push("nats_user and nats_password go together".to_owned());
+                }
+            }
+            SourceKind::Kube => {
+                if !is_dns_name(&self.kube_service) {
+                    problems.push(format!(
+                        "kube_service {:?} is not a valid Service name",
+                        self.kube_service
+                    ));
+                }
+                if self.kube_port_name.is_empty() {
+                    problems.push("kube_port_name must not be empty".to_owned());
+                }
+            }
+        }
+        if self.source != SourceKind::Static && !self.static_endpoints.is_empty() {
+            problems.push("--static-endpoints is only used with --source static".to_owned());
+        }
+        match self.sink {
+            SinkKind::File => {
+                match &self.output {
+                    None => problems.push(
+                        "--sink file needs --output (the file nginx includes in stream { })"
+                            .to_owned(),
+                    ),
+                    Some(path) => {
+                        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+                        if path.file_name().is_none() {
+                            problems
+                                .push(format!("--output {} is not a file path", path.display()));
+                        } else if let Some(dir) = dir
+                            && !dir.is_dir()
+                        {
+                            problems.push(format!(
+                                "--output directory {} does not exist",
+                                dir.display()
+                            ));
+                        }
+                    }
+                }
+                for (name, cmd) in [
+                    ("validate_cmd", &self.validate_cmd),
+                    ("reload_cmd", &self.reload_cmd),
+                ] {
+                    if cmd.split_whitespace().next().is_none() {
+                        problems.push(format!("{name} must not be empty"));
+                    }
+                }
+            }
+            SinkKind::Configmap => {
+                match &self.configmap_name {
+                    None => problems.push("--sink configmap needs --configmap-name".to_owned()),
+                    Some(n) if !is_dns_name(n) => problems.push(format!(
+                        "configmap_name {n:?} is not a valid ConfigMap name"
+                    )),
+                    Some(_) => {}
+                }
+                if self.configmap_key.is_empty()
+                    || !self
+                        .configmap_key
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                {
+                    problems.push(format!(
+                        "configmap_key {:?} must be non-empty and only A-Z, a-z, 0-9, '-', '_', '.'",
+                        self.configmap_key
+                    ));
+                }
+            }
+        }
+        if let Some(ns) = &self.kube_namespace
+            && !is_dns_name(ns)
+        {
+            problems.push(format!("kube_namespace {ns:?} is not a valid namespace"));
+        }
+        if let Some(url) = &self.kube_api_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            problems.push(format!(
+                "kube_api_url {url:?} must start with http:// or https://"
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems.join("; ")))
+        }
+    }
+
+    /// The static endpoints, parsed (validation reports the first bad entry).
+    pub fn parsed_static_endpoints(&self) -> Result<Vec<Endpoint>, String> {
+        self.static_endpoints
+            .iter()
+            .map(|s| parse_static_endpoint(s).map_err(|e| format!("static_endpoints: {e}")))
+            .collect()
+    }
+
+    /// The renderer's settings.
+    pub fn render_settings(&self) -> RenderSettings {
+        RenderSettings {
+            upstream_name: self.upstream_name.clone(),
+            listen: self.listen,
+            proxy_protocol: self.proxy_protocol,
+            proxy_timeout_s: self.proxy_timeout_s,
+            proxy_connect_timeout_s: self.proxy_connect_timeout_s,
+            max_fails: self.max_fails,
+            fail_timeout_s: self.fail_timeout_s,
+        }
+    }
+
+    /// `debounce_ms` as a duration.
+    pub fn debounce(&self) -> Duration {
+        Duration::from_millis(self.debounce_ms)
+    }
+
+    /// `min_reload_interval_ms` as a duration.
+    pub fn min_reload_interval(&self) -> Duration {
+        Duration::from_millis(self.min_reload_interval_ms)
+    }
+
+    /// `command_timeout_ms` as a duration.
+    pub fn command_timeout(&self) -> Duration {
+        Duration::from_millis(self.command_timeout_ms)
+    }
+
+    /// Whether a Kubernetes client is needed at all.
+    pub fn needs_kube(&self) -> bool {
+        self.source == SourceKind::Kube || self.sink == SinkKind::Configmap
+    }
+}
+
+/// Command line of `devgate-lb-sync`. Every flag is optional and also read from its `DEVGATE_*`
+/// env var; whatever is given overrides the config file.
+#[derive(Debug, Parser, Serialize)]
+#[command(
+    name = "devgate-lb-sync",
+    version,
+    about = "Keeps an nginx stream upstream equal to the set of ready gateway instances"
+)]
+pub struct Cli {
+    /// TOML config file (keys are the flag names with `_` instead of `-`).
+    #[arg(long, env = "DEVGATE_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Where gateway instances are discovered [default: nats].
+    #[arg(long, env = "DEVGATE_SOURCE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourceKind>,
+    /// Where the rendered configuration goes [default: file].
+    #[arg(long, env = "DEVGATE_SINK")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sink: Option<SinkKind>,
+    /// Address nginx listens on for devices [default: 0.0.0.0:7000].
+    #[arg(long, env = "DEVGATE_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// Health/readiness/metrics listen address [default: 0.0.0.0:9092].
+    #[arg(long, env = "DEVGATE_HTTP_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_listen: Option<SocketAddr>,
+    /// nginx upstream name [default: devgate_gateways].
+    #[arg(long, env = "DEVGATE_UPSTREAM_NAME")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_name: Option<String>,
+    /// Send the PROXY protocol to the gateways.
+    #[arg(long, env = "DEVGATE_PROXY_PROTOCOL", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<bool>,
+    /// nginx proxy_timeout in seconds [default: 120].
+    #[arg(long, env = "DEVGATE_PROXY_TIMEOUT_S")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_timeout_s: Option<u64>,
+    /// nginx proxy_connect_timeout in seconds [default: 2].
+    #[arg(long, env = "DEVGATE_PROXY_CONNECT_TIMEOUT_S")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_connect_timeout_s: Option<u64>,
+    /// nginx max_fails per server [default: 3].
+    #[arg(long, env = "DEVGATE_MAX_FAILS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_fails: Option<u32>,
+    /// nginx fail_timeout per server in seconds [default: 10].
+    #[arg(long, env = "DEVGATE_FAIL_TIMEOUT_S")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fail_timeout_s: Option<u64>,
+    /// Debounce window for bursts of changes, ms [default: 200].
+    #[arg(long, env = "DEVGATE_DEBOUNCE_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub debounce_ms: Option<u64>,
+    /// Least time between two reloads, ms [default: 1000].
+    #[arg(long, env = "DEVGATE_MIN_RELOAD_INTERVAL_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_reload_interval_ms: Option<u64>,
+    /// File sink: file nginx includes inside `stream { }`.
+    #[arg(long, env = "DEVGATE_OUTPUT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<PathBuf>,
+    /// File sink: configuration check command [default: "nginx -t"].
+    #[arg(long, env = "DEVGATE_VALIDATE_CMD")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub validate_cmd: Option<String>,
+    /// File sink: reload command [default: "nginx -s reload"].
+    #[arg(long, env = "DEVGATE_RELOAD_CMD")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reload_cmd: Option<String>,
+    /// File sink: timeout of the validate and reload commands, ms [default: 30000].
+    #[arg(long, env = "DEVGATE_COMMAND_TIMEOUT_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command_timeout_ms: Option<u64>,
+    /// NATS URL(s), comma-separated [default: nats://127.0.0.1:4222].
+    #[arg(long, env = "DEVGATE_NATS_URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_url: Option<String>,
+    /// NATS user.
+    #[arg(long, env = "DEVGATE_NATS_USER")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_user: Option<String>,
+    /// NATS password.
+    #[arg(long, env = "DEVGATE_NATS_PASSWORD", hide_env_values = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_password: Option<Secret>,
+    /// Missed announce periods before an instance leaves [default: 3].
+    #[arg(long, env = "DEVGATE_ANNOUNCE_EXPIRY_BEATS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub announce_expiry_beats: Option<u32>,
+    /// Static source: comma-separated IP:PORT[=WEIGHT] list.
+    #[arg(long, env = "DEVGATE_STATIC_ENDPOINTS", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub static_endpoints: Option<Vec<String>>,
+    /// Namespace of the Service and ConfigMap [default: the client's namespace].
+    #[arg(long, env = "DEVGATE_KUBE_NAMESPACE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kube_namespace: Option<String>,
+    /// Gateway Service name [default: devgate-gateway].
+    #[arg(long, env = "DEVGATE_KUBE_SERVICE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kube_service: Option<String>,
+    /// EndpointSlice port name of the device port [default: device].
+    #[arg(long, env = "DEVGATE_KUBE_PORT_NAME")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kube_port_name: Option<String>,
+    /// Kubernetes API URL instead of in-cluster/kubeconfig discovery.
+    #[arg(long, env = "DEVGATE_KUBE_API_URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kube_api_url: Option<String>,
+    /// ConfigMap sink: ConfigMap name.
+    #[arg(long, env = "DEVGATE_CONFIGMAP_NAME")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub configmap_name: Option<String>,
+    /// ConfigMap sink: data key [default: stream-snippets].
+    #[arg(long, env = "DEVGATE_CONFIGMAP_KEY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub configmap_key: Option<String>,
+    /// Log format [default: text].
+    #[arg(long, env = "DEVGATE_LOG_FORMAT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+}
+
+impl Cli {
+    /// Layers defaults, the config file and these flags into a validated [`Config`].
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let config: Config = load_config(self.config.as_deref(), &self)?;
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("devgate-lb-sync").chain(args.iter().copied()))
+            .expect("flags parse")
+    }
+
+    fn out_flag() -> [&'static str; 2] {
+        ["--output", "/tmp/devgate-upstream.conf"]
+    }
+
+    #[test]
+    fn defaults_need_an_output_file() {
+        let err = cli(&[])
+            .into_config()
+            .expect_err("file sink without output");
+        assert!(err.to_string().contains("--output"), "{err}");
+        let c = cli(&out_flag()).into_config().expect("nats + file");
+        assert_eq!(c.source, SourceKind::Nats);
+        assert_eq!(c.sink, SinkKind::File);
+        assert_eq!(c.proxy_timeout_s, 120);
+    }
+
+    #[test]
+    fn static_endpoints_are_comma_separated_and_parsed() {
+        let mut args = vec![
+            "--source",
+            "static",
+            "--static-endpoints",
+            "127.0.0.1:7001,127.0.0.1:7002=2",
+        ];
+        args.extend(out_flag());
+        let c = cli(&args).into_config().expect("static");
+        let eps = c.parsed_static_endpoints().expect("parsed");
+        assert_eq!(eps.len(), 2);
+        assert_eq!(eps[1].weight, Some(2));
+    }
+
+    #[test]
+    fn bad_static_endpoint_is_named() {
+        let mut args = vec!["--source", "static", "--static-endpoints", "gw-1:7000"];
+        args.extend(out_flag());
+        let err = cli(&args).into_config().expect_err("host name");
+        assert!(err.to_string().contains("gw-1:7000"), "{err}");
+        let err = cli(&["--source", "static", "--output", "/tmp/x.conf"])
+            .into_config()
+            .expect_err("empty static list");
+        assert!(err.to_string().contains("--static-endpoints"), "{err}");
+    }
+
+    #[test]
+    fn configmap_sink_needs_a_name_and_a_valid_key() {
+        let err = cli(&["--source", "kube", "--sink", "configmap"])
+            .into_config()
+            .expect_err("no name");
+        assert!(err.to_string().contains("--configmap-name"), "{err}");
+        let err = cli(&[
+            "--source",
+            "kube",
+            "--sink",
+            "configmap",
+            "--configmap-name",
+            "nginx-config",
+            "--configmap-key",
+            "bad key",
+        ])
+        .into_config()
+        .expect_err("bad key");
+        assert!(err.to_string().contains("configmap_key"), "{err}");
+        let c = cli(&[
+            "--source",
+            "kube",
+            "--sink",
+            "configmap",
+            "--configmap-name",
+            "nginx-config",
+        ])
+        .into_config()
+        .expect("valid");
+        assert_eq!(c.configmap_key, "stream-snippets");
+        assert!(c.needs_kube());
+    }
+
+    #[test]
+    fn all_problems_are_reported_together() {
+        let err = cli(&[
+            "--output",
+            "/nonexistent-dir/x.conf",
+            "--proxy-timeout-s",
+            "0",
+            "--upstream-name",
+            "bad name",
+            "--reload-cmd",
+            " ",
+        ])
+        .into_config()
+        .expect_err("invalid");
+        let msg = err.to_string();
+        for needle in [
+            "/nonexistent-dir",
+            "proxy_timeout_s",
+            "upstream_name",
+            "reload_cmd",
+        ] {
+            assert!(msg.contains(needle), "{needle} missing from {msg}");
+        }
+    }
+
+    #[test]
+    fn unknown_source_is_a_parse_error() {
+        let err = Cli::try_parse_from(["devgate-lb-sync", "--source", "consul"]).expect_err("bad");
+        assert!(err.to_string().contains("consul"), "{err}");
+    }
+
+    #[test]
+    fn config_file_keys_and_flags_layer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("lb.toml");
+        std::fs::write(
+            &file,
+            "source = \"static\"\nstatic_endpoints = [\"127.0.0.1:7001\"]\noutput = \"/tmp/u.conf\"\n\
+             debounce_ms = 50\n",
+        )
+        .expect("write config");
+        let c = cli(&[
+            "--config",
+            file.to_str().expect("utf8"),
+            "--debounce-ms",
+            "75",
+        ])
+        .into_config()
+        .expect("file + flag");
+        assert_eq!(c.source, SourceKind::Static);
+        assert_eq!(c.static_endpoints, vec!["127.0.0.1:7001".to_owned()]);
+        assert_eq!(c.debounce_ms, 75);
+        std::fs::write(&file, "sorce = \"static\"\n").expect("write config");
+        let err = cli(&["--config", file.to_str().expect("utf8")])
+            .into_config()
+            .expect_err("typo");
+        assert!(err.to_string().contains("sorce"), "{err}");
+    }
+}

@@ -1,0 +1,354 @@
+//! The control loop: take the latest complete snapshot, render it, apply it when it differs from
+//! what is applied, and pace the applies.
+//!
+//! Shaped like a kube-rs controller: [`reconcile`] makes the world match one desired state and
+//! [`error_policy`] says when to try again after a failure. The [`Pacer`] adds what nginx
+//! needs: a burst of changes (a rolling update) is debounced into one apply, and applies are at
+//! least `min_interval` apart, because every reload leaves a generation of old workers holding
+//! long-lived device connections.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::endpoints::{DesiredSet, Snapshot};
+use crate::metrics::Metrics;
+use crate::render::{RenderSettings, render};
+use crate::sink::{Sink, SinkError};
+use crate::source::SnapshotRx;
+
+/// Decides when the next apply may run. Pure: every method takes `now`.
+#[derive(Debug, Clone)]
+pub struct Pacer {
+    debounce: Duration,
+    min_interval: Duration,
+    /// First unapplied change of the current burst.
+    pending_since: Option<Instant>,
+    /// Last time the sink was called (success or failure).
+    last_attempt: Option<Instant>,
+    /// Earliest retry after a failure.
+    retry_at: Option<Instant>,
+}
+
+impl Pacer {
+    /// A pacer with nothing pending.
+    pub fn new(debounce: Duration, min_interval: Duration) -> Self {
+        Pacer {
+            debounce,
+            min_interval,
+            pending_since: None,
+            last_attempt: None,
+            retry_at: None,
+        }
+    }
+
+    /// A new snapshot arrived. Only the first change of a burst starts the debounce window, so
+    /// a steady trickle of changes cannot postpone the apply forever.
+    pub fn changed(&mut self, now: Instant) {
+        self.pending_since.get_or_insert(now);
+    }
+
+    /// When to reconcile next, if anything is pending.
+    pub fn due(&self) -> Option<Instant> {
+        let since = self.pending_since?;
+        let mut at = since + self.debounce;
+        if let Some(last) = self.last_attempt {
+            at = at.max(last + self.min_interval);
+        }
+        if let Some(retry) = self.retry_at {
+            at = at.max(retry);
+        }
+        Some(at)
+    }
+
+    /// Reconciled without touching the sink (nothing changed): the burst is over, and the rate
+    /// limit is not charged.
+    pub fn settled(&mut self) {
+        self.pending_since = None;
+        self.retry_at = None;
+    }
+
+    /// The sink applied the change at `now`.
+    pub fn applied(&mut self, now: Instant) {
+        self.pending_since = None;
+        self.retry_at = None;
+        self.last_attempt = Some(now);
+    }
+
+    /// The sink failed at `now`; keep the change pending and retry after `backoff`.
+    pub fn failed(&mut self, now: Instant, backoff: Duration) {
+        self.pending_since.get_or_insert(now);
+        self.last_attempt = Some(now);
+        self.retry_at = Some(now + backoff);
+    }
+}
+
+/// Why a reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// The sink refused.
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+}
+
+/// Retry delay after `failures` consecutive failures: 1 s doubling to 30 s. A broken render
+/// (nginx refuses it) is retried too, since the next snapshot may fix it.
+pub fn error_policy(_error: &ReconcileError, failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(5);
+    Duration::from_secs(1u64 << exp).min(Duration::from_secs(30))
+}
+
+/// Shared, readable-by-probes state of the controller.
+#[derive(Debug, Default)]
+pub struct Status {
+    inner: Mutex<StatusInner>,
+}
+
+#[derive(Debug, Default)]
+struct StatusInner {
+    applied_once: bool,
+    last_error: Option<String>,
+}
+
+impl Status {
+    /// Ready once a complete snapshot has been applied; the reason otherwise.
+    pub fn readiness(&self) -> Result<(), String> {
+        let s = self
+            .inner
+            .lock()
+            .map_err(|_| "status lock poisoned".to_owned())?;
+        match (&s.applied_once, &s.last_error) {
+            (true, _) => Ok(()),
+            (false, Some(e)) => Err(format!("first apply failed: {e}")),
+            (false, None) => Err("waiting for a complete snapshot from the source".to_owned()),
+        }
+    }
+
+    fn set(&self, applied: bool, error: Option<String>) {
+        if let Ok(mut s) = self.inner.lock() {
+            s.applied_once |= applied;
+            s.last_error = error;
+        }
+    }
+}
+
+/// What the controller needs to reconcile.
+pub struct Context {
+    /// Renderer settings.
+    pub settings: RenderSettings,
+    /// Where the text goes.
+    pub sink: Sink,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Shared with `/readyz`.
+    pub status: Arc<Status>,
+    /// The set and text currently applied (`None` before the first apply).
+    applied: Option<(DesiredSet, String)>,
+}
+
+impl Context {
+    /// A context with nothing applied yet.
+    pub fn new(
+        settings: RenderSettings,
+        sink: Sink,
+        metrics: Metrics,
+        status: Arc<Status>,
+    ) -> Self {
+        Context {
+            settings,
+            sink,
+            metrics,
+            status,
+            applied: None,
+        }
+    }
+}
+
+/// What a successful reconcile did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The sink was called and succeeded.
+    Applied,
+    /// The render equals what is applied; nothing was written.
+    Unchanged,
+}
+
+/// Makes the sink hold the rendering of `snapshot`.
+pub async fn reconcile(snapshot: &Snapshot, ctx: &mut Context) -> Result<Outcome, ReconcileError> {
+    let set = DesiredSet::from_endpoints(&snapshot.endpoints);
+    let text = render(&set, &ctx.settings);
+    ctx.metrics.renders.inc();
+    if ctx.applied.as_ref().is_some_and(|(_, t)| *t == text) {
+        ctx.metrics.unchanged.inc();
+        return Ok(Outcome::Unchanged);
+    }
+    let diff = match &ctx.applied {
+        Some((old, _)) => set.diff(old),
+        None => set.diff(&DesiredSet::default()),
+    };
+    ctx.sink.apply(&text).await?;
+    ctx.metrics.applies.inc();
+    if ctx.sink.reloads() {
+        ctx.metrics.reloads.inc();
+    }
+    ctx.metrics.applied(&set);
+    tracing::info!(servers = set.len(), %diff, "upstream applied");
+    ctx.applied = Some((set, text));
+    Ok(Outcome::Applied)
+}
+
+/// Runs the loop until `shutdown`: waits for snapshots, paces them and reconciles.
+pub async fn run(
+    mut rx: SnapshotRx,
+    mut ctx: Context,
+    mut pacer: Pacer,
+    shutdown: CancellationToken,
+) {
+    let mut failures = 0u32;
+    // When the oldest unapplied change was observed by the source.
+    let mut first_observed: Option<Instant> = None;
+    loop {
+        let due = pacer.due();
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    // The source is gone, which only happens on shutdown.
+                    shutdown.cancelled().await;
+                    break;
+                }
+                if let Some(s) = rx.borrow().as_ref() {
+                    first_observed.get_or_insert(s.observed_at);
+                }
+                pacer.changed(Instant::now());
+            }
+            _ = sleep_until(due), if due.is_some() => {
+                let Some(snapshot) = rx.borrow_and_update().clone() else {
+                    pacer.settled();
+                    continue;
+                };
+                match reconcile(&snapshot, &mut ctx).await {
+                    Ok(outcome) => {
+                        let now = Instant::now();
+                        failures = 0;
+                        if let Some(t) = first_observed.take() {
+                            ctx.metrics
+                                .change_to_applied
+                                .observe(now.saturating_duration_since(t).as_secs_f64());
+                        }
+                        match outcome {
+                            Outcome::Applied => pacer.applied(now),
+                            Outcome::Unchanged => pacer.settled(),
+                        }
+                        ctx.status.set(true, None);
+                    }
+                    Err(error) => {
+                        failures = failures.saturating_add(1);
+                        let backoff = error_policy(&error, failures);
+                        let ReconcileError::Sink(sink_error) = &error;
+                        ctx.metrics.failed(sink_error.stage());
+                        tracing::error!(%error, retry_in_ms = backoff.as_millis() as u64, "apply failed");
+                        ctx.status.set(false, Some(error.to_string()));
+                        pacer.failed(Instant::now(), backoff);
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_is_applied_once_after_the_debounce() {
+        let mut p = Pacer::new(200 * MS, 1000 * MS);
+        let t0 = Instant::now();
+        assert_eq!(p.due(), None);
+        p.changed(t0);
+        tokio::time::advance(150 * MS).await;
+        p.changed(Instant::now());
+        assert_eq!(p.due(), Some(t0 + 200 * MS), "later changes join the burst");
+        p.applied(t0 + 200 * MS);
+        assert_eq!(p.due(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn applies_are_rate_limited() {
+        let mut p = Pacer::new(200 * MS, 1000 * MS);
+        let t0 = Instant::now();
+        p.changed(t0);
+        p.applied(t0 + 200 * MS);
+        p.changed(t0 + 300 * MS);
+        assert_eq!(
+            p.due(),
+            Some(t0 + 1200 * MS),
+            "min interval after the last apply"
+        );
+        p.applied(t0 + 1200 * MS);
+        p.changed(t0 + 5000 * MS);
+        assert_eq!(
+            p.due(),
+            Some(t0 + 5200 * MS),
+            "only the debounce when idle long enough"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unchanged_renders_do_not_charge_the_rate_limit() {
+        let mut p = Pacer::new(200 * MS, 1000 * MS);
+        let t0 = Instant::now();
+        p.changed(t0);
+        p.settled();
+        p.changed(t0 + 300 * MS);
+        assert_eq!(p.due(), Some(t0 + 500 * MS));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_back_off() {
+        let mut p = Pacer::new(200 * MS, 1000 * MS);
+        let t0 = Instant::now();
+        p.changed(t0);
+        p.failed(t0 + 200 * MS, Duration::from_secs(4));
+        assert_eq!(p.due(), Some(t0 + 4200 * MS));
+        let e = ReconcileError::Sink(SinkError::Reload("x".into()));
+        assert_eq!(error_policy(&e, 1), Duration::from_secs(1));
+        assert_eq!(error_policy(&e, 3), Duration::from_secs(4));
+        assert_eq!(error_policy(&e, 50), Duration::from_secs(30));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn zero_debounce_and_interval_apply_at_once() {
+        let mut p = Pacer::new(Duration::ZERO, Duration::ZERO);
+        let t0 = Instant::now();
+        p.changed(t0);
+        assert_eq!(p.due(), Some(t0));
+    }
+
+    #[test]
+    fn readiness_explains_itself() {
+        let s = Status::default();
+        assert!(s.readiness().expect_err("not yet").contains("waiting"));
+        s.set(false, Some("nginx said no".into()));
+        assert!(s.readiness().expect_err("failed").contains("nginx said no"));
+        s.set(true, None);
+        assert!(s.readiness().is_ok());
+        s.set(false, Some("later failure".into()));
+        assert!(
+            s.readiness().is_ok(),
+            "stays ready: nginx keeps the last good upstream"
+        );
+    }
+}

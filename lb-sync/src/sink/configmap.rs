@@ -1,0 +1,55 @@
+//! The ConfigMap sink: the rendered text under one key of a ConfigMap, written with server-side
+//! apply. An nginx ingress controller that consumes the key (NGINX Inc.'s `stream-snippets`)
+//! reloads nginx itself.
+//!
+//! Server-side apply with one fixed field manager means lb-sync owns exactly that key: other
+//! keys of the same ConfigMap, managed by people or Helm, are left alone, and `force` takes the
+//! key back if someone edited it by hand.
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, Patch, PatchParams};
+
+use super::SinkError;
+
+/// The field manager of every apply; RBAC needs only `get`/`patch` on the one ConfigMap.
+pub const FIELD_MANAGER: &str = "devgate-lb-sync";
+
+/// A configured ConfigMap sink.
+pub struct ConfigMapSink {
+    api: Api<ConfigMap>,
+    name: String,
+    key: String,
+}
+
+impl ConfigMapSink {
+    /// Writes key `key` of ConfigMap `name` in `namespace`.
+    pub fn new(client: kube::Client, namespace: &str, name: &str, key: &str) -> Self {
+        ConfigMapSink {
+            api: Api::namespaced(client, namespace),
+            name: name.to_owned(),
+            key: key.to_owned(),
+        }
+    }
+
+    /// Applies the key (creating the ConfigMap if needed).
+    pub async fn apply(&mut self, text: &str) -> Result<(), SinkError> {
+        let body = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": { "name": self.name },
+            "data": { &self.key: text },
+        });
+        self.api
+            .patch(
+                &self.name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&body),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|source| SinkError::Kube {
+                name: self.name.clone(),
+                source,
+            })
+    }
+}

@@ -1,0 +1,350 @@
+//! The Kubernetes source: the EndpointSlices of the gateway Service (label
+//! `kubernetes.io/service-name`), followed with kube-runtime's watcher.
+//!
+//! The watcher lists, then watches; on a lost watch it resumes, and on `410 Gone` it lists
+//! again. Its events are folded into a [`SliceSet`], which publishes only at points where it
+//! holds the complete set: after each full list (`InitDone`) and after every later change.
+//! During a (re)list nothing is published, so an upstream is never built from half a list.
+
+use std::collections::BTreeMap;
+
+use futures::StreamExt;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::Api;
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio_util::sync::CancellationToken;
+
+use super::{SnapshotTx, publish};
+use crate::endpoints::{Endpoint, EndpointState};
+use crate::metrics::Metrics;
+
+/// The label every EndpointSlice carries with the name of its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Why a slice contributes no endpoints.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SliceError {
+    /// FQDN slices name hosts, not addresses; nginx would resolve them only at load time.
+    #[error("address type {0} is not supported (IPv4 and IPv6 are)")]
+    AddressType(String),
+    /// None of the slice's ports is the device port.
+    #[error("no port named {wanted:?} among {found:?}, and more than one port to choose from")]
+    NoDevicePort {
+        /// The configured port name.
+        wanted: String,
+        /// The slice's port names.
+        found: Vec<String>,
+    },
+}
+
+/// The endpoints of one slice, on the device port. An endpoint's first address is used (the API
+/// guarantees the others are fungible) and its conditions decide its state.
+pub fn slice_endpoints(
+    slice: &EndpointSlice,
+    port_name: &str,
+) -> Result<Vec<Endpoint>, SliceError> {
+    if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+        return Err(SliceError::AddressType(slice.address_type.clone()));
+    }
+    let ports = slice.ports.as_deref().unwrap_or_default();
+    let port = ports
+        .iter()
+        .find(|p| p.name.as_deref() == Some(port_name))
+        .or(match ports {
+            [only] => Some(only),
+            _ => None,
+        })
+        .and_then(|p| p.port)
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|p| *p != 0);
+    let Some(port) = port else {
+        // A slice with no ports at all has no endpoints either (the Service selects nothing).
+        if ports.is_empty() && slice.endpoints.is_empty() {
+            return Ok(Vec::new());
+        }
+        return Err(SliceError::NoDevicePort {
+            wanted: port_name.to_owned(),
+            found: ports
+                .iter()
+                .map(|p| p.name.clone().unwrap_or_default())
+                .collect(),
+        });
+    };
+    Ok(slice
+        .endpoints
+        .iter()
+        .filter_map(|e| {
+            let ip: std::net::IpAddr = e.addresses.first()?.parse().ok()?;
+            let c = e.conditions.as_ref();
+            Some(Endpoint {
+                addr: std::net::SocketAddr::new(ip, port),
+                state: EndpointState::from_conditions(
+                    c.and_then(|c| c.ready),
+                    c.and_then(|c| c.terminating),
+                ),
+                weight: None,
+            })
+        })
+        .collect())
+}
+
+/// The slices of the Service, folded from watcher events. Pure, so the event sequences of a
+/// relist or a `410 Gone` resync are unit-tested without an API server.
+#[derive(Debug, Default)]
+pub struct SliceSet {
+    slices: BTreeMap<String, Vec<Endpoint>>,
+    /// `Some` while a (re)list is in progress: the new list is collected here and replaces
+    /// `slices` only when it is complete.
+    relist: Option<BTreeMap<String, Vec<Endpoint>>>,
+    /// True once a first list has completed.
+    listed: bool,
+}
+
+fn slice_key(slice: &EndpointSlice) -> String {
+    format!(
+        "{}/{}",
+        slice.metadata.namespace.as_deref().unwrap_or_default(),
+        slice.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+impl SliceSet {
+    /// Applies one watcher event; returns true when the set is complete and may have changed
+    /// (time to publish).
+    pub fn apply(&mut self, event: watcher::Event<EndpointSlice>, port_name: &str) -> bool {
+        let convert = |slice: &EndpointSlice| match slice_endpoints(slice, port_name) {
+            Ok(eps) => eps,
+            Err(error) => {
+                tracing::warn!(slice = %slice_key(slice), %error, "skipping EndpointSlice");
+                Vec::new()
+            }
+        };
+        match event {
+            watcher::Event::Init => {
+                self.relist = Some(BTreeMap::new());
+                false
+            }
+            watcher::Event::InitApply(slice) => {
+                let eps = convert(&slice);
+                self.relist
+                    .get_or_insert_default()
+                    .insert(slice_key(&slice), eps);
+                false
+            }
+            watcher::Event::InitDone => {
+                self.slices = self.relist.take().unwrap_or_default();
+                self.listed = true;
+                true
+            }
+            watcher::Event::Apply(slice) => {
+                let eps = convert(&slice);
+                self.slices.insert(slice_key(&slice), eps);
+                self.listed && self.relist.is_none()
+            }
+            watcher::Event::Delete(slice) => {
+                self.slices.remove(&slice_key(&slice));
+                self.listed && self.relist.is_none()
+            }
+        }
+    }
+
+    /// Every endpoint of every slice, in any state.
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        self.slices.values().flatten().cloned().collect()
+    }
+}
+
+/// A configured Kubernetes source.
+pub struct KubeSource {
+    api: Api<EndpointSlice>,
+    service: String,
+    port_name: String,
+}
+
+impl KubeSource {
+    /// Watches the slices of `service` in `namespace`.
+    pub fn new(client: kube::Client, namespace: &str, service: &str, port_name: &str) -> Self {
+        KubeSource {
+            api: Api::namespaced(client, namespace),
+            service: service.to_owned(),
+            port_name: port_name.to_owned(),
+        }
+    }
+
+    /// Follows the slices until `shutdown`. Watch errors are logged and counted; the watcher
+    /// retries them with its default backoff.
+    pub async fn run(self, tx: SnapshotTx, metrics: Metrics, shutdown: CancellationToken) {
+        let selector = format!("{SERVICE_NAME_LABEL}={}", self.service);
+        let stream =
+            watcher(self.api, watcher::Config::default().labels(&selector)).default_backoff();
+        let mut stream = std::pin::pin!(stream);
+        let mut set = SliceSet::default();
+        let mut last_sent = None;
+        loop {
+            let event = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                event = stream.next() => event,
+            };
+            match event {
+                Some(Ok(event)) => {
+                    if matches!(event, watcher::Event::Init) {
+                        tracing::debug!(service = %self.service, "listing EndpointSlices");
+                    }
+                    if set.apply(event, &self.port_name) {
+                        metrics.source_connected.set(1);
+                        publish(&tx, &mut last_sent, set.endpoints(), &metrics);
+                    }
+                }
+                Some(Err(error)) => {
+                    metrics.failed("source");
+                    metrics.source_connected.set(0);
+                    tracing::warn!(service = %self.service, %error, "EndpointSlice watch failed; retrying");
+                }
+                None => {
+                    tracing::error!("EndpointSlice watcher ended");
+                    shutdown.cancelled().await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::discovery::v1::{
+        Endpoint as K8sEndpoint, EndpointConditions, EndpointPort,
+    };
+    use kube::api::ObjectMeta;
+
+    use super::*;
+
+    fn slice(
+        name: &str,
+        ports: &[(&str, i32)],
+        eps: &[(&str, Option<bool>, Option<bool>)],
+    ) -> EndpointSlice {
+        EndpointSlice {
+            address_type: "IPv4".into(),
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("devgate".into()),
+                ..Default::default()
+            },
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(n, p)| EndpointPort {
+                        name: Some((*n).into()),
+                        port: Some(*p),
+                        protocol: Some("TCP".into()),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            endpoints: eps
+                .iter()
+                .map(|(ip, ready, terminating)| K8sEndpoint {
+                    addresses: vec![(*ip).into()],
+                    conditions: Some(EndpointConditions {
+                        ready: *ready,
+                        serving: *ready,
+                        terminating: *terminating,
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn slices_map_conditions_and_the_named_port() {
+        let s = slice(
+            "gw-a",
+            &[("http", 9090), ("device", 7000)],
+            &[
+                ("10.0.0.1", Some(true), None),
+                ("10.0.0.2", Some(false), Some(true)),
+                ("10.0.0.3", Some(false), Some(false)),
+                ("10.0.0.4", None, None),
+            ],
+        );
+        let eps = slice_endpoints(&s, "device").expect("valid slice");
+        let got: Vec<_> = eps.iter().map(|e| (e.addr.to_string(), e.state)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("10.0.0.1:7000".to_owned(), EndpointState::Ready),
+                ("10.0.0.2:7000".to_owned(), EndpointState::Terminating),
+                ("10.0.0.3:7000".to_owned(), EndpointState::NotReady),
+                ("10.0.0.4:7000".to_owned(), EndpointState::Ready),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_single_port_is_used_whatever_its_name() {
+        let s = slice("gw-a", &[("tcp", 7001)], &[("10.0.0.1", Some(true), None)]);
+        let eps = slice_endpoints(&s, "device").expect("single port");
+        assert_eq!(eps[0].addr.port(), 7001);
+    }
+
+    #[test]
+    fn ambiguous_ports_and_fqdn_slices_are_refused() {
+        let s = slice(
+            "gw-a",
+            &[("a", 1), ("b", 2)],
+            &[("10.0.0.1", Some(true), None)],
+        );
+        assert!(matches!(
+            slice_endpoints(&s, "device"),
+            Err(SliceError::NoDevicePort { .. })
+        ));
+        let mut f = slice(
+            "gw-a",
+            &[("device", 7000)],
+            &[("gw.example", Some(true), None)],
+        );
+        f.address_type = "FQDN".into();
+        assert!(matches!(
+            slice_endpoints(&f, "device"),
+            Err(SliceError::AddressType(_))
+        ));
+    }
+
+    #[test]
+    fn nothing_is_published_until_the_list_is_complete() {
+        let mut set = SliceSet::default();
+        let a = slice("a", &[("device", 7000)], &[("10.0.0.1", Some(true), None)]);
+        let b = slice("b", &[("device", 7000)], &[("10.0.0.2", Some(true), None)]);
+        assert!(!set.apply(watcher::Event::Init, "device"));
+        assert!(!set.apply(watcher::Event::InitApply(a.clone()), "device"));
+        assert!(set.endpoints().is_empty(), "partial list not visible");
+        assert!(!set.apply(watcher::Event::InitApply(b.clone()), "device"));
+        assert!(set.apply(watcher::Event::InitDone, "device"));
+        assert_eq!(set.endpoints().len(), 2);
+        // A resync (410 Gone) relists: the old set stays until the new list is done, and
+        // slices missing from the new list are gone afterwards.
+        assert!(!set.apply(watcher::Event::Init, "device"));
+        assert!(!set.apply(watcher::Event::InitApply(a.clone()), "device"));
+        assert_eq!(set.endpoints().len(), 2, "old set kept during relist");
+        assert!(set.apply(watcher::Event::InitDone, "device"));
+        assert_eq!(set.endpoints().len(), 1);
+    }
+
+    #[test]
+    fn watch_events_update_the_complete_set() {
+        let mut set = SliceSet::default();
+        let a = slice("a", &[("device", 7000)], &[("10.0.0.1", Some(true), None)]);
+        assert!(
+            !set.apply(watcher::Event::Apply(a.clone()), "device"),
+            "not listed yet"
+        );
+        set.apply(watcher::Event::Init, "device");
+        set.apply(watcher::Event::InitDone, "device");
+        assert!(set.apply(watcher::Event::Apply(a.clone()), "device"));
+        assert_eq!(set.endpoints().len(), 1);
+        assert!(set.apply(watcher::Event::Delete(a), "device"));
+        assert!(set.endpoints().is_empty());
+    }
+}
