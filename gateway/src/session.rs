@@ -729,7 +729,11 @@ impl Session {
                     }
                 }
                 () = &mut timer => self.on_timer().await,
-                _ = connected.changed(), if !bus_up => Ok(()),
+                // Any change re-evaluates `can_read`: reading stops the moment NATS goes away.
+                changed = connected.changed() => match changed {
+                    Ok(()) => Ok(()),
+                    Err(_) => Err(End::Shutdown),
+                },
             };
             if let Err(end) = result {
                 return end;

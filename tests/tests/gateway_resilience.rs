@@ -1,0 +1,141 @@
+//! NATS going away and coming back in the middle of traffic, and a SIGTERM drain of the real
+//! binary.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use devgate_gateway::client::{ClientError, DeviceClient};
+use devgate_gateway::codec::GoAwayReason;
+use devgate_gateway::contract::{Announce, DeviceId, subjects};
+use devgate_tests::NatsServer;
+use devgate_tests::bins::workspace_bin;
+use devgate_tests::gateway::{SECRET, device, start, token};
+use futures::StreamExt;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+#[tokio::test]
+async fn sessions_survive_a_nats_restart_and_unaccepted_uplink_is_never_acked() {
+    let mut nats = NatsServer::start();
+    let gw = start(&nats, "gw-1").await;
+    let (mut dev, welcome) = device(&gw, "dev-1").await;
+    dev.send_up(1, Bytes::from_static(b"before")).await.expect("up");
+    assert_eq!(dev.recv_ack().await.expect("ack"), 1);
+
+    nats.stop();
+    // Wait until the gateway has noticed (its readiness turns false).
+    let http = reqwest::Client::new();
+    let readyz = format!("http://{}/readyz", gw.http_addr());
+    let deadline = Instant::now() + WAIT;
+    while http.get(&readyz).send().await.expect("readyz").status() != 503 {
+        assert!(Instant::now() < deadline, "gateway never noticed NATS going away");
+        tokio::time::sleep(Duration::from_millis(20)).await; // nothing to await from outside
+    }
+    dev.send_up(2, Bytes::from_static(b"during outage")).await.expect("up");
+    // NATS cannot accept it, so it must not be acknowledged while NATS is down.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(700), dev.recv_ack()).await.is_err(),
+        "an UP was acknowledged while NATS was down"
+    );
+
+    nats.restart();
+    let acked = tokio::time::timeout(WAIT, dev.recv_ack()).await.expect("acked after NATS returned").expect("ack");
+    assert_eq!(acked, 2);
+    // The same session is still subscribed: downlink works again.
+    let service = nats.client().await;
+    let deadline = Instant::now() + WAIT;
+    let reply = loop {
+        match service.request(subjects::down(&DeviceId::parse("dev-1").expect("id")), Bytes::from_static(b"after")).await {
+            Ok(r) => break r,
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders && Instant::now() < deadline => {
+                // The gateway resubscribes right after reconnecting; retry until it has.
+                tokio::task::yield_now().await;
+            }
+            Err(e) => panic!("downlink after restart: {e}"),
+        }
+    };
+    assert!(String::from_utf8_lossy(&reply.payload).contains(&welcome.session));
+    assert_eq!(&dev.recv_down().await.expect("down").1[..], b"after");
+    let metrics = http.get(format!("http://{}/metrics", gw.http_addr())).send().await.expect("m").text().await.expect("t");
+    assert!(metrics.contains("devgate_gateway_nats_disconnects_total 1"), "{metrics}");
+}
+
+#[tokio::test]
+async fn sigterm_drains_devices_with_spread_goaways_and_exits_cleanly() {
+    let nats = NatsServer::start();
+    let service = nats.client().await;
+    let mut announces = service.subscribe(subjects::ANNOUNCE).await.expect("sub");
+    service.flush().await.expect("flush");
+    let mut child = Command::new(workspace_bin("devgate-gateway"))
+        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--instance-id", "gw-term"])
+        .args(["--nats-url", &nats.url(), "--drain-window-ms", "1000", "--drain-reconnect-jitter-ms", "500"])
+        .args(["--announce-interval-ms", "200", "--log-format", "json"])
+        .env("DEVGATE_AUTH_SECRET", SECRET)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn gateway");
+    // The bound device address comes from the start-up log line.
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && v["message"] == "gateway accepting devices"
+            {
+                let _ = tx.send(v["advertise_addr"].as_str().unwrap_or_default().to_owned());
+            }
+        }
+    });
+    let addr: std::net::SocketAddr = rx.recv_timeout(WAIT).expect("gateway started").parse().expect("addr");
+    // Wait for its first "ready" announcement (NATS connected).
+    loop {
+        let m = tokio::time::timeout(WAIT, announces.next()).await.expect("announce").expect("msg");
+        let a: Announce = serde_json::from_slice(&m.payload).expect("json");
+        if a.instance == "gw-term" && a.ready {
+            break;
+        }
+    }
+    let mut devices = Vec::new();
+    for i in 0..12 {
+        let id = format!("d{i}");
+        devices.push(DeviceClient::connect(addr, &id, &token(&id)).await.expect("login").0);
+    }
+
+    let started = Instant::now();
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    assert!(status.success());
+    let mut arrivals = Vec::new();
+    for dev in &mut devices {
+        match tokio::time::timeout(WAIT, dev.recv_down()).await.expect("goaway in time") {
+            Err(ClientError::GoAway(g)) => {
+                assert_eq!(g.reason, GoAwayReason::Draining);
+                assert!(g.reconnect_after_ms <= 500);
+                arrivals.push(started.elapsed());
+            }
+            other => panic!("expected GOAWAY draining, got {other:?}"),
+        }
+    }
+    // Draining is announced so balancers take the instance out of rotation.
+    loop {
+        let m = tokio::time::timeout(WAIT, announces.next()).await.expect("announce").expect("msg");
+        let a: Announce = serde_json::from_slice(&m.payload).expect("json");
+        if a.instance == "gw-term" && a.draining {
+            assert!(!a.ready);
+            break;
+        }
+    }
+    let spread = arrivals.iter().max().expect("some") .saturating_sub(*arrivals.iter().min().expect("some"));
+    assert!(spread >= Duration::from_millis(200), "GOAWAYs were not spread: {arrivals:?}");
+    let deadline = Instant::now() + WAIT;
+    let exit = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "gateway did not exit after draining");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exit.success(), "exit status {exit:?}");
+}
