@@ -1,0 +1,316 @@
+//! The NATS side of bridge-api: one client, and the few request shapes the routes need.
+//!
+//! bridge-api keeps no registry of its own. Every answer comes from the gateways over NATS at
+//! request time, which is what lets any number of replicas run side by side. The one thing
+//! remembered is which gateway instances announced themselves recently, and only as a hint for
+//! when a scatter request may stop waiting early.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::connection::State;
+use async_nats::{Client, ConnectOptions, Event, HeaderMap, Message, StatusCode, Subscriber};
+use bytes::Bytes;
+use devgate_gateway::contract::{Announce, GatewayStats, subjects};
+use futures::StreamExt;
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+
+/// How many missed heartbeats make an announced instance count as gone.
+const MISSED_BEATS: u32 = 3;
+
+/// Why a NATS operation did not produce an answer. Routes turn these into HTTP errors, because
+/// what "no responders" means depends on the question (offline device vs. vanished instance).
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// Not connected to NATS when the operation started.
+    #[error("not connected to NATS")]
+    Unavailable,
+    /// The connection dropped while waiting for the answer: the request may or may not have
+    /// reached its target.
+    #[error("the NATS connection was lost mid-request; the outcome is unknown")]
+    LostMidRequest,
+    /// Nobody subscribes to the subject.
+    #[error("no responders")]
+    NoResponders,
+    /// Nobody answered in time.
+    #[error("no answer within {0} ms")]
+    TimedOut(u64),
+    /// The answer is not the expected JSON.
+    #[error("unreadable reply: {0}")]
+    BadReply(String),
+    /// The message exceeds the NATS server's `max_payload`.
+    #[error("message exceeds the NATS server's max_payload")]
+    TooLarge,
+    /// Any other client error.
+    #[error("NATS error: {0}")]
+    Other(String),
+}
+
+/// The shared NATS connection and what bridge-api knows about it.
+#[derive(Clone)]
+pub struct Bus {
+    client: Client,
+    connected: watch::Receiver<bool>,
+    instances: Arc<Instances>,
+}
+
+impl Bus {
+    /// Connects to NATS. Start-up does not wait for the server: the client keeps retrying in the
+    /// background, `/readyz` says "not ready" and requests answer 503 until it is connected. An
+    /// announce listener runs until `shutdown`.
+    pub async fn connect(config: &Config, shutdown: CancellationToken) -> Result<Bus, BusError> {
+        let (tx, connected) = watch::channel(false);
+        let tx = Arc::new(tx);
+        let mut options = ConnectOptions::new()
+            .name("devgate-bridge-api")
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .event_callback(move |event| {
+                let tx = tx.clone();
+                async move {
+                    match event {
+                        Event::Connected => {
+                            tracing::info!("connected to NATS");
+                            tx.send_replace(true);
+                        }
+                        Event::Disconnected | Event::Closed => {
+                            tracing::warn!(%event, "NATS connection lost");
+                            tx.send_replace(false);
+                        }
+                        other => tracing::info!(event = %other, "NATS event"),
+                    }
+                }
+            });
+        if let (Some(user), Some(password)) = (&config.nats_user, &config.nats_password) {
+            options = options.user_and_password(user.clone(), password.expose().to_owned());
+        }
+        let client = options
+            .connect(config.nats_url.as_str())
+            .await
+            .map_err(|e| BusError::Other(e.to_string()))?;
+        let instances = Arc::new(Instances::default());
+        let announces = client
+            .subscribe(subjects::ANNOUNCE)
+            .await
+            .map_err(|e| BusError::Other(e.to_string()))?;
+        tokio::spawn(track_announces(announces, instances.clone(), shutdown));
+        Ok(Bus {
+            client,
+            connected,
+            instances,
+        })
+    }
+
+    /// Whether the client is connected right now (for `/readyz` and pre-send checks).
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == State::Connected
+    }
+
+    /// Fails fast with [`BusError::Unavailable`] instead of letting the client buffer a message
+    /// that may never leave.
+    pub fn ensure_connected(&self) -> Result<(), BusError> {
+        if self.is_connected() {
+            Ok(())
+        } else {
+            Err(BusError::Unavailable)
+        }
+    }
+
+    /// Resolves when the connection drops after this call (not if it is already down).
+    fn connection_lost(&self) -> impl Future<Output = ()> + use<> {
+        let mut rx = self.connected.clone();
+        rx.mark_unchanged();
+        async move {
+            loop {
+                if rx.changed().await.is_err() {
+                    // The client is gone; nothing will ever be lost again.
+                    return futures::future::pending().await;
+                }
+                if !*rx.borrow_and_update() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Sends a request and waits up to `timeout` for the reply, failing fast when NATS is not
+    /// connected or the connection drops mid-request.
+    pub async fn request(
+        &self,
+        subject: String,
+        headers: HeaderMap,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Message, BusError> {
+        self.ensure_connected()?;
+        let lost = self.connection_lost();
+        let request = async_nats::Request::new()
+            .headers(headers)
+            .payload(payload)
+            .timeout(Some(timeout));
+        tokio::select! {
+            reply = self.client.send_request(subject, request) => {
+                reply.map_err(|e| map_request_error(&e, timeout))
+            }
+            () = lost => Err(BusError::LostMidRequest),
+        }
+    }
+
+    /// [`Bus::request`] with a JSON answer.
+    pub async fn request_json<T: DeserializeOwned>(
+        &self,
+        subject: String,
+        headers: HeaderMap,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<T, BusError> {
+        let reply = self.request(subject, headers, payload, timeout).await?;
+        serde_json::from_slice(&reply.payload).map_err(|e| BusError::BadReply(e.to_string()))
+    }
+
+    /// Publishes without waiting for any answer, then flushes so the message has left this
+    /// process before the caller is told `202`.
+    pub async fn publish(
+        &self,
+        subject: String,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<(), BusError> {
+        self.ensure_connected()?;
+        self.client
+            .publish_with_headers(subject, headers, payload)
+            .await
+            .map_err(|e| match e.kind() {
+                async_nats::client::PublishErrorKind::MaxPayloadExceeded => BusError::TooLarge,
+                _ => BusError::Other(e.to_string()),
+            })
+    }
+
+    /// Flushes published messages to the server, waiting at most `timeout`.
+    pub async fn flush(&self, timeout: Duration) -> Result<(), BusError> {
+        let lost = self.connection_lost();
+        tokio::select! {
+            r = tokio::time::timeout(timeout, self.client.flush()) => match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(BusError::Other(e.to_string())),
+                Err(_) => Err(BusError::TimedOut(timeout.as_millis() as u64)),
+            },
+            () = lost => Err(BusError::LostMidRequest),
+        }
+    }
+
+    /// Subscribes to `subject` (for the SSE tail).
+    pub async fn subscribe(&self, subject: String) -> Result<Subscriber, BusError> {
+        self.ensure_connected()?;
+        self.client
+            .subscribe(subject)
+            .await
+            .map_err(|e| BusError::Other(e.to_string()))
+    }
+
+    /// Asks every gateway instance for its [`GatewayStats`] (scatter request on
+    /// `devgate.gateways.stats`) and gathers the answers, sorted by instance id.
+    ///
+    /// Collection stops as soon as every recently announced instance has answered, when NATS
+    /// reports that nobody listens, or after `window`, whichever comes first.
+    pub async fn gateway_stats(&self, window: Duration) -> Result<Vec<GatewayStats>, BusError> {
+        self.ensure_connected()?;
+        let lost = self.connection_lost();
+        tokio::pin!(lost);
+        let inbox = self.client.new_inbox();
+        let mut replies = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| BusError::Other(e.to_string()))?;
+        self.client
+            .publish_with_reply(subjects::STATS, inbox, Bytes::new())
+            .await
+            .map_err(|e| BusError::Other(e.to_string()))?;
+        let expected = self.instances.live();
+        let deadline = tokio::time::Instant::now() + window;
+        let mut seen: BTreeMap<String, GatewayStats> = BTreeMap::new();
+        while expected.is_empty() || !expected.iter().all(|i| seen.contains_key(i)) {
+            let next = tokio::select! {
+                next = tokio::time::timeout_at(deadline, replies.next()) => next,
+                () = &mut lost => return Err(BusError::LostMidRequest),
+            };
+            let message = match next {
+                Ok(Some(m)) => m,
+                Ok(None) | Err(_) => break,
+            };
+            if message.status == Some(StatusCode::NO_RESPONDERS) {
+                break;
+            }
+            match serde_json::from_slice::<GatewayStats>(&message.payload) {
+                Ok(stats) => {
+                    seen.insert(stats.instance.clone(), stats);
+                }
+                Err(error) => tracing::warn!(%error, "ignoring unreadable gateway stats reply"),
+            }
+        }
+        let _ = replies.unsubscribe().await;
+        Ok(seen.into_values().collect())
+    }
+}
+
+fn map_request_error(e: &async_nats::RequestError, timeout: Duration) -> BusError {
+    use async_nats::RequestErrorKind as K;
+    match e.kind() {
+        K::NoResponders => BusError::NoResponders,
+        K::TimedOut => BusError::TimedOut(timeout.as_millis() as u64),
+        K::MaxPayloadExceeded => BusError::TooLarge,
+        K::InvalidSubject | K::Other => BusError::Other(e.to_string()),
+    }
+}
+
+/// Instances seen on `devgate.gateway.announce`, each with the time it expires.
+#[derive(Default)]
+struct Instances {
+    expiry: Mutex<HashMap<String, Instant>>,
+}
+
+impl Instances {
+    fn record(&self, announce: &Announce) {
+        let ttl = Duration::from_millis(announce.heartbeat_ms.max(1)) * MISSED_BEATS;
+        if let Ok(mut map) = self.expiry.lock() {
+            map.insert(announce.instance.clone(), Instant::now() + ttl);
+        }
+    }
+
+    /// Instances whose last announce is recent enough, forgetting the others.
+    fn live(&self) -> HashSet<String> {
+        let now = Instant::now();
+        match self.expiry.lock() {
+            Ok(mut map) => {
+                map.retain(|_, expires| *expires > now);
+                map.keys().cloned().collect()
+            }
+            Err(_) => HashSet::new(),
+        }
+    }
+}
+
+async fn track_announces(
+    mut announces: Subscriber,
+    instances: Arc<Instances>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let message = tokio::select! {
+            m = announces.next() => m,
+            () = shutdown.cancelled() => break,
+        };
+        let Some(message) = message else { break };
+        match serde_json::from_slice::<Announce>(&message.payload) {
+            Ok(announce) => instances.record(&announce),
+            Err(error) => tracing::debug!(%error, "ignoring unreadable announce"),
+        }
+    }
+    let _ = announces.unsubscribe().await;
+}

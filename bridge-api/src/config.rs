@@ -1,0 +1,349 @@
+//! bridge-api configuration: one typed struct, filled from defaults, an optional TOML file, env
+//! vars and flags (in rising precedence), then validated as a whole before anything starts.
+//! Same pattern as the gateway's, so an operator configures both the same way.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use devgate_gateway::codec::DEFAULT_MAX_FRAME_LEN;
+use devgate_gateway::common::{ConfigError, LogFormat, Secret, load_config};
+use serde::{Deserialize, Serialize};
+
+/// Bytes a DOWN frame adds around the payload inside `max_frame_len`: the type byte and the
+/// 4-byte sequence number. The gateway refuses (`failed`/`too_large`) any payload longer than
+/// `max_frame_len - DOWN_FRAME_OVERHEAD`, so bridge-api refuses it first, with a 413.
+pub const DOWN_FRAME_OVERHEAD: usize = 1 + 4;
+
+/// Largest `timeout_ms` a caller may ask for: long enough for a sleepy device to ACK, short
+/// enough that a forgotten request does not hold a connection for ever.
+pub const MAX_TIMEOUT_MS: u64 = 60_000;
+
+/// Everything bridge-api can be told. Field names are the config-file keys; each is also a
+/// `--flag` and a `DEVGATE_*` env var (see [`Cli`]).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// HTTP listener (API and `/healthz`, `/readyz`, `/metrics`).
+    pub listen: SocketAddr,
+    /// NATS server URL(s), comma-separated.
+    pub nats_url: String,
+    /// NATS user (with `nats_password`), for servers with accounts.
+    pub nats_user: Option<String>,
+    /// NATS password.
+    pub nats_password: Option<Secret>,
+    /// Accepted bearer tokens; several allow rotating a token without downtime.
+    pub api_tokens: Vec<Secret>,
+    /// Serve `/v1` without authentication. Only for local runs; logged loudly.
+    pub insecure_no_auth: bool,
+    /// The gateways' `max_frame_len`; payloads longer than this minus
+    /// [`DOWN_FRAME_OVERHEAD`] are refused with 413 before NATS is touched.
+    pub max_frame_len: usize,
+    /// `timeout_ms` used when a request gives none.
+    pub default_timeout_ms: u64,
+    /// Hard cap on any request's handling time, whatever `timeout_ms` says (SSE streams excepted,
+    /// they end when the client leaves).
+    pub request_timeout_ms: u64,
+    /// Most device ids in one `POST /v1/messages`.
+    pub bulk_max_devices: usize,
+    /// Most deliveries of one bulk request in flight at once.
+    pub bulk_concurrency: usize,
+    /// How long a scatter request (`devgate.gateways.stats`) collects answers when not every
+    /// announced instance has answered yet.
+    pub scatter_window_ms: u64,
+    /// Events buffered per SSE client before the oldest-first drop policy kicks in.
+    pub sse_buffer: usize,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            nats_url: "nats://127.0.0.1:4222".into(),
+            nats_user: None,
+            nats_password: None,
+            api_tokens: Vec::new(),
+            insecure_no_auth: false,
+            max_frame_len: DEFAULT_MAX_FRAME_LEN,
+            default_timeout_ms: 5_000,
+            request_timeout_ms: MAX_TIMEOUT_MS + 5_000,
+            bulk_max_devices: 1_000,
+            bulk_concurrency: 64,
+            scatter_window_ms: 300,
+            sse_buffer: 256,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// Same bounds as the gateway's `max_frame_len`, so a value the gateway refuses is refused here.
+const FRAME_LEN_RANGE: std::ops::RangeInclusive<usize> = 64..=(1 << 20) - 4096;
+
+/// Shortest accepted API token: a bearer token is the only thing standing between the internet
+/// and every device, so it must not be guessable.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+impl Config {
+    /// Checks the values together; every problem is reported, not just the first.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        match (self.api_tokens.is_empty(), self.insecure_no_auth) {
+            (true, false) => problems.push(
+                "callers must authenticate: set --api-token (DEVGATE_API_TOKEN), or pass \
+                 --insecure-no-auth to serve the API without authentication"
+                    .to_owned(),
+            ),
+            (false, true) => problems.push(
+                "--api-token and --insecure-no-auth contradict each other; choose one".to_owned(),
+            ),
+            _ => {}
+        }
+        if self
+            .api_tokens
+            .iter()
+            .any(|t| t.expose().len() < MIN_TOKEN_LEN)
+        {
+            problems.push(format!(
+                "every --api-token must be at least {MIN_TOKEN_LEN} characters"
+            ));
+        }
+        if !FRAME_LEN_RANGE.contains(&self.max_frame_len) {
+            problems.push(format!(
+                "max_frame_len {} is outside {}..={}",
+                self.max_frame_len,
+                FRAME_LEN_RANGE.start(),
+                FRAME_LEN_RANGE.end()
+            ));
+        }
+        if self.default_timeout_ms == 0 || self.default_timeout_ms > MAX_TIMEOUT_MS {
+            problems.push(format!(
+                "default_timeout_ms must be within 1..={MAX_TIMEOUT_MS}"
+            ));
+        }
+        if self.request_timeout_ms <= self.default_timeout_ms {
+            problems.push(format!(
+                "request_timeout_ms {} must exceed default_timeout_ms {}",
+                self.request_timeout_ms, self.default_timeout_ms
+            ));
+        }
+        for (name, value) in [
+            ("bulk_max_devices", self.bulk_max_devices as u64),
+            ("bulk_concurrency", self.bulk_concurrency as u64),
+            ("scatter_window_ms", self.scatter_window_ms),
+            ("sse_buffer", self.sse_buffer as u64),
+        ] {
+            if value == 0 {
+                problems.push(format!("{name} must be greater than 0"));
+            }
+        }
+        if self.nats_password.is_some() != self.nats_user.is_some() {
+            problems.push("nats_user and nats_password go together".to_owned());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems.join("; ")))
+        }
+    }
+
+    /// Largest payload one DOWN frame can carry.
+    pub fn max_payload_len(&self) -> usize {
+        self.max_frame_len.saturating_sub(DOWN_FRAME_OVERHEAD)
+    }
+
+    /// `default_timeout_ms` as a duration.
+    pub fn default_timeout(&self) -> Duration {
+        Duration::from_millis(self.default_timeout_ms)
+    }
+
+    /// `request_timeout_ms` as a duration.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    /// `scatter_window_ms` as a duration.
+    pub fn scatter_window(&self) -> Duration {
+        Duration::from_millis(self.scatter_window_ms)
+    }
+}
+
+/// Command line of `devgate-bridge-api`. Every flag is optional and also read from its
+/// `DEVGATE_*` env var; whatever is given overrides the config file.
+#[derive(Debug, Parser, Serialize)]
+#[command(
+    name = "devgate-bridge-api",
+    version,
+    about = "HTTP API that turns curl calls into devgate's NATS traffic"
+)]
+pub struct Cli {
+    /// TOML config file (keys are the flag names with `_` instead of `-`; tokens: `api_tokens`).
+    #[arg(long, env = "DEVGATE_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Print the OpenAPI document this binary serves and exit.
+    #[arg(long)]
+    #[serde(skip)]
+    pub print_openapi: bool,
+    /// HTTP listen address [default: 0.0.0.0:8080].
+    #[arg(long, env = "DEVGATE_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// NATS URL(s), comma-separated [default: nats://127.0.0.1:4222].
+    #[arg(long, env = "DEVGATE_NATS_URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_url: Option<String>,
+    /// NATS user.
+    #[arg(long, env = "DEVGATE_NATS_USER")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_user: Option<String>,
+    /// NATS password.
+    #[arg(long, env = "DEVGATE_NATS_PASSWORD", hide_env_values = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_password: Option<Secret>,
+    /// Accepted bearer token; repeat the flag (or separate with commas) for several.
+    #[arg(
+        long = "api-token",
+        env = "DEVGATE_API_TOKEN",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    #[serde(rename = "api_tokens", skip_serializing_if = "Option::is_none")]
+    pub api_tokens: Option<Vec<Secret>>,
+    /// Serve the API without authentication (local runs only; logged loudly).
+    #[arg(long, env = "DEVGATE_INSECURE_NO_AUTH", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub insecure_no_auth: Option<bool>,
+    /// The gateways' largest frame, in bytes [default: 65536].
+    #[arg(long, env = "DEVGATE_MAX_FRAME_LEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_frame_len: Option<usize>,
+    /// `timeout_ms` when a request gives none [default: 5000].
+    #[arg(long, env = "DEVGATE_DEFAULT_TIMEOUT_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_timeout_ms: Option<u64>,
+    /// Cap on any request's handling time in ms [default: 65000].
+    #[arg(long, env = "DEVGATE_REQUEST_TIMEOUT_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_timeout_ms: Option<u64>,
+    /// Most device ids per bulk request [default: 1000].
+    #[arg(long, env = "DEVGATE_BULK_MAX_DEVICES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bulk_max_devices: Option<usize>,
+    /// Deliveries of one bulk request in flight at once [default: 64].
+    #[arg(long, env = "DEVGATE_BULK_CONCURRENCY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bulk_concurrency: Option<usize>,
+    /// How long gateway lists wait for instances to answer, ms [default: 300].
+    #[arg(long, env = "DEVGATE_SCATTER_WINDOW_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scatter_window_ms: Option<u64>,
+    /// Events buffered per SSE client before dropping [default: 256].
+    #[arg(long, env = "DEVGATE_SSE_BUFFER")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sse_buffer: Option<usize>,
+    /// Log format [default: text].
+    #[arg(long, env = "DEVGATE_LOG_FORMAT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+}
+
+impl Cli {
+    /// Layers defaults, the config file and these flags into a validated [`Config`].
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let config: Config = load_config(self.config.as_deref(), &self)?;
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("devgate-bridge-api").chain(args.iter().copied()))
+            .expect("flags parse")
+    }
+
+    const TOKEN: &str = "0123456789abcdef";
+
+    #[test]
+    fn auth_is_required_unless_insecure_is_explicit() {
+        let err = cli(&[]).into_config().expect_err("no token must fail");
+        assert!(err.to_string().contains("--api-token"), "{err}");
+        let c = cli(&["--insecure-no-auth"])
+            .into_config()
+            .expect("explicit insecure");
+        assert!(c.insecure_no_auth && c.api_tokens.is_empty());
+        let c = cli(&["--api-token", TOKEN, "--api-token", "fedcba9876543210"])
+            .into_config()
+            .expect("two tokens");
+        assert_eq!(c.api_tokens.len(), 2);
+        let err = cli(&["--api-token", TOKEN, "--insecure-no-auth"])
+            .into_config()
+            .expect_err("contradiction");
+        assert!(err.to_string().contains("contradict"), "{err}");
+    }
+
+    #[test]
+    fn defaults_match_the_gateway_frame() {
+        let c = cli(&["--api-token", TOKEN]).into_config().expect("ok");
+        assert_eq!(c.listen.port(), 8080);
+        assert_eq!(c.max_payload_len(), 65536 - 5);
+        assert_eq!(c.default_timeout_ms, 5000);
+    }
+
+    #[test]
+    fn all_problems_are_reported_together() {
+        let err = cli(&[
+            "--api-token",
+            "short",
+            "--max-frame-len",
+            "1",
+            "--bulk-concurrency",
+            "0",
+            "--default-timeout-ms",
+            "70000",
+        ])
+        .into_config()
+        .expect_err("invalid");
+        let msg = err.to_string();
+        for needle in [
+            "at least 16",
+            "max_frame_len",
+            "bulk_concurrency",
+            "default_timeout_ms",
+        ] {
+            assert!(msg.contains(needle), "{needle} missing from {msg}");
+        }
+    }
+
+    #[test]
+    fn file_tokens_and_flags_layer() {
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        std::io::Write::write_all(
+            &mut f,
+            format!("api_tokens = [\"{TOKEN}\"]\nlisten = \"127.0.0.1:9999\"\n").as_bytes(),
+        )
+        .expect("write");
+        let path = f.path().to_str().expect("utf-8 path").to_owned();
+        let c = cli(&["--config", &path, "--listen", "127.0.0.1:1234"])
+            .into_config()
+            .expect("loads");
+        assert_eq!(c.api_tokens.len(), 1);
+        assert_eq!(c.listen.port(), 1234);
+        assert!(!format!("{c:?}").contains(TOKEN), "tokens must not print");
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        std::io::Write::write_all(&mut f, b"api_token = [\"x\"]\n").expect("write");
+        let path = f.path().to_str().expect("utf-8 path").to_owned();
+        let err = cli(&["--config", &path]).into_config().expect_err("typo");
+        assert!(err.to_string().contains("api_token"), "{err}");
+    }
+}
