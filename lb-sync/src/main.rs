@@ -1,4 +1,5 @@
-//! `devgate-lb-sync`: parse the configuration, then run until SIGTERM/SIGINT.
+//! `devgate-lb-sync`: keeps nginx's stream upstream equal to the ready gateway instances.
+//! Configuration comes from flags, `DEVGATE_*` env vars and an optional TOML file.
 
 use clap::Parser;
 use devgate_gateway::common::{init_tracing, shutdown_on_signals};
@@ -6,8 +7,18 @@ use devgate_lb_sync::config::Cli;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = Cli::parse().into_config()?;
+    let config = match Cli::parse().into_config() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("devgate-lb-sync: {error}");
+            std::process::exit(2);
+        }
+    };
     init_tracing(config.log_format);
-    devgate_lb_sync::run(config, shutdown_on_signals()).await?;
+    tracing::info!(config = ?config, "starting devgate-lb-sync");
+    if let Err(error) = devgate_lb_sync::run(config, shutdown_on_signals()).await {
+        eprintln!("devgate-lb-sync: {error}");
+        std::process::exit(1);
+    }
     Ok(())
 }

@@ -4,6 +4,7 @@
 pub mod bins;
 pub mod gateway;
 pub mod nats;
+pub mod nginx;
 
 pub use nats::NatsServer;
 
