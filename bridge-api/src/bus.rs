@@ -213,6 +213,24 @@ impl Bus {
             .map_err(|e| BusError::Other(e.to_string()))
     }
 
+    /// Waits until the NATS server has processed everything this client sent before (a
+    /// subscription in particular), using the contract's barrier subject: the server itself
+    /// answers "no responders" there, after the earlier commands.
+    pub async fn barrier(&self, timeout: Duration) -> Result<(), BusError> {
+        match self
+            .request(
+                subjects::barrier("bridge-api"),
+                HeaderMap::new(),
+                Bytes::new(),
+                timeout,
+            )
+            .await
+        {
+            Ok(_) | Err(BusError::NoResponders) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Asks every gateway instance for its [`GatewayStats`] (scatter request on
     /// `devgate.gateways.stats`) and gathers the answers, sorted by instance id.
     ///

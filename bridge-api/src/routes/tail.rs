@@ -92,6 +92,13 @@ pub async fn tail_device(
         .subscribe(subject.clone())
         .await
         .map_err(bus_error)?;
+    // Answer only once the subscription is live, so everything published after the response
+    // head reaches the client.
+    state
+        .bus
+        .barrier(state.config.default_timeout())
+        .await
+        .map_err(bus_error)?;
     tracing::info!(%subject, "SSE tail started");
     let (tx, rx) = mpsc::channel(state.config.sse_buffer);
     let dropped = Arc::new(AtomicU64::new(0));

@@ -1,0 +1,747 @@
+//! bridge-api end to end: real HTTP (reqwest) -> bridge-api -> real nats-server -> real
+//! in-process gateways -> simulated devices (`DeviceClient`), and back.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Bridge, SseReader, TOKEN, WAIT, assert_error, bridge_config, send};
+use devgate_gateway::client::ClientError;
+use devgate_gateway::codec::GoAwayReason;
+use devgate_gateway::contract::{DeviceId, subjects};
+use devgate_tests::NatsServer;
+use devgate_tests::gateway::{config as gw_config, device, start, start_with};
+use futures::StreamExt;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+#[tokio::test]
+async fn send_answers_sent_and_acked_and_keeps_content_type() {
+    let nats = NatsServer::start();
+    let gw = start(&nats, "gw-1").await;
+    let bridge = Bridge::start(&nats).await;
+    let (mut dev, welcome) = device(&gw, "dev-1").await;
+
+    // A tap on the downlink subject shows what went over NATS.
+    let tap_client = nats.client().await;
+    let mut tap = tap_client
+        .subscribe(subjects::down(&DeviceId::parse("dev-1").expect("id")))
+        .await
+        .expect("tap");
+    tap_client.flush().await.expect("flush");
+
+    let got = send(
+        bridge
+            .req(Method::POST, "/v1/devices/dev-1/messages")
+            .header("content-type", "text/plain")
+            .body("hello"),
+    )
+    .await;
+    assert_eq!(got.0, 200, "{}", got.1);
+    assert_eq!(got.1["status"], "sent");
+    assert_eq!(got.1["gateway"], "gw-1");
+    assert_eq!(got.1["session"], welcome.session.as_str());
+    let (seq, payload) = tokio::time::timeout(WAIT, dev.recv_down())
+        .await
+        .expect("in time")
+        .expect("DOWN");
+    assert_eq!((seq, payload.as_ref()), (0, b"hello".as_ref()));
+    let tapped = tokio::time::timeout(WAIT, tap.next())
+        .await
+        .expect("tap in time")
+        .expect("tapped");
+    let ct = tapped.headers.as_ref().and_then(|h| h.get("Content-Type"));
+    assert_eq!(ct.map(|v| v.as_str()), Some("text/plain"));
+
+    // ack=device: the device ACKs, the answer is `acked`.
+    let request = bridge
+        .req(
+            Method::POST,
+            "/v1/devices/dev-1/messages?ack=device&timeout_ms=5000",
+        )
+        .body(vec![0u8, 159, 146, 150]);
+    let pending = tokio::spawn(send(request));
+    let (seq, payload) = tokio::time::timeout(WAIT, dev.recv_down())
+        .await
+        .expect("in time")
+        .expect("DOWN");
+    assert_eq!(payload.as_ref(), [0u8, 159, 146, 150]);
+    assert_ne!(seq, 0, "a device ack was asked for");
+    dev.ack(seq).await.expect("ack");
+    let got = pending.await.expect("joined");
+    assert_eq!(got.0, 200, "{}", got.1);
+    assert_eq!(got.1["status"], "acked");
+    assert_eq!(got.1["seq"], seq);
+}
+
+#[tokio::test]
+async fn ack_none_is_202_even_for_an_offline_device() {
+    let nats = NatsServer::start();
+    let gw = start(&nats, "gw-1").await;
+    let bridge = Bridge::start(&nats).await;
+    let (mut dev, _) = device(&gw, "dev-1").await;
+
+    let got = bridge
+        .post("/v1/devices/dev-1/messages?ack=none", "fire")
+        .await;
+    assert_eq!(got.0, 202, "{}", got.1);
+    assert_eq!(got.1["status"], "published");
+    let (_, payload) = tokio::time::timeout(WAIT, dev.recv_down())
+        .await
+        .expect("in time")
+        .expect("DOWN");
+    assert_eq!(payload.as_ref(), b"fire");
+
+    // The documented trap: nobody holds dev-2, yet ack=none cannot know.
+    let got = bridge
+        .post("/v1/devices/dev-2/messages?ack=none", "void")
+        .await;
+    assert_eq!(got.0, 202, "{}", got.1);
+}
+
+#[tokio::test]
+async fn offline_device_is_404_at_once_not_a_timeout() {
+    let nats = NatsServer::start();
+    let _gw = start(&nats, "gw-1").await;
+    let bridge = Bridge::start(&nats).await;
+    let started = Instant::now();
+    let got = bridge
+        .post(
+            "/v1/devices/nobody/messages?ack=device&timeout_ms=10000",
+            "x",
+        )
+        .await;
+    assert_error(&got, 404, "device_offline");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "offline took {:?}, must not wait for timeout_ms",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_device_that_never_acks_gives_504() {
+    let nats = NatsServer::start();
+    let gw = start_with(devgate_gateway::config::Config {
+        ack_timeout_ms: 300,
+        ..gw_config(&nats, "gw-1")
+    })
+    .await;
+    let bridge = Bridge::start(&nats).await;
+    let (mut dev, _) = device(&gw, "mute").await;
+
+    // The gateway gives up first: `device_timeout`.
+    let got = bridge
+        .post("/v1/devices/mute/messages?ack=device&timeout_ms=5000", "x")
+        .await;
+    assert_error(&got, 504, "device_timeout");
+    // bridge-api gives up first: `timeout`.
+    let gw2 = start(&nats, "gw-2").await;
+    let (mut dev2, _) = device(&gw2, "mute-2").await;
+    let started = Instant::now();
+    let got = bridge
+        .post("/v1/devices/mute-2/messages?ack=device&timeout_ms=300", "x")
+        .await;
+    assert_error(&got, 504, "timeout");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // Both devices did get the frame; they just never acknowledged it.
+    for d in [&mut dev, &mut dev2] {
+        let (seq, _) = tokio::time::timeout(WAIT, d.recv_down())
+            .await
+            .expect("in time")
+            .expect("DOWN");
+        assert_ne!(seq, 0);
+    }
+}
+
+#[tokio::test]
+async fn payload_limit_matches_the_gateway_frame_exactly() {
+    let nats = NatsServer::start();
+    let gw = start(&nats, "gw-1").await;
+    let bridge = Bridge::start(&nats).await;
+    let (mut dev, _) = device(&gw, "big").await;
+    let max = 65536 - 5;
+
+    let got = bridge
+        .post("/v1/devices/big/messages", vec![7u8; max])
+        .await;
+    assert_eq!(got.0, 200, "the largest frame payload must pass: {}", got.1);
+    let (_, payload) = tokio::time::timeout(WAIT, dev.recv_down())
+        .await
+        .expect("in time")
+        .expect("DOWN");
+    assert_eq!(payload.len(), max);
+
+    let got = bridge
+        .post("/v1/devices/big/messages", vec![7u8; max + 1])
+        .await;
+    assert_error(&got, 413, "payload_too_large");
+
+    // A bridge configured larger than the gateway: the gateway's `too_large` is still a 413.
+    let loose = Bridge::start_with(devgate_bridge_api::config::Config {
+        max_frame_len: 70_000,
+        ..bridge_config(&nats)
+    })
+    .await;
+    let got = loose
+        .post("/v1/devices/big/messages", vec![7u8; max + 1])
+        .await;
+    assert_error(&got, 413, "payload_too_large");
+}
+
+#[tokio::test]
+async fn callers_need_a_valid_bearer_token() {
+    let nats = NatsServer::start();
+    let bridge = Bridge::start(&nats).await;
+    let http = &bridge.http;
+
+    let missing = http
+        .get(bridge.url("/v1/gateways"))
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(missing.status(), 401);
+    assert!(
+        missing
+            .headers()
+            .get("www-authenticate")
+            .is_some_and(|v| v.to_str().unwrap_or("").starts_with("Bearer")),
+        "401 must say how to authenticate"
+    );
+    let body: Value = missing.json().await.expect("json");
+    assert_eq!(body["error"], "unauthorized");
+
+    for bad in ["wrong-token-0123456789", "", TOKEN.get(..10).unwrap_or("x")] {
+        let got = send(http.get(bridge.url("/v1/gateways")).bearer_auth(bad)).await;
+        assert_error(&got, 401, "unauthorized");
+    }
+    let got = send(
+        http.post(bridge.url("/v1/devices/d/messages"))
+            .header("authorization", format!("Basic {TOKEN}")),
+    )
+    .await;
+    assert_error(&got, 401, "unauthorized");
+
+    // Unauthenticated on purpose: probes, metrics and the API description.
+    for path in ["/healthz", "/readyz", "/metrics", "/v1/openapi.json"] {
+        let r = http.get(bridge.url(path)).send().await.expect("http");
+        assert_eq!(r.status(), 200, "{path}");
+    }
+    let doc: Value = http
+        .get(bridge.url("/v1/openapi.json"))
+        .send()
+        .await
+        .expect("http")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        doc,
+        serde_json::to_value(devgate_bridge_api::openapi_document()).expect("json")
+    );
+}
+
+#[tokio::test]
+async fn insecure_mode_serves_without_a_token() {
+    let nats = NatsServer::start();
+    let bridge = Bridge::start_with(devgate_bridge_api::config::Config {
+        api_tokens: vec![],
+        insecure_no_auth: true,
+        ..bridge_config(&nats)
+    })
+    .await;
+    let got = send(bridge.http.get(bridge.url("/v1/gateways"))).await;
+    assert_eq!(got.0, 200, "{}", got.1);
+}
+
+#[tokio::test]
+async fn bad_inputs_get_clear_400s_and_json_404_405() {
+    let nats = NatsServer::start();
+    let bridge = Bridge::start(&nats).await;
+    let long = "a".repeat(129);
+    let cases: Vec<(Method, String, Option<&str>, u16, &str, &str)> = vec![
+        (
+            Method::POST,
+            "/v1/devices/a.b/messages".into(),
+            None,
+            400,
+            "bad_device_id",
+            "'.'",
+        ),
+        (
+            Method::POST,
+            format!("/v1/devices/{long}/messages"),
+            None,
+            400,
+            "bad_device_id",
+            "129",
+        ),
+        (
+            Method::GET,
+            "/v1/devices/a*b".into(),
+            None,
+            400,
+            "bad_device_id",
+            "'*'",
+        ),
+        (
+            Method::DELETE,
+            "/v1/devices/a%20b/session".into(),
+            None,
+            400,
+            "bad_device_id",
+            "' '",
+        ),
+        (
+            Method::GET,
+            "/v1/devices/a.b/messages".into(),
+            None,
+            400,
+            "bad_device_id",
+            "'.'",
+        ),
+        (
+            Method::POST,
+            "/v1/devices/d/messages?ack=maybe".into(),
+            None,
+            400,
+            "bad_request",
+            "ack",
+        ),
+        (
+            Method::POST,
+            "/v1/devices/d/messages?timeout_ms=0".into(),
+            None,
+            400,
+            "bad_request",
+            "timeout_ms",
+        ),
+        (
+            Method::POST,
+            "/v1/devices/d/messages?timeout_ms=60001".into(),
+            None,
+            400,
+            "bad_request",
+            "timeout_ms",
+        ),
+        (
+            Method::POST,
+            "/v1/devices/d/messages?timeout_ms=soon".into(),
+            None,
+            400,
+            "bad_request",
+            "timeout_ms",
+        ),
+        (
+            Method::POST,
+            "/v1/devices/d/messages?bogus=1".into(),
+            None,
+            400,
+            "bad_request",
+            "bogus",
+        ),
+        (
+            Method::POST,
+            "/v1/messages".into(),
+            Some("{not json"),
+            400,
+            "bad_request",
+            "JSON",
+        ),
+        (
+            Method::POST,
+            "/v1/messages".into(),
+            Some(r#"{"device_ids":[],"payload":"x"}"#),
+            400,
+            "bad_request",
+            "empty",
+        ),
+        (
+            Method::POST,
+            "/v1/messages".into(),
+            Some(r#"{"device_ids":["a","a"],"payload":"x"}"#),
+            400,
+            "bad_request",
+            "twice",
+        ),
+        (
+            Method::POST,
+            "/v1/messages".into(),
+            Some(r#"{"device_ids":["a.b"],"payload":"x"}"#),
+            400,
+            "bad_device_id",
+            "a.b",
+        ),
+        (
+            Method::POST,
+            "/v1/messages".into(),
+            Some(r#"{"device_ids":["a"],"payload":"x","payload_base64":"eA=="}"#),
+            400,
+            "bad_request",
+            "exactly one",
+        ),
+        (
+            Method::POST,
+            "/v1/messages".into(),
+            Some(r#"{"device_ids":["a"]}"#),
+            400,
+            "bad_request",
+            "exactly one",
+        ),
+        (
+            Method::POST,
+            "/v1/messages".into(),
+            Some(r#"{"device_ids":["a"],"payload_base64":"%%%"}"#),
+            400,
+            "bad_request",
+            "base64",
+        ),
+        (
+            Method::POST,
+            "/v1/messages".into(),
+            Some(r#"{"device_ids":["a"],"payload":"x","extra":1}"#),
+            400,
+            "bad_request",
+            "extra",
+        ),
+        (
+            Method::GET,
+            "/v1/devices?limit=0".into(),
+            None,
+            400,
+            "bad_request",
+            "limit",
+        ),
+        (
+            Method::GET,
+            "/v1/devices?limit=1001".into(),
+            None,
+            400,
+            "bad_request",
+            "limit",
+        ),
+        (
+            Method::GET,
+            "/v1/devices?cursor=!!".into(),
+            None,
+            400,
+            "bad_request",
+            "cursor",
+        ),
+        (
+            Method::GET,
+            "/v1/nothing-here".into(),
+            None,
+            404,
+            "not_found",
+            "/v1/nothing-here",
+        ),
+        (
+            Method::PUT,
+            "/v1/gateways".into(),
+            None,
+            405,
+            "method_not_allowed",
+            "method",
+        ),
+    ];
+    for (method, path, body, status, code, needle) in cases {
+        let mut req = bridge.req(method.clone(), &path);
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b);
+        }
+        let got = send(req).await;
+        assert_eq!(got.0, status, "{method} {path}: {}", got.1);
+        assert_eq!(got.1["error"], code, "{method} {path}: {}", got.1);
+        let message = got.1["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(needle),
+            "{method} {path}: {message:?} lacks {needle:?}"
+        );
+    }
+    let ids: Vec<String> = (0..1001).map(|i| format!("d{i}")).collect();
+    let got = send(
+        bridge
+            .req(Method::POST, "/v1/messages")
+            .json(&json!({"device_ids": ids, "payload": "x"})),
+    )
+    .await;
+    assert_error(&got, 400, "bad_request");
+    assert!(
+        got.1["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("at most 1000")
+    );
+}
+
+#[tokio::test]
+async fn bulk_send_reports_each_device() {
+    let nats = NatsServer::start();
+    let gw1 = start(&nats, "gw-1").await;
+    let gw2 = start(&nats, "gw-2").await;
+    let bridge = Bridge::start(&nats).await;
+    let (mut a, _) = device(&gw1, "a").await;
+    let (mut b, _) = device(&gw2, "b").await;
+
+    let got = send(
+        bridge
+            .req(Method::POST, "/v1/messages")
+            .json(&json!({"device_ids": ["b", "ghost", "a"], "payload_base64": "AAEC"})),
+    )
+    .await;
+    assert_eq!(got.0, 200, "{}", got.1);
+    assert_eq!(
+        (got.1["succeeded"].as_u64(), got.1["failed"].as_u64()),
+        (Some(2), Some(1))
+    );
+    let r = &got.1["results"];
+    assert_eq!(r[0]["device_id"], "b");
+    assert_eq!(r[0]["http_status"], 200);
+    assert_eq!(r[0]["status"], "sent");
+    assert_eq!(r[0]["gateway"], "gw-2");
+    assert_eq!(r[1]["device_id"], "ghost");
+    assert_eq!(r[1]["http_status"], 404);
+    assert_eq!(r[1]["error"], "device_offline");
+    assert_eq!(r[2]["gateway"], "gw-1");
+    for d in [&mut a, &mut b] {
+        let (_, p) = tokio::time::timeout(WAIT, d.recv_down())
+            .await
+            .expect("in time")
+            .expect("DOWN");
+        assert_eq!(p.as_ref(), [0u8, 1, 2]);
+    }
+
+    let got = send(
+        bridge
+            .req(Method::POST, "/v1/messages?ack=none")
+            .json(&json!({"device_ids": ["a", "b"], "payload": "text"})),
+    )
+    .await;
+    assert_eq!(got.0, 200, "{}", got.1);
+    assert_eq!(got.1["results"][0]["http_status"], 202);
+    assert_eq!(got.1["results"][1]["status"], "published");
+    let (_, p) = tokio::time::timeout(WAIT, a.recv_down())
+        .await
+        .expect("in time")
+        .expect("DOWN");
+    assert_eq!(p.as_ref(), b"text");
+
+    let got = send(
+        bridge
+            .req(Method::POST, "/v1/messages")
+            .json(&json!({"device_ids": ["a"], "payload": "x".repeat(65536 - 4)})),
+    )
+    .await;
+    assert_error(&got, 413, "payload_too_large");
+}
+
+#[tokio::test]
+async fn presence_comes_from_the_holder() {
+    let nats = NatsServer::start();
+    let gw = start(&nats, "gw-7").await;
+    let bridge = Bridge::start(&nats).await;
+    let (_dev, welcome) = device(&gw, "here").await;
+
+    let (status, body) = bridge.get("/v1/devices/here").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["online"], true);
+    assert_eq!(body["gateway"], "gw-7");
+    assert_eq!(body["session"], welcome.session.as_str());
+    assert!(body["since_ms"].as_u64().is_some_and(|t| t > 0));
+    assert!(
+        body["remote_addr"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("127.0.0.1:"))
+    );
+
+    let (status, body) = bridge.get("/v1/devices/away").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({"device_id": "away", "online": false}));
+}
+
+#[tokio::test]
+async fn devices_list_merges_two_gateways_page_by_page() {
+    let nats = NatsServer::start();
+    let gw1 = start(&nats, "gw-1").await;
+    let gw2 = start(&nats, "gw-2").await;
+    let bridge = Bridge::start(&nats).await;
+    let mut held = Vec::new();
+    for (gw, id) in [
+        (&gw1, "d-0"),
+        (&gw2, "d-1"),
+        (&gw1, "d-2"),
+        (&gw2, "d-3"),
+        (&gw1, "d-4"),
+    ] {
+        held.push(device(gw, id).await);
+    }
+
+    let mut seen = Vec::new();
+    let mut path = "/v1/devices?limit=2".to_owned();
+    for page in 0.. {
+        assert!(page < 5, "pagination does not end");
+        let (status, body) = bridge.get(&path).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["count"], 5);
+        let devices = body["devices"].as_array().expect("devices");
+        assert!(devices.len() <= 2);
+        for d in devices {
+            let gw = if d["device_id"]
+                .as_str()
+                .is_some_and(|i| i.ends_with(['1', '3']))
+            {
+                "gw-2"
+            } else {
+                "gw-1"
+            };
+            assert_eq!(d["gateway"], gw, "{d}");
+            seen.push(d["device_id"].as_str().expect("id").to_owned());
+        }
+        match body["next_cursor"].as_str() {
+            Some(c) => path = format!("/v1/devices?limit=2&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["d-0", "d-1", "d-2", "d-3", "d-4"]);
+
+    let (_, body) = bridge.get("/v1/devices").await;
+    assert_eq!(body["devices"].as_array().map(Vec::len), Some(5));
+    assert!(body.get("next_cursor").is_none(), "{body}");
+}
+
+#[tokio::test]
+async fn gateways_list_shows_every_instance() {
+    let nats = NatsServer::start();
+    let bridge = Bridge::start(&nats).await;
+    let (_, body) = bridge.get("/v1/gateways").await;
+    assert_eq!(body, json!({"count": 0, "sessions": 0, "gateways": []}));
+
+    let gw1 = start(&nats, "gw-1").await;
+    let gw2 = start(&nats, "gw-2").await;
+    let _a = device(&gw1, "a").await;
+    let _b = device(&gw2, "b").await;
+    let _c = device(&gw2, "c").await;
+    let (status, body) = bridge.get("/v1/gateways").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["count"], 2);
+    assert_eq!(body["sessions"], 3);
+    assert_eq!(body["gateways"][0]["instance"], "gw-1");
+    assert_eq!(body["gateways"][0]["sessions"], 1);
+    assert_eq!(body["gateways"][1]["instance"], "gw-2");
+    assert_eq!(body["gateways"][1]["sessions"], 2);
+    assert_eq!(body["gateways"][1]["ready"], true);
+    assert_eq!(
+        body["gateways"][1]["advertise_addr"],
+        gw2.device_addr().to_string()
+    );
+}
+
+#[tokio::test]
+async fn kick_sends_goaway_kicked() {
+    let nats = NatsServer::start();
+    let gw = start(&nats, "gw-1").await;
+    let bridge = Bridge::start(&nats).await;
+    let (mut dev, welcome) = device(&gw, "victim").await;
+
+    let got = send(bridge.req(Method::DELETE, "/v1/devices/victim/session")).await;
+    assert_eq!(got.0, 200, "{}", got.1);
+    assert_eq!(
+        got.1,
+        json!({"status": "kicked", "gateway": "gw-1", "session": welcome.session})
+    );
+    match tokio::time::timeout(WAIT, dev.recv_down())
+        .await
+        .expect("in time")
+    {
+        Err(ClientError::GoAway(g)) => assert_eq!(g.reason, GoAwayReason::Kicked),
+        other => panic!("expected GOAWAY kicked, got {other:?}"),
+    }
+    let got = send(bridge.req(Method::DELETE, "/v1/devices/victim/session")).await;
+    assert_error(&got, 404, "device_offline");
+}
+
+#[tokio::test]
+async fn sse_tail_streams_uplink() {
+    let nats = NatsServer::start();
+    let gw = start(&nats, "gw-1").await;
+    let bridge = Bridge::start(&nats).await;
+    let (mut dev, welcome) = device(&gw, "talker").await;
+    let (mut other, _) = device(&gw, "other").await;
+
+    let one = bridge
+        .req(Method::GET, "/v1/devices/talker/messages")
+        .send()
+        .await
+        .expect("sse");
+    assert_eq!(one.status(), 200);
+    assert!(
+        one.headers()["content-type"]
+            .to_str()
+            .unwrap_or("")
+            .starts_with("text/event-stream")
+    );
+    let all = bridge
+        .req(Method::GET, "/v1/devices/-/messages")
+        .send()
+        .await
+        .expect("sse");
+    let (mut one, mut all) = (SseReader::new(one), SseReader::new(all));
+
+    other
+        .send_up(0, "not for the one-device tail")
+        .await
+        .expect("up");
+    dev.send_up(1, "hello\nworld").await.expect("up");
+    dev.send_up(2, vec![0xffu8, 0x00]).await.expect("up");
+
+    let (name, data) = one.next_json().await;
+    assert_eq!(name, "up");
+    assert_eq!(data["device_id"], "talker");
+    assert_eq!(data["payload"], "hello\nworld");
+    assert_eq!(data["encoding"], "utf8");
+    assert_eq!(data["seq"], 1);
+    assert_eq!(data["gateway"], "gw-1");
+    assert_eq!(data["session"], welcome.session.as_str());
+    let (name, data) = one.next_json().await;
+    assert_eq!(name, "up_base64");
+    assert_eq!(
+        (data["encoding"].as_str(), data["payload"].as_str()),
+        (Some("base64"), Some("/wA="))
+    );
+
+    let mut from = Vec::new();
+    for _ in 0..3 {
+        let (_, data) = all.next_json().await;
+        from.push(data["device_id"].as_str().expect("id").to_owned());
+    }
+    assert_eq!(from, ["other", "talker", "talker"]);
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_route_and_status() {
+    let nats = NatsServer::start();
+    let _gw = start(&nats, "gw-1").await;
+    let bridge = Bridge::start(&nats).await;
+    let _ = bridge.post("/v1/devices/ghost-1/messages", "x").await;
+    let _ = bridge.post("/v1/devices/ghost-2/messages", "x").await;
+    let text = bridge
+        .http
+        .get(bridge.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let line = text
+        .lines()
+        .find(|l| {
+            l.starts_with("devgate_bridge_http_requests_total{")
+                && l.contains(r#"route="/v1/devices/{id}/messages""#)
+                && l.contains(r#"status="404""#)
+        })
+        .unwrap_or_else(|| panic!("no 404 counter for the route in:\n{text}"));
+    assert!(line.ends_with(" 2"), "{line}");
+    assert!(text.contains("devgate_bridge_http_request_duration_seconds_bucket"));
+}
