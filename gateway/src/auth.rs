@@ -67,7 +67,11 @@ mod tests {
         let auth = DeviceAuth::Hmac(secret.clone());
         let token = device_token(&secret, "dev-1");
         assert_eq!(token.len(), 64);
-        assert!(token.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert!(
+            token
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
         assert!(auth.verify("dev-1", &token));
         assert!(!auth.verify("dev-2", &token));
         assert!(!auth.verify("dev-1", &device_token(&Secret::new("other"), "dev-1")));
@@ -81,7 +85,10 @@ mod tests {
         // RFC 4231-style check against an independently computed value:
         // python3 -c "import hmac,hashlib;print(hmac.new(b'key',b'The quick brown fox jumps over the lazy dog',hashlib.sha256).hexdigest())"
         assert_eq!(
-            device_token(&Secret::new("key"), "The quick brown fox jumps over the lazy dog"),
+            device_token(
+                &Secret::new("key"),
+                "The quick brown fox jumps over the lazy dog"
+            ),
             "f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8"
         );
     }

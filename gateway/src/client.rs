@@ -57,7 +57,11 @@ impl DeviceClient {
             token: token.to_owned(),
             metadata: Default::default(),
         };
-        Self::connect_with(TcpStream::connect(addr).await.map_err(CodecError::from)?, &hello).await
+        Self::connect_with(
+            TcpStream::connect(addr).await.map_err(CodecError::from)?,
+            &hello,
+        )
+        .await
     }
 
     /// Logs in over an existing stream (e.g. one that already sent a PROXY header).
@@ -86,7 +90,11 @@ impl DeviceClient {
     }
 
     /// Sends `UP(seq, payload)`; `seq` 0 asks for no ACK.
-    pub async fn send_up(&mut self, seq: u32, payload: impl Into<Bytes>) -> Result<(), ClientError> {
+    pub async fn send_up(
+        &mut self,
+        seq: u32,
+        payload: impl Into<Bytes>,
+    ) -> Result<(), ClientError> {
         self.send(Frame::Up {
             seq,
             payload: payload.into(),
@@ -149,6 +157,9 @@ pub fn into_error(frame: Frame) -> ClientError {
     }
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(frame: &'static str, body: &[u8]) -> Result<T, ClientError> {
+fn parse_json<T: serde::de::DeserializeOwned>(
+    frame: &'static str,
+    body: &[u8],
+) -> Result<T, ClientError> {
     serde_json::from_slice(body).map_err(|source| ClientError::Json { frame, source })
 }

@@ -489,7 +489,11 @@ mod tests {
             }
             other => panic!("expected FrameTooLarge, got {other:?}"),
         }
-        assert_eq!(buf.capacity(), cap_before, "no allocation from the length field");
+        assert_eq!(
+            buf.capacity(),
+            cap_before,
+            "no allocation from the length field"
+        );
     }
 
     #[test]

@@ -147,7 +147,10 @@ pub fn ops_router(registry: Arc<Registry>, ready: ReadinessProbe) -> Router {
                 async move {
                     match ready() {
                         Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
-                        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+                        Err(why) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not ready: {why}\n"),
+                        ),
                     }
                 }
             }),
@@ -173,9 +176,11 @@ fn render_metrics(registry: &Registry) -> axum::response::Response {
             body,
         )
             .into_response(),
-        Err(error) => {
-            (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {error}\n")).into_response()
-        }
+        Err(error) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding metrics: {error}\n"),
+        )
+            .into_response(),
     }
 }
 
@@ -275,8 +280,8 @@ mod tests {
     #[test]
     fn unknown_keys_are_refused_with_their_name() {
         let f = file("prot = 5\n");
-        let err = load_config::<Demo, _>(Some(&f.0), &DemoFlags::default())
-            .expect_err("typo must fail");
+        let err =
+            load_config::<Demo, _>(Some(&f.0), &DemoFlags::default()).expect_err("typo must fail");
         assert!(err.to_string().contains("prot"), "{err}");
     }
 

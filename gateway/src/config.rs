@@ -227,7 +227,11 @@ fn default_instance_id() -> String {
 /// Command line of `devgate-gateway`. Every flag is optional and also read from its `DEVGATE_*`
 /// env var; whatever is given overrides the config file.
 #[derive(Debug, Parser, Serialize)]
-#[command(name = "devgate-gateway", version, about = "Device connection gateway routed over NATS")]
+#[command(
+    name = "devgate-gateway",
+    version,
+    about = "Device connection gateway routed over NATS"
+)]
 pub struct Cli {
     /// TOML config file (keys are the flag names with `_` instead of `-`).
     #[arg(long, env = "DEVGATE_CONFIG")]
@@ -349,26 +353,44 @@ mod tests {
     fn auth_is_required_unless_insecure_is_explicit() {
         let err = cli(&[]).into_config().expect_err("no auth must fail");
         assert!(err.to_string().contains("--auth-secret"), "{err}");
-        let c = cli(&["--insecure-no-auth"]).into_config().expect("explicit insecure");
+        let c = cli(&["--insecure-no-auth"])
+            .into_config()
+            .expect("explicit insecure");
         assert!(matches!(c.device_auth(), DeviceAuth::Insecure));
-        let c = cli(&["--auth-secret", "0123456789abcdef"]).into_config().expect("secret");
+        let c = cli(&["--auth-secret", "0123456789abcdef"])
+            .into_config()
+            .expect("secret");
         assert!(matches!(c.device_auth(), DeviceAuth::Hmac(_)));
     }
 
     #[test]
     fn all_problems_are_reported_together() {
-        let err = cli(&["--max-frame-len", "1", "--heartbeat-s", "0", "--instance-id", "a.b"])
-            .into_config()
-            .expect_err("invalid");
+        let err = cli(&[
+            "--max-frame-len",
+            "1",
+            "--heartbeat-s",
+            "0",
+            "--instance-id",
+            "a.b",
+        ])
+        .into_config()
+        .expect_err("invalid");
         let msg = err.to_string();
-        for needle in ["--auth-secret", "max_frame_len", "heartbeat_s", "instance_id"] {
+        for needle in [
+            "--auth-secret",
+            "max_frame_len",
+            "heartbeat_s",
+            "instance_id",
+        ] {
             assert!(msg.contains(needle), "{needle} missing from {msg}");
         }
     }
 
     #[test]
     fn secret_is_masked_in_debug() {
-        let c = cli(&["--auth-secret", "super-secret-value-123"]).into_config().expect("ok");
+        let c = cli(&["--auth-secret", "super-secret-value-123"])
+            .into_config()
+            .expect("ok");
         assert!(!format!("{c:?}").contains("super-secret-value-123"));
     }
 

@@ -47,7 +47,10 @@ impl Conn {
     pub fn new(stream: TcpStream, codec: FrameCodec, leftover: BytesMut) -> Self {
         Conn {
             stream,
-            reader: FrameReader { codec, buf: leftover },
+            reader: FrameReader {
+                codec,
+                buf: leftover,
+            },
             writer: FrameWriter {
                 codec,
                 buf: BytesMut::new(),

@@ -419,7 +419,10 @@ mod tests {
         assert!(DeviceId::parse("sensor-01_A").is_ok());
         assert!(DeviceId::parse(&"a".repeat(128)).is_ok());
         assert_eq!(DeviceId::parse(""), Err(IdError::Empty));
-        assert_eq!(DeviceId::parse(&"a".repeat(129)), Err(IdError::TooLong(129)));
+        assert_eq!(
+            DeviceId::parse(&"a".repeat(129)),
+            Err(IdError::TooLong(129))
+        );
         for bad in ["a.b", "a*", ">", "a b", "dev\n", "é"] {
             assert!(
                 matches!(DeviceId::parse(bad), Err(IdError::BadChar(_))),

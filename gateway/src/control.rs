@@ -105,7 +105,10 @@ fn session_page(shared: &Shared, payload: &[u8]) -> Bytes {
     };
     match request {
         Ok(req) => {
-            let limit = req.limit.unwrap_or(MAX_SESSION_PAGE).clamp(1, MAX_SESSION_PAGE);
+            let limit = req
+                .limit
+                .unwrap_or(MAX_SESSION_PAGE)
+                .clamp(1, MAX_SESSION_PAGE);
             let (page, next_after) = shared.registry.page(req.after.as_deref(), limit);
             json(&SessionList {
                 instance: shared.instance.clone(),

@@ -141,7 +141,11 @@ impl Metrics {
         );
 
         let frames = Family::<FrameLabels, Counter>::default();
-        reg.register("frames", "Protocol frames by direction and type", frames.clone());
+        reg.register(
+            "frames",
+            "Protocol frames by direction and type",
+            frames.clone(),
+        );
         let frame_handles = |direction: &'static str| {
             FRAME_TYPES.map(|(_, name)| {
                 frames
@@ -157,8 +161,12 @@ impl Metrics {
 
         let bytes = Family::<DirectionLabels, Counter>::default();
         reg.register("bytes", "Device socket bytes by direction", bytes.clone());
-        let bytes_in = bytes.get_or_create(&DirectionLabels { direction: "in" }).clone();
-        let bytes_out = bytes.get_or_create(&DirectionLabels { direction: "out" }).clone();
+        let bytes_in = bytes
+            .get_or_create(&DirectionLabels { direction: "in" })
+            .clone();
+        let bytes_out = bytes
+            .get_or_create(&DirectionLabels { direction: "out" })
+            .clone();
 
         let errors_family = Family::<CodeLabels, Counter>::default();
         reg.register(
@@ -174,14 +182,15 @@ impl Metrics {
                 .clone()
         });
 
-        let outcome_family = |reg: &mut Registry, name: &str, help: &str, outcomes: &[&'static str]| {
-            let fam = Family::<OutcomeLabels, Counter>::default();
-            reg.register(name, help, fam.clone());
-            outcomes
-                .iter()
-                .map(|o| fam.get_or_create(&OutcomeLabels { outcome: o }).clone())
-                .collect::<Vec<_>>()
-        };
+        let outcome_family =
+            |reg: &mut Registry, name: &str, help: &str, outcomes: &[&'static str]| {
+                let fam = Family::<OutcomeLabels, Counter>::default();
+                reg.register(name, help, fam.clone());
+                outcomes
+                    .iter()
+                    .map(|o| fam.get_or_create(&OutcomeLabels { outcome: o }).clone())
+                    .collect::<Vec<_>>()
+            };
         let down = outcome_family(
             reg,
             "downlink_messages",

@@ -120,7 +120,7 @@ fn parse_v2(buf: &[u8]) -> Result<Parsed, ProxyError> {
     }
     let addr = &buf[16..16 + len];
     let source = match (ver_cmd & 0x0f, family) {
-        (0x0, _) => None,                      // LOCAL: a health check from the balancer
+        (0x0, _) => None, // LOCAL: a health check from the balancer
         (0x1, 0x11) if len >= 12 => Some(SocketAddr::new(
             IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3])),
             u16::from_be_bytes([addr[8], addr[9]]),
@@ -135,7 +135,11 @@ fn parse_v2(buf: &[u8]) -> Result<Parsed, ProxyError> {
         }
         (0x1, 0x11 | 0x21) => return Err(ProxyError::Malformed("v2 address block too short")),
         (0x1, _) => None, // UNSPEC / unix sockets: no usable IP
-        _ => return Err(ProxyError::Malformed("v2 command is neither LOCAL nor PROXY")),
+        _ => {
+            return Err(ProxyError::Malformed(
+                "v2 command is neither LOCAL nor PROXY",
+            ));
+        }
     };
     Ok(Parsed::Header {
         len: 16 + len,
@@ -192,24 +196,36 @@ mod tests {
         let h = b"PROXY TCP6 2001:db8::1 ::1 4000 7000\r\n";
         assert!(matches!(
             parse(h).expect("valid"),
-            Parsed::Header { source: Some(SocketAddr::V6(_)), .. }
+            Parsed::Header {
+                source: Some(SocketAddr::V6(_)),
+                ..
+            }
         ));
         assert_eq!(
             parse(b"PROXY UNKNOWN\r\n").expect("valid"),
-            Parsed::Header { len: 15, source: None }
+            Parsed::Header {
+                len: 15,
+                source: None
+            }
         );
     }
 
     #[test]
     fn v1_incomplete_and_bad() {
         assert_eq!(parse(b"PRO").expect("prefix"), Parsed::Incomplete);
-        assert_eq!(parse(b"PROXY TCP4 1.2.3.4").expect("prefix"), Parsed::Incomplete);
+        assert_eq!(
+            parse(b"PROXY TCP4 1.2.3.4").expect("prefix"),
+            Parsed::Incomplete
+        );
         for bad in [
             &b"PROXY TCP4 1.2.3.4 5.6.7.8 x 1\r\n"[..],
             b"PROXY TCP4 ::1 ::1 1 1\r\n",
             b"PROXY TCP9 1.2.3.4 5.6.7.8 1 1\r\n",
         ] {
-            assert!(matches!(parse(bad), Err(ProxyError::Malformed(_))), "{bad:?}");
+            assert!(
+                matches!(parse(bad), Err(ProxyError::Malformed(_))),
+                "{bad:?}"
+            );
         }
         let long = [b"PROXY ".as_slice(), &[b'1'; 200]].concat();
         assert!(matches!(parse(&long), Err(ProxyError::Malformed(_))));
@@ -223,7 +239,11 @@ mod tests {
 
     #[test]
     fn v2_ipv4_ipv6_local() {
-        let h = v2(1, 0x11, &[203, 0, 113, 9, 10, 0, 0, 1, 0x1f, 0x90, 0x1b, 0x58]);
+        let h = v2(
+            1,
+            0x11,
+            &[203, 0, 113, 9, 10, 0, 0, 1, 0x1f, 0x90, 0x1b, 0x58],
+        );
         assert_eq!(
             parse(&h).expect("valid"),
             Parsed::Header {
@@ -244,11 +264,20 @@ mod tests {
         );
         assert_eq!(
             parse(&v2(0, 0, &[])).expect("valid"),
-            Parsed::Header { len: 16, source: None }
+            Parsed::Header {
+                len: 16,
+                source: None
+            }
         );
         assert_eq!(parse(&h[..20]).expect("partial"), Parsed::Incomplete);
-        assert!(matches!(parse(&v2(1, 0x11, &[1, 2])), Err(ProxyError::Malformed(_))));
-        assert!(matches!(parse(&v2(7, 0x11, &[0; 12])), Err(ProxyError::Malformed(_))));
+        assert!(matches!(
+            parse(&v2(1, 0x11, &[1, 2])),
+            Err(ProxyError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse(&v2(7, 0x11, &[0; 12])),
+            Err(ProxyError::Malformed(_))
+        ));
     }
 
     #[tokio::test]

@@ -136,7 +136,9 @@ mod tests {
     fn insert_returns_the_displaced_session() {
         let r = Registry::default();
         assert!(r.insert(id("d"), entry("s1", true, "d")).is_none());
-        let old = r.insert(id("d"), entry("s2", false, "d")).expect("displaced");
+        let old = r
+            .insert(id("d"), entry("s2", false, "d"))
+            .expect("displaced");
         assert_eq!(old.session, "s1");
         // The displaced session's cleanup must not remove its successor.
         r.remove(&id("d"), "s1");
@@ -148,7 +150,13 @@ mod tests {
     #[test]
     fn pages_are_sorted_and_only_list_welcomed_sessions() {
         let r = Registry::default();
-        for (d, w) in [("c", true), ("a", true), ("b", false), ("d", true), ("e", true)] {
+        for (d, w) in [
+            ("c", true),
+            ("a", true),
+            ("b", false),
+            ("d", true),
+            ("e", true),
+        ] {
             r.insert(id(d), entry(&format!("s-{d}"), w, d));
         }
         assert_eq!(r.welcomed(), 4);

@@ -100,12 +100,13 @@ impl Gateway {
         config: Config,
         parent: CancellationToken,
     ) -> Result<Gateway, GatewayError> {
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| GatewayError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| GatewayError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
         let http = TcpListener::bind(config.http_listen)
             .await
             .map_err(|source| GatewayError::Bind {

@@ -218,7 +218,10 @@ async fn handshake(
     let Frame::Hello(body) = frame else {
         return Err(Some(Refusal::new(
             ErrorCode::ProtocolViolation,
-            format!("the first frame must be HELLO, got {}", frame.name().to_uppercase()),
+            format!(
+                "the first frame must be HELLO, got {}",
+                frame.name().to_uppercase()
+            ),
         )));
     };
     let hello: Hello = serde_json::from_slice(&body).map_err(|e| {
@@ -296,7 +299,11 @@ fn control_op(msg: &Message) -> Option<Result<ControlOp, String>> {
     Some(ControlOp::from_token(value.as_str()).ok_or_else(|| value.as_str().to_owned()))
 }
 
-async fn claim_round(shared: &Shared, down: &Subject, key: &ClaimKey) -> Result<ClaimRound, Refusal> {
+async fn claim_round(
+    shared: &Shared,
+    down: &Subject,
+    key: &ClaimKey,
+) -> Result<ClaimRound, Refusal> {
     let request = shared.bus.client().request_with_headers(
         down.clone(),
         headers::control(ControlOp::Claim),
@@ -312,7 +319,9 @@ async fn claim_round(shared: &Shared, down: &Subject, key: &ClaimKey) -> Result<
                 Ok(ClaimRound::Released)
             }
         },
-        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(ClaimRound::Clear),
+        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+            Ok(ClaimRound::Clear)
+        }
         Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::TimedOut => Ok(ClaimRound::Clear),
         Err(_) => {
             // A holder that does not answer within the claim timeout is partitioned or hung:
@@ -366,7 +375,12 @@ async fn login_and_run(
     if let Some(old) = displaced {
         shared.metrics.takeovers.inc();
         let (done, released) = oneshot::channel();
-        if old.commands.send(SessionCommand::Release { done }).await.is_ok() {
+        if old
+            .commands
+            .send(SessionCommand::Release { done })
+            .await
+            .is_ok()
+        {
             let _ = tokio::time::timeout(
                 Duration::from_millis(shared.config.claim_timeout_ms),
                 released,
@@ -600,7 +614,11 @@ async fn hand_off(shared: &Shared, sub: &mut Subscriber, mut early: Vec<Message>
                     .publish_with_reply_and_headers(msg.subject, reply, headers, msg.payload)
                     .await
             }
-            None => client.publish_with_headers(msg.subject, headers, msg.payload).await,
+            None => {
+                client
+                    .publish_with_headers(msg.subject, headers, msg.payload)
+                    .await
+            }
         };
     }
 }
@@ -651,6 +669,36 @@ fn poll_uplink(
 }
 
 impl Session {
+    fn presence_info(&self) -> PresenceInfo {
+        PresenceInfo {
+            device_id: self.id.clone(),
+            gateway: self.shared.instance.clone(),
+            session: self.session.clone(),
+            since_ms: self.since_ms,
+            remote_addr: self.remote_addr.clone(),
+            metadata: self.metadata.clone(),
+        }
+    }
+
+    fn kicked(&self) -> KickReply {
+        KickReply {
+            status: "kicked".into(),
+            gateway: self.shared.instance.clone(),
+            session: self.session.clone(),
+        }
+    }
+
+    /// What this session answers a claim with once it has let go.
+    fn released(&self) -> ClaimReply {
+        ClaimReply::Released {
+            key: ClaimKey {
+                login_ns: 0,
+                gateway: self.shared.instance.clone(),
+                session: self.session.clone(),
+            },
+        }
+    }
+
     fn idle_limit(&self) -> Duration {
         self.shared.config.heartbeat() * 3
     }
@@ -743,7 +791,9 @@ impl Session {
 
     /// Queues a frame to the device.
     fn send(&mut self, frame: Frame) -> Result<(), End> {
-        self.shared.metrics.frame_out(frame.kind(), frame.wire_len());
+        self.shared
+            .metrics
+            .frame_out(frame.kind(), frame.wire_len());
         self.conn
             .writer
             .queue(frame)
@@ -757,7 +807,13 @@ impl Session {
         }
     }
 
-    async fn reply_delivery(&self, to: Subject, status: DeliveryStatus, seq: u32, reason: Option<&str>) {
+    async fn reply_delivery(
+        &self,
+        to: Subject,
+        status: DeliveryStatus,
+        seq: u32,
+        reason: Option<&str>,
+    ) {
         let body = delivery_reply(&self.shared, &self.session, status, seq, reason);
         self.reply(to, body).await;
     }
@@ -765,10 +821,15 @@ impl Session {
     /// Answers `sent` for every request whose DOWN frame has fully reached the socket.
     async fn resolve_sent(&mut self) {
         let written = self.conn.writer.written();
-        while self.sent_waiters.front().is_some_and(|(end, _)| *end <= written) {
+        while self
+            .sent_waiters
+            .front()
+            .is_some_and(|(end, _)| *end <= written)
+        {
             if let Some((_, reply)) = self.sent_waiters.pop_front() {
                 self.shared.metrics.downlink(Downlink::Sent);
-                self.reply_delivery(reply, DeliveryStatus::Sent, 0, None).await;
+                self.reply_delivery(reply, DeliveryStatus::Sent, 0, None)
+                    .await;
             }
         }
     }
@@ -778,15 +839,7 @@ impl Session {
             None => self.on_downlink(msg).await,
             Some(Ok(ControlOp::Presence)) => {
                 if let Some(reply) = msg.reply {
-                    let info = PresenceInfo {
-                        device_id: self.id.clone(),
-                        gateway: self.shared.instance.clone(),
-                        session: self.session.clone(),
-                        since_ms: self.since_ms,
-                        remote_addr: self.remote_addr.clone(),
-                        metadata: self.metadata.clone(),
-                    };
-                    self.reply(reply, json_bytes(&info)).await;
+                    self.reply(reply, json_bytes(&self.presence_info())).await;
                 }
                 Ok(())
             }
@@ -794,12 +847,7 @@ impl Session {
                 tracing::info!(device_id = %self.id, session = %self.session, "kicked");
                 let end = self.release(GoAwayReason::Kicked).await;
                 if let Some(reply) = msg.reply {
-                    let body = json_bytes(&KickReply {
-                        status: "kicked".into(),
-                        gateway: self.shared.instance.clone(),
-                        session: self.session.clone(),
-                    });
-                    self.reply(reply, body).await;
+                    self.reply(reply, json_bytes(&self.kicked())).await;
                 }
                 Err(end)
             }
@@ -807,14 +855,7 @@ impl Session {
                 // A welcomed holder always yields: the claimant logged in later.
                 let end = self.release(GoAwayReason::Replaced).await;
                 if let Some(reply) = msg.reply {
-                    let body = json_bytes(&ClaimReply::Released {
-                        key: ClaimKey {
-                            login_ns: 0,
-                            gateway: self.shared.instance.clone(),
-                            session: self.session.clone(),
-                        },
-                    });
-                    self.reply(reply, body).await;
+                    self.reply(reply, json_bytes(&self.released())).await;
                 }
                 Err(end)
             }
@@ -836,11 +877,15 @@ impl Session {
     async fn on_downlink(&mut self, msg: Message) -> Result<(), End> {
         let payload_limit = self.shared.codec.max_frame_len() - 5;
         if msg.payload.len() > payload_limit {
-            let reason = format!("too_large: payload of {} bytes exceeds {payload_limit}", msg.payload.len());
+            let reason = format!(
+                "too_large: payload of {} bytes exceeds {payload_limit}",
+                msg.payload.len()
+            );
             match msg.reply {
                 Some(reply) => {
                     self.shared.metrics.downlink(Downlink::Failed);
-                    self.reply_delivery(reply, DeliveryStatus::Failed, 0, Some("too_large")).await;
+                    self.reply_delivery(reply, DeliveryStatus::Failed, 0, Some("too_large"))
+                        .await;
                 }
                 None => self.shared.metrics.downlink(Downlink::Dropped),
             }
@@ -848,7 +893,8 @@ impl Session {
             return Ok(());
         }
         let wire_len = 9 + msg.payload.len();
-        let queue_full = self.conn.writer.pending() + wire_len > self.shared.config.session_queue_bytes;
+        let queue_full =
+            self.conn.writer.pending() + wire_len > self.shared.config.session_queue_bytes;
         let wants_device_ack = msg.reply.is_some()
             && msg
                 .headers
@@ -860,8 +906,13 @@ impl Session {
             return match msg.reply {
                 Some(reply) => {
                     self.shared.metrics.downlink(Downlink::Busy);
-                    let why = if queue_full { "queue_full" } else { "too_many_unacked" };
-                    self.reply_delivery(reply, DeliveryStatus::Busy, 0, Some(why)).await;
+                    let why = if queue_full {
+                        "queue_full"
+                    } else {
+                        "too_many_unacked"
+                    };
+                    self.reply_delivery(reply, DeliveryStatus::Busy, 0, Some(why))
+                        .await;
                     Ok(())
                 }
                 None => {
@@ -876,7 +927,11 @@ impl Session {
                 }
             };
         }
-        let seq = if wants_device_ack { self.allocate_seq() } else { 0 };
+        let seq = if wants_device_ack {
+            self.allocate_seq()
+        } else {
+            0
+        };
         self.send(Frame::Down {
             seq,
             payload: msg.payload,
@@ -939,7 +994,8 @@ impl Session {
             Frame::Ack(seq) => {
                 if let Some(reply) = self.acks.remove(&seq) {
                     self.shared.metrics.downlink(Downlink::Acked);
-                    self.reply_delivery(reply, DeliveryStatus::Acked, seq, None).await;
+                    self.reply_delivery(reply, DeliveryStatus::Acked, seq, None)
+                        .await;
                 }
                 Ok(())
             }
@@ -951,7 +1007,10 @@ impl Session {
             ))),
             other => Err(End::Error(Refusal::new(
                 ErrorCode::ProtocolViolation,
-                format!("{} is a gateway-to-device frame", other.name().to_uppercase()),
+                format!(
+                    "{} is a gateway-to-device frame",
+                    other.name().to_uppercase()
+                ),
             ))),
         }
     }
@@ -965,8 +1024,13 @@ impl Session {
             self.ack_deadlines.pop_front();
             if let Some(reply) = self.acks.remove(&seq) {
                 self.shared.metrics.downlink(Downlink::Timeout);
-                self.reply_delivery(reply, DeliveryStatus::Timeout, seq, Some("device_did_not_ack"))
-                    .await;
+                self.reply_delivery(
+                    reply,
+                    DeliveryStatus::Timeout,
+                    seq,
+                    Some("device_did_not_ack"),
+                )
+                .await;
             }
         }
         if now >= self.last_frame + self.idle_limit() {
@@ -996,29 +1060,30 @@ impl Session {
             tracing::warn!(device_id = %self.id, error = %e, "could not drain the subscription");
         }
         let limit = Duration::from_millis(self.shared.config.claim_timeout_ms);
-        loop {
-            match tokio::time::timeout(limit, self.sub.next()).await {
-                Ok(Some(msg)) => match control_op(&msg) {
-                    // Already letting go: further claims just hear so.
-                    Some(Ok(ControlOp::Claim)) | Some(Ok(ControlOp::Kick)) => {
-                        if let Some(reply) = msg.reply {
-                            let body = json_bytes(&ClaimReply::Released {
-                                key: ClaimKey {
-                                    login_ns: 0,
-                                    gateway: self.shared.instance.clone(),
-                                    session: self.session.clone(),
-                                },
-                            });
-                            self.reply(reply, body).await;
-                        }
+        while let Ok(Some(msg)) = tokio::time::timeout(limit, self.sub.next()).await {
+            match control_op(&msg) {
+                // Already letting go: further claims and kicks just hear so.
+                Some(Ok(ControlOp::Claim)) => {
+                    if let Some(reply) = msg.reply {
+                        self.reply(reply, json_bytes(&self.released())).await;
                     }
-                    _ => {
-                        // Overflow here ends the session anyway; what matters is every request
-                        // still gets its answer, which `on_downlink` guarantees.
-                        let _ = self.on_downlink(msg).await;
+                }
+                Some(Ok(ControlOp::Kick)) => {
+                    if let Some(reply) = msg.reply {
+                        self.reply(reply, json_bytes(&self.kicked())).await;
                     }
-                },
-                Ok(None) | Err(_) => break,
+                }
+                Some(Ok(ControlOp::Presence)) => {
+                    if let Some(reply) = msg.reply {
+                        self.reply(reply, json_bytes(&self.presence_info())).await;
+                    }
+                }
+                Some(Err(_)) => {}
+                None => {
+                    // Overflow here ends the session anyway; what matters is every request
+                    // still gets its answer, which `on_downlink` guarantees.
+                    let _ = self.on_downlink(msg).await;
+                }
             }
         }
         let mut frame = goaway_frame(&self.shared, reason);
@@ -1049,7 +1114,9 @@ impl Session {
             self.shared.metrics.error(r.code);
             tracing::info!(device_id = %self.id, session = %self.session, code = r.code.as_str(), message = %r.message, "closing session");
             let frame = r.frame();
-            self.shared.metrics.frame_out(frame.kind(), frame.wire_len());
+            self.shared
+                .metrics
+                .frame_out(frame.kind(), frame.wire_len());
             self.conn.close_with(Some(frame), LAST_WORDS).await;
             self.resolve_sent().await;
         }
@@ -1063,7 +1130,8 @@ impl Session {
             match msg.reply {
                 Some(reply) if control_op(&msg).is_none() => {
                     self.shared.metrics.downlink(Downlink::Failed);
-                    self.reply_delivery(reply, DeliveryStatus::Failed, 0, Some("session_closed")).await;
+                    self.reply_delivery(reply, DeliveryStatus::Failed, 0, Some("session_closed"))
+                        .await;
                 }
                 None => self.shared.metrics.downlink(Downlink::Dropped),
                 _ => {}
@@ -1071,16 +1139,23 @@ impl Session {
         }
         for (_, reply) in std::mem::take(&mut self.sent_waiters) {
             self.shared.metrics.downlink(Downlink::Failed);
-            self.reply_delivery(reply, DeliveryStatus::Failed, 0, Some("session_closed")).await;
+            self.reply_delivery(reply, DeliveryStatus::Failed, 0, Some("session_closed"))
+                .await;
         }
         for (seq, reply) in std::mem::take(&mut self.acks) {
             self.shared.metrics.downlink(Downlink::Failed);
-            self.reply_delivery(reply, DeliveryStatus::Failed, seq, Some("session_closed_before_ack"))
-                .await;
+            self.reply_delivery(
+                reply,
+                DeliveryStatus::Failed,
+                seq,
+                Some("session_closed_before_ack"),
+            )
+            .await;
         }
         self.shared.registry.remove(&self.id, &self.session);
         self.shared.metrics.sessions.dec();
-        self.presence(PresenceEventKind::Disconnected, Some(reason.clone())).await;
+        self.presence(PresenceEventKind::Disconnected, Some(reason.clone()))
+            .await;
         tracing::info!(device_id = %self.id, session = %self.session, reason = %reason, "device disconnected");
     }
 

@@ -17,7 +17,10 @@ fn refuses_to_start_without_device_auth() {
     let out = gateway().output().expect("runs");
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--auth-secret") && err.contains("--insecure-no-auth"), "{err}");
+    assert!(
+        err.contains("--auth-secret") && err.contains("--insecure-no-auth"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -36,7 +39,12 @@ fn unknown_config_file_keys_are_named() {
     std::fs::create_dir_all(&dir).expect("dir");
     let file = dir.join("gateway.toml");
     std::fs::write(&file, "listen = \"127.0.0.1:0\"\nheartbeat_sec = 5\n").expect("write");
-    let out = gateway().arg("--config").arg(&file).arg("--insecure-no-auth").output().expect("runs");
+    let out = gateway()
+        .arg("--config")
+        .arg(&file)
+        .arg("--insecure-no-auth")
+        .output()
+        .expect("runs");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("heartbeat_sec"));
     let _ = std::fs::remove_dir_all(&dir);
@@ -44,7 +52,10 @@ fn unknown_config_file_keys_are_named() {
 
 #[test]
 fn devsim_explains_itself() {
-    let out = Command::new(env!("CARGO_BIN_EXE_devsim")).arg("--help").output().expect("runs");
+    let out = Command::new(env!("CARGO_BIN_EXE_devsim"))
+        .arg("--help")
+        .output()
+        .expect("runs");
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("--devices"));
 }

@@ -37,7 +37,9 @@ pub fn config(nats: &NatsServer, instance: &str) -> Config {
 
 /// Starts a gateway with `config` and waits until it is connected to NATS.
 pub async fn start_with(config: Config) -> Gateway {
-    config.validate().unwrap_or_else(|e| panic!("test config invalid: {e}"));
+    config
+        .validate()
+        .unwrap_or_else(|e| panic!("test config invalid: {e}"));
     let gw = Gateway::start(config)
         .await
         .unwrap_or_else(|e| panic!("gateway failed to start: {e}"));
@@ -60,6 +62,9 @@ pub async fn device(gw: &Gateway, device_id: &str) -> (DeviceClient, Welcome) {
 }
 
 /// Logs `device_id` in, returning the gateway's refusal if any.
-pub async fn try_device(gw: &Gateway, device_id: &str) -> Result<(DeviceClient, Welcome), ClientError> {
+pub async fn try_device(
+    gw: &Gateway,
+    device_id: &str,
+) -> Result<(DeviceClient, Welcome), ClientError> {
     DeviceClient::connect(gw.device_addr(), device_id, &token(device_id)).await
 }

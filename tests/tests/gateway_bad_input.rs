@@ -27,12 +27,20 @@ async fn error_for(gw: &Gateway, bytes: &[u8]) -> ErrorBody {
 async fn read_error(stream: TcpStream) -> ErrorBody {
     let mut frames = FramedRead::new(stream, FrameCodec::default());
     loop {
-        match tokio::time::timeout(WAIT, frames.next()).await.expect("answer in time") {
+        match tokio::time::timeout(WAIT, frames.next())
+            .await
+            .expect("answer in time")
+        {
             Some(Ok(Frame::Error(body))) => {
                 let err: ErrorBody = serde_json::from_slice(&body).expect("ERROR body is JSON");
                 assert!(!err.message.is_empty(), "ERROR carries a message");
-                let rest = tokio::time::timeout(WAIT, frames.next()).await.expect("closed in time");
-                assert!(rest.is_none() || matches!(rest, Some(Err(_))), "connection closed after ERROR");
+                let rest = tokio::time::timeout(WAIT, frames.next())
+                    .await
+                    .expect("closed in time");
+                assert!(
+                    rest.is_none() || matches!(rest, Some(Err(_))),
+                    "connection closed after ERROR"
+                );
                 return err;
             }
             Some(Ok(Frame::Welcome(_))) => continue,
@@ -50,18 +58,31 @@ fn frame(ty: u8, body: &[u8]) -> Vec<u8> {
 }
 
 fn hello(id: &str, token: &str) -> Vec<u8> {
-    frame(kind::HELLO, format!(r#"{{"device_id":"{id}","token":"{token}"}}"#).as_bytes())
+    frame(
+        kind::HELLO,
+        format!(r#"{{"device_id":"{id}","token":"{token}"}}"#).as_bytes(),
+    )
 }
 
 /// A healthy device on the same gateway still round-trips a message.
 async fn still_works(nats: &NatsServer, bystander: &mut DeviceClient, id: &str) {
     let service = nats.client().await;
     let reply = service
-        .request(subjects::down(&DeviceId::parse(id).expect("id")), Bytes::from_static(b"still here?"))
+        .request(
+            subjects::down(&DeviceId::parse(id).expect("id")),
+            Bytes::from_static(b"still here?"),
+        )
         .await
         .expect("bystander reachable");
-    assert!(std::str::from_utf8(&reply.payload).expect("utf8").contains("\"sent\""));
-    let (_, p) = tokio::time::timeout(WAIT, bystander.recv_down()).await.expect("in time").expect("down");
+    assert!(
+        std::str::from_utf8(&reply.payload)
+            .expect("utf8")
+            .contains("\"sent\"")
+    );
+    let (_, p) = tokio::time::timeout(WAIT, bystander.recv_down())
+        .await
+        .expect("in time")
+        .expect("down");
     assert_eq!(&p[..], b"still here?");
 }
 
@@ -73,19 +94,59 @@ async fn malformed_frames_are_refused_with_specific_codes_and_bystanders_are_una
 
     let cases: Vec<(&str, Vec<u8>, ErrorCode)> = vec![
         ("zero length", vec![0, 0, 0, 0], ErrorCode::MalformedFrame),
-        ("length over the limit", vec![0, 0x10, 0, 0, 1], ErrorCode::FrameTooLarge),
-        ("4 GiB length", vec![0xff, 0xff, 0xff, 0xff], ErrorCode::FrameTooLarge),
-        ("unknown type", frame(0x42, b""), ErrorCode::UnknownFrameType),
-        ("HELLO not JSON", frame(kind::HELLO, b"{nope"), ErrorCode::BadHello),
-        ("HELLO without device_id", frame(kind::HELLO, br#"{"token":"x"}"#), ErrorCode::BadHello),
+        (
+            "length over the limit",
+            vec![0, 0x10, 0, 0, 1],
+            ErrorCode::FrameTooLarge,
+        ),
+        (
+            "4 GiB length",
+            vec![0xff, 0xff, 0xff, 0xff],
+            ErrorCode::FrameTooLarge,
+        ),
+        (
+            "unknown type",
+            frame(0x42, b""),
+            ErrorCode::UnknownFrameType,
+        ),
+        (
+            "HELLO not JSON",
+            frame(kind::HELLO, b"{nope"),
+            ErrorCode::BadHello,
+        ),
+        (
+            "HELLO without device_id",
+            frame(kind::HELLO, br#"{"token":"x"}"#),
+            ErrorCode::BadHello,
+        ),
         ("dots in the id", hello("a.b", "x"), ErrorCode::BadDeviceId),
         ("wildcard id", hello("*", "x"), ErrorCode::BadDeviceId),
         ("empty id", hello("", "x"), ErrorCode::BadDeviceId),
-        ("129-char id", hello(&"a".repeat(129), "x"), ErrorCode::BadDeviceId),
-        ("wrong token", hello("dev-1", &token("dev-2")), ErrorCode::Unauthorized),
-        ("missing token", frame(kind::HELLO, br#"{"device_id":"dev-1"}"#), ErrorCode::Unauthorized),
-        ("UP before HELLO", frame(kind::UP, &[0, 0, 0, 1, b'x']), ErrorCode::ProtocolViolation),
-        ("PING before HELLO", frame(kind::PING, b""), ErrorCode::ProtocolViolation),
+        (
+            "129-char id",
+            hello(&"a".repeat(129), "x"),
+            ErrorCode::BadDeviceId,
+        ),
+        (
+            "wrong token",
+            hello("dev-1", &token("dev-2")),
+            ErrorCode::Unauthorized,
+        ),
+        (
+            "missing token",
+            frame(kind::HELLO, br#"{"device_id":"dev-1"}"#),
+            ErrorCode::Unauthorized,
+        ),
+        (
+            "UP before HELLO",
+            frame(kind::UP, &[0, 0, 0, 1, b'x']),
+            ErrorCode::ProtocolViolation,
+        ),
+        (
+            "PING before HELLO",
+            frame(kind::PING, b""),
+            ErrorCode::ProtocolViolation,
+        ),
     ];
     for (what, bytes, code) in cases {
         let err = error_for(&gw, &bytes).await;
@@ -100,19 +161,42 @@ async fn protocol_violations_after_login_close_only_that_session() {
     let gw = start(&nats, "gw-1").await;
     let (mut bystander, _) = device(&gw, "bystander").await;
     let after_login: Vec<(&str, Vec<u8>, ErrorCode)> = vec![
-        ("second HELLO", hello("dev-1", &token("dev-1")), ErrorCode::ProtocolViolation),
-        ("DOWN from a device", frame(kind::DOWN, &[0, 0, 0, 0]), ErrorCode::ProtocolViolation),
-        ("short UP", frame(kind::UP, &[0, 0]), ErrorCode::MalformedFrame),
-        ("ACK with a long body", frame(kind::ACK, &[0, 0, 0, 0, 0]), ErrorCode::MalformedFrame),
-        ("oversize UP", {
-            let mut v = vec![0, 1, 0, 5, kind::UP];
-            v.extend(std::iter::repeat_n(0u8, 0x10004));
-            v
-        }, ErrorCode::FrameTooLarge),
+        (
+            "second HELLO",
+            hello("dev-1", &token("dev-1")),
+            ErrorCode::ProtocolViolation,
+        ),
+        (
+            "DOWN from a device",
+            frame(kind::DOWN, &[0, 0, 0, 0]),
+            ErrorCode::ProtocolViolation,
+        ),
+        (
+            "short UP",
+            frame(kind::UP, &[0, 0]),
+            ErrorCode::MalformedFrame,
+        ),
+        (
+            "ACK with a long body",
+            frame(kind::ACK, &[0, 0, 0, 0, 0]),
+            ErrorCode::MalformedFrame,
+        ),
+        (
+            "oversize UP",
+            {
+                let mut v = vec![0, 1, 0, 5, kind::UP];
+                v.extend(std::iter::repeat_n(0u8, 0x10004));
+                v
+            },
+            ErrorCode::FrameTooLarge,
+        ),
     ];
     for (what, bytes, code) in after_login {
         let mut stream = TcpStream::connect(gw.device_addr()).await.expect("connect");
-        stream.write_all(&hello("dev-1", &token("dev-1"))).await.expect("hello");
+        stream
+            .write_all(&hello("dev-1", &token("dev-1")))
+            .await
+            .expect("hello");
         stream.write_all(&bytes).await.expect("bad frame");
         let err = read_error(stream).await;
         assert_eq!(err.code, code, "{what}: {}", err.message);
@@ -139,7 +223,10 @@ async fn a_session_silent_for_three_heartbeats_gets_idle_timeout() {
     let (mut dev, welcome) = device(&gw, "dev-1").await;
     assert_eq!(welcome.heartbeat_s, 1);
     let started = std::time::Instant::now();
-    match tokio::time::timeout(Duration::from_secs(10), dev.recv_down()).await.expect("closed in time") {
+    match tokio::time::timeout(Duration::from_secs(10), dev.recv_down())
+        .await
+        .expect("closed in time")
+    {
         Err(ClientError::Refused(e)) => assert_eq!(e.code, ErrorCode::IdleTimeout),
         other => panic!("expected idle_timeout, got {other:?}"),
     }
@@ -155,7 +242,9 @@ async fn pings_keep_a_session_alive_and_are_echoed() {
     let (mut dev, _) = device(&gw, "dev-1").await;
     for i in 0..5u8 {
         tokio::time::sleep(Duration::from_millis(800)).await; // the device's heartbeat period
-        dev.send(Frame::Ping(Bytes::from(vec![i]))).await.expect("ping");
+        dev.send(Frame::Ping(Bytes::from(vec![i])))
+            .await
+            .expect("ping");
         match dev.next_frame().await.expect("frame") {
             Some(Frame::Pong(body)) => assert_eq!(&body[..], &[i]),
             other => panic!("expected PONG, got {other:?}"),
@@ -167,14 +256,22 @@ async fn pings_keep_a_session_alive_and_are_echoed() {
 async fn without_insecure_mode_every_device_needs_the_right_token() {
     let nats = NatsServer::start();
     let gw = start(&nats, "gw-1").await;
-    let err = DeviceClient::connect(gw.device_addr(), "dev-1", "").await.err().expect("refused");
-    assert!(matches!(err, ClientError::Refused(ref e) if e.code == ErrorCode::Unauthorized), "{err}");
+    let err = DeviceClient::connect(gw.device_addr(), "dev-1", "")
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(err, ClientError::Refused(ref e) if e.code == ErrorCode::Unauthorized),
+        "{err}"
+    );
 
     let mut insecure = config(&nats, "gw-2");
     insecure.auth_secret = None;
     insecure.insecure_no_auth = true;
     let gw2 = start_with(insecure).await;
-    DeviceClient::connect(gw2.device_addr(), "dev-1", "").await.expect("insecure mode accepts");
+    DeviceClient::connect(gw2.device_addr(), "dev-1", "")
+        .await
+        .expect("insecure mode accepts");
 }
 
 #[tokio::test]
@@ -194,7 +291,10 @@ async fn hello_metadata_is_kept_and_bad_json_in_hello_is_explained() {
     let nats = NatsServer::start();
     let gw = start(&nats, "gw-1").await;
     let mut stream = TcpStream::connect(gw.device_addr()).await.expect("connect");
-    stream.write_all(&frame(kind::HELLO, b"[1,2]")).await.expect("write");
+    stream
+        .write_all(&frame(kind::HELLO, b"[1,2]"))
+        .await
+        .expect("write");
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut buf)).await;
     let text = String::from_utf8_lossy(&buf);
@@ -205,7 +305,10 @@ async fn hello_metadata_is_kept_and_bad_json_in_hello_is_explained() {
         token: token("dev-m"),
         metadata: serde_json::from_str(r#"{"fw":"2.1","model":"x9"}"#).expect("json"),
     };
-    let (_dev, _) = DeviceClient::connect_with(TcpStream::connect(gw.device_addr()).await.expect("c"), &hello)
-        .await
-        .expect("login with metadata");
+    let (_dev, _) = DeviceClient::connect_with(
+        TcpStream::connect(gw.device_addr()).await.expect("c"),
+        &hello,
+    )
+    .await
+    .expect("login with metadata");
 }

@@ -24,7 +24,11 @@ fn down(s: &str) -> String {
     subjects::down(&DeviceId::parse(s).expect("id"))
 }
 
-async fn control<T: serde::de::DeserializeOwned>(client: &async_nats::Client, id: &str, op: ControlOp) -> Result<T, async_nats::RequestError> {
+async fn control<T: serde::de::DeserializeOwned>(
+    client: &async_nats::Client,
+    id: &str,
+    op: ControlOp,
+) -> Result<T, async_nats::RequestError> {
     let reply = client
         .request_with_headers(down(id), headers::control(op), Bytes::new())
         .await?;
@@ -36,29 +40,64 @@ async fn the_holder_answers_presence_and_kick() {
     let nats = NatsServer::start();
     let gw = start(&nats, "gw-1").await;
     let service = nats.client().await;
-    let mut events = service.subscribe(subjects::ALL_PRESENCE_EVENTS).await.expect("sub");
+    let mut events = service
+        .subscribe(subjects::ALL_PRESENCE_EVENTS)
+        .await
+        .expect("sub");
     service.flush().await.expect("flush");
     let (mut dev, welcome) = device(&gw, "dev-1").await;
-    let connected: PresenceEvent = serde_json::from_slice(&tokio::time::timeout(WAIT, events.next()).await.expect("event").expect("msg").payload).expect("json");
+    let connected: PresenceEvent = serde_json::from_slice(
+        &tokio::time::timeout(WAIT, events.next())
+            .await
+            .expect("event")
+            .expect("msg")
+            .payload,
+    )
+    .expect("json");
     assert_eq!(connected.event, PresenceEventKind::Connected);
 
-    let info: PresenceInfo = control(&service, "dev-1", ControlOp::Presence).await.expect("online");
-    assert_eq!((info.gateway.as_str(), info.session.as_str()), ("gw-1", welcome.session.as_str()));
-    assert!(info.remote_addr.starts_with("127.0.0.1:"), "{}", info.remote_addr);
+    let info: PresenceInfo = control(&service, "dev-1", ControlOp::Presence)
+        .await
+        .expect("online");
+    assert_eq!(
+        (info.gateway.as_str(), info.session.as_str()),
+        ("gw-1", welcome.session.as_str())
+    );
+    assert!(
+        info.remote_addr.starts_with("127.0.0.1:"),
+        "{}",
+        info.remote_addr
+    );
     assert!(info.since_ms > 0);
-    let offline = control::<PresenceInfo>(&service, "dev-2", ControlOp::Presence).await.expect_err("offline");
+    let offline = control::<PresenceInfo>(&service, "dev-2", ControlOp::Presence)
+        .await
+        .expect_err("offline");
     assert_eq!(offline.kind(), async_nats::RequestErrorKind::NoResponders);
 
-    let kicked: KickReply = control(&service, "dev-1", ControlOp::Kick).await.expect("kicked");
+    let kicked: KickReply = control(&service, "dev-1", ControlOp::Kick)
+        .await
+        .expect("kicked");
     assert_eq!(kicked.session, welcome.session);
-    match tokio::time::timeout(WAIT, dev.recv_down()).await.expect("in time") {
+    match tokio::time::timeout(WAIT, dev.recv_down())
+        .await
+        .expect("in time")
+    {
         Err(ClientError::GoAway(g)) => assert_eq!(g.reason, GoAwayReason::Kicked),
         other => panic!("expected GOAWAY kicked, got {other:?}"),
     }
-    let gone: PresenceEvent = serde_json::from_slice(&tokio::time::timeout(WAIT, events.next()).await.expect("event").expect("msg").payload).expect("json");
+    let gone: PresenceEvent = serde_json::from_slice(
+        &tokio::time::timeout(WAIT, events.next())
+            .await
+            .expect("event")
+            .expect("msg")
+            .payload,
+    )
+    .expect("json");
     assert_eq!(gone.event, PresenceEventKind::Disconnected);
     assert_eq!(gone.reason.as_deref(), Some("kicked"));
-    let after = control::<PresenceInfo>(&service, "dev-1", ControlOp::Presence).await.expect_err("gone");
+    let after = control::<PresenceInfo>(&service, "dev-1", ControlOp::Presence)
+        .await
+        .expect_err("gone");
     assert_eq!(after.kind(), async_nats::RequestErrorKind::NoResponders);
 }
 
@@ -79,7 +118,10 @@ async fn every_instance_answers_stats_lists_its_sessions_and_announces_itself() 
     // Announcements: both instances, with their device address and readiness.
     let mut seen = std::collections::HashMap::new();
     while seen.len() < 2 {
-        let msg = tokio::time::timeout(WAIT, announces.next()).await.expect("announce").expect("msg");
+        let msg = tokio::time::timeout(WAIT, announces.next())
+            .await
+            .expect("announce")
+            .expect("msg");
         let a: Announce = serde_json::from_slice(&msg.payload).expect("json");
         if a.ready && a.sessions > 0 {
             seen.insert(a.instance.clone(), a);
@@ -91,10 +133,16 @@ async fn every_instance_answers_stats_lists_its_sessions_and_announces_itself() 
     // Scatter stats: one reply per instance.
     let inbox = service.new_inbox();
     let mut replies = service.subscribe(inbox.clone()).await.expect("sub");
-    service.publish_with_reply(subjects::STATS, inbox, Bytes::new()).await.expect("pub");
+    service
+        .publish_with_reply(subjects::STATS, inbox, Bytes::new())
+        .await
+        .expect("pub");
     let mut stats = Vec::new();
     while stats.len() < 2 {
-        let m = tokio::time::timeout(WAIT, replies.next()).await.expect("stats").expect("msg");
+        let m = tokio::time::timeout(WAIT, replies.next())
+            .await
+            .expect("stats")
+            .expect("msg");
         stats.push(serde_json::from_slice::<GatewayStats>(&m.payload).expect("json"));
     }
     stats.sort_by(|a, b| a.instance.cmp(&b.instance));
@@ -104,9 +152,15 @@ async fn every_instance_answers_stats_lists_its_sessions_and_announces_itself() 
     let ask = |after: Option<String>| {
         let service = service.clone();
         async move {
-            let req = SessionListRequest { after, limit: Some(2) };
+            let req = SessionListRequest {
+                after,
+                limit: Some(2),
+            };
             let r = service
-                .request(subjects::sessions("gw-1"), Bytes::from(serde_json::to_vec(&req).expect("json")))
+                .request(
+                    subjects::sessions("gw-1"),
+                    Bytes::from(serde_json::to_vec(&req).expect("json")),
+                )
                 .await
                 .expect("answered");
             serde_json::from_slice::<SessionList>(&r.payload).expect("json")
@@ -125,21 +179,32 @@ async fn every_instance_answers_stats_lists_its_sessions_and_announces_itself() 
     }
     assert_eq!(ids, ["a-0", "a-1", "a-2", "a-3", "a-4"]);
     let bad = service
-        .request(subjects::sessions("gw-1"), Bytes::from_static(b"{\"limit\":\"many\"}"))
+        .request(
+            subjects::sessions("gw-1"),
+            Bytes::from_static(b"{\"limit\":\"many\"}"),
+        )
         .await
         .expect("answered");
     assert!(String::from_utf8_lossy(&bad.payload).contains("bad_request"));
 }
 
 /// Fires `n` concurrent requests of `chunk` at `id` and returns every reply.
-async fn flood(service: &async_nats::Client, id: &str, chunk: Bytes, n: usize) -> Vec<DeliveryReply> {
+async fn flood(
+    service: &async_nats::Client,
+    id: &str,
+    chunk: Bytes,
+    n: usize,
+) -> Vec<DeliveryReply> {
     futures::stream::iter(0..n)
         .map(|_| {
             let service = service.clone();
             let chunk = chunk.clone();
             let subject = down(id);
             async move {
-                let r = service.request(subject, chunk).await.expect("every request is answered");
+                let r = service
+                    .request(subject, chunk)
+                    .await
+                    .expect("every request is answered");
                 serde_json::from_slice::<DeliveryReply>(&r.payload).expect("json")
             }
         })
@@ -159,26 +224,59 @@ async fn a_device_that_does_not_read_gets_busy_then_slow_consumer_and_every_requ
     let (mut healthy, _) = device(&gw, "healthy").await;
     let service = nats.client().await;
     let mut events = service
-        .subscribe(subjects::presence_events(&DeviceId::parse("stalled").expect("id")))
+        .subscribe(subjects::presence_events(
+            &DeviceId::parse("stalled").expect("id"),
+        ))
         .await
         .expect("sub");
     service.flush().await.expect("flush");
 
     let replies = flood(&service, "stalled", Bytes::from(vec![7u8; 60_000]), 300).await;
     let count = |s: DeliveryStatus| replies.iter().filter(|r| r.status == s).count();
-    let (sent, busy, failed) = (count(DeliveryStatus::Sent), count(DeliveryStatus::Busy), count(DeliveryStatus::Failed));
-    assert_eq!(sent + busy + failed, 300, "only sent, busy or failed: {replies:?}");
+    let (sent, busy, failed) = (
+        count(DeliveryStatus::Sent),
+        count(DeliveryStatus::Busy),
+        count(DeliveryStatus::Failed),
+    );
+    assert_eq!(
+        sent + busy + failed,
+        300,
+        "only sent, busy or failed: {replies:?}"
+    );
     assert!(busy > 0, "a full queue answers busy instead of growing");
-    assert!(replies.iter().filter(|r| r.status == DeliveryStatus::Busy).all(|r| r.reason.as_deref() == Some("queue_full")));
-    assert!(failed > 0, "frames still queued when the stall closes the session are answered failed");
-    assert!(replies.iter().filter(|r| r.status == DeliveryStatus::Failed).all(|r| r.reason.as_deref() == Some("session_closed")));
+    assert!(
+        replies
+            .iter()
+            .filter(|r| r.status == DeliveryStatus::Busy)
+            .all(|r| r.reason.as_deref() == Some("queue_full"))
+    );
+    assert!(
+        failed > 0,
+        "frames still queued when the stall closes the session are answered failed"
+    );
+    assert!(
+        replies
+            .iter()
+            .filter(|r| r.status == DeliveryStatus::Failed)
+            .all(|r| r.reason.as_deref() == Some("session_closed"))
+    );
 
-    let gone: PresenceEvent = serde_json::from_slice(&tokio::time::timeout(WAIT, events.next()).await.expect("event").expect("msg").payload).expect("json");
+    let gone: PresenceEvent = serde_json::from_slice(
+        &tokio::time::timeout(WAIT, events.next())
+            .await
+            .expect("event")
+            .expect("msg")
+            .payload,
+    )
+    .expect("json");
     assert_eq!(gone.event, PresenceEventKind::Disconnected);
     assert_eq!(gone.reason.as_deref(), Some("slow_consumer"));
 
     // The healthy device never noticed.
-    let r = service.request(down("healthy"), Bytes::from_static(b"ok?")).await.expect("answered");
+    let r = service
+        .request(down("healthy"), Bytes::from_static(b"ok?"))
+        .await
+        .expect("answered");
     assert!(String::from_utf8_lossy(&r.payload).contains("\"sent\""));
     assert_eq!(&healthy.recv_down().await.expect("down").1[..], b"ok?");
     drop(stalled);
@@ -193,14 +291,19 @@ async fn plain_publishes_that_overflow_the_queue_close_the_session_as_slow_consu
     let (stalled, _) = device(&gw, "stalled").await;
     let service = nats.client().await;
     let mut events = service
-        .subscribe(subjects::presence_events(&DeviceId::parse("stalled").expect("id")))
+        .subscribe(subjects::presence_events(
+            &DeviceId::parse("stalled").expect("id"),
+        ))
         .await
         .expect("sub");
     service.flush().await.expect("flush");
     let chunk = Bytes::from(vec![1u8; 60_000]);
     let mut gone = None;
     for _ in 0..400 {
-        service.publish(down("stalled"), chunk.clone()).await.expect("pub");
+        service
+            .publish(down("stalled"), chunk.clone())
+            .await
+            .expect("pub");
         if let Some(Some(m)) = futures::FutureExt::now_or_never(events.next()) {
             gone = Some(m);
             break;
@@ -209,13 +312,27 @@ async fn plain_publishes_that_overflow_the_queue_close_the_session_as_slow_consu
     }
     let gone = match gone {
         Some(m) => m,
-        None => tokio::time::timeout(WAIT, events.next()).await.expect("closed in time").expect("msg"),
+        None => tokio::time::timeout(WAIT, events.next())
+            .await
+            .expect("closed in time")
+            .expect("msg"),
     };
     let gone: PresenceEvent = serde_json::from_slice(&gone.payload).expect("json");
     assert_eq!(gone.reason.as_deref(), Some("slow_consumer"));
-    let metrics = reqwest::get(format!("http://{}/metrics", gw.http_addr())).await.expect("get").text().await.expect("body");
-    assert!(metrics.contains("devgate_gateway_errors_total{code=\"slow_consumer\"} 1"), "{metrics}");
-    assert!(!metrics.contains("devgate_gateway_downlink_messages_total{outcome=\"dropped\"} 0"), "drops are counted");
+    let metrics = reqwest::get(format!("http://{}/metrics", gw.http_addr()))
+        .await
+        .expect("get")
+        .text()
+        .await
+        .expect("body");
+    assert!(
+        metrics.contains("devgate_gateway_errors_total{code=\"slow_consumer\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("devgate_gateway_downlink_messages_total{outcome=\"dropped\"} 0"),
+        "drops are counted"
+    );
     drop(stalled);
 }
 
@@ -232,16 +349,31 @@ async fn proxy_protocol_v1_and_v2_give_the_devices_real_address() {
         async move {
             let mut stream = TcpStream::connect(addr).await.expect("connect");
             stream.write_all(&header).await.expect("header");
-            let hello = Hello { device_id: id.into(), token: token(id), metadata: Default::default() };
+            let hello = Hello {
+                device_id: id.into(),
+                token: token(id),
+                metadata: Default::default(),
+            };
             devgate_gateway::client::DeviceClient::connect_with(stream, &hello).await
         }
     };
-    let (_d1, _) = login(b"PROXY TCP4 203.0.113.7 10.0.0.1 40000 7000\r\n".to_vec(), "v1").await.expect("v1 login");
+    let (_d1, _) = login(
+        b"PROXY TCP4 203.0.113.7 10.0.0.1 40000 7000\r\n".to_vec(),
+        "v1",
+    )
+    .await
+    .expect("v1 login");
     let mut v2 = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
-    v2.extend_from_slice(&[0x21, 0x11, 0, 12, 198, 51, 100, 9, 10, 0, 0, 1, 0x9c, 0x40, 0x1b, 0x58]);
+    v2.extend_from_slice(&[
+        0x21, 0x11, 0, 12, 198, 51, 100, 9, 10, 0, 0, 1, 0x9c, 0x40, 0x1b, 0x58,
+    ]);
     let (_d2, _) = login(v2, "v2").await.expect("v2 login");
-    let p1: PresenceInfo = control(&service, "v1", ControlOp::Presence).await.expect("presence");
-    let p2: PresenceInfo = control(&service, "v2", ControlOp::Presence).await.expect("presence");
+    let p1: PresenceInfo = control(&service, "v1", ControlOp::Presence)
+        .await
+        .expect("presence");
+    let p2: PresenceInfo = control(&service, "v2", ControlOp::Presence)
+        .await
+        .expect("presence");
     assert_eq!(p1.remote_addr, "203.0.113.7:40000");
     assert_eq!(p2.remote_addr, "198.51.100.9:40000");
 
@@ -266,7 +398,12 @@ async fn readiness_follows_nats_and_metrics_count_traffic() {
     dev.send_up(1, Bytes::from_static(b"x")).await.expect("up");
     dev.recv_ack().await.expect("ack");
     let _ = devgate_gateway::client::DeviceClient::connect(gw.device_addr(), "dev-2", "bad").await;
-    let text = get("/metrics").await.expect("metrics").text().await.expect("body");
+    let text = get("/metrics")
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
     for needle in [
         "devgate_gateway_sessions 1",
         "devgate_gateway_frames_total{direction=\"in\",type=\"up\"} 1",
@@ -284,10 +421,18 @@ async fn readiness_follows_nats_and_metrics_count_traffic() {
         if status == 503 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "readyz stayed {status} with NATS down");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readyz stayed {status} with NATS down"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await; // no event to await from outside
     }
-    let text = get("/metrics").await.expect("metrics").text().await.expect("body");
+    let text = get("/metrics")
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
     assert!(text.contains("devgate_gateway_nats_connected 0"));
     assert!(text.contains("devgate_gateway_nats_disconnects_total 1"));
     let _ = HeaderMap::new();

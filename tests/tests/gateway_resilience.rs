@@ -21,7 +21,9 @@ async fn sessions_survive_a_nats_restart_and_unaccepted_uplink_is_never_acked() 
     let mut nats = NatsServer::start();
     let gw = start(&nats, "gw-1").await;
     let (mut dev, welcome) = device(&gw, "dev-1").await;
-    dev.send_up(1, Bytes::from_static(b"before")).await.expect("up");
+    dev.send_up(1, Bytes::from_static(b"before"))
+        .await
+        .expect("up");
     assert_eq!(dev.recv_ack().await.expect("ack"), 1);
 
     nats.stop();
@@ -30,26 +32,45 @@ async fn sessions_survive_a_nats_restart_and_unaccepted_uplink_is_never_acked() 
     let readyz = format!("http://{}/readyz", gw.http_addr());
     let deadline = Instant::now() + WAIT;
     while http.get(&readyz).send().await.expect("readyz").status() != 503 {
-        assert!(Instant::now() < deadline, "gateway never noticed NATS going away");
+        assert!(
+            Instant::now() < deadline,
+            "gateway never noticed NATS going away"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await; // nothing to await from outside
     }
-    dev.send_up(2, Bytes::from_static(b"during outage")).await.expect("up");
+    dev.send_up(2, Bytes::from_static(b"during outage"))
+        .await
+        .expect("up");
     // NATS cannot accept it, so it must not be acknowledged while NATS is down.
     assert!(
-        tokio::time::timeout(Duration::from_millis(700), dev.recv_ack()).await.is_err(),
+        tokio::time::timeout(Duration::from_millis(700), dev.recv_ack())
+            .await
+            .is_err(),
         "an UP was acknowledged while NATS was down"
     );
 
     nats.restart();
-    let acked = tokio::time::timeout(WAIT, dev.recv_ack()).await.expect("acked after NATS returned").expect("ack");
+    let acked = tokio::time::timeout(WAIT, dev.recv_ack())
+        .await
+        .expect("acked after NATS returned")
+        .expect("ack");
     assert_eq!(acked, 2);
     // The same session is still subscribed: downlink works again.
     let service = nats.client().await;
     let deadline = Instant::now() + WAIT;
     let reply = loop {
-        match service.request(subjects::down(&DeviceId::parse("dev-1").expect("id")), Bytes::from_static(b"after")).await {
+        match service
+            .request(
+                subjects::down(&DeviceId::parse("dev-1").expect("id")),
+                Bytes::from_static(b"after"),
+            )
+            .await
+        {
             Ok(r) => break r,
-            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders && Instant::now() < deadline => {
+            Err(e)
+                if e.kind() == async_nats::RequestErrorKind::NoResponders
+                    && Instant::now() < deadline =>
+            {
                 // The gateway resubscribes right after reconnecting; retry until it has.
                 tokio::task::yield_now().await;
             }
@@ -58,8 +79,18 @@ async fn sessions_survive_a_nats_restart_and_unaccepted_uplink_is_never_acked() 
     };
     assert!(String::from_utf8_lossy(&reply.payload).contains(&welcome.session));
     assert_eq!(&dev.recv_down().await.expect("down").1[..], b"after");
-    let metrics = http.get(format!("http://{}/metrics", gw.http_addr())).send().await.expect("m").text().await.expect("t");
-    assert!(metrics.contains("devgate_gateway_nats_disconnects_total 1"), "{metrics}");
+    let metrics = http
+        .get(format!("http://{}/metrics", gw.http_addr()))
+        .send()
+        .await
+        .expect("m")
+        .text()
+        .await
+        .expect("t");
+    assert!(
+        metrics.contains("devgate_gateway_nats_disconnects_total 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -69,8 +100,22 @@ async fn sigterm_drains_devices_with_spread_goaways_and_exits_cleanly() {
     let mut announces = service.subscribe(subjects::ANNOUNCE).await.expect("sub");
     service.flush().await.expect("flush");
     let mut child = Command::new(workspace_bin("devgate-gateway"))
-        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--instance-id", "gw-term"])
-        .args(["--nats-url", &nats.url(), "--drain-window-ms", "1000", "--drain-reconnect-jitter-ms", "500"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--instance-id",
+            "gw-term",
+        ])
+        .args([
+            "--nats-url",
+            &nats.url(),
+            "--drain-window-ms",
+            "1000",
+            "--drain-reconnect-jitter-ms",
+            "500",
+        ])
         .args(["--announce-interval-ms", "200", "--log-format", "json"])
         .env("DEVGATE_AUTH_SECRET", SECRET)
         .stdout(Stdio::piped())
@@ -89,10 +134,17 @@ async fn sigterm_drains_devices_with_spread_goaways_and_exits_cleanly() {
             }
         }
     });
-    let addr: std::net::SocketAddr = rx.recv_timeout(WAIT).expect("gateway started").parse().expect("addr");
+    let addr: std::net::SocketAddr = rx
+        .recv_timeout(WAIT)
+        .expect("gateway started")
+        .parse()
+        .expect("addr");
     // Wait for its first "ready" announcement (NATS connected).
     loop {
-        let m = tokio::time::timeout(WAIT, announces.next()).await.expect("announce").expect("msg");
+        let m = tokio::time::timeout(WAIT, announces.next())
+            .await
+            .expect("announce")
+            .expect("msg");
         let a: Announce = serde_json::from_slice(&m.payload).expect("json");
         if a.instance == "gw-term" && a.ready {
             break;
@@ -101,15 +153,26 @@ async fn sigterm_drains_devices_with_spread_goaways_and_exits_cleanly() {
     let mut devices = Vec::new();
     for i in 0..12 {
         let id = format!("d{i}");
-        devices.push(DeviceClient::connect(addr, &id, &token(&id)).await.expect("login").0);
+        devices.push(
+            DeviceClient::connect(addr, &id, &token(&id))
+                .await
+                .expect("login")
+                .0,
+        );
     }
 
     let started = Instant::now();
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
     assert!(status.success());
     let mut arrivals = Vec::new();
     for dev in &mut devices {
-        match tokio::time::timeout(WAIT, dev.recv_down()).await.expect("goaway in time") {
+        match tokio::time::timeout(WAIT, dev.recv_down())
+            .await
+            .expect("goaway in time")
+        {
             Err(ClientError::GoAway(g)) => {
                 assert_eq!(g.reason, GoAwayReason::Draining);
                 assert!(g.reconnect_after_ms <= 500);
@@ -120,21 +183,34 @@ async fn sigterm_drains_devices_with_spread_goaways_and_exits_cleanly() {
     }
     // Draining is announced so balancers take the instance out of rotation.
     loop {
-        let m = tokio::time::timeout(WAIT, announces.next()).await.expect("announce").expect("msg");
+        let m = tokio::time::timeout(WAIT, announces.next())
+            .await
+            .expect("announce")
+            .expect("msg");
         let a: Announce = serde_json::from_slice(&m.payload).expect("json");
         if a.instance == "gw-term" && a.draining {
             assert!(!a.ready);
             break;
         }
     }
-    let spread = arrivals.iter().max().expect("some") .saturating_sub(*arrivals.iter().min().expect("some"));
-    assert!(spread >= Duration::from_millis(200), "GOAWAYs were not spread: {arrivals:?}");
+    let spread = arrivals
+        .iter()
+        .max()
+        .expect("some")
+        .saturating_sub(*arrivals.iter().min().expect("some"));
+    assert!(
+        spread >= Duration::from_millis(200),
+        "GOAWAYs were not spread: {arrivals:?}"
+    );
     let deadline = Instant::now() + WAIT;
     let exit = loop {
         if let Some(s) = child.try_wait().expect("wait") {
             break s;
         }
-        assert!(Instant::now() < deadline, "gateway did not exit after draining");
+        assert!(
+            Instant::now() < deadline,
+            "gateway did not exit after draining"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(exit.success(), "exit status {exit:?}");

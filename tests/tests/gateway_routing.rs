@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use devgate_gateway::contract::{DeliveryReply, DeliveryStatus, headers, subjects};
 use devgate_gateway::contract::DeviceId;
+use devgate_gateway::contract::{DeliveryReply, DeliveryStatus, headers, subjects};
 use devgate_tests::NatsServer;
 use devgate_tests::gateway::{device, start};
 use futures::StreamExt;
@@ -36,9 +36,15 @@ async fn a_plain_publish_reaches_the_device_on_whichever_gateway_holds_it() {
         .publish(subjects::down(&id("dev-1")), Bytes::from_static(b"to one"))
         .await
         .expect("publish");
-    let (seq, payload) = tokio::time::timeout(WAIT, d2.recv_down()).await.expect("in time").expect("down");
+    let (seq, payload) = tokio::time::timeout(WAIT, d2.recv_down())
+        .await
+        .expect("in time")
+        .expect("down");
     assert_eq!((seq, &payload[..]), (0, &b"to two"[..]));
-    let (_, payload) = tokio::time::timeout(WAIT, d1.recv_down()).await.expect("in time").expect("down");
+    let (_, payload) = tokio::time::timeout(WAIT, d1.recv_down())
+        .await
+        .expect("in time")
+        .expect("down");
     assert_eq!(&payload[..], b"to one");
 }
 
@@ -68,7 +74,11 @@ async fn ack_device_waits_for_the_devices_ack() {
     let service = nats.client().await;
     let mut h = HeaderMap::new();
     h.insert(headers::ACK, headers::ACK_DEVICE);
-    let request = service.request_with_headers(subjects::down(&id("dev-1")), h, Bytes::from_static(b"confirm me"));
+    let request = service.request_with_headers(
+        subjects::down(&id("dev-1")),
+        h,
+        Bytes::from_static(b"confirm me"),
+    );
     let device_side = async {
         let (seq, payload) = dev.recv_down().await.expect("down");
         assert_ne!(seq, 0, "an ack=device DOWN carries a sequence number");
@@ -77,7 +87,8 @@ async fn ack_device_waits_for_the_devices_ack() {
         seq
     };
     let (reply, seq) = tokio::join!(request, device_side);
-    let reply: DeliveryReply = serde_json::from_slice(&reply.expect("answered").payload).expect("json");
+    let reply: DeliveryReply =
+        serde_json::from_slice(&reply.expect("answered").payload).expect("json");
     assert_eq!(reply.status, DeliveryStatus::Acked);
     assert_eq!(reply.seq, seq);
 }
@@ -116,7 +127,10 @@ async fn an_offline_device_is_reported_at_once_by_no_responders() {
         .await
         .expect_err("nobody holds it");
     assert_eq!(err.kind(), async_nats::RequestErrorKind::NoResponders);
-    assert!(started.elapsed() < Duration::from_secs(1), "no-responders must not wait for a timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "no-responders must not wait for a timeout"
+    );
 }
 
 #[tokio::test]
@@ -127,18 +141,34 @@ async fn uplink_reaches_services_with_headers_and_is_acked_after_nats_accepts_it
     let mut ups = service.subscribe(subjects::ALL_UP).await.expect("sub");
     service.flush().await.expect("flush");
     let (mut dev, welcome) = device(&gw, "dev-7").await;
-    dev.send_up(0, Bytes::from_static(b"fire and forget")).await.expect("up");
-    dev.send_up(41, Bytes::from_static(b"please ack")).await.expect("up");
-    let m1 = tokio::time::timeout(WAIT, ups.next()).await.expect("in time").expect("msg");
-    let m2 = tokio::time::timeout(WAIT, ups.next()).await.expect("in time").expect("msg");
+    dev.send_up(0, Bytes::from_static(b"fire and forget"))
+        .await
+        .expect("up");
+    dev.send_up(41, Bytes::from_static(b"please ack"))
+        .await
+        .expect("up");
+    let m1 = tokio::time::timeout(WAIT, ups.next())
+        .await
+        .expect("in time")
+        .expect("msg");
+    let m2 = tokio::time::timeout(WAIT, ups.next())
+        .await
+        .expect("in time")
+        .expect("msg");
     assert_eq!(m1.subject.as_str(), "device.dev-7.up");
     assert_eq!(&m1.payload[..], b"fire and forget");
     assert_eq!(&m2.payload[..], b"please ack");
     let h = m2.headers.expect("headers");
     assert_eq!(h.get(headers::DEVICE).map(|v| v.as_str()), Some("dev-7"));
-    assert_eq!(h.get(headers::SESSION).map(|v| v.as_str()), Some(welcome.session.as_str()));
+    assert_eq!(
+        h.get(headers::SESSION).map(|v| v.as_str()),
+        Some(welcome.session.as_str())
+    );
     assert_eq!(h.get(headers::GATEWAY).map(|v| v.as_str()), Some("gw-1"));
     assert_eq!(h.get(headers::SEQ).map(|v| v.as_str()), Some("41"));
-    let acked = tokio::time::timeout(WAIT, dev.recv_ack()).await.expect("in time").expect("ack");
+    let acked = tokio::time::timeout(WAIT, dev.recv_ack())
+        .await
+        .expect("in time")
+        .expect("ack");
     assert_eq!(acked, 41, "only the seq != 0 frame is acknowledged");
 }

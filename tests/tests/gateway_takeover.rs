@@ -21,7 +21,10 @@ fn down(s: &str) -> String {
 async fn downs_until_goaway(dev: &mut DeviceClient) -> (Vec<Bytes>, GoAwayReason) {
     let mut seen = Vec::new();
     loop {
-        match tokio::time::timeout(WAIT, dev.recv_down()).await.expect("frame in time") {
+        match tokio::time::timeout(WAIT, dev.recv_down())
+            .await
+            .expect("frame in time")
+        {
             Ok((_, payload)) => seen.push(payload),
             Err(ClientError::GoAway(g)) => return (seen, g.reason),
             Err(other) => panic!("expected DOWN or GOAWAY, got {other}"),
@@ -29,7 +32,11 @@ async fn downs_until_goaway(dev: &mut DeviceClient) -> (Vec<Bytes>, GoAwayReason
     }
 }
 
-async fn request_sent(service: &async_nats::Client, subject: &str, payload: Bytes) -> DeliveryReply {
+async fn request_sent(
+    service: &async_nats::Client,
+    subject: &str,
+    payload: Bytes,
+) -> DeliveryReply {
     // During a takeover the device is briefly unsubscribed: a service retries "no responders".
     for _ in 0..100 {
         match service.request(subject.to_owned(), payload.clone()).await {
@@ -53,12 +60,18 @@ async fn a_login_on_another_gateway_replaces_the_old_session() {
     let (seen, reason) = downs_until_goaway(&mut old).await;
     assert!(seen.is_empty());
     assert_eq!(reason, GoAwayReason::Replaced);
-    assert!(old.next_frame().await.map(|f| f.is_none()).unwrap_or(true), "old connection closed");
+    assert!(
+        old.next_frame().await.map(|f| f.is_none()).unwrap_or(true),
+        "old connection closed"
+    );
 
     let service = nats.client().await;
     let reply = request_sent(&service, &down("dev-1"), Bytes::from_static(b"hi")).await;
     assert_eq!(reply.status, DeliveryStatus::Sent);
-    assert_eq!((reply.gateway.as_str(), reply.session.as_str()), ("gw-2", welcome.session.as_str()));
+    assert_eq!(
+        (reply.gateway.as_str(), reply.session.as_str()),
+        ("gw-2", welcome.session.as_str())
+    );
     assert_eq!(&new.recv_down().await.expect("down").1[..], b"hi");
 }
 
@@ -77,7 +90,8 @@ async fn a_second_login_on_the_same_gateway_replaces_the_first() {
 }
 
 #[tokio::test]
-async fn messages_during_a_takeover_reach_exactly_one_session_and_the_old_one_only_before_the_new_welcome() {
+async fn messages_during_a_takeover_reach_exactly_one_session_and_the_old_one_only_before_the_new_welcome()
+ {
     let nats = NatsServer::start();
     let gw1 = start(&nats, "gw-1").await;
     let gw2 = start(&nats, "gw-2").await;
@@ -104,34 +118,66 @@ async fn messages_during_a_takeover_reach_exactly_one_session_and_the_old_one_on
     assert_eq!(reason, GoAwayReason::Replaced);
 
     let mut new_seen = Vec::new();
-    let for_new = replies.iter().filter(|(_, r)| r.session == new_welcome.session).count();
+    let for_new = replies
+        .iter()
+        .filter(|(_, r)| r.session == new_welcome.session)
+        .count();
     while new_seen.len() < for_new {
-        let (_, p) = tokio::time::timeout(WAIT, new.recv_down()).await.expect("in time").expect("down");
+        let (_, p) = tokio::time::timeout(WAIT, new.recv_down())
+            .await
+            .expect("in time")
+            .expect("down");
         new_seen.push(p);
     }
     let old_set: HashSet<_> = old_seen.iter().cloned().collect();
     let new_set: HashSet<_> = new_seen.iter().cloned().collect();
-    assert!(old_set.is_disjoint(&new_set), "a message reached both sessions");
-    assert_eq!(old_set.len() + new_set.len(), N, "every message reached exactly one session");
+    assert!(
+        old_set.is_disjoint(&new_set),
+        "a message reached both sessions"
+    );
+    assert_eq!(
+        old_set.len() + new_set.len(),
+        N,
+        "every message reached exactly one session"
+    );
     for (i, r) in &replies {
         assert_eq!(r.status, DeliveryStatus::Sent, "m{i}");
         let payload = Bytes::from(format!("m{i}"));
         if r.session == old_welcome.session {
-            assert!(old_set.contains(&payload), "m{i} answered by the old session but not received by it");
+            assert!(
+                old_set.contains(&payload),
+                "m{i} answered by the old session but not received by it"
+            );
         } else {
             assert_eq!(r.session, new_welcome.session);
-            assert!(new_set.contains(&payload), "m{i} answered by the new session but not received by it");
+            assert!(
+                new_set.contains(&payload),
+                "m{i} answered by the new session but not received by it"
+            );
         }
     }
     // Everything the old session got was numbered before everything the new one got.
-    let num = |b: &Bytes| -> usize { std::str::from_utf8(&b[1..]).expect("utf8").parse().expect("n") };
-    if let (Some(last_old), Some(first_new)) = (old_seen.iter().map(num).max(), new_seen.iter().map(num).min()) {
-        assert!(last_old < first_new, "old got m{last_old} after new got m{first_new}");
+    let num = |b: &Bytes| -> usize {
+        std::str::from_utf8(&b[1..])
+            .expect("utf8")
+            .parse()
+            .expect("n")
+    };
+    if let (Some(last_old), Some(first_new)) = (
+        old_seen.iter().map(num).max(),
+        new_seen.iter().map(num).min(),
+    ) {
+        assert!(
+            last_old < first_new,
+            "old got m{last_old} after new got m{first_new}"
+        );
     }
 }
 
 /// Outcome of one side of a login race: welcomed and still holding, or told to go away.
-async fn race_side(result: Result<(DeviceClient, devgate_gateway::codec::Welcome), ClientError>) -> Option<(DeviceClient, String)> {
+async fn race_side(
+    result: Result<(DeviceClient, devgate_gateway::codec::Welcome), ClientError>,
+) -> Option<(DeviceClient, String)> {
     match result {
         Ok((dev, w)) => Some((dev, w.session)),
         Err(ClientError::GoAway(g)) => {
@@ -152,7 +198,10 @@ async fn concurrent_logins_on_two_gateways_leave_exactly_one_live_session() {
         let id = format!("race-{round}");
         let (a, b) = tokio::join!(try_device(&gw1, &id), try_device(&gw2, &id));
         let mut alive = Vec::new();
-        for side in [race_side(a).await, race_side(b).await].into_iter().flatten() {
+        for side in [race_side(a).await, race_side(b).await]
+            .into_iter()
+            .flatten()
+        {
             alive.push(side);
         }
         assert!(!alive.is_empty(), "{id}: somebody must win");
@@ -162,12 +211,18 @@ async fn concurrent_logins_on_two_gateways_leave_exactly_one_live_session() {
         for (mut dev, session) in alive {
             if session == reply.session {
                 holders += 1;
-                let (_, p) = tokio::time::timeout(WAIT, dev.recv_down()).await.expect("in time").expect("down");
+                let (_, p) = tokio::time::timeout(WAIT, dev.recv_down())
+                    .await
+                    .expect("in time")
+                    .expect("down");
                 assert_eq!(&p[..], b"who");
             } else {
                 let (seen, reason) = downs_until_goaway(&mut dev).await;
                 assert_eq!(reason, GoAwayReason::Replaced, "{id}");
-                assert!(seen.is_empty(), "{id}: the loser must not receive the probe");
+                assert!(
+                    seen.is_empty(),
+                    "{id}: the loser must not receive the probe"
+                );
             }
         }
         assert_eq!(holders, 1, "{id}: exactly one live session");
