@@ -20,7 +20,7 @@ pub enum IdError {
     #[error("id is empty")]
     Empty,
     /// Bounded so one id cannot bloat every subject and log line it appears in.
-    #[error("id is {0} characters long, the limit is {MAX_DEVICE_ID_LEN}")]
+    #[error("id is {0} bytes long, the limit is {MAX_DEVICE_ID_LEN}")]
     TooLong(usize),
     /// Anything outside `[A-Za-z0-9_-]` could split or wildcard a NATS subject (`.`, `*`, `>`,
     /// whitespace), so it is refused rather than escaped.
@@ -33,7 +33,7 @@ fn validate_token(s: &str) -> Result<(), IdError> {
         return Err(IdError::Empty);
     }
     if s.len() > MAX_DEVICE_ID_LEN {
-        return Err(IdError::TooLong(s.chars().count()));
+        return Err(IdError::TooLong(s.len()));
     }
     match s
         .chars()

@@ -779,7 +779,12 @@ impl Session {
                 () = &mut timer => self.on_timer().await,
                 // Any change re-evaluates `can_read`: reading stops the moment NATS goes away.
                 changed = connected.changed() => match changed {
-                    Ok(()) => Ok(()),
+                    Ok(()) => {
+                        // While NATS was away the gateway, not the device, stopped reading:
+                        // the device's heartbeats wait in the socket. Restart the idle clock.
+                        self.last_frame = Instant::now();
+                        Ok(())
+                    }
                     Err(_) => Err(End::Shutdown),
                 },
             };
@@ -794,6 +799,11 @@ impl Session {
         self.shared
             .metrics
             .frame_out(frame.kind(), frame.wire_len());
+        if self.conn.writer.pending() == 0 {
+            // The write-stall clock starts when the queue stops being empty, not at the last
+            // write, which may be long ago on a quiet session.
+            self.last_write = Instant::now();
+        }
         self.conn
             .writer
             .queue(frame)
@@ -1033,7 +1043,7 @@ impl Session {
                 .await;
             }
         }
-        if now >= self.last_frame + self.idle_limit() {
+        if now >= self.last_frame + self.idle_limit() && self.shared.bus.is_connected() {
             return Err(End::Error(Refusal::new(
                 ErrorCode::IdleTimeout,
                 format!("no frame for {} s", self.idle_limit().as_secs()),

@@ -167,20 +167,22 @@ async fn sigterm_drains_devices_with_spread_goaways_and_exits_cleanly() {
         .status()
         .expect("kill");
     assert!(status.success());
-    let mut arrivals = Vec::new();
-    for dev in &mut devices {
-        match tokio::time::timeout(WAIT, dev.recv_down())
-            .await
-            .expect("goaway in time")
-        {
-            Err(ClientError::GoAway(g)) => {
-                assert_eq!(g.reason, GoAwayReason::Draining);
-                assert!(g.reconnect_after_ms <= 500);
-                arrivals.push(started.elapsed());
+    // Each device records when its own GOAWAY arrives (read concurrently).
+    let arrivals: Vec<Duration> =
+        futures::future::join_all(devices.iter_mut().map(|dev| async move {
+            match tokio::time::timeout(WAIT, dev.recv_down())
+                .await
+                .expect("goaway in time")
+            {
+                Err(ClientError::GoAway(g)) => {
+                    assert_eq!(g.reason, GoAwayReason::Draining);
+                    assert!(g.reconnect_after_ms <= 500);
+                    started.elapsed()
+                }
+                other => panic!("expected GOAWAY draining, got {other:?}"),
             }
-            other => panic!("expected GOAWAY draining, got {other:?}"),
-        }
-    }
+        }))
+        .await;
     // Draining is announced so balancers take the instance out of rotation.
     loop {
         let m = tokio::time::timeout(WAIT, announces.next())
