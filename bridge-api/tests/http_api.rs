@@ -259,7 +259,9 @@ async fn bad_inputs_get_clear_400s_and_json_404_405() {
     let nats = NatsServer::start();
     let bridge = Bridge::start(&nats).await;
     let long = "a".repeat(129);
-    let cases: Vec<(Method, String, Option<&str>, u16, &str, &str)> = vec![
+    // (method, path, JSON body, status, error code, text the message must contain)
+    type Case<'a> = (Method, String, Option<&'a str>, u16, &'a str, &'a str);
+    let cases: Vec<Case> = vec![
         (
             Method::POST,
             "/v1/devices/a.b/messages".into(),

@@ -1,0 +1,222 @@
+//! bridge-api when things go wrong: NATS unreachable, NATS dying mid-request, a device whose
+//! queue is full, the request time cap, and graceful shutdown with requests and SSE in flight.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Bridge, SseReader, WAIT, assert_error, bridge_config, send};
+use devgate_tests::NatsServer;
+use devgate_tests::gateway::{config as gw_config, device, start, start_with};
+use reqwest::Method;
+
+#[tokio::test]
+async fn nats_unreachable_is_503_and_recovers() {
+    let mut nats = NatsServer::start();
+    let gw = start(&nats, "gw-1").await;
+    let bridge = Bridge::start(&nats).await;
+    let (_dev, _) = device(&gw, "dev-1").await;
+
+    nats.stop();
+    bridge.wait_ready(false).await;
+    let started = Instant::now();
+    for (method, path) in [
+        (Method::POST, "/v1/devices/dev-1/messages"),
+        (Method::POST, "/v1/devices/dev-1/messages?ack=none"),
+        (Method::GET, "/v1/devices/dev-1"),
+        (Method::DELETE, "/v1/devices/dev-1/session"),
+        (Method::GET, "/v1/devices"),
+        (Method::GET, "/v1/gateways"),
+        (Method::GET, "/v1/devices/dev-1/messages"),
+    ] {
+        let got = send(bridge.req(method.clone(), path).body("x")).await;
+        assert_error(&got, 503, "nats_unavailable");
+    }
+    let got = send(
+        bridge
+            .req(Method::POST, "/v1/messages")
+            .json(&serde_json::json!({"device_ids": ["dev-1"], "payload": "x"})),
+    )
+    .await;
+    assert_error(&got, 503, "nats_unavailable");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "503 must be immediate"
+    );
+    let readyz = bridge
+        .http
+        .get(bridge.url("/readyz"))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(readyz.status(), 503);
+
+    nats.restart();
+    bridge.wait_ready(true).await;
+    let got = send(bridge.req(Method::GET, "/v1/gateways")).await;
+    assert_eq!(got.0, 200, "{}", got.1);
+}
+
+#[tokio::test]
+async fn nats_going_away_mid_request_is_a_clean_503() {
+    let mut nats = NatsServer::start();
+    let gw = start(&nats, "gw-1").await;
+    let bridge = Bridge::start(&nats).await;
+    let (mut dev, _) = device(&gw, "mute").await;
+
+    let pending = tokio::spawn(send(
+        bridge
+            .req(
+                Method::POST,
+                "/v1/devices/mute/messages?ack=device&timeout_ms=20000",
+            )
+            .body("x"),
+    ));
+    // The request is in flight once the device holds the frame (and does not ACK it).
+    let (seq, _) = tokio::time::timeout(WAIT, dev.recv_down())
+        .await
+        .expect("in time")
+        .expect("DOWN");
+    assert_ne!(seq, 0);
+    let killed = Instant::now();
+    nats.stop();
+    let got = tokio::time::timeout(WAIT, pending)
+        .await
+        .expect("no hang")
+        .expect("joined");
+    assert_error(&got, 503, "nats_unavailable");
+    assert!(
+        got.1["message"].as_str().unwrap_or("").contains("unknown"),
+        "the caller must learn the outcome is unknown: {}",
+        got.1
+    );
+    assert!(
+        killed.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        killed.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_busy_device_is_429_with_retry_after() {
+    let nats = NatsServer::start();
+    let gw = start_with(devgate_gateway::config::Config {
+        max_inflight: 1,
+        ..gw_config(&nats, "gw-1")
+    })
+    .await;
+    let bridge = Bridge::start(&nats).await;
+    let (mut mute, _) = device(&gw, "mute").await;
+    // One DOWN awaits the device's ACK: the gateway allows no second one.
+    let first = tokio::spawn(send(
+        bridge
+            .req(
+                Method::POST,
+                "/v1/devices/mute/messages?ack=device&timeout_ms=5000",
+            )
+            .body("1"),
+    ));
+    let (seq, _) = tokio::time::timeout(WAIT, mute.recv_down())
+        .await
+        .expect("in time")
+        .expect("DOWN");
+    let response = bridge
+        .req(
+            Method::POST,
+            "/v1/devices/mute/messages?ack=device&timeout_ms=5000",
+        )
+        .body("2")
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(response.status(), 429);
+    assert_eq!(
+        response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let body: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(body["error"], "device_busy");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("too_many_unacked"),
+        "{body}"
+    );
+    mute.ack(seq).await.expect("ack");
+    let got = first.await.expect("joined");
+    assert_eq!(got.1["status"], "acked", "{}", got.1);
+}
+
+#[tokio::test]
+async fn the_request_time_cap_answers_504() {
+    let nats = NatsServer::start();
+    let gw = start(&nats, "gw-1").await;
+    let bridge = Bridge::start_with(devgate_bridge_api::config::Config {
+        default_timeout_ms: 100,
+        request_timeout_ms: 400,
+        ..bridge_config(&nats)
+    })
+    .await;
+    let (_mute, _) = device(&gw, "mute").await;
+    let started = Instant::now();
+    let got = send(
+        bridge
+            .req(
+                Method::POST,
+                "/v1/devices/mute/messages?ack=device&timeout_ms=30000",
+            )
+            .body("x"),
+    )
+    .await;
+    assert_error(&got, 504, "request_timeout");
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn shutdown_finishes_inflight_requests_and_ends_sse() {
+    let nats = NatsServer::start();
+    let gw = start(&nats, "gw-1").await;
+    let bridge = Bridge::start(&nats).await;
+    let (mut dev, _) = device(&gw, "slow").await;
+
+    let sse = bridge
+        .req(Method::GET, "/v1/devices/-/messages")
+        .send()
+        .await
+        .expect("sse");
+    let mut sse = SseReader::new(sse);
+    let pending = tokio::spawn(send(
+        bridge
+            .req(
+                Method::POST,
+                "/v1/devices/slow/messages?ack=device&timeout_ms=10000",
+            )
+            .body("x"),
+    ));
+    let (seq, _) = tokio::time::timeout(WAIT, dev.recv_down())
+        .await
+        .expect("in time")
+        .expect("DOWN");
+
+    bridge.shutdown.cancel();
+    // The SSE stream ends by itself.
+    assert!(
+        tokio::time::timeout(WAIT, sse.next_event())
+            .await
+            .expect("SSE must end on shutdown")
+            .is_none()
+    );
+    // The in-flight request still gets its real answer.
+    dev.ack(seq).await.expect("ack");
+    let got = tokio::time::timeout(WAIT, pending)
+        .await
+        .expect("no hang")
+        .expect("joined");
+    assert_eq!(got.0, 200, "{}", got.1);
+    assert_eq!(got.1["status"], "acked");
+    bridge.stop().await;
+}
