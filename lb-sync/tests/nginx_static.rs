@@ -132,7 +132,12 @@ async fn static_list_puts_both_gateways_in_rotation() {
     ] {
         assert!(metrics.contains(needle), "{needle} missing from\n{metrics}");
     }
-    assert_eq!(nginx.reloads(), 1, "{}", nginx.error_log());
+    assert_eq!(
+        common::settled_reloads(lb.http_addr(), &nginx, 1).await,
+        1,
+        "one reload for one set: {}",
+        nginx.error_log()
+    );
     lb.shutdown().await;
 }
 

@@ -183,9 +183,12 @@ impl Nginx {
         );
     }
 
-    /// How many times nginx has started reloading so far (from its error log).
+    /// How many reloads nginx has completed: new workers started and the previous workers told
+    /// to stop accepting (each logs "gracefully shutting down" as it closes its listeners; with
+    /// one worker that is one line per reload). Until then, old workers may still accept new
+    /// connections with the old configuration.
     pub fn reloads(&self) -> usize {
-        self.error_log().matches(": reconfiguring").count()
+        self.error_log().matches("gracefully shutting down").count()
     }
 
     /// The error log so far.

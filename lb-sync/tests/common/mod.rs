@@ -162,3 +162,118 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+/// What a fake gateway announces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `ready: true, draining: false` every heartbeat.
+    Ready,
+    /// `draining: true` every heartbeat (a gateway shutting down).
+    Draining,
+    /// Nothing: the instance died without a word.
+    Silent,
+}
+
+/// Publishes a gateway's `Announce` heartbeat on NATS, as the real gateway does.
+pub struct Announcer {
+    mode: tokio::sync::watch::Sender<Mode>,
+}
+
+impl Announcer {
+    /// Announces `instance` at `addr` every `heartbeat_ms`.
+    pub fn start(
+        client: async_nats::Client,
+        instance: &str,
+        addr: SocketAddr,
+        heartbeat_ms: u64,
+    ) -> Announcer {
+        let (mode, mut rx) = tokio::sync::watch::channel(Mode::Ready);
+        let instance = instance.to_owned();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(heartbeat_ms));
+            loop {
+                tokio::select! {
+                    changed = rx.changed() => if changed.is_err() { break },
+                    _ = tick.tick() => {}
+                }
+                let m = *rx.borrow_and_update();
+                if m == Mode::Silent {
+                    continue;
+                }
+                let a = devgate_gateway::contract::Announce {
+                    instance: instance.clone(),
+                    advertise_addr: addr.to_string(),
+                    ready: m == Mode::Ready,
+                    draining: m == Mode::Draining,
+                    sessions: 0,
+                    heartbeat_ms,
+                    started_ms: 1,
+                };
+                let body = serde_json::to_vec(&a).expect("announce serializes");
+                let _ = client
+                    .publish(devgate_gateway::contract::subjects::ANNOUNCE, body.into())
+                    .await;
+            }
+        });
+        Announcer { mode }
+    }
+
+    /// Changes what is announced from now on.
+    pub fn set(&self, mode: Mode) {
+        let _ = self.mode.send(mode);
+    }
+}
+
+/// A NATS client that retries every 50 ms, so fake gateways come back as soon as NATS does.
+pub async fn eager_client(url: &str) -> async_nats::Client {
+    async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .reconnect_delay_callback(|_| Duration::from_millis(50))
+        .connect(url)
+        .await
+        .expect("nats client")
+}
+
+/// The text of the file nginx includes.
+pub fn upstream(nginx: &devgate_tests::nginx::Nginx) -> String {
+    std::fs::read_to_string(nginx.upstream_path()).unwrap_or_default()
+}
+
+/// Whether `text` has `addr` as an upstream server.
+pub fn has_server(text: &str, addr: SocketAddr) -> bool {
+    text.contains(&format!("server {addr} "))
+}
+
+/// Opens `n` connections through nginx at once and returns the gateway names they reached.
+pub async fn spread(addr: SocketAddr, n: usize) -> Vec<Option<String>> {
+    let mut devices = Vec::new();
+    for _ in 0..n {
+        devices.push(Device::connect(addr).await);
+    }
+    devices.into_iter().map(|d| d.gateway).collect()
+}
+
+/// A counter's value from lb-sync's `/metrics`.
+pub async fn metric(ops: SocketAddr, name: &str) -> Option<f64> {
+    let (_, body) = http_get(ops, "/metrics").await;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Waits until lb-sync has run at least `min` reloads and nginx has logged as many, and
+/// returns that number (nginx -s reload only signals; the master reconfigures a moment later).
+pub async fn settled_reloads(
+    ops: SocketAddr,
+    nginx: &devgate_tests::nginx::Nginx,
+    min: usize,
+) -> usize {
+    wait_for(
+        Duration::from_secs(10),
+        "nginx to catch up with lb-sync's reloads",
+        || async {
+            let ran = metric(ops, "devgate_lb_sync_reloads_total").await? as usize;
+            (ran >= min && nginx.reloads() == ran).then_some(ran)
+        },
+    )
+    .await
+}
