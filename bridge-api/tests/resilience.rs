@@ -220,3 +220,63 @@ async fn shutdown_finishes_inflight_requests_and_ends_sse() {
     assert_eq!(got.1["status"], "acked");
     bridge.stop().await;
 }
+
+#[tokio::test]
+async fn a_slow_sse_client_gets_a_lagged_event_instead_of_blocking_nats() {
+    let nats = NatsServer::start();
+    let gw = start(&nats, "gw-1").await;
+    let bridge = Bridge::start_with(devgate_bridge_api::config::Config {
+        sse_buffer: 1,
+        ..bridge_config(&nats)
+    })
+    .await;
+    let (mut dev, _) = device(&gw, "chatty").await;
+    let sse = bridge
+        .req(Method::GET, "/v1/devices/chatty/messages")
+        .send()
+        .await
+        .expect("sse");
+    let mut sse = SseReader::new(sse);
+
+    // Far more than the socket buffers hold, while the client reads nothing.
+    let chunk = "z".repeat(60_000);
+    let deadline = Instant::now() + WAIT;
+    let mut sent = 0u32;
+    loop {
+        for _ in 0..50 {
+            sent += 1;
+            dev.send_up(0, chunk.clone()).await.expect("up");
+        }
+        let metrics = bridge
+            .http
+            .get(bridge.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        let dropped = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("devgate_bridge_sse_dropped_events_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if dropped > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing dropped after {sent} uplinks"
+        );
+    }
+    // Uplink kept flowing meanwhile: the device is still served.
+    dev.send_up(0, "last").await.expect("up");
+    loop {
+        let (name, data) = sse.next_json().await;
+        if name == "lagged" {
+            assert!(data["dropped"].as_u64().is_some_and(|n| n > 0), "{data}");
+            break;
+        }
+        assert_eq!(name, "up");
+    }
+}
