@@ -703,8 +703,14 @@ impl Session {
         self.shared.config.heartbeat() * 3
     }
 
-    fn next_deadline(&self) -> Instant {
-        let mut d = self.last_frame + self.idle_limit();
+    /// The earliest timer: idle (only while the gateway is reading, i.e. NATS is up), device
+    /// ACK expiry, write stall.
+    fn next_deadline(&self, reading: bool) -> Instant {
+        let mut d = if reading {
+            self.last_frame + self.idle_limit()
+        } else {
+            Instant::now() + self.idle_limit()
+        };
         if let Some((_, t)) = self.ack_deadlines.front() {
             d = d.min(*t);
         }
@@ -716,16 +722,23 @@ impl Session {
 
     async fn run(&mut self) -> End {
         let mut connected = self.shared.bus.connected_watch();
-        let timer = tokio::time::sleep_until(self.next_deadline());
+        let timer = tokio::time::sleep_until(self.next_deadline(true));
         tokio::pin!(timer);
         let max_inflight = self.shared.config.max_inflight;
         let queue_limit = self.shared.config.session_queue_bytes;
+        let mut bus_was_up = true;
         loop {
-            let deadline = self.next_deadline();
+            let bus_up = *connected.borrow_and_update();
+            if bus_up && !bus_was_up {
+                // While NATS was away the gateway, not the device, stopped reading: the
+                // device's heartbeats wait in the socket. Restart the idle clock.
+                self.last_frame = Instant::now();
+            }
+            bus_was_up = bus_up;
+            let deadline = self.next_deadline(bus_up);
             if timer.deadline() != deadline {
                 timer.as_mut().reset(deadline);
             }
-            let bus_up = *connected.borrow_and_update();
             // Backpressure: stop reading (never drop) while NATS is away, while too many UPs
             // await confirmation, or while the device is not reading what we send it.
             let can_read = bus_up
@@ -779,12 +792,7 @@ impl Session {
                 () = &mut timer => self.on_timer().await,
                 // Any change re-evaluates `can_read`: reading stops the moment NATS goes away.
                 changed = connected.changed() => match changed {
-                    Ok(()) => {
-                        // While NATS was away the gateway, not the device, stopped reading:
-                        // the device's heartbeats wait in the socket. Restart the idle clock.
-                        self.last_frame = Instant::now();
-                        Ok(())
-                    }
+                    Ok(()) => Ok(()),
                     Err(_) => Err(End::Shutdown),
                 },
             };

@@ -437,3 +437,25 @@ async fn readiness_follows_nats_and_metrics_count_traffic() {
     assert!(text.contains("devgate_gateway_nats_disconnects_total 1"));
     let _ = HeaderMap::new();
 }
+
+#[tokio::test]
+async fn a_quiet_session_is_not_mistaken_for_a_slow_consumer() {
+    let nats = NatsServer::start();
+    let mut c = config(&nats, "gw-1");
+    c.write_timeout_ms = 200;
+    let gw = start_with(c).await;
+    let (mut dev, _) = device(&gw, "quiet").await;
+    let service = nats.client().await;
+    for round in 0..8 {
+        // Stay quiet for longer than the write timeout; the next DOWN must still go out.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let r = service
+            .request(down("quiet"), Bytes::from(format!("r{round}")))
+            .await
+            .expect("answered");
+        let r: DeliveryReply = serde_json::from_slice(&r.payload).expect("json");
+        assert_eq!(r.status, DeliveryStatus::Sent, "round {round}: {r:?}");
+        let (_, p) = dev.recv_down().await.expect("down");
+        assert_eq!(p, Bytes::from(format!("r{round}")));
+    }
+}

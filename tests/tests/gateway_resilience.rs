@@ -94,6 +94,53 @@ async fn sessions_survive_a_nats_restart_and_unaccepted_uplink_is_never_acked() 
 }
 
 #[tokio::test]
+async fn a_nats_outage_longer_than_the_idle_limit_does_not_close_pinging_devices() {
+    let mut nats = NatsServer::start();
+    let mut c = devgate_tests::gateway::config(&nats, "gw-1");
+    c.heartbeat_s = 1;
+    let gw = devgate_tests::gateway::start_with(c).await;
+    let (mut dev, welcome) = device(&gw, "dev-1").await;
+    nats.stop();
+    // The device keeps its heartbeat for 4 s (> 3 x 1 s) while the gateway cannot read.
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        dev.send(devgate_gateway::codec::Frame::Ping(Bytes::new()))
+            .await
+            .expect("ping");
+    }
+    nats.restart();
+    // Once NATS is back the queued PINGs are answered and the session is the same one.
+    match tokio::time::timeout(WAIT, dev.next_frame())
+        .await
+        .expect("in time")
+        .expect("frame")
+    {
+        Some(devgate_gateway::codec::Frame::Pong(_)) => {}
+        other => panic!("expected PONG after the outage, got {other:?}"),
+    }
+    let service = nats.client().await;
+    let info = loop {
+        match service
+            .request_with_headers(
+                subjects::down(&DeviceId::parse("dev-1").expect("id")),
+                devgate_gateway::contract::headers::control(
+                    devgate_gateway::contract::subjects::ControlOp::Presence,
+                ),
+                Bytes::new(),
+            )
+            .await
+        {
+            Ok(r) => break r,
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                tokio::task::yield_now().await
+            }
+            Err(e) => panic!("presence: {e}"),
+        }
+    };
+    assert!(String::from_utf8_lossy(&info.payload).contains(&welcome.session));
+}
+
+#[tokio::test]
 async fn sigterm_drains_devices_with_spread_goaways_and_exits_cleanly() {
     let nats = NatsServer::start();
     let service = nats.client().await;
