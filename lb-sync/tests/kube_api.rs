@@ -170,11 +170,7 @@ impl FakeApi {
     /// Waits for an apply whose snippet satisfies `check`.
     async fn wait_apply(&self, what: &str, check: impl Fn(&str) -> bool) -> Apply {
         wait_for(Duration::from_secs(15), what, || async {
-            self.applies()
-                .into_iter()
-                .rev()
-                .next()
-                .filter(|a| check(&a.snippet()))
+            self.applies().pop().filter(|a| check(&a.snippet()))
         })
         .await
     }
