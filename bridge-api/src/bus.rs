@@ -250,10 +250,14 @@ impl Bus {
             .publish_with_reply(subjects::STATS, inbox, Bytes::new())
             .await
             .map_err(|e| BusError::Other(e.to_string()))?;
-        let expected = self.instances.live();
+        // Known instances allow an early stop; an unknown or empty set means waiting the window.
+        let expected = self.instances.live().filter(|e| !e.is_empty());
         let deadline = tokio::time::Instant::now() + window;
         let mut seen: BTreeMap<String, GatewayStats> = BTreeMap::new();
-        while expected.is_empty() || !expected.iter().all(|i| seen.contains_key(i)) {
+        while !expected
+            .as_ref()
+            .is_some_and(|e| e.iter().all(|i| seen.contains_key(i)))
+        {
             let next = tokio::select! {
                 next = tokio::time::timeout_at(deadline, replies.next()) => next,
                 () = &mut lost => return Err(BusError::LostMidRequest),
@@ -288,29 +292,57 @@ fn map_request_error(e: &async_nats::RequestError, timeout: Duration) -> BusErro
 }
 
 /// Instances seen on `devgate.gateway.announce`, each with the time it expires.
-#[derive(Default)]
 struct Instances {
-    expiry: Mutex<HashMap<String, Instant>>,
+    /// When listening started: until every instance has had time to announce itself once, the
+    /// set is incomplete and must not cut a scatter request short.
+    started: Instant,
+    state: Mutex<InstancesState>,
+}
+
+#[derive(Default)]
+struct InstancesState {
+    expiry: HashMap<String, Instant>,
+    /// Longest announce period seen, which bounds how long an unseen instance can stay unseen.
+    max_heartbeat: Duration,
+}
+
+/// Announce period assumed before any announce was seen (the gateway's default).
+const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(1_000);
+
+impl Default for Instances {
+    fn default() -> Self {
+        Instances {
+            started: Instant::now(),
+            state: Mutex::new(InstancesState {
+                expiry: HashMap::new(),
+                max_heartbeat: DEFAULT_HEARTBEAT,
+            }),
+        }
+    }
 }
 
 impl Instances {
     fn record(&self, announce: &Announce) {
-        let ttl = Duration::from_millis(announce.heartbeat_ms.max(1)) * MISSED_BEATS;
-        if let Ok(mut map) = self.expiry.lock() {
-            map.insert(announce.instance.clone(), Instant::now() + ttl);
+        let beat = Duration::from_millis(announce.heartbeat_ms.max(1));
+        if let Ok(mut state) = self.state.lock() {
+            state.expiry.insert(
+                announce.instance.clone(),
+                Instant::now() + beat * MISSED_BEATS,
+            );
+            state.max_heartbeat = state.max_heartbeat.max(beat);
         }
     }
 
-    /// Instances whose last announce is recent enough, forgetting the others.
-    fn live(&self) -> HashSet<String> {
+    /// Instances whose last announce is recent enough, forgetting the others; `None` while
+    /// listening has not lasted long enough for every live instance to have announced itself.
+    fn live(&self) -> Option<HashSet<String>> {
         let now = Instant::now();
-        match self.expiry.lock() {
-            Ok(mut map) => {
-                map.retain(|_, expires| *expires > now);
-                map.keys().cloned().collect()
-            }
-            Err(_) => HashSet::new(),
+        let mut state = self.state.lock().ok()?;
+        if now.duration_since(self.started) < state.max_heartbeat * 2 {
+            return None;
         }
+        state.expiry.retain(|_, expires| *expires > now);
+        Some(state.expiry.keys().cloned().collect())
     }
 }
 
@@ -331,4 +363,45 @@ async fn track_announces(
         }
     }
     let _ = announces.unsubscribe().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn announce(instance: &str, heartbeat_ms: u64) -> Announce {
+        Announce {
+            instance: instance.into(),
+            advertise_addr: "127.0.0.1:1".into(),
+            ready: true,
+            draining: false,
+            sessions: 0,
+            heartbeat_ms,
+            started_ms: 0,
+        }
+    }
+
+    #[test]
+    fn the_instance_set_is_trusted_only_after_two_heartbeats_of_listening() {
+        let fresh = Instances::default();
+        fresh.record(&announce("gw-1", 10));
+        assert_eq!(
+            fresh.live(),
+            None,
+            "another instance may not have announced yet"
+        );
+
+        let warm = Instances {
+            started: Instant::now() - Duration::from_secs(5),
+            ..Instances::default()
+        };
+        warm.record(&announce("gw-1", 10));
+        warm.record(&announce("gw-2", 1_000));
+        let live = warm.live().expect("listened long enough");
+        assert_eq!(live.len(), 2);
+        std::thread::sleep(Duration::from_millis(40));
+        let live = warm.live().expect("still warm");
+        assert!(!live.contains("gw-1"), "gw-1 missed three beats");
+        assert!(live.contains("gw-2"));
+    }
 }
