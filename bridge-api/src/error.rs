@@ -41,10 +41,10 @@ pub enum ApiError {
     #[error("{0}")]
     BadRequest(String),
     /// The payload cannot fit one DOWN frame (or the body exceeds the request limit).
-    #[error("payload of {len} bytes exceeds the {max}-byte frame payload limit")]
+    #[error("payload of {} bytes exceeds the {max}-byte frame payload limit", len.map_or_else(|| format!("more than {max}"), |l| l.to_string()))]
     PayloadTooLarge {
-        /// Payload length (or the limit itself when the body was cut off while reading).
-        len: usize,
+        /// Payload length, when known (a body cut off while reading is only known to be longer).
+        len: Option<usize>,
         /// Largest accepted payload.
         max: usize,
     },
@@ -177,7 +177,10 @@ impl From<QueryRejection> for ApiError {
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            return ApiError::BadRequest(format!("request body too large: {}", r.body_text()));
+            return ApiError::BadRequest(format!(
+                "request body too large for a bulk send: {}",
+                r.body_text()
+            ));
         }
         ApiError::BadRequest(format!("bad JSON body: {}", r.body_text()))
     }
@@ -192,13 +195,13 @@ impl From<PathRejection> for ApiError {
 /// Turns a body-reading failure into an error; `max` is the payload limit reported on 413.
 pub fn body_error(r: BytesRejection, max: usize) -> ApiError {
     if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::PayloadTooLarge { len: max + 1, max }
+        ApiError::PayloadTooLarge { len: None, max }
     } else {
         ApiError::BadRequest(format!("cannot read the request body: {}", r.body_text()))
     }
 }
 
-/// The responses every authenticated endpoint can give, for the OpenAPI document.
+/// A handler result whose error renders as the JSON error body.
 pub type Result<T, E = ApiError> = std::result::Result<T, E>;
 
 #[cfg(test)]
@@ -231,7 +234,10 @@ mod tests {
                 "nats_unavailable",
             ),
             (
-                ApiError::PayloadTooLarge { len: 2, max: 1 },
+                ApiError::PayloadTooLarge {
+                    len: Some(2),
+                    max: 1,
+                },
                 413,
                 "payload_too_large",
             ),

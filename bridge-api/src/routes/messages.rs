@@ -147,7 +147,7 @@ async fn deliver(state: &AppState, d: Delivery<'_>) -> Result<(StatusCode, SendR
         DeliveryStatus::Failed if reply.reason.as_deref() == Some("too_large") => {
             // Only reachable when --max-frame-len is larger than the gateway's.
             Err(ApiError::PayloadTooLarge {
-                len,
+                len: Some(len),
                 max: state.config.max_payload_len(),
             })
         }
@@ -158,7 +158,10 @@ async fn deliver(state: &AppState, d: Delivery<'_>) -> Result<(StatusCode, SendR
 fn check_payload(state: &AppState, len: usize) -> Result<(), ApiError> {
     let max = state.config.max_payload_len();
     if len > max {
-        Err(ApiError::PayloadTooLarge { len, max })
+        Err(ApiError::PayloadTooLarge {
+            len: Some(len),
+            max,
+        })
     } else {
         Ok(())
     }
