@@ -351,4 +351,65 @@ mod tests {
             "stays ready: nginx keeps the last good upstream"
         );
     }
+
+    #[tokio::test]
+    async fn a_burst_of_snapshots_becomes_one_apply_of_the_latest() {
+        use crate::endpoints::Endpoint;
+        use crate::sink::file::FileSink;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let output = dir.path().join("upstream.conf");
+        let sink = Sink::File(FileSink::new(
+            output.clone(),
+            "true",
+            "true",
+            Duration::from_secs(5),
+        ));
+        let metrics = Metrics::default();
+        let status = Arc::new(Status::default());
+        let ctx = Context::new(
+            RenderSettings::default(),
+            sink,
+            metrics.clone(),
+            status.clone(),
+        );
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run(
+            rx,
+            ctx,
+            Pacer::new(Duration::from_millis(300), Duration::from_secs(1)),
+            shutdown.clone(),
+        ));
+        let mut endpoints = Vec::new();
+        for i in 1..=5u16 {
+            endpoints.push(Endpoint::ready(([10, 0, 0, 1], 7000 + i).into()));
+            tx.send(Some(Snapshot::now(endpoints.clone())))
+                .expect("controller alive");
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while metrics.applies.get() == 0 {
+            assert!(Instant::now() < deadline, "never applied");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(metrics.renders.get(), 1, "one render for the whole burst");
+        let text = std::fs::read_to_string(&output).expect("written");
+        assert!(
+            text.contains("server 10.0.0.1:7005 "),
+            "latest snapshot applied:\n{text}"
+        );
+        assert!(status.readiness().is_ok());
+
+        // The same set again renders identically: no second apply.
+        tx.send(Some(Snapshot::now(endpoints)))
+            .expect("controller alive");
+        while metrics.renders.get() < 2 {
+            assert!(Instant::now() < deadline, "never re-rendered");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(metrics.applies.get(), 1);
+        assert_eq!(metrics.unchanged.get(), 1);
+        shutdown.cancel();
+        task.await.expect("controller stops");
+    }
 }
