@@ -11,11 +11,6 @@ use devgate_gateway::codec::DEFAULT_MAX_FRAME_LEN;
 use devgate_gateway::common::{ConfigError, LogFormat, Secret, load_config};
 use serde::{Deserialize, Serialize};
 
-/// Bytes a DOWN frame adds around the payload inside `max_frame_len`: the type byte and the
-/// 4-byte sequence number. The gateway refuses (`failed`/`too_large`) any payload longer than
-/// `max_frame_len - DOWN_FRAME_OVERHEAD`, so bridge-api refuses it first, with a 413.
-pub const DOWN_FRAME_OVERHEAD: usize = 1 + 4;
-
 /// Largest `timeout_ms` a caller may ask for: long enough for a sleepy device to ACK, short
 /// enough that a forgotten request does not hold a connection for ever.
 pub const MAX_TIMEOUT_MS: u64 = 60_000;
@@ -38,7 +33,7 @@ pub struct Config {
     /// Serve `/v1` without authentication. Only for local runs; logged loudly.
     pub insecure_no_auth: bool,
     /// The gateways' `max_frame_len`; payloads longer than this minus
-    /// [`DOWN_FRAME_OVERHEAD`] are refused with 413 before NATS is touched.
+    /// the DOWN frame overhead ([`devgate_gateway::codec::max_down_payload_len`]) are refused with 413 before NATS is touched.
     pub max_frame_len: usize,
     /// `timeout_ms` used when a request gives none.
     pub default_timeout_ms: u64,
@@ -151,7 +146,7 @@ impl Config {
 
     /// Largest payload one DOWN frame can carry.
     pub fn max_payload_len(&self) -> usize {
-        self.max_frame_len.saturating_sub(DOWN_FRAME_OVERHEAD)
+        devgate_gateway::codec::max_down_payload_len(self.max_frame_len)
     }
 
     /// `default_timeout_ms` as a duration.

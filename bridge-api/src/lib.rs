@@ -10,7 +10,6 @@
 pub mod auth;
 pub mod bus;
 pub mod config;
-pub mod contract_ext;
 pub mod error;
 pub mod metrics;
 pub mod openapi;

@@ -14,6 +14,12 @@ pub const DEFAULT_MAX_FRAME_LEN: usize = 64 * 1024;
 /// Length of the frame header (the big-endian `L`).
 pub const HEADER_LEN: usize = 4;
 
+/// Largest downlink payload that fits a DOWN frame under `max_frame_len` (type byte and 4-byte
+/// seq come off). The gateway and bridge-api both size-check with this, so they agree exactly.
+pub fn max_down_payload_len(max_frame_len: usize) -> usize {
+    max_frame_len.saturating_sub(1 + 4)
+}
+
 /// Frame type bytes.
 pub mod kind {
     /// device->gateway, first frame: JSON [`super::Hello`].

@@ -190,8 +190,12 @@ pub mod headers {
     pub const SESSION: &str = "Devgate-Session";
     /// On uplink and presence messages: the gateway instance id.
     pub const GATEWAY: &str = "Devgate-Gateway";
-    /// On uplink messages: the device's frame sequence number (0 = device asked for no ack).
+    /// On uplink messages: the device's frame sequence number; present only when non-zero
+    /// (the device asked for an ACK).
     pub const SEQ: &str = "Devgate-Seq";
+    /// On downlink messages from bridge-api: the HTTP `Content-Type` of the body, so a service
+    /// tapping `device.<id>.down` knows how to read the opaque payload.
+    pub const CONTENT_TYPE: &str = "Content-Type";
 }
 
 /// What happened to a downlink request; the body of every reply on `device.<id>.down`.

@@ -893,7 +893,7 @@ impl Session {
     /// A message for the device. Every request gets exactly one reply; a plain publish that
     /// cannot be delivered is counted and, when the queue overflows, closes the session.
     async fn on_downlink(&mut self, msg: Message) -> Result<(), End> {
-        let payload_limit = self.shared.codec.max_frame_len() - 5;
+        let payload_limit = crate::codec::max_down_payload_len(self.shared.codec.max_frame_len());
         if msg.payload.len() > payload_limit {
             let reason = format!(
                 "too_large: payload of {} bytes exceeds {payload_limit}",

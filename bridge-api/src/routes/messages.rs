@@ -22,7 +22,6 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
 use crate::config::MAX_TIMEOUT_MS;
-use crate::contract_ext;
 use crate::error::{ApiError, ErrorBody, body_error};
 use crate::routes::{device_error, device_id};
 
@@ -107,7 +106,7 @@ struct Delivery<'a> {
 async fn deliver(state: &AppState, d: Delivery<'_>) -> Result<(StatusCode, SendResult), ApiError> {
     let mut nats_headers = HeaderMap::new();
     if let Some(ct) = d.content_type {
-        nats_headers.insert(contract_ext::CONTENT_TYPE, ct);
+        nats_headers.insert(devgate_gateway::contract::headers::CONTENT_TYPE, ct);
     }
     let subject = subjects::down(d.device);
     let len = d.payload.len();
