@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use devgate_gateway::codec::DEFAULT_MAX_FRAME_LEN;
-use devgate_gateway::common::{ConfigError, LogFormat, Secret, load_config};
+use devgate_gateway::common::{ConfigError, LogFormat, Secret, Validate, load_validated};
 use serde::{Deserialize, Serialize};
 
 /// Largest `timeout_ms` a caller may ask for: long enough for a sleepy device to ACK, short
@@ -81,9 +81,9 @@ const FRAME_LEN_RANGE: std::ops::RangeInclusive<usize> = 64..=(1 << 20) - 4096;
 /// and every device, so it must not be guessable.
 pub const MIN_TOKEN_LEN: usize = 16;
 
-impl Config {
+impl Validate for Config {
     /// Checks the values together; every problem is reported, not just the first.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
         match (self.api_tokens.is_empty(), self.insecure_no_auth) {
             (true, false) => problems.push(
@@ -143,7 +143,9 @@ impl Config {
             Err(ConfigError::Invalid(problems.join("; ")))
         }
     }
+}
 
+impl Config {
     /// Largest payload one DOWN frame can carry.
     pub fn max_payload_len(&self) -> usize {
         devgate_gateway::codec::max_down_payload_len(self.max_frame_len)
@@ -248,9 +250,7 @@ pub struct Cli {
 impl Cli {
     /// Layers defaults, the config file and these flags into a validated [`Config`].
     pub fn into_config(self) -> Result<Config, ConfigError> {
-        let config: Config = load_config(self.config.as_deref(), &self)?;
-        config.validate()?;
-        Ok(config)
+        load_validated(self.config.as_deref(), &self)
     }
 }
 

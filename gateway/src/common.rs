@@ -79,6 +79,23 @@ where
     Ok(builder.build()?.try_deserialize()?)
 }
 
+/// A configuration that can check itself after parsing (cross-field rules, ranges).
+pub trait Validate {
+    /// Reports every problem at once, as [`ConfigError::Invalid`].
+    fn validate(&self) -> Result<(), ConfigError>;
+}
+
+/// [`load_config`], then [`Validate::validate`]: what every binary's `Cli::into_config` does.
+pub fn load_validated<C, O>(file: Option<&Path>, overrides: &O) -> Result<C, ConfigError>
+where
+    C: DeserializeOwned + Validate,
+    O: Serialize,
+{
+    let config: C = load_config(file, overrides)?;
+    config.validate()?;
+    Ok(config)
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]

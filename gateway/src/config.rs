@@ -9,7 +9,7 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::DeviceAuth;
-use crate::common::{ConfigError, LogFormat, Secret, load_config};
+use crate::common::{ConfigError, LogFormat, Secret, Validate, load_validated};
 use crate::contract::validate_instance_id;
 
 /// Everything the gateway can be told. Field names are the config-file keys; each is also a
@@ -102,9 +102,9 @@ impl Default for Config {
 /// default 1 MiB `max_payload` so every accepted frame can be published.
 const FRAME_LEN_RANGE: std::ops::RangeInclusive<usize> = 64..=(1 << 20) - 4096;
 
-impl Config {
+impl Validate for Config {
     /// Checks the values together; every problem is reported, not just the first.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
         match (&self.auth_secret, self.insecure_no_auth) {
             (None, false) => problems.push(
@@ -163,7 +163,9 @@ impl Config {
             Err(ConfigError::Invalid(problems.join("; ")))
         }
     }
+}
 
+impl Config {
     /// The instance id: configured, or the host name made subject-safe.
     pub fn instance_id(&self) -> String {
         self.instance_id.clone().unwrap_or_else(default_instance_id)
@@ -334,9 +336,7 @@ pub struct Cli {
 impl Cli {
     /// Layers defaults, the config file and these flags into a validated [`Config`].
     pub fn into_config(self) -> Result<Config, ConfigError> {
-        let config: Config = load_config(self.config.as_deref(), &self)?;
-        config.validate()?;
-        Ok(config)
+        load_validated(self.config.as_deref(), &self)
     }
 }
 

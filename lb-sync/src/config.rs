@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use devgate_gateway::common::{ConfigError, LogFormat, Secret, load_config};
+use devgate_gateway::common::{ConfigError, LogFormat, Secret, Validate, load_validated};
 use serde::{Deserialize, Serialize};
 
 use crate::endpoints::{Endpoint, parse_static_endpoint};
@@ -147,9 +147,9 @@ fn is_dns_name(s: &str) -> bool {
         && !s.ends_with(['-', '.'])
 }
 
-impl Config {
+impl Validate for Config {
     /// Checks the values together; every problem is reported, not just the first.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
         if self.upstream_name.is_empty()
             || !self
@@ -284,7 +284,9 @@ impl Config {
             Err(ConfigError::Invalid(problems.join("; ")))
         }
     }
+}
 
+impl Config {
     /// The static endpoints, parsed (validation reports the first bad entry).
     pub fn parsed_static_endpoints(&self) -> Result<Vec<Endpoint>, String> {
         self.static_endpoints
@@ -457,9 +459,7 @@ pub struct Cli {
 impl Cli {
     /// Layers defaults, the config file and these flags into a validated [`Config`].
     pub fn into_config(self) -> Result<Config, ConfigError> {
-        let config: Config = load_config(self.config.as_deref(), &self)?;
-        config.validate()?;
-        Ok(config)
+        load_validated(self.config.as_deref(), &self)
     }
 }
 

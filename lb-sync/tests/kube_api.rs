@@ -4,6 +4,7 @@
 
 mod common;
 
+use devgate_gateway::common::Validate;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

@@ -8,6 +8,7 @@
 
 mod common;
 
+use devgate_gateway::common::Validate;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 

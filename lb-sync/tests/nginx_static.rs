@@ -3,6 +3,7 @@
 
 mod common;
 
+use devgate_gateway::common::Validate;
 use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::Duration;

@@ -1,5 +1,6 @@
 //! In-process gateways wired to a test nats-server, and devices that log in to them.
 
+use devgate_gateway::common::Validate;
 use std::time::Duration;
 
 use devgate_gateway::auth::device_token;

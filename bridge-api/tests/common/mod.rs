@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use devgate_gateway::common::Validate;
 use std::time::Duration;
 
 use devgate_bridge_api::BridgeApi;
