@@ -1,0 +1,523 @@
+//! The NATS server configurations in `nats/`: the real nats-server accepts each of them, and
+//! the accounts in `nats/accounts.conf` grant every devgate role exactly what it needs. The
+//! permission tests run a real gateway (and its devices) as the `gateway` user, so a rule the
+//! gateway's code needs but the file forgot fails here, not in a cluster.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use async_nats::{Client, ConnectOptions, Event, HeaderMap};
+use bytes::Bytes;
+use devgate_gateway::common::Secret;
+use devgate_gateway::config::Config;
+use devgate_gateway::contract::{
+    Announce, DeliveryReply, DeliveryStatus, DeviceId, GatewayStats, PresenceInfo, SessionList,
+    headers, subjects,
+};
+use devgate_gateway::server::Gateway;
+use devgate_tests::bins::{tool, workspace_root};
+use devgate_tests::gateway::{SECRET, device, start_with};
+use futures::StreamExt;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+/// Every user of `nats/accounts.conf`, its password variable and the password the tests use.
+const USERS: &[(&str, &str, &str)] = &[
+    (
+        "gateway",
+        "DEVGATE_NATS_GATEWAY_PASSWORD",
+        "gateway-test-pass",
+    ),
+    (
+        "bridge-api",
+        "DEVGATE_NATS_BRIDGE_API_PASSWORD",
+        "bridge-test-pass",
+    ),
+    ("lb-sync", "DEVGATE_NATS_LB_SYNC_PASSWORD", "lb-test-pass"),
+    (
+        "service",
+        "DEVGATE_NATS_SERVICE_PASSWORD",
+        "service-test-pass",
+    ),
+    ("sys", "DEVGATE_NATS_SYS_PASSWORD", "sys-test-pass"),
+];
+
+fn nats_dir() -> PathBuf {
+    workspace_root().join("nats")
+}
+
+fn nats_server() -> PathBuf {
+    tool("nats-server", "NATS_SERVER_BIN")
+}
+
+fn password(user: &str) -> &'static str {
+    USERS
+        .iter()
+        .find(|(u, _, _)| *u == user)
+        .map(|(_, _, p)| *p)
+        .unwrap_or_else(|| panic!("no such user {user}"))
+}
+
+/// The environment the cluster config expects from its pod (see `nats/cluster.conf`).
+fn cluster_env() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("POD_NAME", "devgate-nats-0"),
+        (
+            "NATS_ROUTES",
+            "[nats://route:route-pass@devgate-nats-1.devgate-nats-headless:6222, \
+             nats://route:route-pass@devgate-nats-2.devgate-nats-headless:6222]",
+        ),
+        ("NATS_ROUTE_PASSWORD", "route-pass"),
+        ("NATS_JS_MAX_MEMORY", "256MB"),
+        ("NATS_JS_MAX_FILE", "9GB"),
+    ]
+}
+
+/// `nats-server -t -c <conf>` (config check mode) with `env`; `Err` carries its output.
+pub fn config_check(conf: &Path, env: &[(&str, &str)]) -> Result<String, String> {
+    let out = Command::new(nats_server())
+        .arg("-t")
+        .arg("-c")
+        .arg(conf)
+        .env_clear()
+        .envs(env.iter().copied())
+        .output()
+        .unwrap_or_else(|e| panic!("running nats-server -t: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(text)
+    }
+}
+
+fn user_env() -> Vec<(&'static str, &'static str)> {
+    USERS.iter().map(|(_, var, pass)| (*var, *pass)).collect()
+}
+
+#[test]
+fn every_config_in_nats_dir_passes_the_servers_config_check() {
+    let dir = nats_dir();
+    config_check(&dir.join("local.conf"), &[]).expect("local.conf (no auth) is valid");
+    config_check(&dir.join("local-auth.conf"), &user_env()).expect("local-auth.conf is valid");
+    let mut env = user_env();
+    env.extend(cluster_env());
+    config_check(&dir.join("cluster.conf"), &env).expect("cluster.conf is valid");
+}
+
+#[test]
+fn a_missing_password_variable_is_refused_by_name() {
+    let env: Vec<_> = user_env()
+        .into_iter()
+        .filter(|(var, _)| *var != "DEVGATE_NATS_SERVICE_PASSWORD")
+        .collect();
+    let err = config_check(&nats_dir().join("local-auth.conf"), &env)
+        .expect_err("a missing password must fail the check");
+    assert!(err.contains("DEVGATE_NATS_SERVICE_PASSWORD"), "{err}");
+}
+
+#[test]
+fn the_cluster_config_needs_its_routes() {
+    let mut env = user_env();
+    env.extend(
+        cluster_env()
+            .into_iter()
+            .filter(|(k, _)| *k != "NATS_ROUTES"),
+    );
+    let err = config_check(&nats_dir().join("cluster.conf"), &env)
+        .expect_err("no routes must fail the check");
+    assert!(err.contains("NATS_ROUTES"), "{err}");
+}
+
+/// nats-server running `nats/local-auth.conf` on a random loopback port, killed on drop.
+struct AuthNats {
+    child: Child,
+    port: u16,
+}
+
+impl AuthNats {
+    fn start() -> AuthNats {
+        let mut child = Command::new(nats_server())
+            .arg("-c")
+            .arg(nats_dir().join("local-auth.conf"))
+            .args(["-a", "127.0.0.1", "-p", "-1", "-m", "0"])
+            .envs(user_env())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting nats-server: {e}"));
+        let stderr = child.stderr.take().unwrap_or_else(|| unreachable!("piped"));
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if !sent
+                    && let Some(addr) = line.split("Listening for client connections on ").nth(1)
+                {
+                    let _ = tx.send(addr.rsplit(':').next().and_then(|p| p.trim().parse().ok()));
+                    sent = true;
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Some(port)) => AuthNats { child, port },
+            other => {
+                let _ = child.kill();
+                panic!("nats-server with local-auth.conf did not start: {other:?}")
+            }
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Connects as `user`; server errors (permission violations) arrive on the receiver.
+    async fn connect(&self, user: &str) -> (Client, tokio::sync::mpsc::Receiver<String>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let client = ConnectOptions::with_user_and_password(user.into(), password(user).into())
+            .event_callback(move |event| {
+                let tx = tx.clone();
+                async move {
+                    if let Event::ServerError(e) = event {
+                        // Full: the test already has more errors than it will read.
+                        let _ = tx.try_send(e.to_string());
+                    }
+                }
+            })
+            .connect(self.url())
+            .await
+            .unwrap_or_else(|e| panic!("connecting as {user}: {e}"));
+        (client, rx)
+    }
+
+    /// A real gateway logged in as the `gateway` user.
+    async fn gateway(&self, instance: &str) -> Gateway {
+        start_with(Config {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            http_listen: "127.0.0.1:0".parse().expect("addr"),
+            nats_url: self.url(),
+            nats_user: Some("gateway".into()),
+            nats_password: Some(Secret::new(password("gateway"))),
+            instance_id: Some(instance.to_owned()),
+            auth_secret: Some(Secret::new(SECRET)),
+            drain_window_ms: 300,
+            announce_interval_ms: 200,
+            ..Config::default()
+        })
+        .await
+    }
+}
+
+impl Drop for AuthNats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits for the server to report a permission violation naming `subject`.
+async fn violation(errors: &mut tokio::sync::mpsc::Receiver<String>, kind: &str, subject: &str) {
+    let error = tokio::time::timeout(WAIT, errors.recv())
+        .await
+        .unwrap_or_else(|_| panic!("no permission violation for {kind} {subject}"))
+        .unwrap_or_else(|| panic!("connection gone before the violation for {subject}"));
+    let lower = error.to_lowercase();
+    assert!(
+        lower.contains("permissions violation")
+            && lower.contains(kind)
+            && error.contains(&format!("\"{subject}\"")),
+        "expected a {kind} violation for {subject}, got {error}"
+    );
+}
+
+/// A round trip that proves the server has processed everything `client` sent before (its
+/// subscriptions included): a request to `subject`, which nobody subscribes to, answered "no
+/// responders" by the server itself. (`flush()` only means "written to the socket".)
+async fn barrier(client: &Client, subject: &str) {
+    let err = tokio::time::timeout(WAIT, client.request(subject.to_owned(), Bytes::new()))
+        .await
+        .unwrap_or_else(|_| panic!("barrier request on {subject} timed out"))
+        .expect_err("nobody subscribes to the barrier subject");
+    assert_eq!(
+        err.kind(),
+        async_nats::client::RequestErrorKind::NoResponders,
+        "{err}"
+    );
+}
+
+fn id(s: &str) -> DeviceId {
+    DeviceId::parse(s).expect("valid id")
+}
+
+async fn next_json<T: serde::de::DeserializeOwned>(sub: &mut async_nats::Subscriber) -> T {
+    let msg = tokio::time::timeout(WAIT, sub.next())
+        .await
+        .expect("message in time")
+        .expect("subscription open");
+    serde_json::from_slice(&msg.payload).expect("json body")
+}
+
+#[tokio::test]
+async fn a_service_reaches_devices_but_cannot_take_their_downlink() {
+    let nats = AuthNats::start();
+    let gw = nats.gateway("gw-1").await;
+    let (mut dev, welcome) = device(&gw, "dev-1").await;
+    let (service, mut errors) = nats.connect("service").await;
+
+    // Publish / request on device.*.down, replies on _INBOX.>: the gateway answers.
+    let reply = service
+        .request(subjects::down(&id("dev-1")), Bytes::from_static(b"hello"))
+        .await
+        .expect("the holding gateway answers the service");
+    let reply: DeliveryReply = serde_json::from_slice(&reply.payload).expect("json reply");
+    assert_eq!(reply.status, DeliveryStatus::Sent);
+    assert_eq!(reply.session, welcome.session);
+    let (_, payload) = tokio::time::timeout(WAIT, dev.recv_down())
+        .await
+        .expect("in time")
+        .expect("down");
+    assert_eq!(&payload[..], b"hello");
+
+    // Subscribe device.*.up: an UP asking for an ACK arrives, and the gateway's barrier (its
+    // publish on devgate.barrier.<instance>) works under its permissions, so the device gets
+    // its ACK.
+    let mut up = service.subscribe(subjects::ALL_UP).await.expect("sub up");
+    barrier(&service, "device.barrier-probe.down").await;
+    dev.send_up(7, Bytes::from_static(b"reading"))
+        .await
+        .expect("send up");
+    let msg = tokio::time::timeout(WAIT, up.next())
+        .await
+        .expect("uplink in time")
+        .expect("open");
+    assert_eq!(msg.subject.as_str(), "device.dev-1.up");
+    assert_eq!(&msg.payload[..], b"reading");
+    let acked = tokio::time::timeout(WAIT, dev.recv_ack())
+        .await
+        .expect("ack in time")
+        .expect("ack");
+    assert_eq!(acked, 7);
+
+    // A service may not listen on device.*.down: the server refuses the subscription, so it
+    // registers no interest and an offline device still means "no responders" at once.
+    let _denied = service
+        .subscribe("device.nobody.down")
+        .await
+        .expect("client-side subscribe");
+    violation(&mut errors, "subscription", "device.nobody.down").await;
+    let err = service
+        .request(subjects::down(&id("nobody")), Bytes::from_static(b"x"))
+        .await
+        .expect_err("nobody holds the device");
+    assert_eq!(
+        err.kind(),
+        async_nats::client::RequestErrorKind::NoResponders,
+        "{err}"
+    );
+
+    // Nor publish what only gateways publish, nor listen on the barrier subjects.
+    for subject in [
+        "device.dev-1.up",
+        "device.dev-1.presence",
+        "devgate.gateway.announce",
+        "devgate.barrier.gw-1",
+    ] {
+        service
+            .publish(subject, Bytes::from_static(b"forged"))
+            .await
+            .expect("client-side publish");
+        violation(&mut errors, "publish", subject).await;
+    }
+    let _denied = service.subscribe("devgate.barrier.>").await.expect("sub");
+    violation(&mut errors, "subscription", "devgate.barrier.>").await;
+
+    // The forged UP never reached the uplink subscriber: the next uplink is the device's own.
+    dev.send_up(0, Bytes::from_static(b"genuine"))
+        .await
+        .expect("send up");
+    let msg = tokio::time::timeout(WAIT, up.next())
+        .await
+        .expect("uplink in time")
+        .expect("open");
+    assert_eq!(&msg.payload[..], b"genuine");
+    gw.shutdown().await.expect("gateway stops");
+}
+
+#[tokio::test]
+async fn bridge_api_can_make_every_call_it_makes() {
+    let nats = AuthNats::start();
+    let (bridge, mut errors) = nats.connect("bridge-api").await;
+    let mut announces = bridge.subscribe(subjects::ANNOUNCE).await.expect("sub");
+    let mut presence = bridge
+        .subscribe(subjects::ALL_PRESENCE_EVENTS)
+        .await
+        .expect("sub");
+    barrier(&bridge, "device.barrier-probe.down").await;
+    let gw = nats.gateway("gw-1").await;
+    let announce: Announce = next_json(&mut announces).await;
+    assert_eq!(announce.instance, "gw-1");
+    let (_dev, welcome) = device(&gw, "dev-1").await;
+    let event: devgate_gateway::contract::PresenceEvent = next_json(&mut presence).await;
+    assert_eq!(event.session, welcome.session);
+
+    // The stats scatter, the way bridge-api sends it: its own inbox, then publish with reply.
+    let inbox = bridge.new_inbox();
+    let mut replies = bridge.subscribe(inbox.clone()).await.expect("sub inbox");
+    bridge
+        .publish_with_reply(subjects::STATS, inbox, Bytes::new())
+        .await
+        .expect("publish stats");
+    let stats: GatewayStats = next_json(&mut replies).await;
+    assert_eq!((stats.instance.as_str(), stats.sessions), ("gw-1", 1));
+
+    let page = bridge
+        .request(
+            subjects::sessions("gw-1"),
+            Bytes::from_static(br#"{"limit":10}"#),
+        )
+        .await
+        .expect("sessions request answered");
+    let page: SessionList = serde_json::from_slice(&page.payload).expect("json");
+    assert_eq!(page.sessions.len(), 1);
+
+    let info = bridge
+        .request_with_headers(
+            subjects::down(&id("dev-1")),
+            headers::control(subjects::ControlOp::Presence),
+            Bytes::new(),
+        )
+        .await
+        .expect("presence answered");
+    let info: PresenceInfo = serde_json::from_slice(&info.payload).expect("json");
+    assert_eq!(info.gateway, "gw-1");
+
+    let mut ack = HeaderMap::new();
+    ack.insert(headers::CONTENT_TYPE, "text/plain");
+    let reply = bridge
+        .request_with_headers(subjects::down(&id("dev-1")), ack, Bytes::from_static(b"hi"))
+        .await
+        .expect("delivery answered");
+    let reply: DeliveryReply = serde_json::from_slice(&reply.payload).expect("json");
+    assert_eq!(reply.status, DeliveryStatus::Sent);
+
+    // And nothing a gateway alone may do.
+    let _denied = bridge.subscribe("device.*.down").await.expect("sub");
+    violation(&mut errors, "subscription", "device.*.down").await;
+    bridge
+        .publish("device.dev-1.up", Bytes::from_static(b"forged"))
+        .await
+        .expect("publish");
+    violation(&mut errors, "publish", "device.dev-1.up").await;
+    gw.shutdown().await.expect("gateway stops");
+}
+
+#[tokio::test]
+async fn gateways_hold_downlink_and_answer_each_others_claims() {
+    let nats = AuthNats::start();
+    // Two raw gateway-user connections stand in for two instances (claims go between them).
+    let (holder, mut holder_errors) = nats.connect("gateway").await;
+    let (claimant, _) = nats.connect("gateway").await;
+    let mut down = holder
+        .subscribe("device.dev-9.down")
+        .await
+        .expect("sub down");
+    let mut stats = holder.subscribe(subjects::STATS).await.expect("sub stats");
+    let mut sessions = holder
+        .subscribe(subjects::sessions("gw-9"))
+        .await
+        .expect("sub sessions");
+    barrier(&holder, "devgate.barrier.test-holder").await;
+
+    let claim = claimant.request_with_headers(
+        subjects::down(&id("dev-9")),
+        headers::control(subjects::ControlOp::Claim),
+        Bytes::from_static(b"{}"),
+    );
+    let answer = async {
+        let msg = tokio::time::timeout(WAIT, down.next())
+            .await
+            .expect("claim in time")
+            .expect("open");
+        let reply = msg.reply.expect("a claim is a request");
+        holder
+            .publish(reply, Bytes::from_static(b"released"))
+            .await
+            .expect("reply to claim");
+    };
+    let (reply, ()) = tokio::join!(claim, answer);
+    assert_eq!(&reply.expect("claim answered").payload[..], b"released");
+
+    // The stats scatter and the sessions request reach the instance, and it may answer.
+    let (service, _) = nats.connect("service").await;
+    for (sub, subject) in [
+        (&mut stats, subjects::STATS.to_owned()),
+        (&mut sessions, subjects::sessions("gw-9")),
+    ] {
+        let request = service.request(subject, Bytes::new());
+        let answer = async {
+            let msg = tokio::time::timeout(WAIT, sub.next())
+                .await
+                .expect("request in time")
+                .expect("open");
+            holder
+                .publish(msg.reply.expect("request"), Bytes::from_static(b"{}"))
+                .await
+                .expect("reply");
+        };
+        let (reply, ()) = tokio::join!(request, answer);
+        reply.expect("the gateway's reply reaches the service");
+    }
+
+    // Even gateways may not listen on the barrier or on uplink.
+    for subject in ["devgate.barrier.>", "device.*.up"] {
+        let _denied = holder.subscribe(subject).await.expect("sub");
+        violation(&mut holder_errors, "subscription", subject).await;
+    }
+}
+
+#[tokio::test]
+async fn lb_sync_only_hears_announcements() {
+    let nats = AuthNats::start();
+    let (lb, mut errors) = nats.connect("lb-sync").await;
+    // Announcements repeat every 200 ms, so a subscription that lands late still hears one.
+    let mut announces = lb.subscribe(subjects::ANNOUNCE).await.expect("sub");
+    let gw = nats.gateway("gw-1").await;
+    let announce: Announce = next_json(&mut announces).await;
+    assert_eq!(announce.instance, "gw-1");
+    let _denied = lb.subscribe(subjects::ALL_UP).await.expect("sub");
+    violation(&mut errors, "subscription", "device.*.up").await;
+    lb.publish("device.dev-1.down", Bytes::from_static(b"x"))
+        .await
+        .expect("publish");
+    violation(&mut errors, "publish", "device.dev-1.down").await;
+    gw.shutdown().await.expect("gateway stops");
+}
+
+#[tokio::test]
+async fn a_wrong_password_is_refused() {
+    let nats = AuthNats::start();
+    let err = ConnectOptions::with_user_and_password("service".into(), "not-the-password".into())
+        .connect(nats.url())
+        .await
+        .expect_err("a wrong password must be refused");
+    assert!(
+        err.to_string().to_lowercase().contains("authorization"),
+        "{err}"
+    );
+    let err = ConnectOptions::new()
+        .connect(nats.url())
+        .await
+        .expect_err("no credentials must be refused");
+    assert!(
+        err.to_string().to_lowercase().contains("authorization"),
+        "{err}"
+    );
+}
