@@ -56,3 +56,22 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     );
     bin
 }
+
+/// A tool that `bash .ci/install-tools` installs into the project (`.tools/bin`, or the
+/// `.tools/venv/bin` Python venv): helm, kubernetes-validate, the venv's python. `$<ENV>`
+/// overrides. Panics with the command to run when it is missing, so no test skips silently.
+pub fn installed_tool(name: &str, env: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(env)
+        && !p.is_empty()
+    {
+        return PathBuf::from(p);
+    }
+    let root = workspace_root();
+    for dir in [".tools/bin", ".tools/venv/bin"] {
+        let p = root.join(dir).join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("{name} is not installed: run `bash .ci/install-tools` (or set {env})")
+}

@@ -1,0 +1,148 @@
+{{/* Names. */}}
+{{- define "devgate.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "devgate.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "devgate.gateway.fullname" -}}{{ include "devgate.fullname" . }}-gateway{{- end -}}
+{{- define "devgate.bridgeApi.fullname" -}}{{ include "devgate.fullname" . }}-bridge-api{{- end -}}
+{{- define "devgate.nginx.fullname" -}}{{ include "devgate.fullname" . }}-nginx{{- end -}}
+{{- define "devgate.lbSync.fullname" -}}{{ include "devgate.fullname" . }}-lb-sync{{- end -}}
+{{- define "devgate.nats.fullname" -}}{{ include "devgate.fullname" . }}-nats{{- end -}}
+{{- define "devgate.secretName" -}}
+{{- default (include "devgate.fullname" .) .Values.secrets.existingSecret -}}
+{{- end -}}
+
+{{/* Labels: common ones, and the selector of one component (pass (list $ "component")). */}}
+{{- define "devgate.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "devgate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "devgate.selector" -}}
+{{- $ := index . 0 -}}
+app.kubernetes.io/name: {{ include "devgate.name" $ }}
+app.kubernetes.io/instance: {{ $.Release.Name }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end -}}
+
+{{- define "devgate.componentLabels" -}}
+{{ include "devgate.labels" (index . 0) }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end -}}
+
+{{/* Images. */}}
+{{- define "devgate.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "devgate.nginx.image" -}}
+{{- if .Values.nginx.image.repository -}}
+{{- printf "%s:%s" .Values.nginx.image.repository (default "stable" .Values.nginx.image.tag) -}}
+{{- else -}}
+{{- include "devgate.image" . -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Prometheus scrape annotations for a pod serving /metrics on `port` (pass (list $ port)). */}}
+{{- define "devgate.scrapeAnnotations" -}}
+{{- $ := index . 0 -}}
+{{- if $.Values.metrics.podAnnotations }}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ index . 1 | quote }}
+prometheus.io/path: /metrics
+{{- end }}
+{{- end -}}
+
+{{/* NATS client URL every component uses. */}}
+{{- define "devgate.nats.url" -}}
+{{- if .Values.nats.enabled -}}
+{{- printf "nats://%s.%s.svc:4222" (include "devgate.nats.fullname" .) .Release.Namespace -}}
+{{- else -}}
+{{- required "nats.url is required when nats.enabled=false (the existing NATS to use)" .Values.nats.url -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Whether components connect to NATS with a user and password. */}}
+{{- define "devgate.nats.auth" -}}
+{{- if or .Values.nats.enabled .Values.nats.external.auth -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+NATS connection env of a component: (list $ "gateway"|"bridgeApi").
+The in-cluster NATS has fixed user names (nats/accounts.conf); an existing NATS uses
+nats.external.users.
+*/}}
+{{- define "devgate.nats.env" -}}
+{{- $ := index . 0 -}}
+{{- $role := index . 1 -}}
+{{- $users := dict "gateway" "gateway" "bridgeApi" "bridge-api" -}}
+{{- $keys := dict "gateway" "nats-gateway-password" "bridgeApi" "nats-bridge-api-password" -}}
+- name: DEVGATE_NATS_URL
+  value: {{ include "devgate.nats.url" $ | quote }}
+{{- if include "devgate.nats.auth" $ }}
+- name: DEVGATE_NATS_USER
+  value: {{ ternary (get $users $role) (get $.Values.nats.external.users $role) $.Values.nats.enabled | quote }}
+- name: DEVGATE_NATS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "devgate.secretName" $ }}
+      key: {{ get $keys $role }}
+{{- end }}
+{{- end -}}
+
+{{/* The gateway's terminationGracePeriodSeconds: preStop sleep + drain window + 5 s gateway
+grace + 5 s margin. */}}
+{{- define "devgate.gateway.terminationGrace" -}}
+{{- $drainS := div (add .Values.gateway.drainWindowMs 999) 1000 -}}
+{{- add .Values.gateway.preStopSleepSeconds $drainS 5 5 -}}
+{{- end -}}
+
+{{/* Checks across values that a schema cannot express. */}}
+{{- define "devgate.validate" -}}
+{{- if not (has .Values.loadBalancer.mode (list "nginx" "ingressController")) -}}
+{{- fail (printf "loadBalancer.mode %q: choose nginx or ingressController" .Values.loadBalancer.mode) -}}
+{{- end -}}
+{{- if and (eq .Values.loadBalancer.mode "ingressController") (not .Values.ingressController.configMapName) -}}
+{{- fail "loadBalancer.mode=ingressController needs ingressController.configMapName (the NGINX Inc. ingress controller's ConfigMap, in the release namespace)" -}}
+{{- end -}}
+{{- if and .Values.nats.enabled (eq (mod (int .Values.nats.replicas) 2) 0) -}}
+{{- fail (printf "nats.replicas %v: use an odd number (1, 3, 5) so JetStream keeps a quorum" .Values.nats.replicas) -}}
+{{- end -}}
+{{- if and .Values.nats.enabled .Values.nats.url -}}
+{{- fail "nats.url is only for an existing NATS: set nats.enabled=false to use it, or leave it empty" -}}
+{{- end -}}
+{{- if and .Values.secrets.deviceAuthSecret (lt (len .Values.secrets.deviceAuthSecret) 16) -}}
+{{- fail "secrets.deviceAuthSecret must be at least 16 characters (the gateway refuses shorter ones)" -}}
+{{- end -}}
+{{- range .Values.secrets.apiTokens -}}
+{{- if lt (len .) 16 -}}
+{{- fail "every secrets.apiTokens entry must be at least 16 characters (bridge-api refuses shorter ones)" -}}
+{{- end -}}
+{{- if contains "," . -}}
+{{- fail "secrets.apiTokens entries must not contain commas (they are joined with commas)" -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.secrets.nats.routePassword (not (regexMatch "^[A-Za-z0-9_-]+$" .Values.secrets.nats.routePassword)) -}}
+{{- fail "secrets.nats.routePassword must be URL-safe (A-Z a-z 0-9 _ -): it is part of the route URLs" -}}
+{{- end -}}
+{{- $idle := mul .Values.gateway.heartbeatS 3 -}}
+{{- if le (int .Values.lbSync.proxyTimeoutS) (int $idle) -}}
+{{- fail (printf "lbSync.proxyTimeoutS %v must exceed the gateway idle limit 3 x gateway.heartbeatS = %v s, or nginx cuts quiet devices" .Values.lbSync.proxyTimeoutS $idle) -}}
+{{- end -}}
+{{- end -}}

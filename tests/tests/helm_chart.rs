@@ -1,0 +1,890 @@
+//! The Helm chart (`helm/devgate`), checked with real tools since no cluster runs here:
+//! `helm lint --strict` and `helm template` (helm v4) for the default values and every
+//! documented combination in `helm/devgate/ci/`, `kubernetes-validate` (the Kubernetes OpenAPI
+//! schemas, offline, strict) on every rendered manifest, the real `nats-server -t` on the
+//! rendered NATS configuration with the pod's environment, the real `nginx -t` on the rendered
+//! nginx configuration through lb-sync's own validate command, and lb-sync's RBAC against the
+//! calls its code makes. Tools come from `bash .ci/install-tools`; a missing one fails the test.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::{Value, json};
+
+use devgate_tests::bins::{installed_tool, tool, workspace_root};
+
+/// The Kubernetes version the manifests are validated against: the one the workspace's
+/// k8s-openapi feature (`v1_33`) targets.
+const KUBERNETES_VERSION: &str = "1.33.0";
+const RELEASE: &str = "devgate";
+const NAMESPACE: &str = "devgate";
+/// The Debian nginx used by the tests loads the stream module dynamically; the official image
+/// (the chart's default) has it built in.
+const DEBIAN_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
+
+fn chart() -> PathBuf {
+    workspace_root().join("helm/devgate")
+}
+
+fn helm_bin() -> PathBuf {
+    installed_tool("helm", "HELM_BIN")
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A documented values combination: the defaults, or one file of `helm/devgate/ci/`.
+#[derive(Debug, Clone)]
+struct Combo {
+    name: String,
+    file: Option<PathBuf>,
+}
+
+fn combos() -> Vec<Combo> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(chart().join("ci"))
+        .expect("helm/devgate/ci exists")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(
+        files.len() >= 5,
+        "expected the documented combinations in ci/"
+    );
+    std::iter::once(Combo {
+        name: "default".into(),
+        file: None,
+    })
+    .chain(files.into_iter().map(|f| {
+        Combo {
+            name: f
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .expect("utf8 name")
+                .to_owned(),
+            file: Some(f),
+        }
+    }))
+    .collect()
+}
+
+fn combo(name: &str) -> Combo {
+    combos()
+        .into_iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no combination {name}"))
+}
+
+fn values_args(combo: &Combo, sets: &[&str]) -> Vec<String> {
+    let mut args = Vec::new();
+    if let Some(f) = &combo.file {
+        args.push("-f".to_owned());
+        args.push(f.display().to_string());
+    }
+    for s in sets {
+        args.push("--set".to_owned());
+        args.push((*s).to_owned());
+    }
+    args
+}
+
+/// `helm template` of the chart; `Err` carries helm's output.
+fn try_template(combo: &Combo, sets: &[&str]) -> Result<String, String> {
+    let out = run(Command::new(helm_bin())
+        .args(["template", RELEASE])
+        .arg(chart())
+        .args(["--namespace", NAMESPACE])
+        .args(values_args(combo, sets)));
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(text(&out))
+    }
+}
+
+fn template(combo: &Combo, sets: &[&str]) -> String {
+    try_template(combo, sets)
+        .unwrap_or_else(|e| panic!("helm template ({}) failed:\n{e}", combo.name))
+}
+
+/// Multi-document YAML to JSON values, with the venv's PyYAML (installed with
+/// kubernetes-validate); empty documents are dropped.
+fn parse(yaml: &str) -> Vec<Value> {
+    use std::io::Write as _;
+    let mut child = Command::new(installed_tool("python3", "DEVGATE_TOOLS_PYTHON"))
+        .args([
+            "-c",
+            "import sys, json, yaml\n\
+             json.dump([d for d in yaml.safe_load_all(sys.stdin) if d], sys.stdout)",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 from .tools/venv");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(yaml.as_bytes())
+        .expect("write yaml");
+    let out = child.wait_with_output().expect("python output");
+    assert!(out.status.success(), "YAML did not parse: {}", text(&out));
+    serde_json::from_slice(&out.stdout).expect("json from python")
+}
+
+fn render(combo: &Combo, sets: &[&str]) -> Vec<Value> {
+    parse(&template(combo, sets))
+}
+
+fn kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    docs.iter().filter(|d| d["kind"] == kind).collect()
+}
+
+fn one<'a>(docs: &'a [Value], k: &str, name: &str) -> &'a Value {
+    let found: Vec<_> = kind(docs, k)
+        .into_iter()
+        .filter(|d| d["metadata"]["name"] == name)
+        .collect();
+    assert_eq!(found.len(), 1, "expected one {k} {name}");
+    found[0]
+}
+
+fn container<'a>(workload: &'a Value, name: &str) -> &'a Value {
+    workload["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .expect("containers")
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+/// A container's literal env values (`value:` entries).
+fn env_values(c: &Value) -> BTreeMap<String, String> {
+    c["env"]
+        .as_array()
+        .map(|env| {
+            env.iter()
+                .filter_map(|e| {
+                    Some((
+                        e["name"].as_str()?.to_owned(),
+                        e["value"].as_str()?.to_owned(),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn env_value(c: &Value, name: &str) -> String {
+    env_values(c)
+        .remove(name)
+        .unwrap_or_else(|| panic!("env {name} missing in container {}", c["name"]))
+}
+
+/// Every pod template of the render (Deployments and StatefulSets).
+fn pod_specs(docs: &[Value]) -> Vec<(&Value, &Value)> {
+    docs.iter()
+        .filter(|d| d["kind"] == "Deployment" || d["kind"] == "StatefulSet")
+        .map(|d| (d, &d["spec"]["template"]["spec"]))
+        .collect()
+}
+
+fn full(name: &str) -> String {
+    format!("{RELEASE}-{name}")
+}
+
+#[test]
+fn every_documented_combination_lints_and_validates_against_the_kubernetes_schemas() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let deploy_doc =
+        std::fs::read_to_string(workspace_root().join("docs/deploy.md")).expect("docs/deploy.md");
+    let mut files = Vec::new();
+    let mut expected_passes = 0;
+    for c in combos() {
+        if let Some(f) = &c.file {
+            let file_name = f.file_name().and_then(|n| n.to_str()).expect("name");
+            assert!(
+                deploy_doc.contains(file_name),
+                "docs/deploy.md does not document ci/{file_name}"
+            );
+        }
+        let lint = run(Command::new(helm_bin())
+            .args(["lint", "--strict"])
+            .arg(chart())
+            .args(["--namespace", NAMESPACE])
+            .args(values_args(&c, &[])));
+        assert!(
+            lint.status.success(),
+            "helm lint --strict ({}) failed:\n{}",
+            c.name,
+            text(&lint)
+        );
+        let yaml = template(&c, &[]);
+        let docs = parse(&yaml);
+        let monitors = kind(&docs, "ServiceMonitor");
+        check_service_monitors(&docs, &monitors);
+        expected_passes += docs.len() - monitors.len();
+        let path = dir.path().join(format!("{}.yaml", c.name));
+        std::fs::write(&path, yaml).expect("write render");
+        files.push(path);
+    }
+    let out = run(Command::new(installed_tool(
+        "kubernetes-validate",
+        "KUBERNETES_VALIDATE_BIN",
+    ))
+    .args(["--strict", "-k", KUBERNETES_VERSION])
+    .args(&files));
+    let report = text(&out);
+    assert!(
+        out.status.success(),
+        "kubernetes-validate failed:\n{report}"
+    );
+    let mut passes = 0;
+    for line in report.lines() {
+        if line.starts_with("INFO") && line.contains(" passed for resource ") {
+            passes += 1;
+        } else if line.starts_with("WARN") {
+            // The one custom resource: prometheus-operator's ServiceMonitor has no schema in
+            // the Kubernetes OpenAPI; check_service_monitors checks it instead.
+            assert!(
+                line.contains("Couldn't find schema for kind ServiceMonitor with api version monitoring.coreos.com/v1"),
+                "unexpected warning: {line}"
+            );
+        } else if !line.trim().is_empty() {
+            panic!("unexpected kubernetes-validate output: {line}");
+        }
+    }
+    assert_eq!(
+        passes, expected_passes,
+        "every rendered resource must pass:\n{report}"
+    );
+}
+
+/// A ServiceMonitor must select a rendered Service that has the port it scrapes.
+fn check_service_monitors(docs: &[Value], monitors: &[&Value]) {
+    for m in monitors {
+        assert_eq!(m["apiVersion"], "monitoring.coreos.com/v1");
+        let selector = &m["spec"]["selector"]["matchLabels"];
+        let port = &m["spec"]["endpoints"][0]["port"];
+        let service = kind(docs, "Service")
+            .into_iter()
+            .find(|s| {
+                selector
+                    .as_object()
+                    .expect("matchLabels")
+                    .iter()
+                    .all(|(k, v)| &s["metadata"]["labels"][k] == v)
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "ServiceMonitor {} selects no Service",
+                    m["metadata"]["name"]
+                )
+            });
+        assert!(
+            service["spec"]["ports"]
+                .as_array()
+                .expect("ports")
+                .iter()
+                .any(|p| &p["name"] == port),
+            "Service {} has no port {port}",
+            service["metadata"]["name"]
+        );
+    }
+}
+
+/// The Kubernetes `$(VAR)` expansion of env values, in order, as the kubelet does it.
+fn pod_env(c: &Value, secret: &BTreeMap<String, String>, pod_name: &str) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = Vec::new();
+    for e in c["env"].as_array().expect("env") {
+        let name = e["name"].as_str().expect("name").to_owned();
+        let value = if let Some(v) = e["value"].as_str() {
+            let mut v = v.to_owned();
+            for (k, val) in &env {
+                v = v.replace(&format!("$({k})"), val);
+            }
+            v
+        } else if let Some(key) = e["valueFrom"]["secretKeyRef"]["key"].as_str() {
+            secret
+                .get(key)
+                .unwrap_or_else(|| panic!("Secret has no key {key}"))
+                .clone()
+        } else if e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name" {
+            pod_name.to_owned()
+        } else {
+            panic!("unexpected env source {e}");
+        };
+        env.push((name, value));
+    }
+    env
+}
+
+/// The rendered Secret's data, decoded.
+fn secret_data(docs: &[Value]) -> BTreeMap<String, String> {
+    let secret = one(docs, "Secret", RELEASE);
+    secret["data"]
+        .as_object()
+        .expect("data")
+        .iter()
+        .map(|(k, v)| {
+            let bytes = base64_decode(v.as_str().expect("string"));
+            (k.clone(), String::from_utf8(bytes).expect("utf8"))
+        })
+        .collect()
+}
+
+/// Standard base64 (with padding), enough for Secret data.
+fn base64_decode(s: &str) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in s.bytes().filter(|c| *c != b'=') {
+        let v = ALPHABET
+            .iter()
+            .position(|a| *a == c)
+            .unwrap_or_else(|| panic!("not base64: {s}")) as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    out
+}
+
+#[test]
+fn the_rendered_nats_config_is_accepted_by_nats_server() {
+    for name in ["default", "autoscaling-monitoring-values"] {
+        let docs = render(&combo(name), &[]);
+        let nats = full("nats");
+        let cm = one(&docs, "ConfigMap", &nats);
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (file, content) in cm["data"].as_object().expect("data") {
+            let content = content.as_str().expect("text");
+            // The chart ships the repository's files unchanged: no second copy to drift.
+            let original = std::fs::read_to_string(workspace_root().join("nats").join(file))
+                .unwrap_or_else(|e| panic!("nats/{file}: {e}"));
+            assert_eq!(
+                content, original,
+                "ConfigMap key {file} differs from nats/{file}"
+            );
+            std::fs::write(dir.path().join(file), content).expect("write");
+        }
+        let sts = one(&docs, "StatefulSet", &nats);
+        let c = container(sts, "nats");
+        assert_eq!(
+            c["command"],
+            json!(["nats-server", "--config", "/etc/nats-config/cluster.conf"])
+        );
+        let replicas = sts["spec"]["replicas"].as_u64().expect("replicas");
+        let env = pod_env(c, &secret_data(&docs), &format!("{nats}-0"));
+        let routes = &env
+            .iter()
+            .find(|(k, _)| k == "NATS_ROUTES")
+            .expect("routes")
+            .1;
+        assert_eq!(
+            routes.matches("nats://route:").count() as u64,
+            replicas,
+            "{routes}"
+        );
+        assert!(!routes.contains("$("), "unexpanded variable in {routes}");
+        let out = run(Command::new(tool("nats-server", "NATS_SERVER_BIN"))
+            .arg("-t")
+            .arg("-c")
+            .arg(dir.path().join("cluster.conf"))
+            .env_clear()
+            .envs(env));
+        assert!(
+            out.status.success(),
+            "nats-server -t refused the rendered config ({name}):\n{}",
+            text(&out)
+        );
+    }
+}
+
+/// Runs a command line from the chart (split on whitespace, as lb-sync does), with the pod's
+/// paths moved under `root`.
+fn run_pod_command(cmd: &str, root: &Path) -> Output {
+    let argv: Vec<String> = cmd.split_whitespace().map(|a| relocate(a, root)).collect();
+    let (program, args) = argv.split_first().expect("non-empty command");
+    assert_eq!(program, "nginx", "lb-sync's commands run nginx");
+    run(Command::new(tool("nginx", "NGINX_BIN")).args(args))
+}
+
+/// The nginx pod's absolute paths, moved under a test directory.
+fn relocate(s: &str, root: &Path) -> String {
+    [
+        "/etc/devgate-nginx",
+        "/var/lib/devgate-nginx",
+        "/var/run/devgate-nginx",
+    ]
+    .iter()
+    .fold(s.to_owned(), |s, p| {
+        s.replace(p, &format!("{}{p}", root.display()))
+    })
+}
+
+#[test]
+fn the_rendered_nginx_config_passes_nginx_t_through_lb_syncs_own_command() {
+    let module = format!("nginx.loadModules={{{DEBIAN_STREAM_MODULE}}}");
+    for name in ["default", "hostnetwork-values"] {
+        let docs = render(&combo(name), &[&module]);
+        let nginx = full("nginx");
+        let conf = one(&docs, "ConfigMap", &nginx)["data"]["nginx.conf"]
+            .as_str()
+            .expect("nginx.conf")
+            .to_owned();
+        let deploy = one(&docs, "Deployment", &nginx);
+        let lb = container(deploy, "lb-sync");
+        let validate = env_value(lb, "DEVGATE_VALIDATE_CMD");
+        let reload = env_value(lb, "DEVGATE_RELOAD_CMD");
+        let output = env_value(lb, "DEVGATE_OUTPUT");
+
+        // Both containers mount the config, the upstream directory and the pid directory.
+        let mounts = |c: &Value| -> BTreeSet<String> {
+            c["volumeMounts"]
+                .as_array()
+                .expect("mounts")
+                .iter()
+                .map(|m| {
+                    format!(
+                        "{}={}",
+                        m["name"].as_str().expect("n"),
+                        m["mountPath"].as_str().expect("p")
+                    )
+                })
+                .collect()
+        };
+        let nginx_c = container(deploy, "nginx");
+        assert_eq!(
+            mounts(nginx_c),
+            mounts(lb),
+            "nginx and lb-sync must share their mounts"
+        );
+        assert_eq!(
+            deploy["spec"]["template"]["spec"]["shareProcessNamespace"],
+            true
+        );
+        let conf_path = nginx_c["command"]
+            .as_array()
+            .expect("command")
+            .windows(2)
+            .find(|w| w[0] == "-c")
+            .map(|w| w[1].as_str().expect("path").to_owned())
+            .expect("nginx -c");
+        for cmd in [&validate, &reload] {
+            assert!(
+                cmd.contains(&format!("-c {conf_path}")),
+                "{cmd} must use {conf_path}"
+            );
+        }
+        let pid = conf
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("pid "))
+            .expect("pid directive")
+            .trim_end_matches(';');
+        assert!(
+            mounts(lb)
+                .iter()
+                .any(|m| pid.starts_with(m.split('=').nth(1).expect("path"))),
+            "the pid file {pid} must be on a volume lb-sync sees"
+        );
+        let include_dir = conf
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("include "))
+            .expect("include")
+            .trim_end_matches("/*.conf;");
+        assert!(
+            output.starts_with(include_dir) && output.ends_with(".conf"),
+            "{output} not included by {include_dir}"
+        );
+
+        let root = tempfile::tempdir().expect("tempdir");
+        for d in [
+            "/etc/devgate-nginx",
+            "/var/lib/devgate-nginx/stream.d",
+            "/var/run/devgate-nginx",
+        ] {
+            std::fs::create_dir_all(format!("{}{d}", root.path().display())).expect("mkdir");
+        }
+        std::fs::write(
+            relocate(&conf_path, root.path()),
+            relocate(&conf, root.path()),
+        )
+        .expect("write nginx.conf");
+        // Before lb-sync's first write (nginx starts with nothing to include)...
+        let out = run_pod_command(&validate, root.path());
+        assert!(
+            out.status.success(),
+            "nginx -t without upstream ({name}):\n{}",
+            text(&out)
+        );
+        // ...and with what lb-sync renders (its golden file, PROXY protocol on).
+        let upstream = std::fs::read_to_string(
+            workspace_root().join("lb-sync/tests/golden/proxy_protocol.conf"),
+        )
+        .expect("lb-sync golden file");
+        std::fs::write(relocate(&output, root.path()), &upstream).expect("write upstream");
+        let out = run_pod_command(&validate, root.path());
+        assert!(
+            out.status.success(),
+            "nginx -t with upstream ({name}):\n{}",
+            text(&out)
+        );
+        // The check is not vacuous: a broken upstream fails it.
+        std::fs::write(relocate(&output, root.path()), "upstream broken {\n").expect("write");
+        let out = run_pod_command(&validate, root.path());
+        assert!(!out.status.success(), "nginx -t accepted a broken upstream");
+    }
+}
+
+/// What lb-sync's code calls on the Kubernetes API, as RBAC rules. This table must change
+/// whenever lb-sync's Kubernetes calls change:
+///   lb-sync/src/source/kube.rs    kube-runtime `watcher` on EndpointSlices: list, then watch
+///   lb-sync/src/sink/configmap.rs `Api::patch` with `Patch::Apply` (server-side apply) of the
+///                                 one ConfigMap it is told to write
+fn expected_rules(configmap: Option<&str>) -> Value {
+    let mut rules = vec![json!({
+        "apiGroups": ["discovery.k8s.io"],
+        "resources": ["endpointslices"],
+        "verbs": ["list", "watch"],
+    })];
+    if let Some(name) = configmap {
+        rules.push(json!({
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": [name],
+            "verbs": ["patch"],
+        }));
+    }
+    Value::Array(rules)
+}
+
+#[test]
+fn lb_sync_rbac_is_exactly_what_its_code_calls() {
+    // Tripwire: the Kubernetes object types lb-sync's code uses. A new one means new calls,
+    // and the table above must be revisited.
+    let mut types = BTreeSet::new();
+    for file in ["source/kube.rs", "sink/configmap.rs", "lib.rs"] {
+        let src = std::fs::read_to_string(workspace_root().join("lb-sync/src").join(file))
+            .expect("lb-sync source");
+        for part in src.split("Api<").skip(1) {
+            types.insert(part.split('>').next().expect("type").trim().to_owned());
+        }
+        assert!(
+            !src.contains("Api::all"),
+            "{file}: cluster-wide calls need a ClusterRole"
+        );
+    }
+    assert_eq!(
+        types,
+        BTreeSet::from(["ConfigMap".to_owned(), "EndpointSlice".to_owned()]),
+        "lb-sync uses new Kubernetes types: update expected_rules and the chart's Role"
+    );
+
+    for (name, configmap) in [
+        ("default", None),
+        ("hostnetwork-values", None),
+        ("ingress-controller-values", Some("nginx-config")),
+    ] {
+        let docs = render(&combo(name), &[]);
+        assert!(
+            kind(&docs, "ClusterRole").is_empty() && kind(&docs, "ClusterRoleBinding").is_empty()
+        );
+        let sa = full("lb-sync");
+        let role = one(&docs, "Role", &sa);
+        assert_eq!(
+            role["rules"],
+            expected_rules(configmap),
+            "Role rules ({name})"
+        );
+        let binding = one(&docs, "RoleBinding", &sa);
+        assert_eq!(binding["roleRef"]["name"], sa);
+        assert_eq!(
+            binding["subjects"],
+            json!([{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}])
+        );
+        // Only lb-sync's pod runs with that account; every other pod has no API token.
+        for (workload, spec) in pod_specs(&docs) {
+            let has_lb_sync = spec["containers"]
+                .as_array()
+                .expect("containers")
+                .iter()
+                .any(|c| c["name"] == "lb-sync");
+            if has_lb_sync {
+                assert_eq!(spec["serviceAccountName"], sa.as_str());
+                let lb = container(workload, "lb-sync");
+                assert_eq!(env_value(lb, "DEVGATE_KUBE_NAMESPACE"), NAMESPACE);
+                if let Some(cm) = configmap {
+                    assert_eq!(env_value(lb, "DEVGATE_CONFIGMAP_NAME"), cm);
+                    assert_eq!(env_value(lb, "DEVGATE_SINK"), "configmap");
+                } else {
+                    assert_eq!(env_value(lb, "DEVGATE_SINK"), "file");
+                }
+            } else {
+                assert_eq!(
+                    spec["automountServiceAccountToken"], false,
+                    "{} must not mount an API token",
+                    workload["metadata"]["name"]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn gateways_drain_within_their_grace_period_behind_the_load_balancer() {
+    for (name, sets) in [
+        ("default", vec![]),
+        ("autoscaling-monitoring-values", vec![]),
+        (
+            "external-nats-noauth-values",
+            vec!["gateway.preStopSleepSeconds=9"],
+        ),
+    ] {
+        let docs = render(&combo(name), &sets);
+        let gw_name = full("gateway");
+        let deploy = one(&docs, "Deployment", &gw_name);
+        let spec = &deploy["spec"]["template"]["spec"];
+        let gw = container(deploy, "gateway");
+        let drain_ms: u64 = env_value(gw, "DEVGATE_DRAIN_WINDOW_MS")
+            .parse()
+            .expect("ms");
+        let pre_stop: u64 = gw["lifecycle"]["preStop"]["exec"]["command"][1]
+            .as_str()
+            .expect("sleep seconds")
+            .parse()
+            .expect("number");
+        let grace = spec["terminationGracePeriodSeconds"]
+            .as_u64()
+            .expect("grace");
+        // preStop sleep, then the drain window, then the gateway's own 5 s grace.
+        assert!(
+            grace > pre_stop + drain_ms.div_ceil(1000) + 5,
+            "{name}: terminationGracePeriodSeconds {grace} < preStop {pre_stop} + drain {drain_ms} ms + 5 s"
+        );
+        assert_eq!(gw["readinessProbe"]["httpGet"]["path"], "/readyz");
+        assert_eq!(gw["readinessProbe"]["httpGet"]["port"], "http");
+        let http_port = gw["ports"]
+            .as_array()
+            .expect("ports")
+            .iter()
+            .find(|p| p["name"] == "http")
+            .expect("http port")["containerPort"]
+            .as_u64()
+            .expect("port");
+        assert!(env_value(gw, "DEVGATE_HTTP_LISTEN").ends_with(&format!(":{http_port}")));
+        let env = &gw["env"];
+        assert!(
+            env.as_array()
+                .expect("env")
+                .iter()
+                .any(|e| e["name"] == "POD_IP"
+                    && e["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"),
+            "advertise address comes from POD_IP"
+        );
+        // The gateway Service is headless, with the port lb-sync looks for.
+        let svc = one(&docs, "Service", &gw_name);
+        assert_eq!(svc["spec"]["clusterIP"], "None");
+        let lb = docs
+            .iter()
+            .filter(|d| d["kind"] == "Deployment")
+            .flat_map(|d| {
+                d["spec"]["template"]["spec"]["containers"]
+                    .as_array()
+                    .expect("c")
+            })
+            .find(|c| c["name"] == "lb-sync")
+            .expect("an lb-sync container");
+        assert_eq!(env_value(lb, "DEVGATE_KUBE_SERVICE"), gw_name);
+        let port_name = env_value(lb, "DEVGATE_KUBE_PORT_NAME");
+        assert!(
+            svc["spec"]["ports"]
+                .as_array()
+                .expect("ports")
+                .iter()
+                .any(|p| p["name"] == port_name.as_str())
+        );
+        // nginx sends the PROXY protocol exactly when the gateways expect it.
+        assert_eq!(
+            env_value(lb, "DEVGATE_PROXY_PROTOCOL"),
+            env_value(gw, "DEVGATE_PROXY_PROTOCOL"),
+            "{name}"
+        );
+        let autoscaled = !kind(&docs, "HorizontalPodAutoscaler").is_empty();
+        assert_eq!(
+            deploy["spec"]["replicas"].is_null(),
+            autoscaled,
+            "HPA owns replicas"
+        );
+    }
+}
+
+#[test]
+fn secrets_stay_in_the_secret() {
+    let values = [
+        "fleet-secret-from-values-0123456789",
+        "api-token-one-0123456789",
+        "api-token-two-0123456789",
+        "nats-gateway-pass-from-values",
+        "nats-bridge-pass-from-values",
+        "nats-service-pass-from-values",
+        "natsRoutePassFromValues",
+    ];
+    let docs = render(&combo("autoscaling-monitoring-values"), &[]);
+    let data = secret_data(&docs);
+    assert_eq!(data["device-auth-secret"], values[0]);
+    assert_eq!(data["api-tokens"], format!("{},{}", values[1], values[2]));
+    for d in &docs {
+        if d["kind"] == "Secret" {
+            continue;
+        }
+        let s = d.to_string();
+        for v in values {
+            assert!(
+                !s.contains(v),
+                "{} {} contains a secret",
+                d["kind"],
+                d["metadata"]["name"]
+            );
+        }
+    }
+    // Generated values: long enough for the components' checks, and every reference resolves.
+    for c in combos() {
+        let docs = render(&c, &[]);
+        let existing = c.name == "external-nats-values";
+        let (secret_name, keys): (String, BTreeSet<String>) = if existing {
+            assert!(
+                kind(&docs, "Secret").is_empty(),
+                "existingSecret: no Secret rendered"
+            );
+            (
+                "devgate-secrets".into(),
+                [
+                    "device-auth-secret",
+                    "api-tokens",
+                    "nats-gateway-password",
+                    "nats-bridge-api-password",
+                ]
+                .map(str::to_owned)
+                .into(),
+            )
+        } else {
+            let data = secret_data(&docs);
+            for (k, v) in &data {
+                assert!(v.len() >= 16, "{k} is too short");
+            }
+            (RELEASE.into(), data.keys().cloned().collect())
+        };
+        for (workload, spec) in pod_specs(&docs) {
+            for container in spec["containers"].as_array().expect("containers") {
+                for e in container["env"].as_array().into_iter().flatten() {
+                    let r = &e["valueFrom"]["secretKeyRef"];
+                    if r.is_null() {
+                        continue;
+                    }
+                    assert_eq!(
+                        r["name"],
+                        secret_name.as_str(),
+                        "{}",
+                        workload["metadata"]["name"]
+                    );
+                    let key = r["key"].as_str().expect("key");
+                    assert!(keys.contains(key), "{}: Secret key {key} missing", c.name);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_values_fail_with_a_clear_message() {
+    let default = combo("default");
+    for (sets, needle) in [
+        (vec!["loadBalancer.mode=haproxy"], "loadBalancer.mode"),
+        (
+            vec!["loadBalancer.mode=ingressController"],
+            "ingressController.configMapName",
+        ),
+        (vec!["nats.enabled=false"], "nats.url is required"),
+        (vec!["nats.url=nats://x:4222"], "set nats.enabled=false"),
+        (vec!["nats.replicas=2"], "odd number"),
+        (
+            vec!["secrets.deviceAuthSecret=short"],
+            "at least 16 characters",
+        ),
+        (
+            vec!["secrets.apiTokens={tooshort}"],
+            "at least 16 characters",
+        ),
+        (
+            vec!["secrets.nats.routePassword=p@ss/word-0123456789"],
+            "URL-safe",
+        ),
+        (vec!["gateway.heartbeatS=60"], "proxyTimeoutS"),
+    ] {
+        let err = try_template(&default, &sets).expect_err(&format!("{sets:?} must be refused"));
+        assert!(
+            err.contains(needle),
+            "{sets:?}: expected {needle:?} in:\n{err}"
+        );
+    }
+}
+
+#[test]
+fn notes_tell_how_to_connect_a_device_curl_the_bridge_and_use_the_nats_cli() {
+    for (name, needles) in [
+        (
+            "default",
+            vec![
+                "nodePort",
+                "openssl dgst",
+                "curl",
+                "nats --server",
+                "device-auth-secret",
+            ],
+        ),
+        ("loadbalancer-values", vec!["loadBalancer.ingress", "curl"]),
+        ("hostnetwork-values", vec!["<node IP>:7000"]),
+        (
+            "ingress-controller-values",
+            vec!["stream-snippets", "nginx-config"],
+        ),
+        (
+            "external-nats-noauth-values",
+            vec!["nats://nats-a.messaging.svc:4222"],
+        ),
+    ] {
+        let c = combo(name);
+        let out = run(Command::new(helm_bin())
+            .args(["install", RELEASE])
+            .arg(chart())
+            .args(["--namespace", NAMESPACE, "--dry-run=client"])
+            .args(values_args(&c, &[]))
+            .env("KUBECONFIG", "/nonexistent"));
+        let all = text(&out);
+        assert!(out.status.success(), "{name}: {all}");
+        let notes = all
+            .split("NOTES:")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{name}: no NOTES"));
+        for n in needles {
+            assert!(notes.contains(n), "{name}: NOTES lack {n:?}:\n{notes}");
+        }
+    }
+}
