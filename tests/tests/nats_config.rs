@@ -18,7 +18,7 @@ use devgate_gateway::contract::{
     headers, subjects,
 };
 use devgate_gateway::server::Gateway;
-use devgate_tests::bins::{tool, workspace_root};
+use devgate_tests::bins::{tool, workspace_bin, workspace_root};
 use devgate_tests::gateway::{SECRET, device, start_with};
 use futures::StreamExt;
 
@@ -520,4 +520,120 @@ async fn a_wrong_password_is_refused() {
         err.to_string().to_lowercase().contains("authorization"),
         "{err}"
     );
+}
+
+/// The real `devgate-bridge-api` binary, logged in as the `bridge-api` user; killed on drop.
+struct BridgeApi {
+    child: Child,
+    base: String,
+}
+
+impl BridgeApi {
+    const TOKEN: &str = "bridge-test-token-0123456789";
+
+    fn start(nats: &AuthNats) -> BridgeApi {
+        let mut child = Command::new(workspace_bin("devgate-bridge-api"))
+            .env("DEVGATE_LISTEN", "127.0.0.1:0")
+            .env("DEVGATE_NATS_URL", nats.url())
+            .env("DEVGATE_NATS_USER", "bridge-api")
+            .env("DEVGATE_NATS_PASSWORD", password("bridge-api"))
+            .env("DEVGATE_API_TOKEN", Self::TOKEN)
+            .env("DEVGATE_LOG_FORMAT", "json")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting devgate-bridge-api: {e}"));
+        let stdout = child.stdout.take().unwrap_or_else(|| unreachable!("piped"));
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                if !sent && entry["message"] == "bridge-api listening" {
+                    let _ = tx.send(entry["addr"].as_str().map(str::to_owned));
+                    sent = true;
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Some(addr)) => BridgeApi {
+                child,
+                base: format!("http://{addr}"),
+            },
+            other => {
+                let _ = child.kill();
+                panic!("devgate-bridge-api did not report its address: {other:?}")
+            }
+        }
+    }
+
+    async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let response = reqwest::Client::new()
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(Self::TOKEN)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("json body"))
+    }
+}
+
+impl Drop for BridgeApi {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn the_real_bridge_api_works_under_its_nats_user() {
+    let nats = AuthNats::start();
+    let gw = nats.gateway("gw-1").await;
+    let (mut dev, _) = device(&gw, "dev-1").await;
+    let api = BridgeApi::start(&nats);
+    // bridge-api trusts the announced instance set after two heartbeats; poll its answer
+    // (there is no event to await from outside the process).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, body) = api.get("/v1/gateways").await;
+        if status == 200 && body["count"] == 1 {
+            assert_eq!(body["gateways"][0]["instance"], "gw-1", "{body}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "GET /v1/gateways never listed gw-1: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, body) = api.get("/v1/devices/dev-1").await;
+    assert_eq!(
+        (status, &body["online"]),
+        (200, &serde_json::json!(true)),
+        "{body}"
+    );
+    let (status, body) = api.get("/v1/devices?limit=10").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["devices"][0]["device_id"], "dev-1", "{body}");
+
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/devices/dev-1/messages", api.base))
+        .bearer_auth(BridgeApi::TOKEN)
+        .header("Content-Type", "text/plain")
+        .body("over http")
+        .send()
+        .await
+        .expect("POST message");
+    assert_eq!(response.status().as_u16(), 200);
+    let reply: DeliveryReply = response.json().await.expect("json reply");
+    assert_eq!(reply.status, DeliveryStatus::Sent);
+    let (_, payload) = tokio::time::timeout(WAIT, dev.recv_down())
+        .await
+        .expect("in time")
+        .expect("down");
+    assert_eq!(&payload[..], b"over http");
+    gw.shutdown().await.expect("gateway stops");
 }
