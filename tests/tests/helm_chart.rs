@@ -888,3 +888,41 @@ fn notes_tell_how_to_connect_a_device_curl_the_bridge_and_use_the_nats_cli() {
         }
     }
 }
+
+#[test]
+fn the_packaged_chart_carries_the_nats_files() {
+    // `files/nats` is a link to the repository's `nats/`; `helm package` must resolve it, or a
+    // chart installed from a repository would ship empty NATS configuration.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = run(Command::new(helm_bin())
+        .arg("package")
+        .arg(chart())
+        .arg("--destination")
+        .arg(dir.path()));
+    assert!(out.status.success(), "helm package: {}", text(&out));
+    let package = std::fs::read_dir(dir.path())
+        .expect("read dir")
+        .map(|e| e.expect("entry").path())
+        .find(|p| p.extension().is_some_and(|e| e == "tgz"))
+        .expect("a .tgz");
+    let out = run(Command::new(helm_bin())
+        .args(["template", RELEASE])
+        .arg(&package)
+        .args(["--namespace", NAMESPACE]));
+    assert!(
+        out.status.success(),
+        "helm template of the package: {}",
+        text(&out)
+    );
+    let docs = parse(&String::from_utf8_lossy(&out.stdout));
+    let cm = one(&docs, "ConfigMap", &full("nats"));
+    for file in ["cluster.conf", "common.conf", "accounts.conf"] {
+        let original =
+            std::fs::read_to_string(workspace_root().join("nats").join(file)).expect("nats file");
+        assert_eq!(
+            cm["data"][file],
+            original.as_str(),
+            "{file} in the packaged chart"
+        );
+    }
+}
