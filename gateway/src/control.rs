@@ -103,6 +103,14 @@ fn session_page(shared: &Shared, payload: &[u8]) -> Bytes {
     } else {
         serde_json::from_slice::<SessionListRequest>(payload)
     };
+    // A cursor that is not a device id would silently restart the listing: refuse it.
+    let request = request.map_err(|e| e.to_string()).and_then(|req| {
+        if let Some(after) = &req.after {
+            crate::contract::DeviceId::parse(after)
+                .map_err(|e| format!("cursor `after` is not a device id: {e}"))?;
+        }
+        Ok(req)
+    });
     match request {
         Ok(req) => {
             let limit = req
@@ -119,7 +127,7 @@ fn session_page(shared: &Shared, payload: &[u8]) -> Bytes {
         }
         Err(e) => json(&ControlError {
             error: "bad_request".into(),
-            message: format!("expected {{\"after\": string?, \"limit\": number?}}: {e}"),
+            message: format!("expected {{\"after\": device id?, \"limit\": number?}}: {e}"),
         }),
     }
 }

@@ -186,6 +186,18 @@ async fn every_instance_answers_stats_lists_its_sessions_and_announces_itself() 
         .await
         .expect("answered");
     assert!(String::from_utf8_lossy(&bad.payload).contains("bad_request"));
+    let bad_cursor = service
+        .request(
+            subjects::sessions("gw-1"),
+            Bytes::from_static(b"{\"after\":\"not a device\"}"),
+        )
+        .await
+        .expect("answered");
+    let text = String::from_utf8_lossy(&bad_cursor.payload);
+    assert!(
+        text.contains("bad_request") && text.contains("cursor"),
+        "{text}"
+    );
 }
 
 /// Fires `n` concurrent requests of `chunk` at `id` and returns every reply.
