@@ -29,7 +29,9 @@ async fn send_answers_sent_and_acked_and_keeps_content_type() {
         .await
         .expect("tap");
     // The server answers the barrier subject itself, after it has registered the tap.
-    let _ = tap_client.request(subjects::barrier("test-tap"), "".into()).await;
+    let _ = tap_client
+        .request(subjects::barrier("test-tap"), "".into())
+        .await;
 
     let got = send(
         bridge
