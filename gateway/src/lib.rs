@@ -9,6 +9,7 @@
 //! plumbing ([`common`]) that bridge-api and lb-sync build on, so the three cannot drift apart.
 
 pub mod auth;
+pub mod bench;
 pub mod bus;
 pub mod client;
 pub mod codec;

@@ -1,0 +1,95 @@
+//! Smoke runs of the load tool (`devgate-bench`) against a real in-process gateway and a real
+//! nats-server: small and short, asserting the tool measures something sane, not how fast.
+
+use std::time::Duration;
+
+use devgate_gateway::bench::suite;
+use devgate_gateway::common::Secret;
+use devgate_tests::NatsServer;
+use devgate_tests::bins::workspace_bin;
+use devgate_tests::gateway::{SECRET, start};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_tool_drives_logins_downlink_and_uplink_through_a_real_gateway() {
+    let nats = NatsServer::start();
+    let gw = start(&nats, "gw-bench").await;
+    let (down, up, storm) = tokio::time::timeout(
+        Duration::from_secs(60),
+        suite::smoke(
+            gw.device_addr(),
+            &nats.url(),
+            Some(Secret::new(SECRET)),
+            50,
+            Duration::from_secs(1),
+        ),
+    )
+    .await
+    .expect("smoke run finishes in time")
+    .expect("smoke run succeeds");
+
+    assert_eq!((storm.ok, storm.failed), (50, 0), "{storm:?}");
+    assert!(storm.per_s > 0.0, "{storm:?}");
+
+    assert!(down.sent > 0, "{down:?}");
+    assert_eq!(
+        down.delivered, down.sent,
+        "paced downlink loses nothing: {down:?}"
+    );
+    assert!(down.per_s > 0.0, "{down:?}");
+    assert!(
+        down.p50_us > 0.0 && down.p99_us >= down.p50_us && down.p999_us >= down.p99_us,
+        "latency percentiles are ordered and non-zero: {down:?}"
+    );
+
+    assert!(up.delivered > 0, "{up:?}");
+    assert!(up.sent >= up.delivered, "{up:?}");
+    assert!(up.p50_us > 0.0, "{up:?}");
+    gw.shutdown().await.expect("gateway stops");
+}
+
+#[tokio::test]
+async fn devgate_bench_devices_logs_a_fleet_in_holds_it_and_exits_cleanly() {
+    let nats = NatsServer::start();
+    let gw = start(&nats, "gw-bench-cli").await;
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(workspace_bin("devgate-bench"))
+            .args([
+                "devices",
+                "--gateway",
+                &gw.device_addr().to_string(),
+                "--devices",
+                "50",
+                "--duration-s",
+                "1",
+            ])
+            .env("DEVGATE_AUTH_SECRET", SECRET)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("devgate-bench exits in time")
+    .expect("devgate-bench runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("50 devices logged in"), "{stderr}");
+    assert!(stderr.contains("0 failed"), "{stderr}");
+    assert!(stderr.contains("connected=50"), "{stderr}");
+    gw.shutdown().await.expect("gateway stops");
+}
+
+#[tokio::test]
+async fn devgate_bench_suite_rejects_a_bad_configuration_before_starting_anything() {
+    let out = tokio::process::Command::new(workspace_bin("devgate-bench"))
+        .args(["suite", "--procs", "0", "--sessions", "5000,1000"])
+        .output()
+        .await
+        .expect("devgate-bench runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("procs must be 1..=200"), "{stderr}");
+    assert!(
+        stderr.contains("sessions must be a non-empty increasing list"),
+        "{stderr}"
+    );
+}
