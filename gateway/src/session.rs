@@ -1145,15 +1145,37 @@ impl Session {
         }
         // Whatever was routed here and not written can no longer be delivered.
         while let Some(msg) = try_next(&mut self.sub) {
-            match msg.reply {
-                Some(reply) if control_op(&msg).is_none() => {
-                    self.shared.metrics.downlink(Downlink::Failed);
-                    self.reply_delivery(reply, DeliveryStatus::Failed, 0, Some("session_closed"))
-                        .await;
+            let op = control_op(&msg);
+            let Some(reply) = msg.reply else {
+                if op.is_none() {
+                    self.shared.metrics.downlink(Downlink::Dropped);
                 }
-                None => self.shared.metrics.downlink(Downlink::Dropped),
-                _ => {}
-            }
+                continue;
+            };
+            // Every request gets an answer, control requests included.
+            let body = match op {
+                None => {
+                    self.shared.metrics.downlink(Downlink::Failed);
+                    delivery_reply(
+                        &self.shared,
+                        &self.session,
+                        DeliveryStatus::Failed,
+                        0,
+                        Some("session_closed"),
+                    )
+                }
+                Some(Ok(ControlOp::Claim)) => json_bytes(&self.released()),
+                Some(Ok(ControlOp::Kick)) => json_bytes(&self.kicked()),
+                Some(Ok(ControlOp::Presence)) | Some(Err(_)) => {
+                    json_bytes(&crate::contract::ControlError {
+                        error: "session_closed".into(),
+                        message:
+                            "the session ended while the request was queued; the device is offline"
+                                .into(),
+                    })
+                }
+            };
+            self.reply(reply, body).await;
         }
         for (_, reply) in std::mem::take(&mut self.sent_waiters) {
             self.shared.metrics.downlink(Downlink::Failed);
