@@ -19,6 +19,9 @@ use crate::contract::validate_instance_id;
 pub struct Config {
     /// Device TCP listener.
     pub listen: SocketAddr,
+    /// Kernel accept queue of the device listener (capped by `net.core.somaxconn`). Too small
+    /// a queue drops SYNs during reconnect storms and costs devices a 1 s retransmit.
+    pub listen_backlog: u32,
     /// Address other components (lb-sync) use to reach the device port. Default: `listen`, with
     /// an unspecified IP replaced by the pod IP from `POD_IP` when set.
     pub advertise_addr: Option<String>,
@@ -72,6 +75,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 7000)),
+            listen_backlog: 4096,
             advertise_addr: None,
             http_listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
             nats_url: "nats://127.0.0.1:4222".into(),
@@ -144,6 +148,7 @@ impl Validate for Config {
             ("claim_timeout_ms", self.claim_timeout_ms),
             ("max_connections", self.max_connections as u64),
             ("max_inflight", self.max_inflight as u64),
+            ("listen_backlog", u64::from(self.listen_backlog)),
         ] {
             if value == 0 {
                 problems.push(format!("{name} must be greater than 0"));
@@ -243,6 +248,10 @@ pub struct Cli {
     #[arg(long, env = "DEVGATE_LISTEN")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<SocketAddr>,
+    /// Device listener accept queue [default: 4096].
+    #[arg(long, env = "DEVGATE_LISTEN_BACKLOG")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen_backlog: Option<u32>,
     /// Address announced for the device port [default: listen address or $POD_IP].
     #[arg(long, env = "DEVGATE_ADVERTISE_ADDR")]
     #[serde(skip_serializing_if = "Option::is_none")]

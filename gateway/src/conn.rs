@@ -106,7 +106,13 @@ impl FrameReader {
             match stream.try_read_buf(&mut self.buf) {
                 Ok(0) => return Ok(None),
                 Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Readiness was stale: give the reserved chunk back before waiting, or
+                    // every idle session would keep READ_CHUNK bytes.
+                    if self.buf.is_empty() {
+                        self.buf = BytesMut::new();
+                    }
+                }
                 Err(e) => return Err(e.into()),
             }
         }

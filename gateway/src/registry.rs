@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::Mutex;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::contract::{DeviceId, SessionSummary};
 
@@ -29,13 +29,45 @@ pub enum SessionCommand {
     },
 }
 
+/// Sends a session its one command. Both commands end the session, so a session acts on at
+/// most one: a oneshot (about 80 bytes) instead of a channel whose first block alone is half a
+/// kilobyte, multiplied by every idle device.
+pub type CommandSender = oneshot::Sender<SessionCommand>;
+
+/// The session's side of its command slot.
+#[derive(Debug)]
+pub struct CommandReceiver {
+    rx: Option<oneshot::Receiver<SessionCommand>>,
+}
+
+/// A connected sender/receiver pair for one session.
+pub fn command_channel() -> (CommandSender, CommandReceiver) {
+    let (tx, rx) = oneshot::channel();
+    (tx, CommandReceiver { rx: Some(rx) })
+}
+
+impl CommandReceiver {
+    /// The command, once sent. Pending forever if the sender is dropped without one (nothing
+    /// will ever be asked of this session). Cancel-safe.
+    pub async fn recv(&mut self) -> SessionCommand {
+        if let Some(rx) = &mut self.rx {
+            let received = rx.await;
+            self.rx = None;
+            if let Ok(command) = received {
+                return command;
+            }
+        }
+        std::future::pending().await
+    }
+}
+
 /// One session in the table.
 #[derive(Debug)]
 pub struct Entry {
     /// Session id.
     pub session: String,
-    /// Command channel of the session task.
-    pub commands: mpsc::Sender<SessionCommand>,
+    /// Command slot of the session task; taken when a command is sent.
+    pub commands: Option<CommandSender>,
     /// Set once the session is welcomed; listed only then.
     pub summary: Option<SessionSummary>,
 }
@@ -104,9 +136,12 @@ impl Registry {
         (page, next)
     }
 
-    /// Command channels of every session, for drain.
-    pub fn all_commands(&self) -> Vec<mpsc::Sender<SessionCommand>> {
-        self.lock().values().map(|e| e.commands.clone()).collect()
+    /// Takes the command slot of every session, for drain.
+    pub fn take_all_commands(&self) -> Vec<CommandSender> {
+        self.lock()
+            .values_mut()
+            .filter_map(|e| e.commands.take())
+            .collect()
     }
 }
 
@@ -115,10 +150,10 @@ mod tests {
     use super::*;
 
     fn entry(session: &str, welcomed: bool, id: &str) -> Entry {
-        let (tx, _rx) = mpsc::channel(1);
+        let (tx, _rx) = command_channel();
         Entry {
             session: session.into(),
-            commands: tx,
+            commands: Some(tx),
             summary: welcomed.then(|| SessionSummary {
                 device_id: DeviceId::parse(id).expect("id"),
                 session: session.into(),
@@ -142,9 +177,28 @@ mod tests {
         assert_eq!(old.session, "s1");
         // The displaced session's cleanup must not remove its successor.
         r.remove(&id("d"), "s1");
-        assert_eq!(r.all_commands().len(), 1);
+        assert_eq!(r.take_all_commands().len(), 1);
+        assert!(r.take_all_commands().is_empty(), "a slot is taken once");
         r.remove(&id("d"), "s2");
-        assert!(r.all_commands().is_empty());
+        assert_eq!(r.welcomed(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_command_arrives_once_and_a_dropped_sender_means_none_will() {
+        let (tx, mut rx) = command_channel();
+        let _ = tx.send(SessionCommand::Drain {
+            reconnect_after_ms: 5,
+        });
+        assert!(matches!(
+            rx.recv().await,
+            SessionCommand::Drain {
+                reconnect_after_ms: 5
+            }
+        ));
+        let (tx, mut rx) = command_channel();
+        drop(tx);
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(50), rx.recv()).await;
+        assert!(waited.is_err(), "no command, and not a spurious one");
     }
 
     #[test]

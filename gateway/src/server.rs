@@ -100,13 +100,12 @@ impl Gateway {
         config: Config,
         parent: CancellationToken,
     ) -> Result<Gateway, GatewayError> {
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| GatewayError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
+        let listener = bind_devices(config.listen, config.listen_backlog).map_err(|source| {
+            GatewayError::Bind {
+                addr: config.listen,
+                source,
+            }
+        })?;
         let http = TcpListener::bind(config.http_listen)
             .await
             .map_err(|source| GatewayError::Bind {
@@ -167,6 +166,19 @@ impl Gateway {
     pub async fn wait(self) -> Result<(), GatewayError> {
         self.task.await?
     }
+}
+
+/// The device listener, with an explicit accept queue (std's default of 128 overflows during
+/// reconnect storms).
+fn bind_devices(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 fn local_addr(listener: &TcpListener, configured: SocketAddr) -> SocketAddr {
@@ -274,7 +286,7 @@ async fn drain(shared: &Arc<Shared>, connections: &TaskTracker) {
     let window = Duration::from_millis(shared.config.drain_window_ms);
     let mut targets: Vec<(Duration, _)> = shared
         .registry
-        .all_commands()
+        .take_all_commands()
         .into_iter()
         .map(|c| (window.mul_f64(rand::random::<f64>()), c))
         .collect();
@@ -290,8 +302,8 @@ async fn drain(shared: &Arc<Shared>, connections: &TaskTracker) {
     let schedule = tokio::spawn(async move {
         for (delay, commands) in targets {
             tokio::time::sleep_until(start + delay).await;
-            // A full command queue means the session is already being released.
-            let _ = commands.try_send(SessionCommand::Drain {
+            // An error means the session already ended.
+            let _ = commands.send(SessionCommand::Drain {
                 reconnect_after_ms: rand::random_range(0..=jitter),
             });
         }
