@@ -20,6 +20,15 @@ use tokio::net::TcpStream;
 
 const WAIT: Duration = Duration::from_secs(5);
 
+/// The next presence event on `events`, parsed.
+async fn next_event(events: &mut async_nats::Subscriber) -> PresenceEvent {
+    let msg = tokio::time::timeout(WAIT, events.next())
+        .await
+        .expect("presence event in time")
+        .expect("subscription open");
+    serde_json::from_slice(&msg.payload).expect("presence event JSON")
+}
+
 fn down(s: &str) -> String {
     subjects::down(&DeviceId::parse(s).expect("id"))
 }
@@ -46,14 +55,7 @@ async fn the_holder_answers_presence_and_kick() {
         .expect("sub");
     service.flush().await.expect("flush");
     let (mut dev, welcome) = device(&gw, "dev-1").await;
-    let connected: PresenceEvent = serde_json::from_slice(
-        &tokio::time::timeout(WAIT, events.next())
-            .await
-            .expect("event")
-            .expect("msg")
-            .payload,
-    )
-    .expect("json");
+    let connected: PresenceEvent = next_event(&mut events).await;
     assert_eq!(connected.event, PresenceEventKind::Connected);
 
     let info: PresenceInfo = control(&service, "dev-1", ControlOp::Presence)
@@ -85,14 +87,7 @@ async fn the_holder_answers_presence_and_kick() {
         Err(ClientError::GoAway(g)) => assert_eq!(g.reason, GoAwayReason::Kicked),
         other => panic!("expected GOAWAY kicked, got {other:?}"),
     }
-    let gone: PresenceEvent = serde_json::from_slice(
-        &tokio::time::timeout(WAIT, events.next())
-            .await
-            .expect("event")
-            .expect("msg")
-            .payload,
-    )
-    .expect("json");
+    let gone: PresenceEvent = next_event(&mut events).await;
     assert_eq!(gone.event, PresenceEventKind::Disconnected);
     assert_eq!(gone.reason.as_deref(), Some("kicked"));
     let after = control::<PresenceInfo>(&service, "dev-1", ControlOp::Presence)
@@ -273,14 +268,7 @@ async fn a_device_that_does_not_read_gets_busy_then_slow_consumer_and_every_requ
             .all(|r| r.reason.as_deref() == Some("session_closed"))
     );
 
-    let gone: PresenceEvent = serde_json::from_slice(
-        &tokio::time::timeout(WAIT, events.next())
-            .await
-            .expect("event")
-            .expect("msg")
-            .payload,
-    )
-    .expect("json");
+    let gone: PresenceEvent = next_event(&mut events).await;
     assert_eq!(gone.event, PresenceEventKind::Disconnected);
     assert_eq!(gone.reason.as_deref(), Some("slow_consumer"));
 
