@@ -159,6 +159,9 @@ impl Validate for Config {
         {
             problems.push(format!("instance_id {id:?}: {e}"));
         }
+        if let Err(e) = crate::bus::link::parse_servers(&self.nats_url) {
+            problems.push(e.to_string());
+        }
         if self.nats_password.is_some() != self.nats_user.is_some() {
             problems.push("nats_user and nats_password go together".to_owned());
         }

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use serde::Serialize;
 use tokio::task::JoinHandle;
 
+use crate::bus::Headers;
 use crate::contract::{
     Announce, ControlError, GatewayStats, MAX_SESSION_PAGE, SessionList, SessionListRequest,
     subjects,
@@ -26,19 +26,9 @@ fn json<T: Serialize>(v: &T) -> Bytes {
 }
 
 async fn run(shared: Arc<Shared>) {
-    let client = shared.bus.client().clone();
-    let subscribed = futures::future::try_join(
-        client.subscribe(subjects::STATS),
-        client.subscribe(subjects::sessions(&shared.instance)),
-    )
-    .await;
-    let (mut stats, mut sessions) = match subscribed {
-        Ok(subs) => subs,
-        Err(error) => {
-            tracing::error!(%error, "cannot subscribe to control subjects; stats and listing unavailable");
-            return;
-        }
-    };
+    let link = shared.bus.link().clone();
+    let mut stats = link.subscribe(subjects::STATS);
+    let mut sessions = link.subscribe(&subjects::sessions(&shared.instance));
     let mut tick = tokio::time::interval(Duration::from_millis(shared.config.announce_interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut connected = shared.bus.connected_watch();
@@ -57,12 +47,13 @@ async fn run(shared: Arc<Shared>) {
             }
             Some(msg) = stats.next() => {
                 if let Some(reply) = msg.reply {
-                    let _ = client.publish(reply, json(&stats_of(&shared))).await;
+                    let _ = link.publish(reply, None, Headers::None, &json(&stats_of(&shared))).await;
                 }
             }
             Some(msg) = sessions.next() => {
                 if let Some(reply) = msg.reply {
-                    let _ = client.publish(reply, session_page(&shared, &msg.payload)).await;
+                    let page = session_page(&shared, &msg.payload);
+                    let _ = link.publish(reply, None, Headers::None, &page).await;
                 }
             }
         }
@@ -92,7 +83,12 @@ async fn announce(shared: &Shared) {
         heartbeat_ms: shared.config.announce_interval_ms,
         started_ms: s.started_ms,
     });
-    if let Err(error) = shared.bus.client().publish(subjects::ANNOUNCE, body).await {
+    let published = shared
+        .bus
+        .link()
+        .publish(subjects::ANNOUNCE, None, Headers::None, &body)
+        .await;
+    if let Err(error) = published {
         tracing::debug!(%error, "announce not published");
     }
 }

@@ -86,6 +86,9 @@ pub enum Uplink {
     Acked,
     /// NATS acceptance could not be proven (reconnect, timeout): not ACKed, the device resends.
     Unconfirmed,
+    /// Not handed to NATS: the connection dropped at that moment. A plain UP is lost
+    /// (at-most-once); one with a `seq` is not ACKed and the device resends it.
+    Dropped,
 }
 
 /// All gateway metrics, cheap to clone (every handle is an `Arc`).
@@ -111,7 +114,7 @@ pub struct Metrics {
     bytes_out: Counter,
     errors: [Counter; 13],
     downlink: [Counter; 6],
-    uplink: [Counter; 3],
+    uplink: [Counter; 4],
 }
 
 impl Metrics {
@@ -201,10 +204,10 @@ impl Metrics {
             reg,
             "uplink_messages",
             "Uplink messages by outcome",
-            &["published", "acked", "unconfirmed"],
+            &["published", "acked", "unconfirmed", "dropped"],
         );
         let downlink: [Counter; 6] = std::array::from_fn(|i| down[i].clone());
-        let uplink: [Counter; 3] = std::array::from_fn(|i| up[i].clone());
+        let uplink: [Counter; 4] = std::array::from_fn(|i| up[i].clone());
 
         Metrics {
             sessions,

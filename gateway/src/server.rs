@@ -275,7 +275,9 @@ async fn serve(
     drain(&shared, &connections).await;
     let _ = control_task.await;
     let _ = http_task.await;
-    let _ = tokio::time::timeout(Duration::from_secs(2), shared.bus.client().flush()).await;
+    // Last replies and presence events out before the connection closes.
+    let _ = shared.bus.link().flush(Duration::from_secs(2)).await;
+    shared.bus.link().close();
     tracing::info!(instance = %shared.instance, "gateway stopped");
     Ok(())
 }

@@ -24,14 +24,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use async_nats::{HeaderMap, Message, Subject, Subscriber};
 use bytes::{Bytes, BytesMut};
-use futures::StreamExt;
 use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use crate::bus::{Headers, LinkError, Msg, RequestError, Subscription};
 use crate::codec::{ErrorBody, ErrorCode, Frame, GoAway, GoAwayReason, Hello, Welcome};
 use crate::common::{unix_ms, unix_ns};
 use crate::conn::Conn;
@@ -256,10 +255,7 @@ async fn handshake(
 /// Everything a login decides before WELCOME.
 enum LoginOutcome {
     /// This session holds the device. `early` are messages routed to it before WELCOME.
-    Won {
-        sub: Subscriber,
-        early: Vec<Message>,
-    },
+    Won { sub: Subscription, early: Vec<Msg> },
     /// A newer session (or shutdown) took precedence: close with this GOAWAY.
     Lost(GoAwayReason),
     /// NATS could not be used.
@@ -296,24 +292,34 @@ fn json_bytes<T: Serialize>(v: &T) -> Bytes {
     Bytes::from(serde_json::to_vec(v).unwrap_or_default())
 }
 
-fn control_op(msg: &Message) -> Option<Result<ControlOp, String>> {
-    let value = msg.headers.as_ref()?.get(headers::CONTROL)?;
-    Some(ControlOp::from_token(value.as_str()).ok_or_else(|| value.as_str().to_owned()))
+fn control_op(msg: &Msg) -> Option<Result<ControlOp, String>> {
+    let value = msg.header(headers::CONTROL)?;
+    Some(ControlOp::from_token(value).ok_or_else(|| value.to_owned()))
 }
 
-async fn claim_round(
-    shared: &Shared,
-    down: &Subject,
-    key: &ClaimKey,
-) -> Result<ClaimRound, Refusal> {
-    let request = shared.bus.client().request_with_headers(
-        down.clone(),
-        headers::control(ControlOp::Claim),
-        json_bytes(&ClaimRequest { key: key.clone() }),
-    );
+/// Publishes a reply (or any plain message). Failures are logged, not raised: the requester
+/// times out, which is what it would see if the reply were lost on the way.
+async fn publish_reply(shared: &Shared, to: &[u8], body: &[u8]) {
+    if let Err(error) = shared
+        .bus
+        .link()
+        .publish(to, None, Headers::None, body)
+        .await
+    {
+        tracing::debug!(%error, "could not publish a reply");
+    }
+}
+
+async fn claim_round(shared: &Shared, down: &str, key: &ClaimKey) -> Result<ClaimRound, Refusal> {
     let timeout = Duration::from_millis(shared.config.claim_timeout_ms);
-    match tokio::time::timeout(timeout, request).await {
-        Ok(Ok(reply)) => match serde_json::from_slice::<ClaimReply>(&reply.payload) {
+    let control = [(headers::CONTROL, ControlOp::Claim.token())];
+    let body = json_bytes(&ClaimRequest { key: key.clone() });
+    let request = shared
+        .bus
+        .link()
+        .request(down, Headers::Pairs(&control), &body, timeout);
+    match request.await {
+        Ok(reply) => match serde_json::from_slice::<ClaimReply>(&reply.payload) {
             Ok(ClaimReply::Released { .. }) => Ok(ClaimRound::Released),
             Ok(ClaimReply::Superseded { .. }) => Ok(ClaimRound::Superseded),
             Err(e) => {
@@ -321,26 +327,23 @@ async fn claim_round(
                 Ok(ClaimRound::Released)
             }
         },
-        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
-            Ok(ClaimRound::Clear)
-        }
-        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::TimedOut => Ok(ClaimRound::Clear),
-        Err(_) => {
+        Err(RequestError::NoResponders) => Ok(ClaimRound::Clear),
+        Err(RequestError::TimedOut) => {
             // A holder that does not answer within the claim timeout is partitioned or hung:
             // availability wins, the new session proceeds (the old one yields when it sees
             // this device's next claim or its own connection fails).
             tracing::warn!(device_id = %key_device(down), "previous holder did not answer the claim in time");
             Ok(ClaimRound::Clear)
         }
-        Ok(Err(e)) => Err(Refusal::new(
+        Err(e) => Err(Refusal::new(
             ErrorCode::Unavailable,
             format!("message bus error during login: {e}"),
         )),
     }
 }
 
-fn key_device(down: &Subject) -> &str {
-    down.as_str().split('.').nth(1).unwrap_or("")
+fn key_device(down: &str) -> &str {
+    down.split('.').nth(1).unwrap_or("")
 }
 
 /// A message arrives for a session that is not welcomed yet.
@@ -348,7 +351,7 @@ enum Pending {
     /// Keep going.
     Continue,
     /// A newer claim arrived: give up, then answer it.
-    Yield(Subject),
+    Yield(Bytes),
 }
 
 /// Login: settle local and cluster-wide ownership of the device, then run the session.
@@ -433,7 +436,7 @@ async fn login_and_run(
     tracing::info!(device_id = %id, session = %session, remote = %remote_addr, "device connected");
 
     let mut s = Session {
-        up: Subject::from(subjects::up(&id)),
+        up: subjects::up(&id),
         shared: shared.clone(),
         conn,
         id,
@@ -469,7 +472,7 @@ async fn login(
     key: &ClaimKey,
     commands: &mut CommandReceiver,
 ) -> LoginOutcome {
-    let down = Subject::from(subjects::down(id));
+    let down = subjects::down(id);
     // Phase 1: make every current holder let go.
     for _ in 0..MAX_CLAIM_ROUNDS {
         match claim_round(shared, &down, key).await {
@@ -480,15 +483,7 @@ async fn login(
         }
     }
     // Phase 2: become visible, then confirm no concurrent claimant subscribed meanwhile.
-    let mut sub = match shared.bus.client().subscribe(down.clone()).await {
-        Ok(s) => s,
-        Err(e) => {
-            return LoginOutcome::Failed(Refusal::new(
-                ErrorCode::Unavailable,
-                format!("cannot subscribe: {e}"),
-            ));
-        }
-    };
+    let mut sub = shared.bus.link().subscribe(&down);
     let mut early = Vec::new();
     let mut rounds = 0;
     loop {
@@ -504,7 +499,7 @@ async fn login(
                         Pending::Yield(reply) => {
                             hand_off(shared, &mut sub, early).await;
                             let reply_body = json_bytes(&ClaimReply::Released { key: key.clone() });
-                            let _ = shared.bus.client().publish(reply, reply_body).await;
+                            publish_reply(shared, &reply, &reply_body).await;
                             return LoginOutcome::Lost(GoAwayReason::Replaced);
                         }
                     },
@@ -549,8 +544,8 @@ async fn login(
 async fn pending_message(
     shared: &Shared,
     key: &ClaimKey,
-    msg: Message,
-    early: &mut Vec<Message>,
+    msg: Msg,
+    early: &mut Vec<Msg>,
 ) -> Pending {
     match control_op(&msg) {
         Some(Ok(ControlOp::Claim)) => {
@@ -561,7 +556,7 @@ async fn pending_message(
                 Ok(req) if req.key > *key => Pending::Yield(reply),
                 Ok(_) => {
                     let body = json_bytes(&ClaimReply::Superseded { key: key.clone() });
-                    let _ = shared.bus.client().publish(reply, body).await;
+                    publish_reply(shared, &reply, &body).await;
                     Pending::Continue
                 }
                 Err(_) => Pending::Continue,
@@ -577,13 +572,13 @@ async fn pending_message(
 /// Gives up a subscription taken during a lost login: drain it, and republish everything it
 /// received so the winning session (subscribed by now) gets it. Nothing is answered twice: only
 /// the winner replies.
-async fn hand_off(shared: &Shared, sub: &mut Subscriber, mut early: Vec<Message>) {
-    let _ = sub.drain().await;
+async fn hand_off(shared: &Shared, sub: &mut Subscription, mut early: Vec<Msg>) {
     let limit = Duration::from_millis(shared.config.claim_timeout_ms);
-    while let Ok(Some(msg)) = tokio::time::timeout(limit, sub.next()).await {
+    let _ = sub.drain(limit).await;
+    while let Some(msg) = sub.try_next() {
         early.push(msg);
     }
-    let client = shared.bus.client();
+    let link = shared.bus.link();
     for msg in early {
         if matches!(control_op(&msg), Some(Ok(ControlOp::Claim))) {
             if let Some(reply) = msg.reply {
@@ -595,23 +590,17 @@ async fn hand_off(shared: &Shared, sub: &mut Subscriber, mut early: Vec<Message>
                         session: String::new(),
                     },
                 });
-                let _ = client.publish(reply, body).await;
+                publish_reply(shared, &reply, &body).await;
             }
             continue;
         }
-        let headers = msg.headers.unwrap_or_default();
-        let _ = match msg.reply {
-            Some(reply) => {
-                client
-                    .publish_with_reply_and_headers(msg.subject, reply, headers, msg.payload)
-                    .await
-            }
-            None => {
-                client
-                    .publish_with_headers(msg.subject, headers, msg.payload)
-                    .await
-            }
-        };
+        let headers = msg.raw_headers().map_or(Headers::None, Headers::Raw);
+        if let Err(error) = link
+            .publish(&msg.subject, msg.reply.as_deref(), headers, &msg.payload)
+            .await
+        {
+            tracing::warn!(%error, "could not hand a message back to NATS; its sender will time out");
+        }
     }
 }
 
@@ -624,13 +613,13 @@ struct Session {
     since_ms: u64,
     remote_addr: String,
     metadata: serde_json::Map<String, serde_json::Value>,
-    up: Subject,
-    sub: Subscriber,
+    up: String,
+    sub: Subscription,
     commands: CommandReceiver,
     /// Requests to answer `sent` once the writer passes the given stream offset.
-    sent_waiters: VecDeque<(u64, Subject)>,
+    sent_waiters: VecDeque<(u64, Bytes)>,
     /// DOWN frames awaiting the device's ACK: seq -> reply subject.
-    acks: HashMap<u32, Subject>,
+    acks: HashMap<u32, Bytes>,
     /// Expiry order of `acks` (constant timeout, so insertion order is deadline order).
     ack_deadlines: VecDeque<(u32, Instant)>,
     next_seq: u32,
@@ -660,14 +649,14 @@ fn poll_uplink(
 }
 
 impl Session {
-    /// Device, session and gateway headers of uplink and presence messages. Built per message
-    /// rather than kept per session: the same allocations either way, minus ~440 idle bytes.
-    fn identity_headers(&self) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert(headers::DEVICE, self.id.as_str());
-        h.insert(headers::SESSION, self.session.as_str());
-        h.insert(headers::GATEWAY, self.shared.instance.as_str());
-        h
+    /// Device, session and gateway headers of uplink and presence messages, written straight
+    /// into the connection's buffer (no per-message header map).
+    fn identity_headers(&self) -> [(&'static str, &str); 3] {
+        [
+            (headers::DEVICE, self.id.as_str()),
+            (headers::SESSION, self.session.as_str()),
+            (headers::GATEWAY, self.shared.instance.as_str()),
+        ]
     }
 
     fn presence_info(&self) -> PresenceInfo {
@@ -819,15 +808,13 @@ impl Session {
             .map_err(|e| End::Error(Refusal::new(ErrorCode::Internal, e.to_string())))
     }
 
-    async fn reply(&self, to: Subject, body: Bytes) {
-        if let Err(e) = self.shared.bus.client().publish(to, body).await {
-            tracing::debug!(device_id = %self.id, error = %e, "could not publish a reply");
-        }
+    async fn reply(&self, to: Bytes, body: Bytes) {
+        publish_reply(&self.shared, &to, &body).await;
     }
 
     async fn reply_delivery(
         &self,
-        to: Subject,
+        to: Bytes,
         status: DeliveryStatus,
         seq: u32,
         reason: Option<&str>,
@@ -852,7 +839,7 @@ impl Session {
         }
     }
 
-    async fn on_bus_message(&mut self, msg: Message) -> Result<(), End> {
+    async fn on_bus_message(&mut self, msg: Msg) -> Result<(), End> {
         match control_op(&msg) {
             None => self.on_downlink(msg).await,
             Some(Ok(ControlOp::Presence)) => {
@@ -892,7 +879,7 @@ impl Session {
 
     /// A message for the device. Every request gets exactly one reply; a plain publish that
     /// cannot be delivered is counted and, when the queue overflows, closes the session.
-    async fn on_downlink(&mut self, msg: Message) -> Result<(), End> {
+    async fn on_downlink(&mut self, msg: Msg) -> Result<(), End> {
         let payload_limit = crate::codec::max_down_payload_len(self.shared.codec.max_frame_len());
         if msg.payload.len() > payload_limit {
             let reason = format!(
@@ -913,12 +900,8 @@ impl Session {
         let wire_len = 9 + msg.payload.len();
         let queue_full =
             self.conn.writer.pending() + wire_len > self.shared.config.session_queue_bytes;
-        let wants_device_ack = msg.reply.is_some()
-            && msg
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(headers::ACK))
-                .is_some_and(|v| v.as_str() == headers::ACK_DEVICE);
+        let wants_device_ack =
+            msg.reply.is_some() && msg.header(headers::ACK) == Some(headers::ACK_DEVICE);
         let acks_full = wants_device_ack && self.acks.len() >= self.shared.config.max_inflight;
         if queue_full || acks_full {
             return match msg.reply {
@@ -986,21 +969,40 @@ impl Session {
         match frame {
             Frame::Up { seq, payload } => {
                 let epoch = self.shared.bus.epoch();
-                let mut headers = self.identity_headers();
-                if seq != 0 {
-                    headers.insert(crate::contract::headers::SEQ, seq.to_string().as_str());
-                }
+                let [device, session, gateway] = self.identity_headers();
+                let mut seq_text = itoa::Buffer::new();
+                let with_seq = [
+                    device,
+                    session,
+                    gateway,
+                    (headers::SEQ, seq_text.format(seq)),
+                ];
+                let headers = if seq == 0 {
+                    &with_seq[..3]
+                } else {
+                    &with_seq[..]
+                };
                 let published = self
                     .shared
                     .bus
-                    .client()
-                    .publish_with_headers(self.up.clone(), headers, payload)
+                    .link()
+                    .publish(self.up.as_bytes(), None, Headers::Pairs(headers), &payload)
                     .await;
-                if let Err(e) = published {
-                    return Err(End::Error(Refusal::new(
-                        ErrorCode::Unavailable,
-                        format!("cannot publish uplink: {e}"),
-                    )));
+                match published {
+                    Ok(()) => {}
+                    Err(LinkError::TooLarge { len, max }) => {
+                        return Err(End::Error(Refusal::new(
+                            ErrorCode::FrameTooLarge,
+                            format!("UP of {len} bytes exceeds the message bus limit of {max}"),
+                        )));
+                    }
+                    Err(error) => {
+                        // NATS dropped this very moment (reading stops as the session sees it):
+                        // no ACK for this UP, so a device that asked for one resends it.
+                        self.shared.metrics.uplink(Uplink::Dropped);
+                        tracing::debug!(device_id = %self.id, seq, %error, "uplink not handed to NATS");
+                        return Ok(());
+                    }
                 }
                 self.shared.metrics.uplink(Uplink::Published);
                 if seq != 0 {
@@ -1074,11 +1076,11 @@ impl Session {
     /// Gives the device up: stop NATS routing (confirmed by the server), deliver what was
     /// already routed here, write it all with the GOAWAY, then close.
     async fn release_with(&mut self, reason: GoAwayReason, reconnect_after_ms: Option<u64>) -> End {
-        if let Err(e) = self.sub.drain().await {
-            tracing::warn!(device_id = %self.id, error = %e, "could not drain the subscription");
-        }
         let limit = Duration::from_millis(self.shared.config.claim_timeout_ms);
-        while let Ok(Some(msg)) = tokio::time::timeout(limit, self.sub.next()).await {
+        if let Err(e) = self.sub.drain(limit).await {
+            tracing::warn!(device_id = %self.id, error = %e, "could not confirm the unsubscription");
+        }
+        while let Some(msg) = self.sub.try_next() {
             match control_op(&msg) {
                 // Already letting go: further claims and kicks just hear so.
                 Some(Ok(ControlOp::Claim)) => {
@@ -1138,13 +1140,13 @@ impl Session {
             self.conn.close_with(Some(frame), LAST_WORDS).await;
             self.resolve_sent().await;
         }
-        let _ = self.sub.unsubscribe().await;
+        self.sub.unsubscribe();
         let reason = end.reason();
         if let End::Io(error) = &end {
             tracing::debug!(device_id = %self.id, %error, "device socket failed");
         }
         // Whatever was routed here and not written can no longer be delivered.
-        while let Some(msg) = try_next(&mut self.sub) {
+        while let Some(msg) = self.sub.try_next() {
             let op = control_op(&msg);
             let Some(reply) = msg.reply else {
                 if op.is_none() {
@@ -1210,17 +1212,15 @@ impl Session {
             reason,
         });
         let subject = subjects::presence_events(&self.id);
-        let _ = self
+        let headers = self.identity_headers();
+        if let Err(error) = self
             .shared
             .bus
-            .client()
-            .publish_with_headers(subject, self.identity_headers(), body)
-            .await;
+            .link()
+            .publish(subject.as_bytes(), None, Headers::Pairs(&headers), &body)
+            .await
+        {
+            tracing::debug!(device_id = %self.id, %error, "presence event not published");
+        }
     }
-}
-
-/// What a subscription has already buffered, without waiting.
-fn try_next(sub: &mut Subscriber) -> Option<Message> {
-    use futures::FutureExt;
-    sub.next().now_or_never().flatten()
 }

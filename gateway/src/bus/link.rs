@@ -1,0 +1,838 @@
+//! The gateway's NATS connection, written for one workload: tens of thousands of long-lived
+//! single-subject subscriptions (one per device session), each quiet most of the time.
+//!
+//! A general client gives every subscription its own channel; in async-nats that is a tokio
+//! mpsc whose first block (32 slots of 184 B) is allocated up front: 6.4 KB per device before
+//! a single message arrives, more than everything else a session holds. Here a subscription is
+//! a slot in a table keyed by its sid: the connection's reader parses `MSG`/`HMSG` and pushes
+//! the message into the slot's queue, which allocates only while messages wait.
+//!
+//! Writes from every session go into one buffer that a single writer task flushes, so a burst
+//! of uplink from thousands of devices becomes a few large socket writes. The buffer is bounded
+//! ([`OUT_LIMIT`]): publishers wait for room, which slows the sessions' reading of their
+//! devices: backpressure, never unbounded memory.
+//!
+//! `PING`/`PONG` is the server's own barrier: the server answers a `PING` only after processing
+//! everything the connection sent before it. [`Link::ping`] turns that into the proof the
+//! gateway needs before it ACKs an uplink message, with no subject involved.
+//!
+//! On a lost connection the link reconnects (rotating through the configured servers), sends
+//! `SUB` again for every live subscription, and moves the connection epoch on so proofs taken
+//! across the gap are refused. What was buffered but not written is discarded with the old
+//! socket (it may have been half-written anyway); publishing while disconnected fails at once
+//! instead of queueing toward an unknown future.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{Notify, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::wire::{self, Headers, Msg, ServerOp, WireError};
+use crate::common::Secret;
+use crate::metrics::Metrics;
+
+/// Most bytes waiting for the writer. At loopback speed this is a few milliseconds of traffic;
+/// beyond it publishers wait (backpressure) rather than grow the buffer.
+pub const OUT_LIMIT: usize = 8 * 1024 * 1024;
+/// Most messages a subscription holds for a session that is not taking them; more are dropped
+/// and counted as slow-consumer drops (the session's own byte limits normally act first).
+pub const SLOT_LIMIT: usize = 64 * 1024;
+/// TCP connect plus `INFO`/`CONNECT`/`PONG` handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Client keep-alive interval; a connection whose oldest unanswered `PING` is older than two
+/// intervals is declared dead.
+const PING_INTERVAL: Duration = Duration::from_secs(20);
+/// Reconnect backoff: 100 ms more per failed attempt, at most this.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// The subscription id of this connection's reply inbox (`<inbox>.*`).
+const INBOX_SID: u64 = 1;
+/// Read buffer growth step.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Why an operation on the link failed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum LinkError {
+    /// No connection to NATS right now (it is being re-established).
+    #[error("not connected to NATS")]
+    NotConnected,
+    /// The message is larger than the server's `max_payload`.
+    #[error("message of {len} bytes exceeds the NATS server's max_payload of {max}")]
+    TooLarge {
+        /// Header + payload bytes.
+        len: usize,
+        /// The server's limit.
+        max: usize,
+    },
+    /// The link was closed (gateway shutdown).
+    #[error("the NATS link is closed")]
+    Closed,
+}
+
+/// Why a request got no answer.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum RequestError {
+    /// Nobody subscribes to the subject (the server said so at once).
+    #[error("no responders")]
+    NoResponders,
+    /// No answer within the timeout.
+    #[error("request timed out")]
+    TimedOut,
+    /// The connection was lost while waiting; the request may or may not have been delivered.
+    #[error("NATS connection lost during the request")]
+    Disconnected,
+    /// It could not be sent.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+}
+
+/// Why the server list is unusable.
+#[derive(Debug, thiserror::Error)]
+#[error("NATS server address {url:?}: {reason}")]
+pub struct AddressError {
+    url: String,
+    reason: String,
+}
+
+/// One NATS server to dial.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ServerAddr {
+    host: String,
+    port: u16,
+    user: Option<(String, Secret)>,
+}
+
+impl std::fmt::Debug for ServerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "nats://{}:{}", self.host, self.port)
+    }
+}
+
+/// Parses a comma-separated server list: `nats://[user:pass@]host[:port]` or `host[:port]`.
+/// TLS (`tls://`) is refused with a clear error: the gateway's link speaks plain TCP, so a
+/// deployment needing TLS to NATS must terminate it in front (or on a sidecar) explicitly.
+pub fn parse_servers(list: &str) -> Result<Vec<ServerAddr>, AddressError> {
+    let mut servers = Vec::new();
+    for url in list.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let err = |reason: &str| AddressError {
+            url: url.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let rest = match url.split_once("://") {
+            Some(("nats", rest)) => rest,
+            Some((scheme, _)) => {
+                return Err(err(&format!(
+                    "scheme {scheme}:// is not supported (plain nats:// only)"
+                )));
+            }
+            None => url,
+        };
+        let rest = rest.trim_end_matches('/');
+        let (user, hostport) = match rest.rsplit_once('@') {
+            Some((creds, hostport)) => {
+                let (u, p) = creds.split_once(':').unwrap_or((creds, ""));
+                (Some((u.to_owned(), Secret::new(p.to_owned()))), hostport)
+            }
+            None => (None, rest),
+        };
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+                (h, p.parse().map_err(|_| err("port is not a number"))?)
+            }
+            _ => (hostport, 4222),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(err("no host"));
+        }
+        servers.push(ServerAddr {
+            host: host.to_owned(),
+            port,
+            user,
+        });
+    }
+    if servers.is_empty() {
+        return Err(AddressError {
+            url: list.to_owned(),
+            reason: "no server given".into(),
+        });
+    }
+    Ok(servers)
+}
+
+/// How to connect.
+#[derive(Debug, Clone)]
+pub struct LinkOptions {
+    /// Servers, tried in turn.
+    pub servers: Vec<ServerAddr>,
+    /// The connection name the server shows in its monitoring.
+    pub name: String,
+    /// User and password for servers with accounts (a URL's own credentials take precedence).
+    pub user: Option<(String, Secret)>,
+}
+
+/// The gateway's NATS connection; cheap to clone.
+#[derive(Clone)]
+pub struct Link {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    options: LinkOptions,
+    state: Mutex<State>,
+    /// A writer waits here for bytes.
+    wake_writer: Notify,
+    /// Publishers wait here for room in the buffer.
+    room: Notify,
+    subs: Mutex<HashMap<u64, Arc<Slot>>>,
+    requests: Mutex<HashMap<u64, oneshot::Sender<Msg>>>,
+    next_sid: AtomicU64,
+    next_token: AtomicU64,
+    /// `_INBOX.<random>.`: replies to this link's requests arrive under it.
+    inbox: String,
+    max_payload: AtomicUsize,
+    connected: watch::Sender<bool>,
+    epoch: AtomicU64,
+    stop: CancellationToken,
+    metrics: Metrics,
+}
+
+/// What the writer, the reader and the API share. One lock, held only to append bytes.
+struct State {
+    out: BytesMut,
+    connected: bool,
+    /// One entry per `PING` in flight, oldest first, with the waiter to tell (if any).
+    pongs: VecDeque<(Instant, Option<oneshot::Sender<()>>)>,
+}
+
+/// One subscription: its subject (to resubscribe after a reconnect) and its queue.
+struct Slot {
+    subject: Box<str>,
+    queue: Mutex<SlotQueue>,
+}
+
+#[derive(Default)]
+struct SlotQueue {
+    /// Allocated only while messages wait: an idle subscription owns no buffer.
+    msgs: VecDeque<Msg>,
+    waker: Option<Waker>,
+    closed: bool,
+}
+
+impl Slot {
+    fn lock(&self) -> MutexGuard<'_, SlotQueue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Returns false if the message was dropped because the slot is full.
+    fn push(&self, msg: Msg) -> bool {
+        let mut q = self.lock();
+        if q.closed {
+            return true;
+        }
+        if q.msgs.len() >= SLOT_LIMIT {
+            return false;
+        }
+        q.msgs.push_back(msg);
+        if let Some(waker) = q.waker.take() {
+            drop(q);
+            waker.wake();
+        }
+        true
+    }
+
+    fn pop(q: &mut SlotQueue) -> Option<Msg> {
+        let msg = q.msgs.pop_front();
+        if q.msgs.is_empty() && q.msgs.capacity() > 0 {
+            // Give the buffer back: most sessions see a message now and then, and an idle one
+            // should cost nothing.
+            q.msgs = VecDeque::new();
+        }
+        msg
+    }
+
+    fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<Msg>> {
+        let mut q = self.lock();
+        if let Some(msg) = Slot::pop(&mut q) {
+            return Poll::Ready(Some(msg));
+        }
+        if q.closed {
+            return Poll::Ready(None);
+        }
+        match &q.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => q.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    fn close(&self) {
+        let mut q = self.lock();
+        q.closed = true;
+        if let Some(waker) = q.waker.take() {
+            drop(q);
+            waker.wake();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section is a few pushes/pops with no user code: a panic inside cannot
+    // leave the data half-updated in a way that matters, so poisoning is ignored.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Link {
+    /// Starts connecting in the background (retrying for as long as it takes) and returns at
+    /// once: a gateway starts unready and becomes ready when NATS is there.
+    pub fn start(options: LinkOptions, metrics: Metrics) -> Link {
+        let (connected, _) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            options,
+            state: Mutex::new(State {
+                out: BytesMut::new(),
+                connected: false,
+                pongs: VecDeque::new(),
+            }),
+            wake_writer: Notify::new(),
+            room: Notify::new(),
+            subs: Mutex::new(HashMap::new()),
+            requests: Mutex::new(HashMap::new()),
+            next_sid: AtomicU64::new(INBOX_SID + 1),
+            next_token: AtomicU64::new(1),
+            inbox: format!("_INBOX.{}.", random_token()),
+            max_payload: AtomicUsize::new(1024 * 1024),
+            connected,
+            epoch: AtomicU64::new(0),
+            stop: CancellationToken::new(),
+            metrics,
+        });
+        tokio::spawn(run(inner.clone()));
+        Link { inner }
+    }
+
+    /// Whether the connection is up right now.
+    pub fn is_connected(&self) -> bool {
+        lock(&self.inner.state).connected
+    }
+
+    /// A receiver that changes whenever the connection goes up or down.
+    pub fn connected_watch(&self) -> watch::Receiver<bool> {
+        self.inner.connected.subscribe()
+    }
+
+    /// The connection generation, moved on by every (re)connect.
+    pub fn epoch(&self) -> u64 {
+        self.inner.epoch.load(Ordering::Acquire)
+    }
+
+    /// Closes the connection for good: pending and future operations fail.
+    pub fn close(&self) {
+        self.inner.stop.cancel();
+        self.inner.room.notify_waiters();
+    }
+
+    /// Subscribes to `subject`. The `SUB` is sent now if connected, and again after every
+    /// reconnect for as long as the subscription lives. Anything this link publishes after this
+    /// call reaches the server after the `SUB`.
+    pub fn subscribe(&self, subject: &str) -> Subscription {
+        let sid = self.inner.next_sid.fetch_add(1, Ordering::Relaxed);
+        let slot = Arc::new(Slot {
+            subject: subject.into(),
+            queue: Mutex::default(),
+        });
+        {
+            let mut st = lock(&self.inner.state);
+            lock(&self.inner.subs).insert(sid, slot.clone());
+            if st.connected {
+                wire::subscribe(&mut st.out, subject, sid);
+            }
+        }
+        self.inner.wake_writer.notify_one();
+        Subscription {
+            inner: self.inner.clone(),
+            sid,
+            slot,
+            active: true,
+        }
+    }
+
+    /// Publishes a message, waiting for room in the write buffer if it is full.
+    pub async fn publish(
+        &self,
+        subject: impl AsRef<[u8]>,
+        reply: Option<&[u8]>,
+        headers: Headers<'_>,
+        payload: &[u8],
+    ) -> Result<(), LinkError> {
+        let len = headers.encoded_len() + payload.len();
+        let max = self.inner.max_payload.load(Ordering::Relaxed);
+        if len > max {
+            return Err(LinkError::TooLarge { len, max });
+        }
+        loop {
+            let room = self.inner.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            {
+                let mut st = lock(&self.inner.state);
+                if self.inner.stop.is_cancelled() {
+                    return Err(LinkError::Closed);
+                }
+                if !st.connected {
+                    return Err(LinkError::NotConnected);
+                }
+                if st.out.len() < OUT_LIMIT {
+                    wire::publish(&mut st.out, subject.as_ref(), reply, headers, payload);
+                    drop(st);
+                    self.inner.wake_writer.notify_one();
+                    return Ok(());
+                }
+            }
+            room.await;
+        }
+    }
+
+    /// Sends a request and waits for the first answer.
+    pub async fn request(
+        &self,
+        subject: &str,
+        headers: Headers<'_>,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> Result<Msg, RequestError> {
+        let token = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
+        let mut reply = itoa::Buffer::new();
+        let reply = format!("{}{}", self.inner.inbox, reply.format(token));
+        let (tx, rx) = oneshot::channel();
+        lock(&self.inner.requests).insert(token, tx);
+        let forget = || lock(&self.inner.requests).remove(&token);
+        if let Err(e) = self
+            .publish(subject, Some(reply.as_bytes()), headers, payload)
+            .await
+        {
+            forget();
+            return Err(e.into());
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(msg)) if msg.status() == Some(503) => Err(RequestError::NoResponders),
+            Ok(Ok(msg)) => Ok(msg),
+            Ok(Err(_)) => Err(RequestError::Disconnected),
+            Err(_) => {
+                forget();
+                Err(RequestError::TimedOut)
+            }
+        }
+    }
+
+    /// Sends `PING`; the receiver completes when the matching `PONG` arrives, i.e. once the
+    /// server has processed everything this connection sent before. It fails (sender dropped)
+    /// if the connection is lost first.
+    pub fn ping(&self) -> Result<oneshot::Receiver<()>, LinkError> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut st = lock(&self.inner.state);
+            if !st.connected {
+                return Err(LinkError::NotConnected);
+            }
+            wire::ping(&mut st.out);
+            st.pongs.push_back((Instant::now(), Some(tx)));
+        }
+        self.inner.wake_writer.notify_one();
+        Ok(rx)
+    }
+
+    /// Waits until everything published so far has been processed by the server, or `limit`.
+    pub async fn flush(&self, limit: Duration) -> Result<(), LinkError> {
+        let rx = self.ping()?;
+        match tokio::time::timeout(limit, rx).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(LinkError::NotConnected),
+        }
+    }
+}
+
+/// One subscription. Dropping it unsubscribes.
+pub struct Subscription {
+    inner: Arc<Inner>,
+    sid: u64,
+    slot: Arc<Slot>,
+    active: bool,
+}
+
+impl Subscription {
+    /// The next message; `None` once the subscription is closed and its queue is empty.
+    /// Cancel-safe.
+    pub async fn next(&mut self) -> Option<Msg> {
+        std::future::poll_fn(|cx| self.slot.poll_next(cx)).await
+    }
+
+    /// A message already queued, without waiting.
+    pub fn try_next(&mut self) -> Option<Msg> {
+        Slot::pop(&mut self.slot.lock())
+    }
+
+    /// Stops the interest and waits until the server confirms it: after this, every message
+    /// the server routed here is in the queue ([`Subscription::next`] yields them, then
+    /// `None`) and no other will come. Fails (having stopped the interest locally) when the
+    /// connection is down, since the server's view cannot be confirmed then.
+    pub async fn drain(&mut self, limit: Duration) -> Result<(), LinkError> {
+        if !self.active {
+            return Ok(());
+        }
+        let confirmed = {
+            let mut st = lock(&self.inner.state);
+            if st.connected {
+                wire::unsubscribe(&mut st.out, self.sid);
+                wire::ping(&mut st.out);
+                let (tx, rx) = oneshot::channel();
+                st.pongs.push_back((Instant::now(), Some(tx)));
+                Some(rx)
+            } else {
+                None
+            }
+        };
+        self.inner.wake_writer.notify_one();
+        let result = match confirmed {
+            Some(rx) => match tokio::time::timeout(limit, rx).await {
+                Ok(Ok(())) => Ok(()),
+                _ => Err(LinkError::NotConnected),
+            },
+            None => Err(LinkError::NotConnected),
+        };
+        self.forget();
+        result
+    }
+
+    /// Stops the interest now; messages already queued can still be taken with
+    /// [`Subscription::try_next`].
+    pub fn unsubscribe(&mut self) {
+        if !self.active {
+            return;
+        }
+        {
+            let mut st = lock(&self.inner.state);
+            if st.connected {
+                wire::unsubscribe(&mut st.out, self.sid);
+            }
+        }
+        self.inner.wake_writer.notify_one();
+        self.forget();
+    }
+
+    fn forget(&mut self) {
+        self.active = false;
+        lock(&self.inner.subs).remove(&self.sid);
+        self.slot.close();
+    }
+
+    /// The subject subscribed to.
+    pub fn subject(&self) -> &str {
+        &self.slot.subject
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.unsubscribe();
+    }
+}
+
+fn random_token() -> String {
+    const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    (0..22)
+        .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+/// Why a connection ended or could not be made.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Wire(#[from] WireError),
+    #[error("server refused the connection: {0}")]
+    Refused(String),
+    #[error("timed out")]
+    Timeout,
+    #[error("server closed the connection")]
+    Closed,
+    #[error("no PONG for {0:?}: connection is stale")]
+    Stale(Duration),
+    #[error("unexpected handshake: {0}")]
+    Handshake(String),
+}
+
+/// Connects, serves, reconnects, until closed.
+async fn run(inner: Arc<Inner>) {
+    let servers = inner.options.servers.clone();
+    let mut attempt: u32 = 0;
+    let mut index = 0;
+    loop {
+        let server = &servers[index % servers.len()];
+        let result = tokio::select! {
+            () = inner.stop.cancelled() => break,
+            r = handshake(&inner, server) => r,
+        };
+        match result {
+            Ok((stream, leftover)) => {
+                attempt = 0;
+                inner.on_connect();
+                tracing::info!(server = ?server, "NATS connected");
+                let ended = serve(&inner, stream, leftover).await;
+                inner.on_disconnect();
+                match ended {
+                    Ok(()) => break,
+                    Err(error) => {
+                        tracing::warn!(server = ?server, %error, "NATS disconnected: sessions kept, uplink paused, resubscribing on reconnect");
+                    }
+                }
+            }
+            Err(error) => {
+                attempt = attempt.saturating_add(1);
+                index += 1;
+                if attempt == 1 || attempt.is_multiple_of(20) {
+                    tracing::warn!(server = ?server, %error, attempt, "cannot connect to NATS; retrying");
+                }
+            }
+        }
+        let backoff = (Duration::from_millis(100) * attempt).min(MAX_BACKOFF);
+        tokio::select! {
+            () = inner.stop.cancelled() => break,
+            () = tokio::time::sleep(backoff) => {}
+        }
+    }
+    inner.on_disconnect();
+    let slots: Vec<_> = lock(&inner.subs).drain().map(|(_, s)| s).collect();
+    for slot in slots {
+        slot.close();
+    }
+}
+
+/// TCP connect, `INFO`, `CONNECT` + `PING`, `PONG`. Returns the stream and any bytes read past
+/// the `PONG`.
+async fn handshake(inner: &Inner, server: &ServerAddr) -> Result<(TcpStream, BytesMut), ConnError> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        let mut stream = TcpStream::connect((server.host.as_str(), server.port)).await?;
+        stream.set_nodelay(true)?;
+        let mut buf = BytesMut::with_capacity(4096);
+        let info = match read_op(&mut stream, &mut buf).await? {
+            ServerOp::Info(info) => info,
+            other => {
+                return Err(ConnError::Handshake(format!(
+                    "expected INFO, got {other:?}"
+                )));
+            }
+        };
+        let info: serde_json::Value =
+            serde_json::from_slice(&info).map_err(|e| ConnError::Handshake(e.to_string()))?;
+        if let Some(max) = info.get("max_payload").and_then(serde_json::Value::as_u64) {
+            inner.max_payload.store(max as usize, Ordering::Relaxed);
+        }
+        let mut connect = serde_json::json!({
+            "verbose": false,
+            "pedantic": false,
+            "lang": "rust-devgate",
+            "version": env!("CARGO_PKG_VERSION"),
+            "protocol": 1,
+            "echo": false,
+            "headers": true,
+            "no_responders": true,
+            "name": inner.options.name,
+        });
+        if let Some((user, pass)) = server.user.as_ref().or(inner.options.user.as_ref()) {
+            connect["user"] = user.as_str().into();
+            connect["pass"] = pass.expose().into();
+        }
+        let mut hello = BytesMut::new();
+        wire::connect(&mut hello, &connect);
+        wire::ping(&mut hello);
+        stream.write_all(&hello).await?;
+        loop {
+            match read_op(&mut stream, &mut buf).await? {
+                ServerOp::Pong => return Ok((stream, buf)),
+                ServerOp::Err(e) => return Err(ConnError::Refused(e)),
+                ServerOp::Ping => stream.write_all(b"PONG\r\n").await?,
+                ServerOp::Info(_) | ServerOp::Ok => {}
+                ServerOp::Msg { .. } => {
+                    return Err(ConnError::Handshake("MSG before subscribing".into()));
+                }
+            }
+        }
+    })
+    .await
+    .map_err(|_| ConnError::Timeout)?
+}
+
+async fn read_op(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<ServerOp, ConnError> {
+    loop {
+        if let Some(op) = wire::decode(buf)? {
+            return Ok(op);
+        }
+        buf.reserve(4096);
+        if stream.read_buf(buf).await? == 0 {
+            return Err(ConnError::Closed);
+        }
+    }
+}
+
+/// Runs one established connection until it fails (`Err`) or the link is closed (`Ok`).
+async fn serve(inner: &Arc<Inner>, stream: TcpStream, leftover: BytesMut) -> Result<(), ConnError> {
+    let (reader, writer) = stream.into_split();
+    tokio::select! {
+        () = inner.stop.cancelled() => Ok(()),
+        r = read_loop(inner, reader, leftover) => r,
+        r = write_loop(inner, writer) => r,
+        r = keepalive(inner) => r,
+    }
+}
+
+async fn read_loop(
+    inner: &Inner,
+    mut reader: OwnedReadHalf,
+    mut buf: BytesMut,
+) -> Result<(), ConnError> {
+    loop {
+        while let Some(op) = wire::decode(&mut buf)? {
+            inner.dispatch(op);
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(READ_CHUNK);
+        }
+        if reader.read_buf(&mut buf).await? == 0 {
+            return Err(ConnError::Closed);
+        }
+    }
+}
+
+async fn write_loop(inner: &Inner, mut writer: OwnedWriteHalf) -> Result<(), ConnError> {
+    let mut spare = BytesMut::new();
+    loop {
+        let chunk = {
+            let mut st = lock(&inner.state);
+            if st.out.is_empty() {
+                None
+            } else {
+                Some(std::mem::replace(&mut st.out, std::mem::take(&mut spare)))
+            }
+        };
+        match chunk {
+            None => inner.wake_writer.notified().await,
+            Some(mut chunk) => {
+                writer.write_all(&chunk).await?;
+                chunk.clear();
+                if chunk.capacity() <= OUT_LIMIT {
+                    spare = chunk;
+                }
+                inner.room.notify_waiters();
+            }
+        }
+    }
+}
+
+async fn keepalive(inner: &Inner) -> Result<(), ConnError> {
+    let mut tick = tokio::time::interval_at(Instant::now() + PING_INTERVAL, PING_INTERVAL);
+    loop {
+        tick.tick().await;
+        {
+            let mut st = lock(&inner.state);
+            if let Some((sent, _)) = st.pongs.front() {
+                let waited = sent.elapsed();
+                if waited > PING_INTERVAL * 2 {
+                    return Err(ConnError::Stale(waited));
+                }
+            }
+            wire::ping(&mut st.out);
+            st.pongs.push_back((Instant::now(), None));
+        }
+        inner.wake_writer.notify_one();
+    }
+}
+
+impl Inner {
+    /// Marks the connection up: the inbox and every live subscription are (re)subscribed
+    /// before anything else is written, under the same lock `subscribe` takes, so none is
+    /// missed or sent before the connection exists.
+    fn on_connect(&self) {
+        {
+            let mut st = lock(&self.state);
+            st.out.clear();
+            st.pongs.clear();
+            let inbox = format!("{}*", self.inbox);
+            wire::subscribe(&mut st.out, &inbox, INBOX_SID);
+            for (sid, slot) in lock(&self.subs).iter() {
+                wire::subscribe(&mut st.out, &slot.subject, *sid);
+            }
+            st.connected = true;
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+        }
+        self.connected.send_replace(true);
+        self.metrics.nats_connected.set(1);
+        self.wake_writer.notify_one();
+    }
+
+    /// Marks the connection down: unsent bytes are dropped with the socket, `PING` waiters
+    /// and requests fail, publishers waiting for room are released (to fail).
+    fn on_disconnect(&self) {
+        let was_connected = {
+            let mut st = lock(&self.state);
+            let was = st.connected;
+            st.connected = false;
+            st.out = BytesMut::new();
+            st.pongs.clear();
+            was
+        };
+        lock(&self.requests).clear();
+        self.room.notify_waiters();
+        if was_connected {
+            self.connected.send_replace(false);
+            self.metrics.nats_connected.set(0);
+            self.metrics.nats_disconnects.inc();
+        }
+    }
+
+    fn dispatch(&self, op: ServerOp) {
+        match op {
+            ServerOp::Msg { sid, msg } if sid == INBOX_SID => {
+                let token = msg
+                    .subject
+                    .strip_prefix(self.inbox.as_bytes())
+                    .and_then(|t| std::str::from_utf8(t).ok())
+                    .and_then(|t| t.parse::<u64>().ok());
+                if let Some(waiter) = token.and_then(|t| lock(&self.requests).remove(&t)) {
+                    let _ = waiter.send(msg);
+                }
+            }
+            ServerOp::Msg { sid, msg } => {
+                let slot = lock(&self.subs).get(&sid).cloned();
+                if let Some(slot) = slot
+                    && !slot.push(msg)
+                {
+                    self.metrics.nats_slow_consumers.inc();
+                    tracing::warn!(sid, "subscription queue full; message dropped");
+                }
+            }
+            ServerOp::Ping => {
+                wire::pong(&mut lock(&self.state).out);
+                self.wake_writer.notify_one();
+            }
+            ServerOp::Pong => {
+                let waiter = lock(&self.state).pongs.pop_front();
+                if let Some((_, Some(tx))) = waiter {
+                    let _ = tx.send(());
+                }
+            }
+            ServerOp::Err(error) => tracing::warn!(%error, "NATS server error"),
+            ServerOp::Info(_) | ServerOp::Ok => {}
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! The gateway's NATS connection: connection state for readiness and backpressure, and proof
+//! that uplink messages were accepted before devices are told so.
+//!
+//! The connection itself is [`link`], a NATS client built for one subscription per device
+//! ([`wire`] is its protocol codec). Core NATS has no publish acknowledgement, so to ACK an UP
+//! honestly the gateway sends a `PING` after it: the server answers with `PONG` only after it
+//! has processed everything the connection sent before. One such round trip confirms a whole
+//! batch of UPs from all sessions. If the connection was re-established in between (the epoch
+//! moved), bytes may have died in the old socket, so that batch is reported unconfirmed and
+//! the devices resend.
+
+pub mod link;
+pub mod wire;
+
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+pub use link::{Link, LinkError, RequestError, Subscription};
+pub use wire::{Headers, Msg};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+/// Most uplink confirmations waiting for the next barrier. Senders wait when it is full, which
+/// slows the sessions' reading: backpressure instead of unbounded memory.
+const CONFIRM_QUEUE: usize = 64 * 1024;
+
+/// Most confirmations one `PING` settles.
+const CONFIRM_BATCH: usize = 4096;
+
+/// How long one barrier round trip may take before its batch counts as unconfirmed.
+const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the NATS connection could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// Unusable server list (a reachable-but-down server is not an error: the gateway starts
+    /// unready and keeps retrying).
+    #[error("cannot configure the NATS connection: {0}")]
+    Address(#[from] link::AddressError),
+}
+
+struct Waiter {
+    epoch: u64,
+    done: oneshot::Sender<bool>,
+}
+
+/// The gateway's handle on NATS, cheap to clone.
+#[derive(Clone)]
+pub struct Bus {
+    link: Link,
+    confirm_tx: mpsc::Sender<Waiter>,
+}
+
+impl Bus {
+    /// Connects to NATS (retrying in the background if it is down) and starts the uplink
+    /// confirmer, which stops with `shutdown`.
+    pub async fn connect(
+        config: &Config,
+        instance: &str,
+        metrics: Metrics,
+        shutdown: CancellationToken,
+    ) -> Result<Bus, BusError> {
+        let options = link::LinkOptions {
+            servers: link::parse_servers(&config.nats_url)?,
+            name: format!("devgate-gateway {instance}"),
+            user: config.nats_user.clone().zip(config.nats_password.clone()),
+        };
+        let link = Link::start(options, metrics);
+        let (confirm_tx, confirm_rx) = mpsc::channel(CONFIRM_QUEUE);
+        tokio::spawn(run_confirmer(link.clone(), confirm_rx, shutdown));
+        Ok(Bus { link, confirm_tx })
+    }
+
+    /// The connection.
+    pub fn link(&self) -> &Link {
+        &self.link
+    }
+
+    /// Whether the connection is up right now.
+    pub fn is_connected(&self) -> bool {
+        self.link.is_connected()
+    }
+
+    /// A receiver that changes whenever the connection goes up or down.
+    pub fn connected_watch(&self) -> watch::Receiver<bool> {
+        self.link.connected_watch()
+    }
+
+    /// The connection generation: read it *before* publishing something that must be confirmed.
+    pub fn epoch(&self) -> u64 {
+        self.link.epoch()
+    }
+
+    /// After publishing (with `epoch` read before the publish), resolves to `true` once NATS has
+    /// provably accepted the message, `false` if that cannot be proven.
+    pub async fn confirm(&self, epoch: u64) -> oneshot::Receiver<bool> {
+        let (done, rx) = oneshot::channel();
+        // If the confirmer is gone (shutdown), `done` is dropped and the receiver reports an
+        // error, which callers treat as unconfirmed.
+        let _ = self.confirm_tx.send(Waiter { epoch, done }).await;
+        rx
+    }
+}
+
+async fn run_confirmer(link: Link, mut rx: mpsc::Receiver<Waiter>, shutdown: CancellationToken) {
+    let mut batch = Vec::new();
+    loop {
+        let first = tokio::select! {
+            w = rx.recv() => match w { Some(w) => w, None => return },
+            () = shutdown.cancelled() => return,
+        };
+        batch.push(first);
+        while batch.len() < CONFIRM_BATCH {
+            match rx.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
+            }
+        }
+        // The epoch is read before the PING: a PONG proves only what this connection sent.
+        let epoch_now = link.epoch();
+        let accepted = link.flush(BARRIER_TIMEOUT).await.is_ok() && link.epoch() == epoch_now;
+        if !accepted {
+            tracing::warn!(
+                batch = batch.len(),
+                "NATS did not confirm a batch of uplink messages; devices will resend"
+            );
+        }
+        for w in batch.drain(..) {
+            let _ = w.done.send(accepted && w.epoch == epoch_now);
+        }
+    }
+}

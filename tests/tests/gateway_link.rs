@@ -1,0 +1,273 @@
+//! The gateway's own NATS client (`devgate_gateway::bus::link`) against a real nats-server:
+//! routing by subscription, requests, the PING barrier, drain, reconnects, and refusals.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use devgate_gateway::bus::link::{Link, LinkError, LinkOptions, RequestError, parse_servers};
+use devgate_gateway::bus::{Headers, Subscription};
+use devgate_gateway::metrics::Metrics;
+use devgate_tests::NatsServer;
+use futures::StreamExt;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn link(nats: &NatsServer) -> Link {
+    let options = LinkOptions {
+        servers: parse_servers(&nats.url()).expect("url"),
+        name: "link-test".into(),
+        user: None,
+    };
+    let mut registry = prometheus_client::registry::Registry::default();
+    Link::start(options, Metrics::new(&mut registry))
+}
+
+async fn connected(link: &Link, up: bool) {
+    let mut watch = link.connected_watch();
+    tokio::time::timeout(WAIT, watch.wait_for(|c| *c == up))
+        .await
+        .unwrap_or_else(|_| panic!("link never became connected={up}"))
+        .expect("link alive");
+}
+
+async fn next(sub: &mut Subscription) -> devgate_gateway::bus::Msg {
+    tokio::time::timeout(WAIT, sub.next())
+        .await
+        .expect("message in time")
+        .expect("subscription open")
+}
+
+/// A subscription is live once a PING sent after it came back (the server processed the SUB).
+async fn live(link: &Link) {
+    link.flush(WAIT).await.expect("PONG");
+}
+
+#[tokio::test]
+async fn messages_reach_the_right_subscription_with_headers_and_replies() {
+    let nats = NatsServer::start();
+    let link = link(&nats);
+    connected(&link, true).await;
+    let mut a = link.subscribe("device.a.down");
+    let mut b = link.subscribe("device.b.down");
+    live(&link).await;
+
+    let service = nats.client().await;
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Devgate-Ack", "device");
+    service
+        .publish_with_reply_and_headers("device.b.down", "reply.here", h, Bytes::from("to-b"))
+        .await
+        .expect("publish");
+    service
+        .publish("device.a.down", Bytes::from("to-a"))
+        .await
+        .expect("publish");
+    let got_b = next(&mut b).await;
+    assert_eq!(&got_b.payload[..], b"to-b");
+    assert_eq!(got_b.reply_str(), Some("reply.here"));
+    assert_eq!(got_b.header("Devgate-Ack"), Some("device"));
+    let got_a = next(&mut a).await;
+    assert_eq!(&got_a.payload[..], b"to-a");
+    assert!(got_a.reply.is_none() && got_a.raw_headers().is_none());
+    assert!(
+        a.try_next().is_none() && b.try_next().is_none(),
+        "each once"
+    );
+
+    // What the link publishes arrives, headers included.
+    let mut ups = service.subscribe("device.a.up").await.expect("sub");
+    service.flush().await.expect("flush");
+    link.publish(
+        "device.a.up",
+        None,
+        Headers::Pairs(&[("Devgate-Seq", "7")]),
+        b"up",
+    )
+    .await
+    .expect("publish");
+    let up = tokio::time::timeout(WAIT, ups.next())
+        .await
+        .expect("uplink in time")
+        .expect("open");
+    assert_eq!(&up.payload[..], b"up");
+    let seq = up.headers.as_ref().and_then(|h| h.get("Devgate-Seq"));
+    assert_eq!(seq.map(|v| v.as_str()), Some("7"));
+}
+
+#[tokio::test]
+async fn requests_get_answers_no_responders_and_timeouts() {
+    let nats = NatsServer::start();
+    let link = link(&nats);
+    connected(&link, true).await;
+    let service = nats.client().await;
+    let mut echo = service.subscribe("svc.echo").await.expect("sub");
+    let _silent = service.subscribe("svc.silent").await.expect("sub");
+    service.flush().await.expect("flush");
+    let responder = {
+        let service = service.clone();
+        tokio::spawn(async move {
+            while let Some(m) = echo.next().await {
+                if let Some(reply) = m.reply {
+                    let _ = service.publish(reply, m.payload).await;
+                }
+            }
+        })
+    };
+
+    let answer = link
+        .request("svc.echo", Headers::None, b"ping?", WAIT)
+        .await
+        .expect("answer");
+    assert_eq!(&answer.payload[..], b"ping?");
+    let nobody = link
+        .request("svc.nobody", Headers::None, b"", WAIT)
+        .await
+        .expect_err("nobody listens");
+    assert_eq!(nobody, RequestError::NoResponders);
+    let silent = link
+        .request("svc.silent", Headers::None, b"", Duration::from_millis(200))
+        .await
+        .expect_err("never answered");
+    assert_eq!(silent, RequestError::TimedOut);
+    responder.abort();
+}
+
+#[tokio::test]
+async fn drain_returns_everything_routed_before_it_and_nothing_after() {
+    let nats = NatsServer::start();
+    let link = link(&nats);
+    connected(&link, true).await;
+    let mut sub = link.subscribe("device.d.down");
+    live(&link).await;
+    let service = nats.client().await;
+    for n in 0..500u32 {
+        service
+            .publish("device.d.down", Bytes::from(n.to_string()))
+            .await
+            .expect("publish");
+    }
+    // A request from the same service connection after the burst: once the link sees it, the
+    // burst is on the link's socket too (one server, one connection each, in order).
+    let mut marker = link.subscribe("marker");
+    live(&link).await;
+    service
+        .publish("marker", Bytes::new())
+        .await
+        .expect("marker");
+    next(&mut marker).await;
+
+    sub.drain(WAIT).await.expect("drain confirmed");
+    let mut got = Vec::new();
+    while let Some(m) = sub.next().await {
+        got.push(String::from_utf8(m.payload.to_vec()).expect("utf8"));
+    }
+    let want: Vec<String> = (0..500u32).map(|n| n.to_string()).collect();
+    assert_eq!(got, want, "every message, in order, then the end");
+
+    // After the drain the server no longer routes there: a request finds no responders.
+    let after = service
+        .request("device.d.down", Bytes::from("late"))
+        .await
+        .expect_err("unsubscribed");
+    assert_eq!(after.kind(), async_nats::RequestErrorKind::NoResponders);
+}
+
+#[tokio::test]
+async fn a_dropped_subscription_stops_the_interest() {
+    let nats = NatsServer::start();
+    let link = link(&nats);
+    connected(&link, true).await;
+    let sub = link.subscribe("device.gone.down");
+    live(&link).await;
+    let service = nats.client().await;
+    let held = tokio::time::timeout(
+        Duration::from_millis(300),
+        service.request("device.gone.down", Bytes::new()),
+    )
+    .await;
+    assert!(
+        held.is_err(),
+        "subscribed, never answers: no 'no responders' while it lives"
+    );
+    drop(sub);
+    live(&link).await;
+    let err = service
+        .request("device.gone.down", Bytes::new())
+        .await
+        .expect_err("gone");
+    assert_eq!(err.kind(), async_nats::RequestErrorKind::NoResponders);
+}
+
+#[tokio::test]
+async fn reconnect_resubscribes_moves_the_epoch_and_refuses_work_while_down() {
+    let mut nats = NatsServer::start();
+    let link = link(&nats);
+    connected(&link, true).await;
+    let mut sub = link.subscribe("device.r.down");
+    live(&link).await;
+    let epoch = link.epoch();
+
+    nats.stop();
+    connected(&link, false).await;
+    assert_eq!(
+        link.publish("device.r.up", None, Headers::None, b"x").await,
+        Err(LinkError::NotConnected),
+        "publishing while down fails at once"
+    );
+    assert!(matches!(link.ping(), Err(LinkError::NotConnected)));
+    assert_eq!(
+        link.request("x", Headers::None, b"", WAIT)
+            .await
+            .expect_err("down"),
+        RequestError::Link(LinkError::NotConnected)
+    );
+
+    nats.restart();
+    connected(&link, true).await;
+    assert!(link.epoch() > epoch, "a new connection is a new epoch");
+    live(&link).await;
+    let service = nats.client().await;
+    service
+        .publish("device.r.down", Bytes::from("after"))
+        .await
+        .expect("publish");
+    assert_eq!(&next(&mut sub).await.payload[..], b"after");
+}
+
+#[tokio::test]
+async fn oversize_publish_is_refused_before_it_reaches_the_server() {
+    let nats = NatsServer::start();
+    let link = link(&nats);
+    connected(&link, true).await;
+    let huge = vec![0u8; 2 * 1024 * 1024];
+    let err = link
+        .publish("device.x.up", None, Headers::None, &huge)
+        .await
+        .expect_err("above max_payload");
+    assert!(
+        matches!(err, LinkError::TooLarge { max, .. } if max == 1024 * 1024),
+        "{err}"
+    );
+    // The connection survived (the server would have closed it on a violation).
+    live(&link).await;
+    assert!(link.is_connected());
+}
+
+#[test]
+fn server_lists_parse_and_bad_ones_are_explained() {
+    let servers = parse_servers("nats://a:4223, b , nats://u:p@[::1]:5000/").expect("valid");
+    assert_eq!(
+        format!("{servers:?}"),
+        "[nats://a:4223, nats://b:4222, nats://::1:5000]",
+        "credentials never appear in Debug"
+    );
+    for (bad, why) in [
+        ("tls://a:4222", "not supported"),
+        ("nats://a:port", "port is not a number"),
+        ("", "no server"),
+        ("nats://:4222", "no host"),
+    ] {
+        let e = parse_servers(bad).expect_err(bad).to_string();
+        assert!(e.contains(why), "{bad}: {e}");
+    }
+}
