@@ -408,6 +408,16 @@ struct Device {
     stop: CancellationToken,
 }
 
+/// Socket send buffer of a simulated device (Linux doubles it for bookkeeping).
+///
+/// An unacknowledged uplink flood writes as fast as the kernel accepts. With the default
+/// autotuned buffer (up to `tcp_wmem` max, 4 MiB) 100 flooding devices parked ~280 MB of UP
+/// frames in their sockets: the server was still reading them 20 s after the run ended, loading
+/// the next phase, and a device's own ACKs and PINGs queued behind them (one TCP stream), so
+/// `ack=device` requests through bridge-api timed out. A real device has a small buffer; this
+/// one still holds hundreds of frames, enough to keep any server saturated.
+const DEVICE_SEND_BUFFER: u32 = 32 * 1024;
+
 /// First-login attempts before a device counts as failed.
 const FIRST_LOGIN_ATTEMPTS: u32 = 5;
 
@@ -469,6 +479,7 @@ impl Device {
         if let Some(ip) = self.config.source_ip {
             socket.bind(SocketAddr::new(ip, 0))?;
         }
+        socket.set_send_buffer_size(DEVICE_SEND_BUFFER)?;
         let stream = socket.connect(self.config.addr).await?;
         stream.set_nodelay(true)?;
         Ok(stream)

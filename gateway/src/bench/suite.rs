@@ -520,6 +520,39 @@ where
     Ok((last, (last_change - start).as_secs_f64().max(1e-3)))
 }
 
+/// Longest wait for a run's leftover backlog to reach the service.
+const DRAIN_LIMIT: Duration = Duration::from_secs(120);
+
+/// How long the count may stand still before the rest counts as lost (dropped by a broker or a
+/// slow consumer) rather than still on its way.
+const DRAIN_STALL: Duration = Duration::from_secs(1);
+
+/// Waits until `read` reaches `expected` (everything sent has arrived), stops moving for
+/// `stall`, or `limit` passes; returns the last count and the time waited.
+///
+/// A flood leaves messages in device sockets and server queues after its window closes. Unless
+/// they are through, the next phase runs on a server still busy with them: that is what made
+/// bridge-api look slow and time out `ack=device` requests in the HTTP phase.
+async fn drain(
+    read: impl Fn() -> u64,
+    expected: u64,
+    stall: Duration,
+    limit: Duration,
+) -> (u64, Duration) {
+    let start = Instant::now();
+    let mut last = read();
+    let mut last_change = start;
+    while last < expected && last_change.elapsed() < stall && start.elapsed() < limit {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = read();
+        if now != last {
+            last = now;
+            last_change = Instant::now();
+        }
+    }
+    (last, start.elapsed())
+}
+
 /// The system under test.
 enum System {
     Devgate,
@@ -869,6 +902,19 @@ async fn run_system(
             "{}: uplink acked={acked}: {:.0}/s",
             result.name, t.per_s
         ));
+        // `settle` stops measuring after at most 10 s; what is still queued must not load the
+        // next run (or the HTTP phase, whose `ack=device` ACKs would queue behind it).
+        let expected = before + t.sent;
+        let (drained, waited) = drain(|| sink.count(), expected, DRAIN_STALL, DRAIN_LIMIT).await;
+        if drained < expected || waited >= Duration::from_millis(500) {
+            log(format!(
+                "{}: uplink backlog: {} of {} msgs arrived, waited {:.1} s after the measurement",
+                result.name,
+                drained - before,
+                t.sent,
+                waited.as_secs_f64()
+            ));
+        }
         if acked {
             result.uplink_acked = t;
             result.uplink_acks_received = c.up_acks - c0.up_acks;
@@ -1125,4 +1171,50 @@ async fn downlink_local(
     };
     percentiles(&mut t, &hist);
     Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn drain_waits_for_a_backlog_still_arriving() {
+        let count = Arc::new(AtomicU64::new(0));
+        let feeder = {
+            let count = count.clone();
+            tokio::spawn(async move {
+                for _ in 0..10 {
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    count.fetch_add(100, Ordering::Relaxed);
+                }
+            })
+        };
+        let (got, _) = drain(
+            || count.load(Ordering::Relaxed),
+            1_000,
+            Duration::from_secs(2),
+            Duration::from_secs(10),
+        )
+        .await;
+        assert_eq!(got, 1_000, "returned before the backlog was through");
+        feeder.await.expect("feeder task");
+    }
+
+    #[tokio::test]
+    async fn drain_gives_up_when_the_rest_is_lost() {
+        let (got, waited) = drain(
+            || 7,
+            1_000,
+            Duration::from_millis(200),
+            Duration::from_secs(10),
+        )
+        .await;
+        assert_eq!(got, 7);
+        assert!(
+            waited < Duration::from_secs(5),
+            "waited {waited:?} for messages that will never come"
+        );
+    }
 }
