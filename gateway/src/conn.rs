@@ -2,10 +2,12 @@
 //!
 //! Read and write buffers are allocated only while there is something in them and released
 //! when they empty, so an idle session holds no buffer memory at all (tokio-util's `Framed`
-//! keeps 8 KiB per direction for the life of the connection). All waiting happens in
-//! `readable()` / `writable()`, which makes both operations cancel-safe inside `select!`.
+//! keeps 8 KiB per direction for the life of the connection). All waiting is readiness
+//! polling (`poll_read_ready` / `poll_write_ready`), which makes both operations cancel-safe
+//! inside `select!` and adds no per-session future state.
 
 use std::io;
+use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BytesMut};
 use tokio::net::TcpStream;
@@ -91,29 +93,40 @@ impl Conn {
 }
 
 impl FrameReader {
-    /// The next frame from `stream`; `None` when the peer closed. Cancel-safe: the only await
-    /// is `readable()`, and partial frames stay in the buffer.
+    /// The next frame from `stream`; `None` when the peer closed. Cancel-safe: partial frames
+    /// stay in the buffer.
     pub async fn read_frame(&mut self, stream: &TcpStream) -> Result<Option<Frame>, CodecError> {
+        std::future::poll_fn(|cx| self.poll_frame(stream, cx)).await
+    }
+
+    /// Poll form of [`FrameReader::read_frame`]. A session waits on it through `poll_fn`,
+    /// which keeps no state of its own: an async read future would add its readiness waiter
+    /// (~200 bytes) to every idle session's task.
+    pub fn poll_frame(
+        &mut self,
+        stream: &TcpStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<Frame>, CodecError>> {
         loop {
             if let Some(frame) = self.codec.decode(&mut self.buf)? {
                 if self.buf.is_empty() {
                     self.buf = BytesMut::new();
                 }
-                return Ok(Some(frame));
+                return Poll::Ready(Ok(Some(frame)));
             }
-            stream.readable().await?;
+            ready!(stream.poll_read_ready(cx))?;
             self.buf.reserve(READ_CHUNK);
             match stream.try_read_buf(&mut self.buf) {
-                Ok(0) => return Ok(None),
+                Ok(0) => return Poll::Ready(Ok(None)),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Readiness was stale: give the reserved chunk back before waiting, or
-                    // every idle session would keep READ_CHUNK bytes.
+                    // Readiness was stale (now cleared, so the next poll waits): give the
+                    // reserved chunk back first, or every idle session would keep READ_CHUNK.
                     if self.buf.is_empty() {
                         self.buf = BytesMut::new();
                     }
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Poll::Ready(Err(e.into())),
             }
         }
     }
@@ -140,8 +153,18 @@ impl FrameWriter {
     }
 
     /// Writes as much of the queue as the socket takes, waiting until it takes something.
-    /// Cancel-safe: the only await is `writable()`.
+    /// Cancel-safe.
     pub async fn write_some(&mut self, stream: &TcpStream) -> io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_write_some(stream, cx)).await
+    }
+
+    /// Poll form of [`FrameWriter::write_some`] (stateless, like
+    /// [`FrameReader::poll_frame`]).
+    pub fn poll_write_some(
+        &mut self,
+        stream: &TcpStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
         loop {
             match stream.try_write(&self.buf) {
                 Ok(n) => {
@@ -150,10 +173,12 @@ impl FrameWriter {
                     if self.buf.is_empty() {
                         self.buf = BytesMut::new();
                     }
-                    return Ok(n);
+                    return Poll::Ready(Ok(n));
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.writable().await?,
-                Err(e) => return Err(e),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(stream.poll_write_ready(cx))?;
+                }
+                Err(e) => return Poll::Ready(Err(e)),
             }
         }
     }

@@ -47,13 +47,13 @@ async fn run(shared: Arc<Shared>) {
             }
             Some(msg) = stats.next() => {
                 if let Some(reply) = msg.reply {
-                    let _ = link.publish(reply, None, Headers::None, &json(&stats_of(&shared))).await;
+                    let _ = link.publish_now(reply, None, Headers::None, &json(&stats_of(&shared)));
                 }
             }
             Some(msg) = sessions.next() => {
                 if let Some(reply) = msg.reply {
                     let page = session_page(&shared, &msg.payload);
-                    let _ = link.publish(reply, None, Headers::None, &page).await;
+                    let _ = link.publish_now(reply, None, Headers::None, &page);
                 }
             }
         }
@@ -86,8 +86,7 @@ async fn announce(shared: &Shared) {
     let published = shared
         .bus
         .link()
-        .publish(subjects::ANNOUNCE, None, Headers::None, &body)
-        .await;
+        .publish_now(subjects::ANNOUNCE, None, Headers::None, &body);
     if let Err(error) = published {
         tracing::debug!(%error, "announce not published");
     }

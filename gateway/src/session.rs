@@ -103,7 +103,25 @@ impl End {
 }
 
 /// Serves one accepted connection until it closes.
-pub(crate) async fn serve(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
+pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+    // Each phase runs in its own allocation, freed when the phase ends: the task itself holds
+    // only a pointer, and an idle session pays only for the state of its steady phase.
+    let Some((conn, id, hello, remote)) = Box::pin(greet(&shared, stream, peer)).await else {
+        return;
+    };
+    let Some((session, early)) = Box::pin(welcome(shared, conn, id, hello, remote)).await else {
+        return;
+    };
+    Box::pin(live(session, early)).await;
+}
+
+/// PROXY header and `HELLO`: returns the checked login, or `None` once the connection was
+/// refused or closed.
+async fn greet(
+    shared: &Arc<Shared>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+) -> Option<(Conn, DeviceId, Hello, SocketAddr)> {
     let _ = stream.set_nodelay(true);
     let hello_deadline = Instant::now() + Duration::from_millis(shared.config.hello_timeout_ms);
     let mut leftover = BytesMut::new();
@@ -112,7 +130,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, mut stream: TcpStream, peer: Sock
     if shared.config.proxy_protocol {
         match tokio::time::timeout_at(
             hello_deadline,
-            Box::pin(proxy_protocol::read_header(&mut stream, &mut leftover)),
+            proxy_protocol::read_header(&mut stream, &mut leftover),
         )
         .await
         {
@@ -128,27 +146,24 @@ pub(crate) async fn serve(shared: Arc<Shared>, mut stream: TcpStream, peer: Sock
     }
     let mut conn = Conn::new(stream, shared.codec, leftover);
     if let Some(r) = refusal {
-        Box::pin(refuse(&shared, &mut conn, remote, None, r)).await;
-        return;
+        refuse(shared, &mut conn, remote, None, r).await;
+        return None;
     }
     let hello = tokio::select! {
-        h = Box::pin(handshake(&shared, &mut conn, hello_deadline)) => h,
+        h = handshake(shared, &mut conn, hello_deadline) => h,
         () = shared.draining.cancelled() => {
-            Box::pin(goodbye(&shared, &mut conn, GoAwayReason::Draining)).await;
-            return;
+            goodbye(shared, &mut conn, GoAwayReason::Draining).await;
+            return None;
         }
     };
-    let (id, hello) = match hello {
-        Ok(ok) => ok,
-        Err(None) => return, // closed before HELLO
+    match hello {
+        Ok((id, hello)) => Some((conn, id, hello, remote)),
+        Err(None) => None, // closed before HELLO
         Err(Some(r)) => {
-            Box::pin(refuse(&shared, &mut conn, remote, None, r)).await;
-            return;
+            refuse(shared, &mut conn, remote, None, r).await;
+            None
         }
-    };
-    // Boxed: a session lives long, so its task should hold only what the steady state needs;
-    // the cold paths above and inside (login, release, finish) are boxed for the same reason.
-    Box::pin(login_and_run(shared, conn, id, hello, remote)).await;
+    }
 }
 
 /// Sends an ERROR frame, counts it, and closes.
@@ -299,13 +314,8 @@ fn control_op(msg: &Msg) -> Option<Result<ControlOp, String>> {
 
 /// Publishes a reply (or any plain message). Failures are logged, not raised: the requester
 /// times out, which is what it would see if the reply were lost on the way.
-async fn publish_reply(shared: &Shared, to: &[u8], body: &[u8]) {
-    if let Err(error) = shared
-        .bus
-        .link()
-        .publish(to, None, Headers::None, body)
-        .await
-    {
+fn publish_reply(shared: &Shared, to: &[u8], body: &[u8]) {
+    if let Err(error) = shared.bus.link().publish_now(to, None, Headers::None, body) {
         tracing::debug!(%error, "could not publish a reply");
     }
 }
@@ -354,14 +364,15 @@ enum Pending {
     Yield(Bytes),
 }
 
-/// Login: settle local and cluster-wide ownership of the device, then run the session.
-async fn login_and_run(
+/// Login: settle local and cluster-wide ownership of the device and welcome it. `None` when
+/// the login lost or failed (the connection is closed by then).
+async fn welcome(
     shared: Arc<Shared>,
     mut conn: Conn,
     id: DeviceId,
     hello: Hello,
     remote: SocketAddr,
-) {
+) -> Option<(Session, Vec<Msg>)> {
     let session = format!("{:016x}", rand::random::<u64>());
     let key = ClaimKey {
         login_ns: unix_ns(),
@@ -398,13 +409,13 @@ async fn login_and_run(
         LoginOutcome::Lost(reason) => {
             shared.registry.remove(&id, &session);
             tracing::info!(device_id = %id, session = %session, reason = reason.as_str(), "login superseded");
-            Box::pin(goodbye(&shared, &mut conn, reason)).await;
-            return;
+            goodbye(&shared, &mut conn, reason).await;
+            return None;
         }
         LoginOutcome::Failed(r) => {
             shared.registry.remove(&id, &session);
-            Box::pin(refuse(&shared, &mut conn, remote, Some(&id), r)).await;
-            return;
+            refuse(&shared, &mut conn, remote, Some(&id), r).await;
+            return None;
         }
     };
 
@@ -435,7 +446,7 @@ async fn login_and_run(
     shared.metrics.sessions.inc();
     tracing::info!(device_id = %id, session = %session, remote = %remote_addr, "device connected");
 
-    let mut s = Session {
+    let s = Session {
         up: subjects::up(&id),
         shared: shared.clone(),
         conn,
@@ -454,15 +465,25 @@ async fn login_and_run(
         last_frame: Instant::now(),
         last_write: Instant::now(),
     };
-    Box::pin(s.presence(PresenceEventKind::Connected, None)).await;
-    for msg in early {
-        if let Err(end) = Box::pin(s.on_bus_message(msg)).await {
-            Box::pin(s.finish(end)).await;
-            return;
+    s.presence(PresenceEventKind::Connected, None);
+    Some((s, early))
+}
+
+/// A welcomed session from its first message to its end. Its own allocation: an idle device
+/// pays for this state only, not for the login's. (Written as a function returning an async
+/// block because an `async fn` keeps its by-value parameters twice in its state, as the
+/// parameter and as the local it is moved into: 500 bytes per device here.)
+fn live(mut s: Session, early: Vec<Msg>) -> impl Future<Output = ()> {
+    async move {
+        for msg in early {
+            if let Err(end) = Box::pin(s.on_bus_message(msg)).await {
+                Box::pin(s.finish(end)).await;
+                return;
+            }
         }
+        let end = s.run().await;
+        Box::pin(s.finish(end)).await;
     }
-    let end = s.run().await;
-    Box::pin(s.finish(end)).await;
 }
 
 /// Claims the device across gateways, subscribes, and re-checks for a concurrent claimant.
@@ -499,7 +520,7 @@ async fn login(
                         Pending::Yield(reply) => {
                             hand_off(shared, &mut sub, early).await;
                             let reply_body = json_bytes(&ClaimReply::Released { key: key.clone() });
-                            publish_reply(shared, &reply, &reply_body).await;
+                            publish_reply(shared, &reply, &reply_body);
                             return LoginOutcome::Lost(GoAwayReason::Replaced);
                         }
                     },
@@ -556,7 +577,7 @@ async fn pending_message(
                 Ok(req) if req.key > *key => Pending::Yield(reply),
                 Ok(_) => {
                     let body = json_bytes(&ClaimReply::Superseded { key: key.clone() });
-                    publish_reply(shared, &reply, &body).await;
+                    publish_reply(shared, &reply, &body);
                     Pending::Continue
                 }
                 Err(_) => Pending::Continue,
@@ -590,7 +611,7 @@ async fn hand_off(shared: &Shared, sub: &mut Subscription, mut early: Vec<Msg>) 
                         session: String::new(),
                     },
                 });
-                publish_reply(shared, &reply, &body).await;
+                publish_reply(shared, &reply, &body);
             }
             continue;
         }
@@ -602,6 +623,22 @@ async fn hand_off(shared: &Shared, sub: &mut Subscription, mut early: Vec<Msg>) 
             tracing::warn!(%error, "could not hand a message back to NATS; its sender will time out");
         }
     }
+}
+
+/// What woke a welcomed session.
+enum Event {
+    Command(SessionCommand),
+    HardStop,
+    Bus(Option<Msg>),
+    Written(std::io::Result<usize>),
+    Frame(Result<Option<Frame>, crate::codec::CodecError>),
+    Uplink {
+        seq: u32,
+        ok: bool,
+    },
+    Timer,
+    /// The connection state changed (`false`: the bus is gone for good).
+    BusState(bool),
 }
 
 /// A welcomed session.
@@ -734,56 +771,61 @@ impl Session {
             let can_read = bus_up
                 && self.uplink.len() < max_inflight
                 && self.conn.writer.pending() < queue_limit;
-            let result: Result<(), End> = tokio::select! {
-                cmd = self.commands.recv() => match cmd {
-                    SessionCommand::Release { done } => {
-                        let end = Box::pin(self.release(GoAwayReason::Replaced)).await;
-                        let _ = done.send(());
-                        Err(end)
-                    }
-                    SessionCommand::Drain { reconnect_after_ms } => {
-                        Err(Box::pin(self.release_with(GoAwayReason::Draining, Some(reconnect_after_ms))).await)
-                    }
-                },
-                () = self.shared.hard_stop.cancelled() => Err(End::Shutdown),
-                msg = self.sub.next() => match msg {
-                    Some(msg) => self.on_bus_message(msg).await,
-                    None => Err(End::Error(Refusal::new(ErrorCode::Internal, "subscription ended"))),
-                },
-                written = self.conn.writer.write_some(&self.conn.stream), if self.conn.writer.pending() > 0 => {
-                    match written {
-                        Ok(_) => {
-                            self.last_write = Instant::now();
-                            self.resolve_sent().await;
-                            Ok(())
-                        }
-                        Err(e) => Err(End::Io(e.to_string())),
-                    }
-                }
-                frame = self.conn.reader.read_frame(&self.conn.stream), if can_read => match frame {
-                    Ok(Some(frame)) => self.on_frame(frame).await,
-                    Ok(None) => Err(End::Closed),
-                    Err(e) => match e {
-                        crate::codec::CodecError::Io(io) => Err(End::Io(io.to_string())),
-                        other => Err(End::Error(Refusal::new(other.code(), other.to_string()))),
-                    },
-                },
-                (seq, ok) = std::future::poll_fn(|cx| poll_uplink(&mut self.uplink, cx)), if !self.uplink.is_empty() => {
-                    if ok {
-                        self.shared.metrics.uplink(Uplink::Acked);
-                        self.send(Frame::Ack(seq))
-                    } else {
-                        self.shared.metrics.uplink(Uplink::Unconfirmed);
-                        tracing::debug!(device_id = %self.id, seq, "uplink not confirmed by NATS; not acknowledged");
-                        Ok(())
-                    }
-                }
-                () = &mut timer => self.on_timer().await,
+            // The select only picks what happened; handling it comes after, once the branch
+            // futures are dropped. (Awaiting inside a branch would keep them all alive beside
+            // the handler's own state, and a session future's size is paid by every idle
+            // device.)
+            let event = tokio::select! {
+                cmd = self.commands.recv() => Event::Command(cmd),
+                () = self.shared.hard_stop.cancelled() => Event::HardStop,
+                msg = self.sub.next() => Event::Bus(msg),
+                written = std::future::poll_fn(|cx| self.conn.writer.poll_write_some(&self.conn.stream, cx)), if self.conn.writer.pending() > 0 => Event::Written(written),
+                frame = std::future::poll_fn(|cx| self.conn.reader.poll_frame(&self.conn.stream, cx)), if can_read => Event::Frame(frame),
+                (seq, ok) = std::future::poll_fn(|cx| poll_uplink(&mut self.uplink, cx)), if !self.uplink.is_empty() => Event::Uplink { seq, ok },
+                () = &mut timer => Event::Timer,
                 // Any change re-evaluates `can_read`: reading stops the moment NATS goes away.
-                changed = connected.changed() => match changed {
-                    Ok(()) => Ok(()),
-                    Err(_) => Err(End::Shutdown),
-                },
+                changed = connected.changed() => Event::BusState(changed.is_ok()),
+            };
+            let result: Result<(), End> = match event {
+                Event::Command(SessionCommand::Release { done }) => {
+                    let end = Box::pin(self.release(GoAwayReason::Replaced)).await;
+                    let _ = done.send(());
+                    Err(end)
+                }
+                Event::Command(SessionCommand::Drain { reconnect_after_ms }) => Err(Box::pin(
+                    self.release_with(GoAwayReason::Draining, Some(reconnect_after_ms)),
+                )
+                .await),
+                Event::HardStop => Err(End::Shutdown),
+                Event::Bus(Some(msg)) => self.on_bus_message(msg).await,
+                Event::Bus(None) => Err(End::Error(Refusal::new(
+                    ErrorCode::Internal,
+                    "subscription ended",
+                ))),
+                Event::Written(Ok(_)) => {
+                    self.last_write = Instant::now();
+                    self.resolve_sent();
+                    Ok(())
+                }
+                Event::Written(Err(e)) => Err(End::Io(e.to_string())),
+                Event::Frame(Ok(Some(frame))) => self.on_frame(frame).await,
+                Event::Frame(Ok(None)) => Err(End::Closed),
+                Event::Frame(Err(crate::codec::CodecError::Io(io))) => Err(End::Io(io.to_string())),
+                Event::Frame(Err(other)) => {
+                    Err(End::Error(Refusal::new(other.code(), other.to_string())))
+                }
+                Event::Uplink { seq, ok: true } => {
+                    self.shared.metrics.uplink(Uplink::Acked);
+                    self.send(Frame::Ack(seq))
+                }
+                Event::Uplink { seq, ok: false } => {
+                    self.shared.metrics.uplink(Uplink::Unconfirmed);
+                    tracing::debug!(device_id = %self.id, seq, "uplink not confirmed by NATS; not acknowledged");
+                    Ok(())
+                }
+                Event::Timer => self.on_timer(),
+                Event::BusState(true) => Ok(()),
+                Event::BusState(false) => Err(End::Shutdown),
             };
             if let Err(end) = result {
                 return end;
@@ -808,23 +850,17 @@ impl Session {
             .map_err(|e| End::Error(Refusal::new(ErrorCode::Internal, e.to_string())))
     }
 
-    async fn reply(&self, to: Bytes, body: Bytes) {
-        publish_reply(&self.shared, &to, &body).await;
+    fn reply(&self, to: Bytes, body: Bytes) {
+        publish_reply(&self.shared, &to, &body);
     }
 
-    async fn reply_delivery(
-        &self,
-        to: Bytes,
-        status: DeliveryStatus,
-        seq: u32,
-        reason: Option<&str>,
-    ) {
+    fn reply_delivery(&self, to: Bytes, status: DeliveryStatus, seq: u32, reason: Option<&str>) {
         let body = delivery_reply(&self.shared, &self.session, status, seq, reason);
-        self.reply(to, body).await;
+        self.reply(to, body);
     }
 
     /// Answers `sent` for every request whose DOWN frame has fully reached the socket.
-    async fn resolve_sent(&mut self) {
+    fn resolve_sent(&mut self) {
         let written = self.conn.writer.written();
         while self
             .sent_waiters
@@ -833,18 +869,17 @@ impl Session {
         {
             if let Some((_, reply)) = self.sent_waiters.pop_front() {
                 self.shared.metrics.downlink(Downlink::Sent);
-                self.reply_delivery(reply, DeliveryStatus::Sent, 0, None)
-                    .await;
+                self.reply_delivery(reply, DeliveryStatus::Sent, 0, None);
             }
         }
     }
 
     async fn on_bus_message(&mut self, msg: Msg) -> Result<(), End> {
         match control_op(&msg) {
-            None => self.on_downlink(msg).await,
+            None => self.on_downlink(msg),
             Some(Ok(ControlOp::Presence)) => {
                 if let Some(reply) = msg.reply {
-                    self.reply(reply, json_bytes(&self.presence_info())).await;
+                    self.reply(reply, json_bytes(&self.presence_info()));
                 }
                 Ok(())
             }
@@ -852,7 +887,7 @@ impl Session {
                 tracing::info!(device_id = %self.id, session = %self.session, "kicked");
                 let end = Box::pin(self.release(GoAwayReason::Kicked)).await;
                 if let Some(reply) = msg.reply {
-                    self.reply(reply, json_bytes(&self.kicked())).await;
+                    self.reply(reply, json_bytes(&self.kicked()));
                 }
                 Err(end)
             }
@@ -860,7 +895,7 @@ impl Session {
                 // A welcomed holder always yields: the claimant logged in later.
                 let end = Box::pin(self.release(GoAwayReason::Replaced)).await;
                 if let Some(reply) = msg.reply {
-                    self.reply(reply, json_bytes(&self.released())).await;
+                    self.reply(reply, json_bytes(&self.released()));
                 }
                 Err(end)
             }
@@ -870,7 +905,7 @@ impl Session {
                         error: "bad_request".into(),
                         message: format!("unknown {} value {unknown:?}", headers::CONTROL),
                     });
-                    self.reply(reply, body).await;
+                    self.reply(reply, body);
                 }
                 Ok(())
             }
@@ -879,7 +914,7 @@ impl Session {
 
     /// A message for the device. Every request gets exactly one reply; a plain publish that
     /// cannot be delivered is counted and, when the queue overflows, closes the session.
-    async fn on_downlink(&mut self, msg: Msg) -> Result<(), End> {
+    fn on_downlink(&mut self, msg: Msg) -> Result<(), End> {
         let payload_limit = crate::codec::max_down_payload_len(self.shared.codec.max_frame_len());
         if msg.payload.len() > payload_limit {
             let reason = format!(
@@ -889,8 +924,7 @@ impl Session {
             match msg.reply {
                 Some(reply) => {
                     self.shared.metrics.downlink(Downlink::Failed);
-                    self.reply_delivery(reply, DeliveryStatus::Failed, 0, Some("too_large"))
-                        .await;
+                    self.reply_delivery(reply, DeliveryStatus::Failed, 0, Some("too_large"));
                 }
                 None => self.shared.metrics.downlink(Downlink::Dropped),
             }
@@ -912,8 +946,7 @@ impl Session {
                     } else {
                         "too_many_unacked"
                     };
-                    self.reply_delivery(reply, DeliveryStatus::Busy, 0, Some(why))
-                        .await;
+                    self.reply_delivery(reply, DeliveryStatus::Busy, 0, Some(why));
                     Ok(())
                 }
                 None => {
@@ -1006,7 +1039,7 @@ impl Session {
                 }
                 self.shared.metrics.uplink(Uplink::Published);
                 if seq != 0 {
-                    let rx = self.shared.bus.confirm(epoch).await;
+                    let rx = self.shared.bus.confirm(epoch);
                     self.uplink.push_back((seq, rx));
                 }
                 Ok(())
@@ -1014,8 +1047,7 @@ impl Session {
             Frame::Ack(seq) => {
                 if let Some(reply) = self.acks.remove(&seq) {
                     self.shared.metrics.downlink(Downlink::Acked);
-                    self.reply_delivery(reply, DeliveryStatus::Acked, seq, None)
-                        .await;
+                    self.reply_delivery(reply, DeliveryStatus::Acked, seq, None);
                 }
                 Ok(())
             }
@@ -1035,7 +1067,7 @@ impl Session {
         }
     }
 
-    async fn on_timer(&mut self) -> Result<(), End> {
+    fn on_timer(&mut self) -> Result<(), End> {
         let now = Instant::now();
         while let Some(&(seq, deadline)) = self.ack_deadlines.front() {
             if deadline > now {
@@ -1049,8 +1081,7 @@ impl Session {
                     DeliveryStatus::Timeout,
                     seq,
                     Some("device_did_not_ack"),
-                )
-                .await;
+                );
             }
         }
         if now >= self.last_frame + self.idle_limit() && self.shared.bus.is_connected() {
@@ -1085,24 +1116,24 @@ impl Session {
                 // Already letting go: further claims and kicks just hear so.
                 Some(Ok(ControlOp::Claim)) => {
                     if let Some(reply) = msg.reply {
-                        self.reply(reply, json_bytes(&self.released())).await;
+                        self.reply(reply, json_bytes(&self.released()));
                     }
                 }
                 Some(Ok(ControlOp::Kick)) => {
                     if let Some(reply) = msg.reply {
-                        self.reply(reply, json_bytes(&self.kicked())).await;
+                        self.reply(reply, json_bytes(&self.kicked()));
                     }
                 }
                 Some(Ok(ControlOp::Presence)) => {
                     if let Some(reply) = msg.reply {
-                        self.reply(reply, json_bytes(&self.presence_info())).await;
+                        self.reply(reply, json_bytes(&self.presence_info()));
                     }
                 }
                 Some(Err(_)) => {}
                 None => {
                     // Overflow here ends the session anyway; what matters is every request
                     // still gets its answer, which `on_downlink` guarantees.
-                    let _ = self.on_downlink(msg).await;
+                    let _ = self.on_downlink(msg);
                 }
             }
         }
@@ -1119,7 +1150,7 @@ impl Session {
         let _ = self.send(frame);
         let write_limit = LAST_WORDS.max(Duration::from_millis(100));
         let _ = tokio::time::timeout(write_limit, self.conn.flush()).await;
-        self.resolve_sent().await;
+        self.resolve_sent();
         let _ = tokio::time::timeout(write_limit, async {
             use tokio::io::AsyncWriteExt;
             self.conn.stream.shutdown().await
@@ -1138,7 +1169,7 @@ impl Session {
                 .metrics
                 .frame_out(frame.kind(), frame.wire_len());
             self.conn.close_with(Some(frame), LAST_WORDS).await;
-            self.resolve_sent().await;
+            self.resolve_sent();
         }
         self.sub.unsubscribe();
         let reason = end.reason();
@@ -1177,12 +1208,11 @@ impl Session {
                     })
                 }
             };
-            self.reply(reply, body).await;
+            self.reply(reply, body);
         }
         for (_, reply) in std::mem::take(&mut self.sent_waiters) {
             self.shared.metrics.downlink(Downlink::Failed);
-            self.reply_delivery(reply, DeliveryStatus::Failed, 0, Some("session_closed"))
-                .await;
+            self.reply_delivery(reply, DeliveryStatus::Failed, 0, Some("session_closed"));
         }
         for (seq, reply) in std::mem::take(&mut self.acks) {
             self.shared.metrics.downlink(Downlink::Failed);
@@ -1191,17 +1221,15 @@ impl Session {
                 DeliveryStatus::Failed,
                 seq,
                 Some("session_closed_before_ack"),
-            )
-            .await;
+            );
         }
         self.shared.registry.remove(&self.id, &self.session);
         self.shared.metrics.sessions.dec();
-        self.presence(PresenceEventKind::Disconnected, Some(reason.clone()))
-            .await;
+        self.presence(PresenceEventKind::Disconnected, Some(reason.clone()));
         tracing::info!(device_id = %self.id, session = %self.session, reason = %reason, "device disconnected");
     }
 
-    async fn presence(&self, event: PresenceEventKind, reason: Option<String>) {
+    fn presence(&self, event: PresenceEventKind, reason: Option<String>) {
         let body = json_bytes(&PresenceEvent {
             event,
             device_id: self.id.clone(),
@@ -1213,14 +1241,43 @@ impl Session {
         });
         let subject = subjects::presence_events(&self.id);
         let headers = self.identity_headers();
-        if let Err(error) = self
-            .shared
-            .bus
-            .link()
-            .publish(subject.as_bytes(), None, Headers::Pairs(&headers), &body)
-            .await
-        {
+        if let Err(error) = self.shared.bus.link().publish_now(
+            subject.as_bytes(),
+            None,
+            Headers::Pairs(&headers),
+            &body,
+        ) {
             tracing::debug!(device_id = %self.id, %error, "presence event not published");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn size3<A, B, C, F: Future>(_: impl FnOnce(A, B, C) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    fn size2<A, B, F: Future>(_: impl FnOnce(A, B) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every connected device costs one session task; its size is memory per idle device.
+    /// Sizes are fixed at compile time, so a budget catches a regression deterministically
+    /// (the RSS per session it adds up to is measured by `devgate-bench`, see BENCHMARKS.md).
+    #[test]
+    fn session_futures_stay_within_their_memory_budget() {
+        let task = size3(serve);
+        let session = size2(live);
+        let greeting =
+            size3(
+                |s: Arc<Shared>, t: TcpStream, p: SocketAddr| async move { greet(&s, t, p).await },
+            );
+        eprintln!("serve {task} B, live {session} B, greet {greeting} B");
+        // 2026-11: serve 96-104 B, live 1480-1488 B (release / debug, rustc 1.95).
+        assert!(task <= 256, "the spawned task's future grew to {task} B");
+        assert!(session <= 2048, "the live session future grew to {session} B");
     }
 }

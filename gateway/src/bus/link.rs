@@ -77,6 +77,14 @@ pub enum LinkError {
     Closed,
 }
 
+/// Outcome of a publish attempt that does not wait.
+enum TryPublish {
+    /// The write buffer is at [`OUT_LIMIT`].
+    Full,
+    /// It cannot be published at all.
+    Failed(LinkError),
+}
+
 /// Why a request got no answer.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum RequestError {
@@ -373,31 +381,95 @@ impl Link {
         headers: Headers<'_>,
         payload: &[u8],
     ) -> Result<(), LinkError> {
+        let subject = subject.as_ref();
+        match self.try_publish(subject, reply, headers, payload) {
+            Err(TryPublish::Full) => {
+                // Rare (NATS slower than the gateway): the waiting state lives in its own
+                // allocation, so the common path keeps every caller's future small, and with
+                // it every session task.
+                Box::pin(self.publish_when_room(subject, reply, headers, payload)).await
+            }
+            Err(TryPublish::Failed(e)) => Err(e),
+            Ok(()) => Ok(()),
+        }
+    }
+
+    /// Publishes without waiting: for answers and events whose number is bounded by work the
+    /// gateway already accepted (replies to requests, presence events, announcements). They
+    /// may take the buffer past [`OUT_LIMIT`]; only the uplink, the one producer the gateway
+    /// does not bound itself, waits for room ([`Link::publish`]).
+    pub fn publish_now(
+        &self,
+        subject: impl AsRef<[u8]>,
+        reply: Option<&[u8]>,
+        headers: Headers<'_>,
+        payload: &[u8],
+    ) -> Result<(), LinkError> {
+        match self.append(subject.as_ref(), reply, headers, payload, usize::MAX) {
+            Err(TryPublish::Failed(e)) => Err(e),
+            Err(TryPublish::Full) | Ok(()) => Ok(()),
+        }
+    }
+
+    /// Appends the message if there is room right now.
+    fn try_publish(
+        &self,
+        subject: &[u8],
+        reply: Option<&[u8]>,
+        headers: Headers<'_>,
+        payload: &[u8],
+    ) -> Result<(), TryPublish> {
+        self.append(subject, reply, headers, payload, OUT_LIMIT)
+    }
+
+    /// Appends the message unless the buffer holds `limit` bytes or more.
+    fn append(
+        &self,
+        subject: &[u8],
+        reply: Option<&[u8]>,
+        headers: Headers<'_>,
+        payload: &[u8],
+        limit: usize,
+    ) -> Result<(), TryPublish> {
         let len = headers.encoded_len() + payload.len();
         let max = self.inner.max_payload.load(Ordering::Relaxed);
         if len > max {
-            return Err(LinkError::TooLarge { len, max });
+            return Err(TryPublish::Failed(LinkError::TooLarge { len, max }));
         }
+        let mut st = lock(&self.inner.state);
+        if self.inner.stop.is_cancelled() {
+            return Err(TryPublish::Failed(LinkError::Closed));
+        }
+        if !st.connected {
+            return Err(TryPublish::Failed(LinkError::NotConnected));
+        }
+        if st.out.len() >= limit {
+            return Err(TryPublish::Full);
+        }
+        wire::publish(&mut st.out, subject, reply, headers, payload);
+        drop(st);
+        self.inner.wake_writer.notify_one();
+        Ok(())
+    }
+
+    async fn publish_when_room(
+        &self,
+        subject: &[u8],
+        reply: Option<&[u8]>,
+        headers: Headers<'_>,
+        payload: &[u8],
+    ) -> Result<(), LinkError> {
         loop {
             let room = self.inner.room.notified();
             tokio::pin!(room);
+            // Registered before the check, so a writer that makes room in between still wakes
+            // this waiter.
             room.as_mut().enable();
-            {
-                let mut st = lock(&self.inner.state);
-                if self.inner.stop.is_cancelled() {
-                    return Err(LinkError::Closed);
-                }
-                if !st.connected {
-                    return Err(LinkError::NotConnected);
-                }
-                if st.out.len() < OUT_LIMIT {
-                    wire::publish(&mut st.out, subject.as_ref(), reply, headers, payload);
-                    drop(st);
-                    self.inner.wake_writer.notify_one();
-                    return Ok(());
-                }
+            match self.try_publish(subject, reply, headers, payload) {
+                Err(TryPublish::Full) => room.await,
+                Err(TryPublish::Failed(e)) => return Err(e),
+                Ok(()) => return Ok(()),
             }
-            room.await;
         }
     }
 

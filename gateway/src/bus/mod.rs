@@ -14,7 +14,9 @@ pub mod wire;
 
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use std::sync::Arc;
+
+use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use link::{Link, LinkError, RequestError, Subscription};
@@ -22,10 +24,6 @@ pub use wire::{Headers, Msg};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-
-/// Most uplink confirmations waiting for the next barrier. Senders wait when it is full, which
-/// slows the sessions' reading: backpressure instead of unbounded memory.
-const CONFIRM_QUEUE: usize = 64 * 1024;
 
 /// Most confirmations one `PING` settles.
 const CONFIRM_BATCH: usize = 4096;
@@ -47,11 +45,20 @@ struct Waiter {
     done: oneshot::Sender<bool>,
 }
 
+/// Uplink messages waiting for the next barrier. Not a bounded channel: every session keeps
+/// at most `max_inflight` UPs unconfirmed (it stops reading its device beyond that), which
+/// bounds this list, and registering must not make a session task wait.
+#[derive(Default)]
+struct Pending {
+    waiters: std::sync::Mutex<Vec<Waiter>>,
+    arrived: tokio::sync::Notify,
+}
+
 /// The gateway's handle on NATS, cheap to clone.
 #[derive(Clone)]
 pub struct Bus {
     link: Link,
-    confirm_tx: mpsc::Sender<Waiter>,
+    pending: Arc<Pending>,
 }
 
 impl Bus {
@@ -69,9 +76,9 @@ impl Bus {
             user: config.nats_user.clone().zip(config.nats_password.clone()),
         };
         let link = Link::start(options, metrics);
-        let (confirm_tx, confirm_rx) = mpsc::channel(CONFIRM_QUEUE);
-        tokio::spawn(run_confirmer(link.clone(), confirm_rx, shutdown));
-        Ok(Bus { link, confirm_tx })
+        let pending = Arc::new(Pending::default());
+        tokio::spawn(run_confirmer(link.clone(), pending.clone(), shutdown));
+        Ok(Bus { link, pending })
     }
 
     /// The connection.
@@ -96,27 +103,32 @@ impl Bus {
 
     /// After publishing (with `epoch` read before the publish), resolves to `true` once NATS has
     /// provably accepted the message, `false` if that cannot be proven.
-    pub async fn confirm(&self, epoch: u64) -> oneshot::Receiver<bool> {
+    pub fn confirm(&self, epoch: u64) -> oneshot::Receiver<bool> {
         let (done, rx) = oneshot::channel();
         // If the confirmer is gone (shutdown), `done` is dropped and the receiver reports an
         // error, which callers treat as unconfirmed.
-        let _ = self.confirm_tx.send(Waiter { epoch, done }).await;
+        lock(&self.pending.waiters).push(Waiter { epoch, done });
+        self.pending.arrived.notify_one();
         rx
     }
 }
 
-async fn run_confirmer(link: Link, mut rx: mpsc::Receiver<Waiter>, shutdown: CancellationToken) {
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn run_confirmer(link: Link, pending: Arc<Pending>, shutdown: CancellationToken) {
     let mut batch = Vec::new();
     loop {
-        let first = tokio::select! {
-            w = rx.recv() => match w { Some(w) => w, None => return },
-            () = shutdown.cancelled() => return,
-        };
-        batch.push(first);
-        while batch.len() < CONFIRM_BATCH {
-            match rx.try_recv() {
-                Ok(w) => batch.push(w),
-                Err(_) => break,
+        {
+            let mut waiters = lock(&pending.waiters);
+            let take = waiters.len().min(CONFIRM_BATCH);
+            batch.extend(waiters.drain(..take));
+        }
+        if batch.is_empty() {
+            tokio::select! {
+                () = pending.arrived.notified() => continue,
+                () = shutdown.cancelled() => return,
             }
         }
         // The epoch is read before the PING: a PONG proves only what this connection sent.
