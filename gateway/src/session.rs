@@ -473,6 +473,7 @@ async fn welcome(
 /// pays for this state only, not for the login's. (Written as a function returning an async
 /// block because an `async fn` keeps its by-value parameters twice in its state, as the
 /// parameter and as the local it is moved into: 500 bytes per device here.)
+#[allow(clippy::manual_async_fn)] // deliberate: see above
 fn live(mut s: Session, early: Vec<Msg>) -> impl Future<Output = ()> {
     async move {
         for msg in early {
@@ -1278,6 +1279,9 @@ mod tests {
         eprintln!("serve {task} B, live {session} B, greet {greeting} B");
         // 2026-11: serve 96-104 B, live 1480-1488 B (release / debug, rustc 1.95).
         assert!(task <= 256, "the spawned task's future grew to {task} B");
-        assert!(session <= 2048, "the live session future grew to {session} B");
+        assert!(
+            session <= 2048,
+            "the live session future grew to {session} B"
+        );
     }
 }
