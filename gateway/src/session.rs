@@ -27,7 +27,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use serde::Serialize;
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 use crate::bus::{Headers, LinkError, Msg, RequestError, Subscription};
@@ -626,6 +626,13 @@ async fn hand_off(shared: &Shared, sub: &mut Subscription, mut early: Vec<Msg>) 
     }
 }
 
+/// Resolves when the bus state changes (`false`: it never will again), handing the receiver
+/// back so the next wait can start from it.
+async fn next_change(mut rx: watch::Receiver<bool>) -> (watch::Receiver<bool>, bool) {
+    let open = rx.changed().await.is_ok();
+    (rx, open)
+}
+
 /// What woke a welcomed session.
 enum Event {
     Command(SessionCommand),
@@ -749,14 +756,21 @@ impl Session {
     }
 
     async fn run(&mut self) -> End {
-        let mut connected = self.shared.bus.connected_watch();
+        let connected = self.shared.bus.connected_watch();
+        // Gateway-wide signals are waited on by futures created once (and again only after
+        // they fire), not once per loop turn: each creation and drop takes the lock of a
+        // waiter list shared by every session, which under load is contended on every message.
+        let shared = self.shared.clone();
+        let hard_stop = shared.hard_stop.cancelled();
+        tokio::pin!(hard_stop);
+        let mut bus_change = Box::pin(next_change(connected.clone()));
         let timer = tokio::time::sleep_until(self.next_deadline(true));
         tokio::pin!(timer);
         let max_inflight = self.shared.config.max_inflight;
         let queue_limit = self.shared.config.session_queue_bytes;
         let mut bus_was_up = true;
         loop {
-            let bus_up = *connected.borrow_and_update();
+            let bus_up = *connected.borrow();
             if bus_up && !bus_was_up {
                 // While NATS was away the gateway, not the device, stopped reading: the
                 // device's heartbeats wait in the socket. Restart the idle clock.
@@ -778,14 +792,17 @@ impl Session {
             // device.)
             let event = tokio::select! {
                 cmd = self.commands.recv() => Event::Command(cmd),
-                () = self.shared.hard_stop.cancelled() => Event::HardStop,
+                () = &mut hard_stop => Event::HardStop,
                 msg = self.sub.next() => Event::Bus(msg),
                 written = std::future::poll_fn(|cx| self.conn.writer.poll_write_some(&self.conn.stream, cx)), if self.conn.writer.pending() > 0 => Event::Written(written),
                 frame = std::future::poll_fn(|cx| self.conn.reader.poll_frame(&self.conn.stream, cx)), if can_read => Event::Frame(frame),
                 (seq, ok) = std::future::poll_fn(|cx| poll_uplink(&mut self.uplink, cx)), if !self.uplink.is_empty() => Event::Uplink { seq, ok },
                 () = &mut timer => Event::Timer,
                 // Any change re-evaluates `can_read`: reading stops the moment NATS goes away.
-                changed = connected.changed() => Event::BusState(changed.is_ok()),
+                (rx, open) = &mut bus_change => {
+                    bus_change = Box::pin(next_change(rx));
+                    Event::BusState(open)
+                }
             };
             let result: Result<(), End> = match event {
                 Event::Command(SessionCommand::Release { done }) => {

@@ -286,9 +286,8 @@ async fn a_service_reaches_devices_but_cannot_take_their_downlink() {
         .expect("down");
     assert_eq!(&payload[..], b"hello");
 
-    // Subscribe device.*.up: an UP asking for an ACK arrives, and the gateway's barrier (its
-    // publish on devgate.barrier.<instance>) works under its permissions, so the device gets
-    // its ACK.
+    // Subscribe device.*.up: an UP asking for an ACK arrives, and the gateway's confirmation
+    // works under its permissions, so the device gets its ACK.
     let mut up = service.subscribe(subjects::ALL_UP).await.expect("sub up");
     barrier(&service, "device.barrier-probe.down").await;
     dev.send_up(7, Bytes::from_static(b"reading"))

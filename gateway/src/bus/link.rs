@@ -200,8 +200,8 @@ struct Inner {
     wake_writer: Notify,
     /// Publishers wait here for room in the buffer.
     room: Notify,
-    subs: Mutex<HashMap<u64, Arc<Slot>>>,
-    requests: Mutex<HashMap<u64, oneshot::Sender<Msg>>>,
+    subs: Mutex<HashMap<u64, Arc<Slot>, SidHash>>,
+    requests: Mutex<HashMap<u64, oneshot::Sender<Msg>, SidHash>>,
     next_sid: AtomicU64,
     next_token: AtomicU64,
     /// `_INBOX.<random>.`: replies to this link's requests arrive under it.
@@ -219,6 +219,31 @@ struct State {
     connected: bool,
     /// One entry per `PING` in flight, oldest first, with the waiter to tell (if any).
     pongs: VecDeque<(Instant, Option<oneshot::Sender<()>>)>,
+}
+
+/// Hashing for sids and request tokens: counters this process hands out, so no attacker
+/// chooses them and SipHash's protection buys nothing; one multiply (Fibonacci hashing) spreads
+/// sequential keys over the table. Looked up once per delivered message.
+type SidHash = std::hash::BuildHasherDefault<SidHasher>;
+
+/// See [`SidHash`].
+#[derive(Default)]
+struct SidHasher(u64);
+
+impl std::hash::Hasher for SidHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
 }
 
 /// One subscription: its subject (to resubscribe after a reconnect) and its queue.
@@ -312,8 +337,8 @@ impl Link {
             }),
             wake_writer: Notify::new(),
             room: Notify::new(),
-            subs: Mutex::new(HashMap::new()),
-            requests: Mutex::new(HashMap::new()),
+            subs: Mutex::new(HashMap::default()),
+            requests: Mutex::new(HashMap::default()),
             next_sid: AtomicU64::new(INBOX_SID + 1),
             next_token: AtomicU64::new(1),
             inbox: format!("_INBOX.{}.", random_token()),
@@ -798,7 +823,14 @@ async fn write_loop(inner: &Inner, mut writer: OwnedWriteHalf) -> Result<(), Con
             }
         };
         match chunk {
-            None => inner.wake_writer.notified().await,
+            None => {
+                inner.wake_writer.notified().await;
+                // Let the tasks that are ready right now (sessions answering, logging in,
+                // publishing) add their bytes before this one write: under load one syscall
+                // (and one wakeup of the server) carries many operations instead of one each;
+                // when nothing else is ready this returns at once.
+                tokio::task::yield_now().await;
+            }
             Some(mut chunk) => {
                 writer.write_all(&chunk).await?;
                 chunk.clear();
