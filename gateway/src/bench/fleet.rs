@@ -477,7 +477,7 @@ impl Device {
             SocketAddr::V6(_) => TcpSocket::new_v6()?,
         };
         if let Some(ip) = self.config.source_ip {
-            socket.bind(SocketAddr::new(ip, 0))?;
+            bind_source(&socket, ip)?;
         }
         socket.set_send_buffer_size(DEVICE_SEND_BUFFER)?;
         let stream = socket.connect(self.config.addr).await?;
@@ -699,5 +699,38 @@ impl Link {
             }
             self.fill().await?;
         }
+    }
+}
+
+/// Binds `socket` to a source address with the port left to `connect`
+/// (`IP_BIND_ADDRESS_NO_PORT`): a port bound at `bind` time must be free for *every*
+/// destination, so one source address would run out after ~28k sockets; chosen at connect time
+/// it only has to be unique per 4-tuple.
+pub fn bind_source(socket: &TcpSocket, ip: std::net::IpAddr) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    nix::sys::socket::setsockopt(
+        socket,
+        nix::sys::socket::sockopt::IpBindAddressNoPort,
+        &true,
+    )
+    .map_err(std::io::Error::from)?;
+    socket.bind(SocketAddr::new(ip, 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn source_binding_leaves_the_port_to_connect() {
+        let socket = TcpSocket::new_v4().expect("socket");
+        bind_source(&socket, "127.0.0.1".parse().expect("ip")).expect("bind");
+        let set =
+            nix::sys::socket::getsockopt(&socket, nix::sys::socket::sockopt::IpBindAddressNoPort)
+                .expect("getsockopt");
+        assert!(set, "IP_BIND_ADDRESS_NO_PORT is on");
+        let port = socket.local_addr().expect("addr").port();
+        assert_eq!(port, 0, "no port reserved at bind time");
     }
 }
