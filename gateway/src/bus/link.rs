@@ -407,7 +407,7 @@ impl Link {
         payload: &[u8],
     ) -> Result<(), LinkError> {
         let subject = subject.as_ref();
-        match self.try_publish(subject, reply, headers, payload) {
+        match self.append(subject, reply, headers, payload, OUT_LIMIT) {
             Err(TryPublish::Full) => {
                 // Rare (NATS slower than the gateway): the waiting state lives in its own
                 // allocation, so the common path keeps every caller's future small, and with
@@ -434,17 +434,6 @@ impl Link {
             Err(TryPublish::Failed(e)) => Err(e),
             Err(TryPublish::Full) | Ok(()) => Ok(()),
         }
-    }
-
-    /// Appends the message if there is room right now.
-    fn try_publish(
-        &self,
-        subject: &[u8],
-        reply: Option<&[u8]>,
-        headers: Headers<'_>,
-        payload: &[u8],
-    ) -> Result<(), TryPublish> {
-        self.append(subject, reply, headers, payload, OUT_LIMIT)
     }
 
     /// Appends the message unless the buffer holds `limit` bytes or more.
@@ -490,7 +479,7 @@ impl Link {
             // Registered before the check, so a writer that makes room in between still wakes
             // this waiter.
             room.as_mut().enable();
-            match self.try_publish(subject, reply, headers, payload) {
+            match self.append(subject, reply, headers, payload, OUT_LIMIT) {
                 Err(TryPublish::Full) => room.await,
                 Err(TryPublish::Failed(e)) => return Err(e),
                 Ok(()) => return Ok(()),
