@@ -105,3 +105,27 @@ impl Drop for NatsServer {
         self.stop();
     }
 }
+
+/// Returns once the server has processed everything `client` sent before this call, its
+/// `SUB`s in particular. async-nats' `flush()` only waits until the bytes left the client, so a
+/// message published right after it from *another* connection can still beat the
+/// subscription (seen in CI).
+pub async fn processed(client: &async_nats::Client) {
+    barrier(client, &format!("devgate.test.sync.{}", client.new_inbox())).await;
+}
+
+/// [`processed`] through a given `subject`, which nobody may subscribe to (for clients whose
+/// permissions limit where they publish): the server answers "no responders" itself, and only
+/// after reading, in order, what the client sent before.
+pub async fn barrier(client: &async_nats::Client, subject: &str) {
+    let answer = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.request(subject.to_owned(), bytes::Bytes::new()),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("barrier request on {subject} timed out"));
+    match answer {
+        Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {}
+        other => panic!("expected the server's no-responders answer on {subject}, got {other:?}"),
+    }
+}

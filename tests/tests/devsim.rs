@@ -20,7 +20,7 @@ async fn devsim_logs_devices_in_sends_uplink_and_prints_downlink() {
         .subscribe(subjects::ALL_PRESENCE_EVENTS)
         .await
         .expect("sub");
-    service.flush().await.expect("flush");
+    devgate_tests::nats::processed(&service).await;
 
     let child = tokio::process::Command::new(workspace_bin("devsim"))
         .args([

@@ -53,7 +53,7 @@ async fn the_holder_answers_presence_and_kick() {
         .subscribe(subjects::ALL_PRESENCE_EVENTS)
         .await
         .expect("sub");
-    service.flush().await.expect("flush");
+    devgate_tests::nats::processed(&service).await;
     let (mut dev, welcome) = device(&gw, "dev-1").await;
     let connected: PresenceEvent = next_event(&mut events).await;
     assert_eq!(connected.event, PresenceEventKind::Connected);
@@ -101,7 +101,7 @@ async fn every_instance_answers_stats_lists_its_sessions_and_announces_itself() 
     let nats = NatsServer::start();
     let service = nats.client().await;
     let mut announces = service.subscribe(subjects::ANNOUNCE).await.expect("sub");
-    service.flush().await.expect("flush");
+    devgate_tests::nats::processed(&service).await;
     let gw1 = start(&nats, "gw-1").await;
     let gw2 = start(&nats, "gw-2").await;
     let mut devices = Vec::new();
@@ -236,7 +236,7 @@ async fn a_device_that_does_not_read_gets_busy_then_slow_consumer_and_every_requ
         ))
         .await
         .expect("sub");
-    service.flush().await.expect("flush");
+    devgate_tests::nats::processed(&service).await;
 
     let replies = flood(&service, "stalled", Bytes::from(vec![7u8; 60_000]), 300).await;
     let count = |s: DeliveryStatus| replies.iter().filter(|r| r.status == s).count();
@@ -296,7 +296,7 @@ async fn plain_publishes_that_overflow_the_queue_close_the_session_as_slow_consu
         ))
         .await
         .expect("sub");
-    service.flush().await.expect("flush");
+    devgate_tests::nats::processed(&service).await;
     let chunk = Bytes::from(vec![1u8; 60_000]);
     let mut gone = None;
     for _ in 0..400 {

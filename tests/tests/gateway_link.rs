@@ -76,7 +76,7 @@ async fn messages_reach_the_right_subscription_with_headers_and_replies() {
 
     // What the link publishes arrives, headers included.
     let mut ups = service.subscribe("device.a.up").await.expect("sub");
-    service.flush().await.expect("flush");
+    devgate_tests::nats::processed(&service).await;
     link.publish(
         "device.a.up",
         None,
@@ -102,7 +102,7 @@ async fn requests_get_answers_no_responders_and_timeouts() {
     let service = nats.client().await;
     let mut echo = service.subscribe("svc.echo").await.expect("sub");
     let _silent = service.subscribe("svc.silent").await.expect("sub");
-    service.flush().await.expect("flush");
+    devgate_tests::nats::processed(&service).await;
     let responder = {
         let service = service.clone();
         tokio::spawn(async move {

@@ -145,7 +145,7 @@ async fn sigterm_drains_devices_with_spread_goaways_and_exits_cleanly() {
     let nats = NatsServer::start();
     let service = nats.client().await;
     let mut announces = service.subscribe(subjects::ANNOUNCE).await.expect("sub");
-    service.flush().await.expect("flush");
+    devgate_tests::nats::processed(&service).await;
     let mut child = Command::new(workspace_bin("devgate-gateway"))
         .args([
             "--listen",

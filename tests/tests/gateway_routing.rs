@@ -139,7 +139,7 @@ async fn uplink_reaches_services_with_headers_and_is_acked_after_nats_accepts_it
     let gw = start(&nats, "gw-1").await;
     let service = nats.client().await;
     let mut ups = service.subscribe(subjects::ALL_UP).await.expect("sub");
-    service.flush().await.expect("flush");
+    devgate_tests::nats::processed(&service).await;
     let (mut dev, welcome) = device(&gw, "dev-7").await;
     dev.send_up(0, Bytes::from_static(b"fire and forget"))
         .await

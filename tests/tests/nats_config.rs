@@ -238,21 +238,6 @@ async fn violation(errors: &mut tokio::sync::mpsc::Receiver<String>, kind: &str,
     );
 }
 
-/// A round trip that proves the server has processed everything `client` sent before (its
-/// subscriptions included): a request to `subject`, which nobody subscribes to, answered "no
-/// responders" by the server itself. (`flush()` only means "written to the socket".)
-async fn barrier(client: &Client, subject: &str) {
-    let err = tokio::time::timeout(WAIT, client.request(subject.to_owned(), Bytes::new()))
-        .await
-        .unwrap_or_else(|_| panic!("barrier request on {subject} timed out"))
-        .expect_err("nobody subscribes to the barrier subject");
-    assert_eq!(
-        err.kind(),
-        async_nats::client::RequestErrorKind::NoResponders,
-        "{err}"
-    );
-}
-
 fn id(s: &str) -> DeviceId {
     DeviceId::parse(s).expect("valid id")
 }
@@ -289,7 +274,7 @@ async fn a_service_reaches_devices_but_cannot_take_their_downlink() {
     // Subscribe device.*.up: an UP asking for an ACK arrives, and the gateway's confirmation
     // works under its permissions, so the device gets its ACK.
     let mut up = service.subscribe(subjects::ALL_UP).await.expect("sub up");
-    barrier(&service, "device.barrier-probe.down").await;
+    devgate_tests::nats::barrier(&service, "device.barrier-probe.down").await;
     dev.send_up(7, Bytes::from_static(b"reading"))
         .await
         .expect("send up");
@@ -359,7 +344,7 @@ async fn bridge_api_can_make_every_call_it_makes() {
         .subscribe(subjects::ALL_PRESENCE_EVENTS)
         .await
         .expect("sub");
-    barrier(&bridge, "device.barrier-probe.down").await;
+    devgate_tests::nats::barrier(&bridge, "device.barrier-probe.down").await;
     let gw = nats.gateway("gw-1").await;
     let announce: Announce = next_json(&mut announces).await;
     assert_eq!(announce.instance, "gw-1");
@@ -433,7 +418,7 @@ async fn gateways_hold_downlink_and_answer_each_others_claims() {
         .subscribe(subjects::sessions("gw-9"))
         .await
         .expect("sub sessions");
-    barrier(&holder, "devgate.barrier.test-holder").await;
+    devgate_tests::nats::barrier(&holder, "devgate.barrier.test-holder").await;
 
     let claim = claimant.request_with_headers(
         subjects::down(&id("dev-9")),
