@@ -158,6 +158,29 @@ impl FrameWriter {
         std::future::poll_fn(|cx| self.poll_write_some(stream, cx)).await
     }
 
+    /// Writes as much of the queue as the socket takes right now, without waiting: `Ok(0)`
+    /// when it takes nothing (the caller then waits on [`FrameWriter::poll_write_some`]).
+    /// A session calls this right after queueing, because the socket almost always has room
+    /// and another turn of its event loop would cost a wakeup per message.
+    pub fn try_write_some(&mut self, stream: &TcpStream) -> io::Result<usize> {
+        match stream.try_write(&self.buf) {
+            Ok(n) => {
+                self.advance(n);
+                Ok(n)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn advance(&mut self, n: usize) {
+        self.buf.advance(n);
+        self.written += n as u64;
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        }
+    }
+
     /// Poll form of [`FrameWriter::write_some`] (stateless, like
     /// [`FrameReader::poll_frame`]).
     pub fn poll_write_some(
@@ -168,11 +191,7 @@ impl FrameWriter {
         loop {
             match stream.try_write(&self.buf) {
                 Ok(n) => {
-                    self.buf.advance(n);
-                    self.written += n as u64;
-                    if self.buf.is_empty() {
-                        self.buf = BytesMut::new();
-                    }
+                    self.advance(n);
                     return Poll::Ready(Ok(n));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
