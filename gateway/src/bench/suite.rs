@@ -821,17 +821,9 @@ async fn run_system(
     let publish = Publisher::new(&system, nats_url, running.addr, &all_ids);
     let duration = Duration::from_millis(config.duration_ms);
     for &payload in &config.payloads {
-        let pace = Pace {
-            rate: None,
-            duration,
-            payload_len: payload,
-        };
-        let t = downlink(&mut fleets, &publish, &running.server, 1, pace).await?;
-        log(format!(
-            "{}: downlink max {payload} B: {:.0}/s",
-            result.name, t.per_s
-        ));
-        result.downlink_max.push(t);
+        // The fixed rate first: a flood at full speed leaves every queue on the path (NATS,
+        // sockets, the broker) at its largest, and a latency run right after it measures that
+        // aftermath rather than the path.
         let pace = Pace {
             rate: Some(config.latency_rate),
             duration,
@@ -843,6 +835,17 @@ async fn run_system(
             result.name, config.latency_rate, t.p50_us, t.p99_us
         ));
         result.downlink_latency.push(t);
+        let pace = Pace {
+            rate: None,
+            duration,
+            payload_len: payload,
+        };
+        let t = downlink(&mut fleets, &publish, &running.server, 1, pace).await?;
+        log(format!(
+            "{}: downlink max {payload} B: {:.0}/s",
+            result.name, t.per_s
+        ));
+        result.downlink_max.push(t);
     }
     for &conns in &config.fanin {
         let pace = Pace {
