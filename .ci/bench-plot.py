@@ -124,6 +124,19 @@ def write_table(res, out_dir):
     lines += ["", "Targets:", "", "| target | measured | met |", "|---|---:|:---:|"]
     for name, measured, met in targets(dg, mq):
         lines.append(f"| {name} | {measured} | {'yes' if met else '**no**'} |")
+    so = res.get("scale_out")
+    if so:
+        lines += ["", f"devgate beyond one process: {so['gateways']} gateways behind one NATS, "
+                      f"{so['sessions']:,} sessions, devices addressed by id only:", "",
+                  "| metric | value |", "|---|---:|",
+                  f"| storm 0 → {so['sessions']:,}, all gateways at once: logins/s | {fmt(so['storm']['per_s'])} |",
+                  f"| RSS per session (all gateways) | {fmt(so['bytes_per_session'], ' B')} |"]
+        l = so["downlink_latency"]
+        lines.append(f"| 32 B at {l['offered_rate']:,}/s: p50 / p99 / p99.9 | {fmt(l['p50_us'], ' µs')} / "
+                     f"{fmt(l['p99_us'], ' µs')} / {fmt(l['p999_us'], ' µs')} |")
+        for t in so["downlink_max"]:
+            cpu = f"{1e6 * t['server_cpu'] / t['per_s']:.1f} µs of gateway CPU each" if t["per_s"] else "–"
+            lines.append(f"| 32 B max delivered, {t['conns']} publisher(s): msgs/s | {fmt(t['per_s'])} ({cpu}) |")
     if res.get("probes"):
         lines += ["", "Memory probes (each in a fresh process):", ""]
         for p in res["probes"]:

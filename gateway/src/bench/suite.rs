@@ -58,6 +58,9 @@ pub struct SuiteConfig {
     pub uplink_devices: usize,
     /// HTTP connections driving bridge-api.
     pub http_conns: usize,
+    /// Gateway processes in the scale-out run (each holding the largest `sessions` step, behind
+    /// one NATS); 0 skips it.
+    pub scale_out_gateways: usize,
 }
 
 impl Default for SuiteConfig {
@@ -77,6 +80,7 @@ impl Default for SuiteConfig {
             fanin: vec![1, 4, 16],
             uplink_devices: 1_000,
             http_conns: 32,
+            scale_out_gateways: 3,
         }
     }
 }
@@ -110,6 +114,16 @@ impl SuiteConfig {
         }
         if self.payloads.iter().any(|&p| !(8..=60_000).contains(&p)) {
             problems.push("payloads must be 8..=60000 bytes".to_owned());
+        }
+        if self.scale_out_gateways > MAX_SCALE_OUT {
+            problems.push(format!("scale_out_gateways must be 0..={MAX_SCALE_OUT}"));
+        }
+        let per_scale_out_proc = self.sessions.last().copied().unwrap_or(0) / SCALE_OUT_PROCS;
+        if self.scale_out_gateways > 0 && per_scale_out_proc > 18_000 {
+            problems.push(format!(
+                "the scale-out run would put {per_scale_out_proc} devices in one load process \
+                 (over the 20,000 open-file cap); lower the largest sessions step"
+            ));
         }
         if self.fanin.is_empty() || self.fanin.contains(&0) {
             problems.push("fanin must list connection counts > 0".to_owned());
@@ -227,6 +241,38 @@ pub struct HttpResult {
     pub p999_us: f64,
 }
 
+/// Several gateway processes behind one NATS, each holding what one process held in the main
+/// run: the per-process limits (20,000 open files here) are why a fleet beyond 15k devices is
+/// split over processes, and this shows what the split costs. Devices are addressed by id
+/// only; the publisher does not know which gateway holds which device.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ScaleOut {
+    /// Gateway processes.
+    pub gateways: usize,
+    /// Sessions in all.
+    pub sessions: usize,
+    /// Storm from zero to `sessions`, all gateways at once.
+    pub storm: Storm,
+    /// Each gateway's RSS before any device connected, bytes.
+    pub rss_before: Vec<u64>,
+    /// Each gateway's RSS with its share of the sessions, bytes.
+    pub rss_after: Vec<u64>,
+    /// (sum of rss_after - sum of rss_before) / sessions.
+    pub bytes_per_session: f64,
+    /// Downlink at full speed to random devices on any gateway, per publisher count; the CPU
+    /// figure is all gateways together.
+    pub downlink_max: Vec<Throughput>,
+    /// Downlink at [`SCALE_OUT_LATENCY_RATE`].
+    pub downlink_latency: Throughput,
+}
+
+/// Most gateway processes in the scale-out run.
+const MAX_SCALE_OUT: usize = 8;
+/// Load processes per gateway in the scale-out run (each on its own source address).
+const SCALE_OUT_PROCS: usize = 2;
+/// Offered rate of the scale-out latency run: one the main runs show this machine sustains.
+pub const SCALE_OUT_LATENCY_RATE: u64 = 20_000;
+
 /// The NATS floor: publisher to subscriber over loopback, no gateway.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Floor {
@@ -247,6 +293,9 @@ pub struct Results {
     pub nats_floor: Floor,
     /// devgate, then the peer.
     pub systems: Vec<SystemResult>,
+    /// devgate beyond one process: several gateways behind one NATS.
+    #[serde(default)]
+    pub scale_out: Option<ScaleOut>,
     /// Per-part memory probes.
     pub probes: Vec<Probe>,
     /// Wall time of the whole suite.
@@ -395,6 +444,15 @@ pub async fn run(config: SuiteConfig) -> Result<Results, BenchError> {
         .systems
         .push(run_system(&config, System::Devgate, &nats_url).await?);
     write(&config.out, &results)?;
+
+    if config.scale_out_gateways > 0 {
+        log(format!(
+            "devgate scale-out: {} gateways",
+            config.scale_out_gateways
+        ));
+        results.scale_out = Some(scale_out(&config, &nats_url).await?);
+        write(&config.out, &results)?;
+    }
 
     if let Some(mosquitto) = &config.mosquitto {
         log("mosquitto");
@@ -581,11 +639,13 @@ impl System {
     }
 
     /// Starts the server on `port` and waits until it takes logins.
+    /// Starts the server on `port`; `instance` names a devgate gateway (and its log file).
     async fn start(
         &self,
         config: &SuiteConfig,
         nats_url: &str,
         port: u16,
+        instance: &str,
     ) -> Result<Running, BenchError> {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         match self {
@@ -603,12 +663,12 @@ impl System {
                         "--nats-url".into(),
                         nats_url.to_owned(),
                         "--instance-id".into(),
-                        "bench-gw-1".into(),
+                        instance.to_owned(),
                         "--auth-secret".into(),
                         AUTH_SECRET.into(),
                     ],
                     &[("RUST_LOG", "warn")],
-                    &config.work_dir.join("gateway.log"),
+                    &config.work_dir.join(format!("{instance}.log")),
                 )?;
                 procs::wait_http_ok(http, "/readyz", Duration::from_secs(20)).await?;
                 Ok(Running { server, addr })
@@ -733,7 +793,7 @@ async fn run_system(
         ..SystemResult::default()
     };
     let port = procs::free_port()?;
-    let mut running = system.start(config, nats_url, port).await?;
+    let mut running = system.start(config, nats_url, port, MAIN_INSTANCE).await?;
     let exe = config.bin_dir.join("devgate-bench");
     let mut fleets = Vec::new();
     for i in 0..config.procs {
@@ -798,7 +858,7 @@ async fn run_system(
     // 3. Crash-restart and reconnect.
     let killed = Instant::now();
     running.server.kill().await;
-    running = system.start(config, nats_url, port).await?;
+    running = system.start(config, nats_url, port, MAIN_INSTANCE).await?;
     let ready = killed.elapsed().as_secs_f64();
     let replies = broadcast(&mut fleets, Command::WaitAll { timeout_ms: 60_000 }).await?;
     result.reconnect_s = killed.elapsed().as_secs_f64();
@@ -935,6 +995,118 @@ async fn run_system(
     broadcast(&mut fleets, Command::Quit).await.ok();
     running.server.kill().await;
     Ok(result)
+}
+
+/// The gateway of the main (single-process) runs.
+const MAIN_INSTANCE: &str = "bench-gw-1";
+
+/// The scale-out run: `scale_out_gateways` gateways behind the same NATS, each with two load
+/// processes of its own, all storming at once; then idle RSS and downlink to random devices
+/// wherever they are.
+async fn scale_out(config: &SuiteConfig, nats_url: &str) -> Result<ScaleOut, BenchError> {
+    let gateways = config.scale_out_gateways;
+    let per_gateway = config.sessions.last().copied().unwrap_or(0);
+    let exe = config.bin_dir.join("devgate-bench");
+    let mut running = Vec::new();
+    let mut fleets = Vec::new();
+    for g in 0..gateways {
+        let port = procs::free_port()?;
+        let gw = System::Devgate
+            .start(config, nats_url, port, &format!("bench-gw-scale-{g}"))
+            .await?;
+        for j in 0..SCALE_OUT_PROCS {
+            let k = g * SCALE_OUT_PROCS + j;
+            let fleet = FleetConfig {
+                protocol: Protocol::Devgate,
+                addr: gw.addr,
+                source_ip: Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 100 + k as u8))),
+                id_prefix: Ids::prefix(k),
+                first: 0,
+                auth_secret: Some(Secret::new(AUTH_SECRET)),
+                connect_concurrency: config.connect_concurrency,
+                ping_s: 15,
+            };
+            fleets.push(FleetClient::Process(Box::new(WorkerProcess::spawn(
+                &exe, &fleet,
+            )?)));
+        }
+        running.push(gw);
+    }
+    let mut ids = Ids {
+        next: vec![0; fleets.len()],
+        live: vec![Vec::new(); fleets.len()],
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_before: Vec<u64> = running.iter().map(|r| r.server.rss()).collect();
+    let storm = connect(&mut fleets, &mut ids, gateways * per_gateway).await?;
+    log(format!(
+        "devgate scale-out: storm 0 -> {}: {:.0} logins/s ({} failed)",
+        storm.ok, storm.per_s, storm.failed
+    ));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let rss_after: Vec<u64> = running.iter().map(|r| r.server.rss()).collect();
+    let grown = rss_after.iter().sum::<u64>() as f64 - rss_before.iter().sum::<u64>() as f64;
+    let sessions = storm.ok;
+
+    let all_ids = ids.all();
+    let publish = Publisher::new(&System::Devgate, nats_url, running[0].addr, &all_ids);
+    let duration = Duration::from_millis(config.duration_ms);
+    let servers: Vec<&Server> = running.iter().map(|r| &r.server).collect();
+    let pace = Pace {
+        rate: Some(SCALE_OUT_LATENCY_RATE),
+        duration,
+        payload_len: 32,
+    };
+    let downlink_latency = downlink_across(&mut fleets, &publish, &servers, 1, pace).await?;
+    log(format!(
+        "devgate scale-out: downlink 32 B at {SCALE_OUT_LATENCY_RATE}/s: p50 {:.0} us p99 {:.0} us",
+        downlink_latency.p50_us, downlink_latency.p99_us
+    ));
+    let mut downlink_max = Vec::new();
+    for conns in [1, 4] {
+        let pace = Pace {
+            rate: None,
+            duration,
+            payload_len: 32,
+        };
+        let t = downlink_across(&mut fleets, &publish, &servers, conns, pace).await?;
+        log(format!(
+            "devgate scale-out: downlink max 32 B, {conns} publisher(s): {:.0}/s",
+            t.per_s
+        ));
+        downlink_max.push(t);
+    }
+
+    broadcast(&mut fleets, Command::Quit).await.ok();
+    for r in running {
+        r.server.kill().await;
+    }
+    Ok(ScaleOut {
+        gateways,
+        sessions,
+        storm,
+        rss_before,
+        rss_after,
+        bytes_per_session: grown / sessions.max(1) as f64,
+        downlink_max,
+        downlink_latency,
+    })
+}
+
+/// [`downlink`] with the CPU figure summed over several gateways.
+async fn downlink_across(
+    fleets: &mut [FleetClient],
+    publisher: &Publisher,
+    servers: &[&Server],
+    conns: usize,
+    pace: Pace,
+) -> Result<Throughput, BenchError> {
+    let cpu0: f64 = servers.iter().map(|s| s.cpu()).sum();
+    let mut t = downlink(fleets, publisher, servers[0], conns, pace).await?;
+    let secs = t.delivered as f64 / t.per_s.max(1e-9);
+    let cpu1: f64 = servers.iter().map(|s| s.cpu()).sum();
+    t.server_cpu = (cpu1 - cpu0) / secs.max(1e-3);
+    Ok(t)
 }
 
 /// How the service reaches the devices of the system under test.

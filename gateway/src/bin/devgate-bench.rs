@@ -127,6 +127,11 @@ struct SuiteCli {
     #[arg(long, env = "DEVGATE_BENCH_HTTP_CONNS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     http_conns: Option<usize>,
+    /// Gateway processes in the scale-out run, each holding the largest sessions step; 0
+    /// skips it [default: 3].
+    #[arg(long, env = "DEVGATE_BENCH_SCALE_OUT_GATEWAYS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scale_out_gateways: Option<usize>,
 }
 
 impl SuiteCli {
