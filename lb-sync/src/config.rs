@@ -84,7 +84,8 @@ pub struct Config {
     pub announce_expiry_beats: u32,
     /// Static source: `IP:PORT` or `IP:PORT=WEIGHT` entries.
     pub static_endpoints: Vec<String>,
-    /// Kubernetes namespace of the Service and the ConfigMap [default: the client's namespace].
+    /// Kubernetes namespace of the Service, and of the ConfigMap unless `configmap_namespace`
+    /// says otherwise [default: the client's namespace].
     pub kube_namespace: Option<String>,
     /// Kubernetes source: the gateway Service whose EndpointSlices are watched.
     pub kube_service: String,
@@ -97,6 +98,10 @@ pub struct Config {
     pub configmap_name: Option<String>,
     /// ConfigMap sink: the data key that holds the rendered text.
     pub configmap_key: String,
+    /// ConfigMap sink: the ConfigMap's namespace, when it is not the Service's. An ingress
+    /// controller reads its stream ConfigMap from its own namespace (often `ingress-nginx`),
+    /// and the gateways usually run elsewhere [default: `kube_namespace`].
+    pub configmap_namespace: Option<String>,
     /// Log format.
     pub log_format: LogFormat,
 }
@@ -132,6 +137,7 @@ impl Default for Config {
             kube_api_url: None,
             configmap_name: None,
             configmap_key: "stream-snippets".into(),
+            configmap_namespace: None,
             log_format: LogFormat::Text,
         }
     }
@@ -266,10 +272,21 @@ impl Validate for Config {
                 }
             }
         }
-        if let Some(ns) = &self.kube_namespace
-            && !is_dns_name(ns)
-        {
-            problems.push(format!("kube_namespace {ns:?} is not a valid namespace"));
+        if self.configmap_namespace.is_some() && self.sink != SinkKind::Configmap {
+            problems.push(
+                "configmap_namespace only applies to --sink configmap (the file sink writes --output)"
+                    .to_owned(),
+            );
+        }
+        for (key, ns) in [
+            ("kube_namespace", &self.kube_namespace),
+            ("configmap_namespace", &self.configmap_namespace),
+        ] {
+            if let Some(ns) = ns
+                && !is_dns_name(ns)
+            {
+                problems.push(format!("{key} {ns:?} is not a valid namespace"));
+            }
         }
         if let Some(url) = &self.kube_api_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
@@ -426,7 +443,8 @@ pub struct Cli {
     #[arg(long, env = "DEVGATE_STATIC_ENDPOINTS", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub static_endpoints: Option<Vec<String>>,
-    /// Namespace of the Service and ConfigMap [default: the client's namespace].
+    /// Namespace of the Service (and of the ConfigMap unless --configmap-namespace is given)
+    /// [default: the client's namespace].
     #[arg(long, env = "DEVGATE_KUBE_NAMESPACE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kube_namespace: Option<String>,
@@ -450,6 +468,11 @@ pub struct Cli {
     #[arg(long, env = "DEVGATE_CONFIGMAP_KEY")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub configmap_key: Option<String>,
+    /// ConfigMap sink: the ConfigMap's namespace, e.g. the ingress controller's
+    /// [default: the Service's namespace].
+    #[arg(long, env = "DEVGATE_CONFIGMAP_NAMESPACE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub configmap_namespace: Option<String>,
     /// Log format [default: text].
     #[arg(long, env = "DEVGATE_LOG_FORMAT")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -546,6 +569,41 @@ mod tests {
         .expect("valid");
         assert_eq!(c.configmap_key, "stream-snippets");
         assert!(c.needs_kube());
+    }
+
+    #[test]
+    fn the_configmap_may_live_in_another_namespace_but_only_for_the_configmap_sink() {
+        let base = [
+            "--source",
+            "kube",
+            "--sink",
+            "configmap",
+            "--configmap-name",
+            "nginx-config",
+        ];
+        let c = cli(&base).into_config().expect("default");
+        assert_eq!(c.configmap_namespace, None, "defaults to the Service's");
+        let mut args = base.to_vec();
+        args.extend([
+            "--kube-namespace",
+            "devgate",
+            "--configmap-namespace",
+            "ingress-nginx",
+        ]);
+        let c = cli(&args).into_config().expect("other namespace");
+        assert_eq!(c.kube_namespace.as_deref(), Some("devgate"));
+        assert_eq!(c.configmap_namespace.as_deref(), Some("ingress-nginx"));
+        let mut args = base.to_vec();
+        args.extend(["--configmap-namespace", "Ingress_NGINX"]);
+        let err = cli(&args).into_config().expect_err("invalid name");
+        assert!(err.to_string().contains("configmap_namespace"), "{err}");
+        let mut args = vec!["--configmap-namespace", "ingress-nginx"];
+        args.extend(out_flag());
+        let err = cli(&args).into_config().expect_err("file sink");
+        assert!(
+            err.to_string().contains("only applies to --sink configmap"),
+            "{err}"
+        );
     }
 
     #[test]

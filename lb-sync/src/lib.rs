@@ -138,9 +138,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<LbSync
                 .configmap_name
                 .as_deref()
                 .ok_or_else(|| Error::Config("--sink configmap needs --configmap-name".into()))?;
+            let configmap_namespace = config
+                .configmap_namespace
+                .clone()
+                .unwrap_or_else(|| namespace(client));
             Sink::ConfigMap(Box::new(sink::configmap::ConfigMapSink::new(
                 client.clone(),
-                &namespace(client),
+                &configmap_namespace,
                 name,
                 &config.configmap_key,
             )))

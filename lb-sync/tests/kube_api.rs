@@ -30,6 +30,7 @@ const SELECTOR: &str = "kubernetes.io/service-name=devgate-gateway";
 /// One recorded server-side apply.
 #[derive(Debug, Clone)]
 struct Apply {
+    namespace: String,
     name: String,
     query: HashMap<String, String>,
     content_type: String,
@@ -225,7 +226,6 @@ async fn apply(
     headers: HeaderMap,
     body: String,
 ) -> Response {
-    assert_eq!(ns, NS, "wrong namespace");
     let Ok(parsed) = serde_json::from_str::<Value>(&body) else {
         return (StatusCode::BAD_REQUEST, "apply body is not JSON").into_response();
     };
@@ -236,6 +236,7 @@ async fn apply(
         .to_owned();
     let mut s = state.lock().expect("state");
     s.applies.push(Apply {
+        namespace: ns.clone(),
         name: name.clone(),
         query,
         content_type,
@@ -287,6 +288,10 @@ async fn endpoint_slices_follow_watch_restarts_and_resyncs_into_the_configmap() 
         .wait_apply("first apply", |s| s.contains("server 10.0.0.1:7000"))
         .await;
     assert_eq!(first.name, "nginx-config");
+    assert_eq!(
+        first.namespace, NS,
+        "the ConfigMap defaults to the Service's namespace"
+    );
     assert_eq!(
         first.query.get("fieldManager").map(String::as_str),
         Some(FIELD_MANAGER)
@@ -409,5 +414,32 @@ async fn an_unavailable_api_is_retried_and_nothing_is_written_meanwhile() {
         (http_get(lb.http_addr(), "/readyz").await.0 == 200).then_some(())
     })
     .await;
+    lb.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_configmap_is_written_in_the_ingress_controllers_namespace() {
+    devgate_tests::init_logs();
+    let api = FakeApi::start(0).await;
+    api.put("gw-a", &[("10.0.0.1", true, false)]);
+    let cfg = Config {
+        configmap_namespace: Some("ingress-nginx".into()),
+        ..config(&api)
+    };
+    cfg.validate().expect("valid config");
+    let lb = devgate_lb_sync::start(cfg, CancellationToken::new())
+        .await
+        .expect("lb-sync starts");
+    // The slices are still watched in the gateways' namespace (the fake API refuses any
+    // other), and the apply goes to the controller's.
+    let apply = api
+        .wait_apply("apply", |s| s.contains("server 10.0.0.1:7000"))
+        .await;
+    assert_eq!(apply.namespace, "ingress-nginx");
+    assert_eq!(apply.name, "nginx-config");
+    assert!(
+        api.applies().iter().all(|a| a.namespace == "ingress-nginx"),
+        "nothing is written in the gateways' namespace"
+    );
     lb.shutdown().await;
 }

@@ -597,10 +597,15 @@ fn lb_sync_rbac_is_exactly_what_its_code_calls() {
         "lb-sync uses new Kubernetes types: update expected_rules and the chart's Role"
     );
 
-    for (name, configmap) in [
-        ("default", None),
-        ("hostnetwork-values", None),
-        ("ingress-controller-values", Some("nginx-config")),
+    for (name, configmap, configmap_namespace) in [
+        ("default", None, NAMESPACE),
+        ("hostnetwork-values", None, NAMESPACE),
+        ("ingress-controller-values", Some("nginx-config"), NAMESPACE),
+        (
+            "ingress-controller-other-namespace-values",
+            Some("nginx-config"),
+            "ingress-nginx",
+        ),
     ] {
         let docs = render(&combo(name), &[]);
         assert!(
@@ -608,17 +613,41 @@ fn lb_sync_rbac_is_exactly_what_its_code_calls() {
         );
         let sa = full("lb-sync");
         let role = one(&docs, "Role", &sa);
-        assert_eq!(
-            role["rules"],
-            expected_rules(configmap),
-            "Role rules ({name})"
-        );
         let binding = one(&docs, "RoleBinding", &sa);
         assert_eq!(binding["roleRef"]["name"], sa);
         assert_eq!(
             binding["subjects"],
             json!([{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}])
         );
+        let elsewhere = format!("{sa}-configmap");
+        if configmap_namespace == NAMESPACE {
+            assert_eq!(
+                role["rules"],
+                expected_rules(configmap),
+                "Role rules ({name})"
+            );
+            assert!(
+                kind(&docs, "Role")
+                    .iter()
+                    .all(|r| r["metadata"]["name"] != elsewhere.as_str()),
+                "no Role outside the release namespace ({name})"
+            );
+        } else {
+            // Endpoint slices are read at home; the ConfigMap is patched in the controller's
+            // namespace, by a Role that exists there and allows nothing else.
+            assert_eq!(role["rules"], expected_rules(None), "home Role ({name})");
+            let full_rules = expected_rules(configmap);
+            let cm_role = one(&docs, "Role", &elsewhere);
+            assert_eq!(cm_role["metadata"]["namespace"], configmap_namespace);
+            assert_eq!(cm_role["rules"], json!([full_rules[1]]), "{name}");
+            let cm_binding = one(&docs, "RoleBinding", &elsewhere);
+            assert_eq!(cm_binding["metadata"]["namespace"], configmap_namespace);
+            assert_eq!(cm_binding["roleRef"]["name"], elsewhere.as_str());
+            assert_eq!(
+                cm_binding["subjects"],
+                json!([{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}])
+            );
+        }
         // Only lb-sync's pod runs with that account; every other pod has no API token.
         for (workload, spec) in pod_specs(&docs) {
             let has_lb_sync = spec["containers"]
@@ -632,6 +661,10 @@ fn lb_sync_rbac_is_exactly_what_its_code_calls() {
                 assert_eq!(env_value(lb, "DEVGATE_KUBE_NAMESPACE"), NAMESPACE);
                 if let Some(cm) = configmap {
                     assert_eq!(env_value(lb, "DEVGATE_CONFIGMAP_NAME"), cm);
+                    assert_eq!(
+                        env_value(lb, "DEVGATE_CONFIGMAP_NAMESPACE"),
+                        configmap_namespace
+                    );
                     assert_eq!(env_value(lb, "DEVGATE_SINK"), "configmap");
                 } else {
                     assert_eq!(env_value(lb, "DEVGATE_SINK"), "file");
