@@ -33,6 +33,13 @@ pub struct Config {
     pub nats_user: Option<String>,
     /// NATS password.
     pub nats_password: Option<Secret>,
+    /// PEM CAs that sign the NATS server's certificate, for TLS (`tls://` URLs or a server
+    /// that requires TLS); default: the system's CAs.
+    pub nats_tls_ca: Option<PathBuf>,
+    /// PEM client certificate (with `nats_tls_key`), for servers that verify clients.
+    pub nats_tls_cert: Option<PathBuf>,
+    /// PEM private key of `nats_tls_cert`.
+    pub nats_tls_key: Option<PathBuf>,
     /// Instance id; default: the host name (pod name), made subject-safe.
     pub instance_id: Option<String>,
     /// Fleet secret for device tokens (HMAC-SHA256 of the device id).
@@ -81,6 +88,9 @@ impl Default for Config {
             nats_url: "nats://127.0.0.1:4222".into(),
             nats_user: None,
             nats_password: None,
+            nats_tls_ca: None,
+            nats_tls_cert: None,
+            nats_tls_key: None,
             instance_id: None,
             auth_secret: None,
             insecure_no_auth: false,
@@ -105,6 +115,21 @@ impl Default for Config {
 /// Smallest and largest accepted `max_frame_len`: room for an UP header, and well under NATS's
 /// default 1 MiB `max_payload` so every accepted frame can be published.
 const FRAME_LEN_RANGE: std::ops::RangeInclusive<usize> = 64..=(1 << 20) - 4096;
+
+impl Config {
+    /// The TLS files for the NATS link, when TLS is configured at all: a `tls://` server or any
+    /// TLS file. Without them a server that requires TLS is refused with a clear error.
+    pub fn nats_tls(&self) -> Option<crate::bus::tls::TlsFiles> {
+        let any_tls_url = crate::bus::link::parse_servers(&self.nats_url)
+            .map(|servers| servers.iter().any(crate::bus::link::ServerAddr::tls))
+            .unwrap_or(false);
+        let files = crate::bus::tls::TlsFiles {
+            ca: self.nats_tls_ca.clone(),
+            client: self.nats_tls_cert.clone().zip(self.nats_tls_key.clone()),
+        };
+        (any_tls_url || files != crate::bus::tls::TlsFiles::default()).then_some(files)
+    }
+}
 
 impl Validate for Config {
     /// Checks the values together; every problem is reported, not just the first.
@@ -164,6 +189,13 @@ impl Validate for Config {
         }
         if self.nats_password.is_some() != self.nats_user.is_some() {
             problems.push("nats_user and nats_password go together".to_owned());
+        }
+        if self.nats_tls_cert.is_some() != self.nats_tls_key.is_some() {
+            problems.push("nats_tls_cert and nats_tls_key go together".to_owned());
+        } else if let Some(files) = self.nats_tls()
+            && let Err(e) = crate::bus::tls::client_config(&files)
+        {
+            problems.push(e.to_string());
         }
         if problems.is_empty() {
             Ok(())
@@ -275,6 +307,18 @@ pub struct Cli {
     #[arg(long, env = "DEVGATE_NATS_PASSWORD", hide_env_values = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nats_password: Option<Secret>,
+    /// PEM CA bundle for TLS to NATS [default: the system's CAs].
+    #[arg(long, env = "DEVGATE_NATS_TLS_CA")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// PEM client certificate for NATS servers that verify clients (with --nats-tls-key).
+    #[arg(long, env = "DEVGATE_NATS_TLS_CERT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// PEM private key of --nats-tls-cert.
+    #[arg(long, env = "DEVGATE_NATS_TLS_KEY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_tls_key: Option<PathBuf>,
     /// Instance id [default: host name].
     #[arg(long, env = "DEVGATE_INSTANCE_ID")]
     #[serde(skip_serializing_if = "Option::is_none")]

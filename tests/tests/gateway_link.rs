@@ -17,6 +17,7 @@ fn link(nats: &NatsServer) -> Link {
         servers: parse_servers(&nats.url()).expect("url"),
         name: "link-test".into(),
         user: None,
+        tls: None,
     };
     let mut registry = prometheus_client::registry::Registry::default();
     Link::start(options, Metrics::new(&mut registry))
@@ -255,14 +256,19 @@ async fn oversize_publish_is_refused_before_it_reaches_the_server() {
 
 #[test]
 fn server_lists_parse_and_bad_ones_are_explained() {
-    let servers = parse_servers("nats://a:4223, b , nats://u:p@[::1]:5000/").expect("valid");
+    let servers = parse_servers("nats://a:4223, b , nats://u:p@[::1]:5000/, tls://n.example:4443")
+        .expect("valid");
     assert_eq!(
         format!("{servers:?}"),
-        "[nats://a:4223, nats://b:4222, nats://::1:5000]",
+        "[nats://a:4223, nats://b:4222, nats://::1:5000, tls://n.example:4443]",
         "credentials never appear in Debug"
     );
+    assert_eq!(
+        servers.iter().map(|s| s.tls()).collect::<Vec<_>>(),
+        [false, false, false, true]
+    );
     for (bad, why) in [
-        ("tls://a:4222", "not supported"),
+        ("ws://a:4222", "not supported"),
         ("nats://a:port", "port is not a number"),
         ("", "no server"),
         ("nats://:4222", "no host"),

@@ -29,9 +29,10 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::pin::Pin;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -116,17 +117,27 @@ pub struct ServerAddr {
     host: String,
     port: u16,
     user: Option<(String, Secret)>,
+    /// `tls://`: TLS is required even if the server does not ask for it.
+    tls: bool,
+}
+
+impl ServerAddr {
+    /// Whether this address asks for TLS.
+    pub fn tls(&self) -> bool {
+        self.tls
+    }
 }
 
 impl std::fmt::Debug for ServerAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "nats://{}:{}", self.host, self.port)
+        let scheme = if self.tls { "tls" } else { "nats" };
+        write!(f, "{scheme}://{}:{}", self.host, self.port)
     }
 }
 
-/// Parses a comma-separated server list: `nats://[user:pass@]host[:port]` or `host[:port]`.
-/// TLS (`tls://`) is refused with a clear error: the gateway's link speaks plain TCP, so a
-/// deployment needing TLS to NATS must terminate it in front (or on a sidecar) explicitly.
+/// Parses a comma-separated server list: `nats://[user:pass@]host[:port]`,
+/// `tls://[user:pass@]host[:port]` or `host[:port]`. With `tls://` the link refuses to talk
+/// without TLS; with `nats://` it still upgrades when the server requires TLS.
 pub fn parse_servers(list: &str) -> Result<Vec<ServerAddr>, AddressError> {
     let mut servers = Vec::new();
     for url in list.split(',').map(str::trim).filter(|u| !u.is_empty()) {
@@ -134,14 +145,15 @@ pub fn parse_servers(list: &str) -> Result<Vec<ServerAddr>, AddressError> {
             url: url.to_owned(),
             reason: reason.to_owned(),
         };
-        let rest = match url.split_once("://") {
-            Some(("nats", rest)) => rest,
+        let (tls, rest) = match url.split_once("://") {
+            Some(("nats", rest)) => (false, rest),
+            Some(("tls", rest)) => (true, rest),
             Some((scheme, _)) => {
                 return Err(err(&format!(
-                    "scheme {scheme}:// is not supported (plain nats:// only)"
+                    "scheme {scheme}:// is not supported (nats:// or tls://)"
                 )));
             }
-            None => url,
+            None => (false, url),
         };
         let rest = rest.trim_end_matches('/');
         let (user, hostport) = match rest.rsplit_once('@') {
@@ -165,6 +177,7 @@ pub fn parse_servers(list: &str) -> Result<Vec<ServerAddr>, AddressError> {
             host: host.to_owned(),
             port,
             user,
+            tls,
         });
     }
     if servers.is_empty() {
@@ -185,6 +198,9 @@ pub struct LinkOptions {
     pub name: String,
     /// User and password for servers with accounts (a URL's own credentials take precedence).
     pub user: Option<(String, Secret)>,
+    /// TLS client settings, used with `tls://` servers and servers that require TLS; `None`:
+    /// plain TCP only (a server requiring TLS is then refused with a clear error).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// The gateway's NATS connection; cheap to clone.
@@ -208,6 +224,8 @@ struct Inner {
     inbox: String,
     max_payload: AtomicUsize,
     connected: watch::Sender<bool>,
+    /// Why the last connection attempt failed, until one succeeds.
+    last_error: Mutex<Option<String>>,
     epoch: AtomicU64,
     stop: CancellationToken,
     metrics: Metrics,
@@ -344,12 +362,19 @@ impl Link {
             inbox: format!("_INBOX.{}.", random_token()),
             max_payload: AtomicUsize::new(1024 * 1024),
             connected,
+            last_error: Mutex::new(None),
             epoch: AtomicU64::new(0),
             stop: CancellationToken::new(),
             metrics,
         });
         tokio::spawn(run(inner.clone()));
         Link { inner }
+    }
+
+    /// Why the last attempt to connect failed (`None` once connected): what an operator needs
+    /// when the gateway stays unready, e.g. a TLS certificate the CA does not vouch for.
+    pub fn last_error(&self) -> Option<String> {
+        lock(&self.inner.last_error).clone()
     }
 
     /// Whether the connection is up right now.
@@ -656,6 +681,8 @@ enum ConnError {
     Stale(Duration),
     #[error("unexpected handshake: {0}")]
     Handshake(String),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// Connects, serves, reconnects, until closed.
@@ -684,6 +711,7 @@ async fn run(inner: Arc<Inner>) {
                 }
             }
             Err(error) => {
+                *lock(&inner.last_error) = Some(format!("{server:?}: {error}"));
                 attempt = attempt.saturating_add(1);
                 index += 1;
                 if attempt == 1 || attempt.is_multiple_of(20) {
@@ -704,14 +732,18 @@ async fn run(inner: Arc<Inner>) {
     }
 }
 
-/// TCP connect, `INFO`, `CONNECT` + `PING`, `PONG`. Returns the stream and any bytes read past
-/// the `PONG`.
-async fn handshake(inner: &Inner, server: &ServerAddr) -> Result<(TcpStream, BytesMut), ConnError> {
+/// TCP connect, `INFO`, TLS when asked for (by a `tls://` address or the server's
+/// `tls_required`), `CONNECT` + `PING`, `PONG`. Returns the stream and any bytes read past the
+/// `PONG`.
+async fn handshake(
+    inner: &Inner,
+    server: &ServerAddr,
+) -> Result<(NatsStream, BytesMut), ConnError> {
     tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
-        let mut stream = TcpStream::connect((server.host.as_str(), server.port)).await?;
-        stream.set_nodelay(true)?;
+        let mut tcp = TcpStream::connect((server.host.as_str(), server.port)).await?;
+        tcp.set_nodelay(true)?;
         let mut buf = BytesMut::with_capacity(4096);
-        let info = match read_op(&mut stream, &mut buf).await? {
+        let info = match read_op(&mut tcp, &mut buf).await? {
             ServerOp::Info(info) => info,
             other => {
                 return Err(ConnError::Handshake(format!(
@@ -724,9 +756,32 @@ async fn handshake(inner: &Inner, server: &ServerAddr) -> Result<(TcpStream, Byt
         if let Some(max) = info.get("max_payload").and_then(serde_json::Value::as_u64) {
             inner.max_payload.store(max as usize, Ordering::Relaxed);
         }
+        let server_requires_tls = info
+            .get("tls_required")
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false);
+        let use_tls = server.tls || server_requires_tls;
+        let mut stream = if use_tls {
+            let Some(config) = inner.options.tls.clone() else {
+                return Err(ConnError::Tls(
+                    "the server requires TLS; use a tls:// URL (and nats_tls_ca for a private CA)"
+                        .into(),
+                ));
+            };
+            let name = rustls::pki_types::ServerName::try_from(server.host.clone())
+                .map_err(|e| ConnError::Tls(format!("server name {:?}: {e}", server.host)))?;
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| ConnError::Tls(e.to_string()))?;
+            NatsStream::Tls(Box::new(tls))
+        } else {
+            NatsStream::Plain(tcp)
+        };
         let mut connect = serde_json::json!({
             "verbose": false,
             "pedantic": false,
+            "tls_required": use_tls,
             "lang": "rust-devgate",
             "version": env!("CARGO_PKG_VERSION"),
             "protocol": 1,
@@ -743,11 +798,15 @@ async fn handshake(inner: &Inner, server: &ServerAddr) -> Result<(TcpStream, Byt
         wire::connect(&mut hello, &connect);
         wire::ping(&mut hello);
         stream.write_all(&hello).await?;
+        stream.flush().await?;
         loop {
             match read_op(&mut stream, &mut buf).await? {
                 ServerOp::Pong => return Ok((stream, buf)),
                 ServerOp::Err(e) => return Err(ConnError::Refused(e)),
-                ServerOp::Ping => stream.write_all(b"PONG\r\n").await?,
+                ServerOp::Ping => {
+                    stream.write_all(b"PONG\r\n").await?;
+                    stream.flush().await?;
+                }
                 ServerOp::Info(_) | ServerOp::Ok => {}
                 ServerOp::Msg { .. } => {
                     return Err(ConnError::Handshake("MSG before subscribing".into()));
@@ -759,7 +818,10 @@ async fn handshake(inner: &Inner, server: &ServerAddr) -> Result<(TcpStream, Byt
     .map_err(|_| ConnError::Timeout)?
 }
 
-async fn read_op(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<ServerOp, ConnError> {
+async fn read_op<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+) -> Result<ServerOp, ConnError> {
     loop {
         if let Some(op) = wire::decode(buf)? {
             return Ok(op);
@@ -771,9 +833,81 @@ async fn read_op(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<ServerOp,
     }
 }
 
+/// The connection to the server: plain, or TLS over it. Plain keeps tokio's lock-free split
+/// halves; TLS needs `tokio::io::split`, whose halves share a lock.
+enum NatsStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for NatsStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            NatsStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            NatsStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for NatsStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            NatsStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            NatsStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            NatsStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            NatsStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            NatsStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            NatsStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 /// Runs one established connection until it fails (`Err`) or the link is closed (`Ok`).
-async fn serve(inner: &Arc<Inner>, stream: TcpStream, leftover: BytesMut) -> Result<(), ConnError> {
-    let (reader, writer) = stream.into_split();
+async fn serve(
+    inner: &Arc<Inner>,
+    stream: NatsStream,
+    leftover: BytesMut,
+) -> Result<(), ConnError> {
+    match stream {
+        NatsStream::Plain(tcp) => {
+            let (reader, writer) = tcp.into_split();
+            serve_halves(inner, reader, writer, leftover).await
+        }
+        NatsStream::Tls(tls) => {
+            let (reader, writer) = tokio::io::split(*tls);
+            serve_halves(inner, reader, writer, leftover).await
+        }
+    }
+}
+
+async fn serve_halves<R, W>(
+    inner: &Arc<Inner>,
+    reader: R,
+    writer: W,
+    leftover: BytesMut,
+) -> Result<(), ConnError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     tokio::select! {
         () = inner.stop.cancelled() => Ok(()),
         r = read_loop(inner, reader, leftover) => r,
@@ -782,9 +916,9 @@ async fn serve(inner: &Arc<Inner>, stream: TcpStream, leftover: BytesMut) -> Res
     }
 }
 
-async fn read_loop(
+async fn read_loop<R: AsyncRead + Unpin>(
     inner: &Inner,
-    mut reader: OwnedReadHalf,
+    mut reader: R,
     mut buf: BytesMut,
 ) -> Result<(), ConnError> {
     loop {
@@ -800,7 +934,7 @@ async fn read_loop(
     }
 }
 
-async fn write_loop(inner: &Inner, mut writer: OwnedWriteHalf) -> Result<(), ConnError> {
+async fn write_loop<W: AsyncWrite + Unpin>(inner: &Inner, mut writer: W) -> Result<(), ConnError> {
     let mut spare = BytesMut::new();
     loop {
         let chunk = {
@@ -822,6 +956,8 @@ async fn write_loop(inner: &Inner, mut writer: OwnedWriteHalf) -> Result<(), Con
             }
             Some(mut chunk) => {
                 writer.write_all(&chunk).await?;
+                // A no-op on plain TCP; TLS may hold the last record until flushed.
+                writer.flush().await?;
                 chunk.clear();
                 if chunk.capacity() <= OUT_LIMIT {
                     spare = chunk;
@@ -856,6 +992,7 @@ impl Inner {
     /// before anything else is written, under the same lock `subscribe` takes, so none is
     /// missed or sent before the connection exists.
     fn on_connect(&self) {
+        *lock(&self.last_error) = None;
         {
             let mut st = lock(&self.state);
             st.out.clear();

@@ -10,6 +10,7 @@
 //! the devices resend.
 
 pub mod link;
+pub mod tls;
 pub mod wire;
 
 use std::time::Duration;
@@ -38,6 +39,9 @@ pub enum BusError {
     /// unready and keeps retrying).
     #[error("cannot configure the NATS connection: {0}")]
     Address(#[from] link::AddressError),
+    /// Unusable TLS files.
+    #[error("cannot configure TLS to NATS: {0}")]
+    Tls(#[from] tls::TlsError),
 }
 
 struct Waiter {
@@ -74,6 +78,10 @@ impl Bus {
             servers: link::parse_servers(&config.nats_url)?,
             name: format!("devgate-gateway {instance}"),
             user: config.nats_user.clone().zip(config.nats_password.clone()),
+            tls: config
+                .nats_tls()
+                .map(|files| tls::client_config(&files))
+                .transpose()?,
         };
         let link = Link::start(options, metrics);
         let pending = Arc::new(Pending::default());
