@@ -129,3 +129,27 @@ pub async fn barrier(client: &async_nats::Client, subject: &str) {
         other => panic!("expected the server's no-responders answer on {subject}, got {other:?}"),
     }
 }
+
+/// Publishes through the gateway's own NATS link and returns the message as `service` received
+/// it on `subject` (subscribed, and confirmed by the server, before the publish).
+pub async fn via_link(
+    link: &devgate_gateway::bus::Link,
+    service: &async_nats::Client,
+    subject: &str,
+    headers: devgate_gateway::bus::Headers<'_>,
+    payload: &[u8],
+) -> async_nats::Message {
+    use futures::StreamExt;
+    let mut sub = service
+        .subscribe(subject.to_owned())
+        .await
+        .expect("subscribe");
+    processed(service).await;
+    link.publish(subject, None, headers, payload)
+        .await
+        .expect("link publish");
+    tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .unwrap_or_else(|_| panic!("nothing arrived on {subject}"))
+        .expect("subscription open")
+}

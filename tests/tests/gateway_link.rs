@@ -76,20 +76,14 @@ async fn messages_reach_the_right_subscription_with_headers_and_replies() {
     );
 
     // What the link publishes arrives, headers included.
-    let mut ups = service.subscribe("device.a.up").await.expect("sub");
-    devgate_tests::nats::processed(&service).await;
-    link.publish(
+    let up = devgate_tests::nats::via_link(
+        &link,
+        &service,
         "device.a.up",
-        None,
         Headers::Pairs(&[("Devgate-Seq", "7")]),
         b"up",
     )
-    .await
-    .expect("publish");
-    let up = tokio::time::timeout(WAIT, ups.next())
-        .await
-        .expect("uplink in time")
-        .expect("open");
+    .await;
     assert_eq!(&up.payload[..], b"up");
     let seq = up.headers.as_ref().and_then(|h| h.get("Devgate-Seq"));
     assert_eq!(seq.map(|v| v.as_str()), Some("7"));

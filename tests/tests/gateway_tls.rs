@@ -14,7 +14,6 @@ use devgate_gateway::config::Cli;
 use devgate_gateway::metrics::Metrics;
 use devgate_tests::NatsServer;
 use devgate_tests::bins::workspace_root;
-use futures::StreamExt;
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -120,20 +119,14 @@ async fn the_link_speaks_tls_to_a_server_that_requires_it() {
             "{scheme}://"
         );
 
-        let mut ups = service.subscribe("device.t.up").await.expect("sub");
-        devgate_tests::nats::processed(&service).await;
-        link.publish(
+        let up = devgate_tests::nats::via_link(
+            &link,
+            &service,
             "device.t.up",
-            None,
             devgate_gateway::bus::Headers::None,
             b"up",
         )
-        .await
-        .expect("publish");
-        let up = tokio::time::timeout(WAIT, ups.next())
-            .await
-            .expect("uplink in time")
-            .expect("open");
+        .await;
         assert_eq!(&up.payload[..], b"up", "{scheme}://");
         link.close();
     }
