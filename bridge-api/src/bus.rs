@@ -64,6 +64,7 @@ impl Bus {
     /// background, `/readyz` says "not ready" and requests answer 503 until it is connected. An
     /// announce listener runs until `shutdown`.
     pub async fn connect(config: &Config, shutdown: CancellationToken) -> Result<Bus, BusError> {
+        devgate_gateway::bus::tls::ensure_crypto_provider();
         let (tx, connected) = watch::channel(false);
         let tx = Arc::new(tx);
         let mut options = ConnectOptions::new()
@@ -88,6 +89,9 @@ impl Bus {
             });
         if let (Some(user), Some(password)) = (&config.nats_user, &config.nats_password) {
             options = options.user_and_password(user.clone(), password.expose().to_owned());
+        }
+        if let Some(tls) = devgate_gateway::bus::tls::NatsTlsSettings::nats_tls(config) {
+            options = tls.apply(options);
         }
         let client = options
             .connect(config.nats_url.as_str())

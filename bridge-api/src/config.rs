@@ -28,6 +28,13 @@ pub struct Config {
     pub nats_user: Option<String>,
     /// NATS password.
     pub nats_password: Option<Secret>,
+    /// PEM CAs that sign the NATS server's certificate, for TLS (`tls://` URLs or a server that
+    /// requires TLS); default: the system's CAs.
+    pub nats_tls_ca: Option<PathBuf>,
+    /// PEM client certificate (with `nats_tls_key`), for NATS servers that verify clients.
+    pub nats_tls_cert: Option<PathBuf>,
+    /// PEM private key of `nats_tls_cert`.
+    pub nats_tls_key: Option<PathBuf>,
     /// Accepted bearer tokens; several allow rotating a token without downtime.
     pub api_tokens: Vec<Secret>,
     /// Serve `/v1` without authentication. Only for local runs; logged loudly.
@@ -60,6 +67,9 @@ impl Default for Config {
             nats_url: "nats://127.0.0.1:4222".into(),
             nats_user: None,
             nats_password: None,
+            nats_tls_ca: None,
+            nats_tls_cert: None,
+            nats_tls_key: None,
             api_tokens: Vec::new(),
             insecure_no_auth: false,
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
@@ -80,6 +90,22 @@ const FRAME_LEN_RANGE: std::ops::RangeInclusive<usize> = 64..=(1 << 20) - 4096;
 /// Shortest accepted API token: a bearer token is the only thing standing between the internet
 /// and every device, so it must not be guessable.
 pub const MIN_TOKEN_LEN: usize = 16;
+
+impl devgate_gateway::bus::tls::NatsTlsSettings for Config {
+    fn nats_tls_paths(
+        &self,
+    ) -> (
+        Option<&std::path::Path>,
+        Option<&std::path::Path>,
+        Option<&std::path::Path>,
+    ) {
+        (
+            self.nats_tls_ca.as_deref(),
+            self.nats_tls_cert.as_deref(),
+            self.nats_tls_key.as_deref(),
+        )
+    }
+}
 
 impl Validate for Config {
     /// Checks the values together; every problem is reported, not just the first.
@@ -136,6 +162,9 @@ impl Validate for Config {
         }
         if self.nats_password.is_some() != self.nats_user.is_some() {
             problems.push("nats_user and nats_password go together".to_owned());
+        }
+        if let Err(e) = devgate_gateway::bus::tls::NatsTlsSettings::nats_tls_checked(self) {
+            problems.push(e);
         }
         if problems.is_empty() {
             Ok(())
@@ -200,6 +229,10 @@ pub struct Cli {
     #[arg(long, env = "DEVGATE_NATS_PASSWORD", hide_env_values = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nats_password: Option<Secret>,
+    /// TLS to NATS.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub nats_tls: devgate_gateway::bus::tls::NatsTlsFlags,
     /// Accepted bearer token; repeat the flag (or separate with commas) for several.
     #[arg(
         long = "api-token",

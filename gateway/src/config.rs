@@ -190,12 +190,21 @@ impl Validate for Config {
         if self.nats_password.is_some() != self.nats_user.is_some() {
             problems.push("nats_user and nats_password go together".to_owned());
         }
-        if self.nats_tls_cert.is_some() != self.nats_tls_key.is_some() {
-            problems.push("nats_tls_cert and nats_tls_key go together".to_owned());
-        } else if let Some(files) = self.nats_tls()
-            && let Err(e) = crate::bus::tls::client_config(&files)
-        {
-            problems.push(e.to_string());
+        match crate::bus::tls::TlsFiles::from_settings(
+            self.nats_tls_ca.as_deref(),
+            self.nats_tls_cert.as_deref(),
+            self.nats_tls_key.as_deref(),
+        ) {
+            Err(e) => problems.push(e),
+            // A tls:// URL without files uses the system's CAs; they must exist too.
+            Ok(None) => {
+                if let Some(files) = self.nats_tls()
+                    && let Err(e) = crate::bus::tls::client_config(&files)
+                {
+                    problems.push(e.to_string());
+                }
+            }
+            Ok(Some(_)) => {}
         }
         if problems.is_empty() {
             Ok(())
@@ -307,18 +316,10 @@ pub struct Cli {
     #[arg(long, env = "DEVGATE_NATS_PASSWORD", hide_env_values = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nats_password: Option<Secret>,
-    /// PEM CA bundle for TLS to NATS [default: the system's CAs].
-    #[arg(long, env = "DEVGATE_NATS_TLS_CA")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub nats_tls_ca: Option<PathBuf>,
-    /// PEM client certificate for NATS servers that verify clients (with --nats-tls-key).
-    #[arg(long, env = "DEVGATE_NATS_TLS_CERT")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub nats_tls_cert: Option<PathBuf>,
-    /// PEM private key of --nats-tls-cert.
-    #[arg(long, env = "DEVGATE_NATS_TLS_KEY")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub nats_tls_key: Option<PathBuf>,
+    /// TLS to NATS.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub nats_tls: crate::bus::tls::NatsTlsFlags,
     /// Instance id [default: host name].
     #[arg(long, env = "DEVGATE_INSTANCE_ID")]
     #[serde(skip_serializing_if = "Option::is_none")]

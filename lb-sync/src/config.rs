@@ -79,6 +79,13 @@ pub struct Config {
     pub nats_user: Option<String>,
     /// NATS password.
     pub nats_password: Option<Secret>,
+    /// PEM CAs that sign the NATS server's certificate, for TLS (`tls://` URLs or a server that
+    /// requires TLS); default: the system's CAs.
+    pub nats_tls_ca: Option<PathBuf>,
+    /// PEM client certificate (with `nats_tls_key`), for NATS servers that verify clients.
+    pub nats_tls_cert: Option<PathBuf>,
+    /// PEM private key of `nats_tls_cert`.
+    pub nats_tls_key: Option<PathBuf>,
     /// NATS source: an instance leaves after this many announce periods without an
     /// announcement.
     pub announce_expiry_beats: u32,
@@ -129,6 +136,9 @@ impl Default for Config {
             nats_url: "nats://127.0.0.1:4222".into(),
             nats_user: None,
             nats_password: None,
+            nats_tls_ca: None,
+            nats_tls_cert: None,
+            nats_tls_key: None,
             announce_expiry_beats: 3,
             static_endpoints: Vec::new(),
             kube_namespace: None,
@@ -151,6 +161,22 @@ fn is_dns_name(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
         && !s.starts_with(['-', '.'])
         && !s.ends_with(['-', '.'])
+}
+
+impl devgate_gateway::bus::tls::NatsTlsSettings for Config {
+    fn nats_tls_paths(
+        &self,
+    ) -> (
+        Option<&std::path::Path>,
+        Option<&std::path::Path>,
+        Option<&std::path::Path>,
+    ) {
+        (
+            self.nats_tls_ca.as_deref(),
+            self.nats_tls_cert.as_deref(),
+            self.nats_tls_key.as_deref(),
+        )
+    }
 }
 
 impl Validate for Config {
@@ -295,6 +321,9 @@ impl Validate for Config {
                 "kube_api_url {url:?} must start with http:// or https://"
             ));
         }
+        if let Err(e) = devgate_gateway::bus::tls::NatsTlsSettings::nats_tls_checked(self) {
+            problems.push(e);
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -435,6 +464,10 @@ pub struct Cli {
     #[arg(long, env = "DEVGATE_NATS_PASSWORD", hide_env_values = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nats_password: Option<Secret>,
+    /// TLS to NATS.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub nats_tls: devgate_gateway::bus::tls::NatsTlsFlags,
     /// Missed announce periods before an instance leaves [default: 3].
     #[arg(long, env = "DEVGATE_ANNOUNCE_EXPIRY_BEATS")]
     #[serde(skip_serializing_if = "Option::is_none")]

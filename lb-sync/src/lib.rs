@@ -107,6 +107,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<LbSync
                 source::nats::NatsSource::connect(
                     &config.nats_url,
                     user,
+                    devgate_gateway::bus::tls::NatsTlsSettings::nats_tls(&config).as_ref(),
                     config.announce_expiry_beats,
                 )
                 .await?,

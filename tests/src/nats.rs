@@ -14,6 +14,8 @@ pub struct NatsServer {
     child: Option<Child>,
     port: u16,
     config: Option<PathBuf>,
+    /// Holds a generated config file for as long as the server may restart.
+    config_dir: Option<tempfile::TempDir>,
 }
 
 impl NatsServer {
@@ -64,6 +66,7 @@ impl NatsServer {
             child: Some(child),
             port,
             config,
+            config_dir: None,
         }
     }
 
@@ -88,8 +91,29 @@ impl NatsServer {
     /// Starts the server again on the same port.
     pub fn restart(&mut self) {
         self.stop();
-        let fresh = Self::spawn(Some(self.port), self.config.clone());
+        let mut fresh = Self::spawn(Some(self.port), self.config.clone());
+        fresh.config_dir = self.config_dir.take();
         *self = fresh;
+    }
+
+    /// Starts a server that accepts TLS clients only, with the test certificate
+    /// `tests/fixtures/tls/server.pem` (signed by [`tls_fixture`]`("ca.pem")`, valid for
+    /// 127.0.0.1).
+    pub fn start_tls() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conf = dir.path().join("tls.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  timeout: 2\n}}\n",
+                tls_fixture("server.pem"),
+                tls_fixture("server.key")
+            ),
+        )
+        .expect("write nats config");
+        let mut server = Self::with_config(conf);
+        server.config_dir = Some(dir);
+        server
     }
 
     /// A client connection for a test's "service" side.
@@ -152,4 +176,22 @@ pub async fn via_link(
         .await
         .unwrap_or_else(|_| panic!("nothing arrived on {subject}"))
         .expect("subscription open")
+}
+
+/// A file of the test-only TLS material in `tests/fixtures/tls/`.
+pub fn tls_fixture(name: &str) -> PathBuf {
+    crate::bins::workspace_root()
+        .join("tests/fixtures/tls")
+        .join(name)
+}
+
+/// A service connection to a [`NatsServer::start_tls`] server.
+pub async fn tls_client(nats: &NatsServer) -> async_nats::Client {
+    devgate_gateway::bus::tls::ensure_crypto_provider();
+    async_nats::ConnectOptions::new()
+        .add_root_certificates(tls_fixture("ca.pem"))
+        .require_tls(true)
+        .connect(format!("tls://127.0.0.1:{}", nats.port()))
+        .await
+        .expect("service connects over TLS")
 }

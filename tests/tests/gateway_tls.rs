@@ -13,27 +13,11 @@ use devgate_gateway::bus::tls::{TlsFiles, client_config};
 use devgate_gateway::config::Cli;
 use devgate_gateway::metrics::Metrics;
 use devgate_tests::NatsServer;
-use devgate_tests::bins::workspace_root;
 
 const WAIT: Duration = Duration::from_secs(5);
 
 fn fixture(name: &str) -> PathBuf {
-    workspace_root().join("tests/fixtures/tls").join(name)
-}
-
-/// A nats-server that accepts TLS clients only, with the fixture certificate.
-fn tls_nats(dir: &tempfile::TempDir) -> NatsServer {
-    let conf = dir.path().join("tls.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  timeout: 2\n}}\n",
-            fixture("server.pem"),
-            fixture("server.key")
-        ),
-    )
-    .expect("write nats config");
-    NatsServer::with_config(conf)
+    devgate_tests::nats::tls_fixture(name)
 }
 
 fn link(url: &str, tls: Option<TlsFiles>) -> Link {
@@ -82,23 +66,10 @@ async fn next(sub: &mut Subscription) -> devgate_gateway::bus::Msg {
         .expect("subscription open")
 }
 
-async fn service(nats: &NatsServer) -> async_nats::Client {
-    // This test binary links both of rustls' crypto providers (kube brings aws-lc-rs), so
-    // async-nats needs a process default. The gateway's link names its provider itself.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    async_nats::ConnectOptions::new()
-        .add_root_certificates(fixture("ca.pem"))
-        .require_tls(true)
-        .connect(format!("tls://127.0.0.1:{}", nats.port()))
-        .await
-        .expect("service connects over TLS")
-}
-
 #[tokio::test]
 async fn the_link_speaks_tls_to_a_server_that_requires_it() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let nats = tls_nats(&dir);
-    let service = service(&nats).await;
+    let nats = NatsServer::start_tls();
+    let service = devgate_tests::nats::tls_client(&nats).await;
     // tls:// asks for TLS; nats:// upgrades because the server's INFO requires it.
     for scheme in ["tls", "nats"] {
         let link = link(
@@ -134,8 +105,7 @@ async fn the_link_speaks_tls_to_a_server_that_requires_it() {
 
 #[tokio::test]
 async fn a_server_the_ca_does_not_vouch_for_or_missing_tls_keeps_the_link_down_and_says_why() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let nats = tls_nats(&dir);
+    let nats = NatsServer::start_tls();
 
     let wrong_ca = link(
         &format!("tls://127.0.0.1:{}", nats.port()),

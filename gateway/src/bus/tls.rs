@@ -93,3 +93,85 @@ fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'s
     }
     Ok(certs)
 }
+
+impl TlsFiles {
+    /// The three `nats_tls_*` settings as the components take them; `Err` names what is wrong
+    /// (a certificate without its key, or files rustls cannot use), for configuration checks.
+    pub fn from_settings(
+        ca: Option<&Path>,
+        cert: Option<&Path>,
+        key: Option<&Path>,
+    ) -> Result<Option<TlsFiles>, String> {
+        if cert.is_some() != key.is_some() {
+            return Err("nats_tls_cert and nats_tls_key go together".into());
+        }
+        let files = TlsFiles {
+            ca: ca.map(Path::to_owned),
+            client: cert.map(Path::to_owned).zip(key.map(Path::to_owned)),
+        };
+        if files == TlsFiles::default() {
+            return Ok(None);
+        }
+        client_config(&files).map_err(|e| e.to_string())?;
+        Ok(Some(files))
+    }
+
+    /// The same files for an async-nats client (bridge-api, lb-sync), which upgrades to TLS for
+    /// `tls://` URLs and for servers that require it.
+    pub fn apply(&self, mut options: async_nats::ConnectOptions) -> async_nats::ConnectOptions {
+        if let Some(ca) = &self.ca {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let Some((cert, key)) = &self.client {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        options
+    }
+}
+
+/// Makes ring rustls' process-wide default unless one is set already. async-nats (bridge-api,
+/// lb-sync) builds its TLS configuration from that default, and a build that links both of
+/// rustls' providers (a workspace build unifies kube's aws-lc-rs with async-nats' ring) has
+/// none: its first TLS connection would panic. Idempotent; call before connecting.
+pub fn ensure_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Losing a race to another caller is fine: a default is then set either way.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}
+
+/// The `--nats-tls-*` flags of every component that talks to NATS (gateway, bridge-api,
+/// lb-sync), flattened into each command line; the keys are the same in every config file.
+#[derive(Debug, Clone, Default, clap::Args, serde::Serialize)]
+pub struct NatsTlsFlags {
+    /// PEM CA bundle for TLS to NATS [default: the system's CAs].
+    #[arg(long, env = "DEVGATE_NATS_TLS_CA")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// PEM client certificate for NATS servers that verify clients (with --nats-tls-key).
+    #[arg(long, env = "DEVGATE_NATS_TLS_CERT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// PEM private key of --nats-tls-cert.
+    #[arg(long, env = "DEVGATE_NATS_TLS_KEY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_tls_key: Option<PathBuf>,
+}
+
+/// A configuration carrying the three `nats_tls_*` settings (bridge-api, lb-sync), checked and
+/// turned into [`TlsFiles`] the same way everywhere.
+pub trait NatsTlsSettings {
+    /// The CA bundle, client certificate and key paths as configured.
+    fn nats_tls_paths(&self) -> (Option<&Path>, Option<&Path>, Option<&Path>);
+
+    /// The files, or why they cannot be used (for validation).
+    fn nats_tls_checked(&self) -> Result<Option<TlsFiles>, String> {
+        let (ca, cert, key) = self.nats_tls_paths();
+        TlsFiles::from_settings(ca, cert, key)
+    }
+
+    /// The files when they are usable (validation reports them otherwise).
+    fn nats_tls(&self) -> Option<TlsFiles> {
+        self.nats_tls_checked().ok().flatten()
+    }
+}

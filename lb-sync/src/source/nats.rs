@@ -200,8 +200,10 @@ impl NatsSource {
     pub async fn connect(
         url: &str,
         user: Option<(&str, &Secret)>,
+        tls: Option<&devgate_gateway::bus::tls::TlsFiles>,
         expiry_beats: u32,
     ) -> Result<Self, NatsError> {
+        devgate_gateway::bus::tls::ensure_crypto_provider();
         let (link_tx, link) = watch::channel(Link::default());
         let mut options = async_nats::ConnectOptions::new()
             .name("devgate-lb-sync")
@@ -224,6 +226,9 @@ impl NatsSource {
             });
         if let Some((user, password)) = user {
             options = options.user_and_password(user.to_owned(), password.expose().to_owned());
+        }
+        if let Some(tls) = tls {
+            options = tls.apply(options);
         }
         let client = options
             .connect(url)
