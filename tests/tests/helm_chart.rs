@@ -846,6 +846,69 @@ fn secrets_stay_in_the_secret() {
 }
 
 #[test]
+fn tls_to_an_existing_nats_mounts_the_secret_into_every_nats_client_and_nothing_else() {
+    let mount =
+        json!([{"name": "nats-tls", "mountPath": "/etc/devgate/nats-tls", "readOnly": true}]);
+    for (name, sets, client_cert) in [
+        ("external-nats-tls-values", vec![], true),
+        (
+            "external-nats-tls-values",
+            vec!["nats.external.tls.clientCertificate=false"],
+            false,
+        ),
+    ] {
+        let docs = render(&combo(name), &sets);
+        let mut clients = 0;
+        for (workload, spec) in pod_specs(&docs) {
+            for c in spec["containers"].as_array().expect("containers") {
+                let env = env_values(c);
+                let is_nats_client = env.contains_key("DEVGATE_NATS_URL");
+                let who = format!("{} / {}", workload["metadata"]["name"], c["name"]);
+                if !is_nats_client {
+                    assert!(
+                        c["volumeMounts"]
+                            .as_array()
+                            .is_none_or(|m| m.iter().all(|m| m["name"] != "nats-tls")),
+                        "{who} must not see the NATS TLS files"
+                    );
+                    continue;
+                }
+                clients += 1;
+                assert!(env["DEVGATE_NATS_URL"].starts_with("tls://"), "{who}");
+                assert_eq!(
+                    env["DEVGATE_NATS_TLS_CA"], "/etc/devgate/nats-tls/ca.crt",
+                    "{who}"
+                );
+                assert_eq!(
+                    env.get("DEVGATE_NATS_TLS_CERT").map(String::as_str),
+                    client_cert.then_some("/etc/devgate/nats-tls/tls.crt"),
+                    "{who}"
+                );
+                assert_eq!(
+                    env.get("DEVGATE_NATS_TLS_KEY").map(String::as_str),
+                    client_cert.then_some("/etc/devgate/nats-tls/tls.key"),
+                    "{who}"
+                );
+                assert_eq!(c["volumeMounts"], mount, "{who}");
+                assert_eq!(
+                    spec["volumes"],
+                    json!([{"name": "nats-tls", "secret": {"secretName": "devgate-nats-client-tls", "defaultMode": 0o440}}]),
+                    "{who}"
+                );
+            }
+        }
+        assert_eq!(clients, 2, "the gateways and bridge-api");
+    }
+    // Without TLS nothing is mounted and no TLS env is set.
+    let docs = render(&combo("external-nats-values"), &[]);
+    for (_, spec) in pod_specs(&docs) {
+        for c in spec["containers"].as_array().expect("containers") {
+            assert!(!env_values(c).contains_key("DEVGATE_NATS_TLS_CA"));
+        }
+    }
+}
+
+#[test]
 fn bad_values_fail_with_a_clear_message() {
     let default = combo("default");
     for (sets, needle) in [
@@ -857,6 +920,10 @@ fn bad_values_fail_with_a_clear_message() {
         (vec!["nats.enabled=false"], "nats.url is required"),
         (vec!["nats.url=nats://x:4222"], "set nats.enabled=false"),
         (vec!["nats.replicas=2"], "odd number"),
+        (
+            vec!["nats.external.tls.existingSecret=nats-tls"],
+            "nats.external.tls is for an existing NATS",
+        ),
         (
             vec!["secrets.deviceAuthSecret=short"],
             "at least 16 characters",

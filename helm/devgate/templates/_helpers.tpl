@@ -104,6 +104,31 @@ nats.external.users.
       name: {{ include "devgate.secretName" $ }}
       key: {{ get $keys $role }}
 {{- end }}
+{{- with $.Values.nats.external.tls.existingSecret }}
+- name: DEVGATE_NATS_TLS_CA
+  value: /etc/devgate/nats-tls/ca.crt
+{{- if $.Values.nats.external.tls.clientCertificate }}
+- name: DEVGATE_NATS_TLS_CERT
+  value: /etc/devgate/nats-tls/tls.crt
+- name: DEVGATE_NATS_TLS_KEY
+  value: /etc/devgate/nats-tls/tls.key
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The NATS TLS Secret's mount in a NATS client's container (with nats.external.tls). */}}
+{{- define "devgate.nats.tlsMount" -}}
+- name: nats-tls
+  mountPath: /etc/devgate/nats-tls
+  readOnly: true
+{{- end -}}
+
+{{/* The NATS TLS Secret as a pod volume (with nats.external.tls). */}}
+{{- define "devgate.nats.tlsVolume" -}}
+- name: nats-tls
+  secret:
+    secretName: {{ .Values.nats.external.tls.existingSecret }}
+    defaultMode: 0440
 {{- end -}}
 
 {{/* The gateway's terminationGracePeriodSeconds: preStop sleep + drain window + 5 s gateway
@@ -123,6 +148,9 @@ grace + 5 s margin. */}}
 {{- end -}}
 {{- if and .Values.nats.enabled (eq (mod (int .Values.nats.replicas) 2) 0) -}}
 {{- fail (printf "nats.replicas %v: use an odd number (1, 3, 5) so JetStream keeps a quorum" .Values.nats.replicas) -}}
+{{- end -}}
+{{- if and .Values.nats.enabled .Values.nats.external.tls.existingSecret -}}
+{{- fail "nats.external.tls is for an existing NATS (nats.enabled=false); the in-cluster NATS does not use TLS" -}}
 {{- end -}}
 {{- if and .Values.nats.enabled .Values.nats.url -}}
 {{- fail "nats.url is only for an existing NATS: set nats.enabled=false to use it, or leave it empty" -}}
