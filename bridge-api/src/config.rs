@@ -92,6 +92,10 @@ const FRAME_LEN_RANGE: std::ops::RangeInclusive<usize> = 64..=(1 << 20) - 4096;
 pub const MIN_TOKEN_LEN: usize = 16;
 
 impl devgate_gateway::bus::tls::NatsTlsSettings for Config {
+    fn nats_urls(&self) -> &str {
+        &self.nats_url
+    }
+
     fn nats_tls_paths(
         &self,
     ) -> (

@@ -116,18 +116,23 @@ impl Default for Config {
 /// default 1 MiB `max_payload` so every accepted frame can be published.
 const FRAME_LEN_RANGE: std::ops::RangeInclusive<usize> = 64..=(1 << 20) - 4096;
 
-impl Config {
-    /// The TLS files for the NATS link, when TLS is configured at all: a `tls://` server or any
-    /// TLS file. Without them a server that requires TLS is refused with a clear error.
-    pub fn nats_tls(&self) -> Option<crate::bus::tls::TlsFiles> {
-        let any_tls_url = crate::bus::link::parse_servers(&self.nats_url)
-            .map(|servers| servers.iter().any(crate::bus::link::ServerAddr::tls))
-            .unwrap_or(false);
-        let files = crate::bus::tls::TlsFiles {
-            ca: self.nats_tls_ca.clone(),
-            client: self.nats_tls_cert.clone().zip(self.nats_tls_key.clone()),
-        };
-        (any_tls_url || files != crate::bus::tls::TlsFiles::default()).then_some(files)
+impl crate::bus::tls::NatsTlsSettings for Config {
+    fn nats_urls(&self) -> &str {
+        &self.nats_url
+    }
+
+    fn nats_tls_paths(
+        &self,
+    ) -> (
+        Option<&std::path::Path>,
+        Option<&std::path::Path>,
+        Option<&std::path::Path>,
+    ) {
+        (
+            self.nats_tls_ca.as_deref(),
+            self.nats_tls_cert.as_deref(),
+            self.nats_tls_key.as_deref(),
+        )
     }
 }
 
@@ -190,21 +195,8 @@ impl Validate for Config {
         if self.nats_password.is_some() != self.nats_user.is_some() {
             problems.push("nats_user and nats_password go together".to_owned());
         }
-        match crate::bus::tls::TlsFiles::from_settings(
-            self.nats_tls_ca.as_deref(),
-            self.nats_tls_cert.as_deref(),
-            self.nats_tls_key.as_deref(),
-        ) {
-            Err(e) => problems.push(e),
-            // A tls:// URL without files uses the system's CAs; they must exist too.
-            Ok(None) => {
-                if let Some(files) = self.nats_tls()
-                    && let Err(e) = crate::bus::tls::client_config(&files)
-                {
-                    problems.push(e.to_string());
-                }
-            }
-            Ok(Some(_)) => {}
+        if let Err(e) = crate::bus::tls::NatsTlsSettings::nats_tls_checked(self) {
+            problems.push(e);
         }
         if problems.is_empty() {
             Ok(())

@@ -164,6 +164,10 @@ fn is_dns_name(s: &str) -> bool {
 }
 
 impl devgate_gateway::bus::tls::NatsTlsSettings for Config {
+    fn nats_urls(&self) -> &str {
+        &self.nats_url
+    }
+
     fn nats_tls_paths(
         &self,
     ) -> (

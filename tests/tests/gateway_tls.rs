@@ -9,7 +9,7 @@ use bytes::Bytes;
 use clap::Parser;
 use devgate_gateway::bus::Subscription;
 use devgate_gateway::bus::link::{Link, LinkOptions, parse_servers};
-use devgate_gateway::bus::tls::{TlsFiles, client_config};
+use devgate_gateway::bus::tls::{NatsTlsSettings, TlsFiles, client_config};
 use devgate_gateway::config::Cli;
 use devgate_gateway::metrics::Metrics;
 use devgate_tests::NatsServer;

@@ -78,8 +78,7 @@ impl Bus {
             servers: link::parse_servers(&config.nats_url)?,
             name: format!("devgate-gateway {instance}"),
             user: config.nats_user.clone().zip(config.nats_password.clone()),
-            tls: config
-                .nats_tls()
+            tls: tls::NatsTlsSettings::nats_tls(config)
                 .map(|files| tls::client_config(&files))
                 .transpose()?,
         };

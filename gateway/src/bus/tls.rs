@@ -95,27 +95,6 @@ fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'s
 }
 
 impl TlsFiles {
-    /// The three `nats_tls_*` settings as the components take them; `Err` names what is wrong
-    /// (a certificate without its key, or files rustls cannot use), for configuration checks.
-    pub fn from_settings(
-        ca: Option<&Path>,
-        cert: Option<&Path>,
-        key: Option<&Path>,
-    ) -> Result<Option<TlsFiles>, String> {
-        if cert.is_some() != key.is_some() {
-            return Err("nats_tls_cert and nats_tls_key go together".into());
-        }
-        let files = TlsFiles {
-            ca: ca.map(Path::to_owned),
-            client: cert.map(Path::to_owned).zip(key.map(Path::to_owned)),
-        };
-        if files == TlsFiles::default() {
-            return Ok(None);
-        }
-        client_config(&files).map_err(|e| e.to_string())?;
-        Ok(Some(files))
-    }
-
     /// The same files for an async-nats client (bridge-api, lb-sync), which upgrades to TLS for
     /// `tls://` URLs and for servers that require it.
     pub fn apply(&self, mut options: async_nats::ConnectOptions) -> async_nats::ConnectOptions {
@@ -158,19 +137,41 @@ pub struct NatsTlsFlags {
     pub nats_tls_key: Option<PathBuf>,
 }
 
-/// A configuration carrying the three `nats_tls_*` settings (bridge-api, lb-sync), checked and
-/// turned into [`TlsFiles`] the same way everywhere.
+/// A configuration carrying a NATS URL list and the three `nats_tls_*` settings (gateway,
+/// bridge-api, lb-sync): TLS is decided, checked and turned into [`TlsFiles`] the same way
+/// everywhere.
 pub trait NatsTlsSettings {
+    /// The comma-separated NATS server URLs.
+    fn nats_urls(&self) -> &str;
+
     /// The CA bundle, client certificate and key paths as configured.
     fn nats_tls_paths(&self) -> (Option<&Path>, Option<&Path>, Option<&Path>);
 
-    /// The files, or why they cannot be used (for validation).
+    /// The files when TLS is configured at all (a `tls://` URL or any file; no file means the
+    /// system's CAs), or why they cannot be used. Builds the rustls configuration once to
+    /// check it, so validation catches unreadable files, a key without its certificate, and a
+    /// system without CAs.
     fn nats_tls_checked(&self) -> Result<Option<TlsFiles>, String> {
         let (ca, cert, key) = self.nats_tls_paths();
-        TlsFiles::from_settings(ca, cert, key)
+        if cert.is_some() != key.is_some() {
+            return Err("nats_tls_cert and nats_tls_key go together".into());
+        }
+        let files = TlsFiles {
+            ca: ca.map(Path::to_owned),
+            client: cert.map(Path::to_owned).zip(key.map(Path::to_owned)),
+        };
+        let tls_url = self
+            .nats_urls()
+            .split(',')
+            .any(|url| url.trim().starts_with("tls://"));
+        if !tls_url && files == TlsFiles::default() {
+            return Ok(None);
+        }
+        client_config(&files).map_err(|e| e.to_string())?;
+        Ok(Some(files))
     }
 
-    /// The files when they are usable (validation reports them otherwise).
+    /// The files when TLS is configured and usable (validation reports them otherwise).
     fn nats_tls(&self) -> Option<TlsFiles> {
         self.nats_tls_checked().ok().flatten()
     }
