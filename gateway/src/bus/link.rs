@@ -29,12 +29,11 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use std::pin::Pin;
-
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::Instant;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
 use super::wire::{self, Headers, Msg, ServerOp, WireError};
@@ -774,9 +773,9 @@ async fn handshake(
                 .connect(name, tcp)
                 .await
                 .map_err(|e| ConnError::Tls(e.to_string()))?;
-            NatsStream::Tls(Box::new(tls))
+            Either::Right(Box::new(tls))
         } else {
-            NatsStream::Plain(tcp)
+            Either::Left(tcp)
         };
         let mut connect = serde_json::json!({
             "verbose": false,
@@ -835,50 +834,7 @@ async fn read_op<S: AsyncRead + Unpin>(
 
 /// The connection to the server: plain, or TLS over it. Plain keeps tokio's lock-free split
 /// halves; TLS needs `tokio::io::split`, whose halves share a lock.
-enum NatsStream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for NatsStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            NatsStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            NatsStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for NatsStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            NatsStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            NatsStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            NatsStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            NatsStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            NatsStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            NatsStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
+type NatsStream = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
 
 /// Runs one established connection until it fails (`Err`) or the link is closed (`Ok`).
 async fn serve(
@@ -887,11 +843,11 @@ async fn serve(
     leftover: BytesMut,
 ) -> Result<(), ConnError> {
     match stream {
-        NatsStream::Plain(tcp) => {
+        Either::Left(tcp) => {
             let (reader, writer) = tcp.into_split();
             serve_halves(inner, reader, writer, leftover).await
         }
-        NatsStream::Tls(tls) => {
+        Either::Right(tls) => {
             let (reader, writer) = tokio::io::split(*tls);
             serve_halves(inner, reader, writer, leftover).await
         }
