@@ -189,15 +189,9 @@ impl FrameWriter {
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<usize>> {
         loop {
-            match stream.try_write(&self.buf) {
-                Ok(n) => {
-                    self.advance(n);
-                    return Poll::Ready(Ok(n));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    ready!(stream.poll_write_ready(cx))?;
-                }
-                Err(e) => return Poll::Ready(Err(e)),
+            match self.try_write_some(stream)? {
+                0 if self.pending() > 0 => ready!(stream.poll_write_ready(cx))?,
+                n => return Poll::Ready(Ok(n)),
             }
         }
     }

@@ -804,6 +804,8 @@ impl Session {
                     Event::BusState(open)
                 }
             };
+            // A write the loop just made was partial (the socket is full): no second try.
+            let just_wrote = matches!(event, Event::Written(_));
             let mut result: Result<(), End> = match event {
                 Event::Command(SessionCommand::Release { done }) => {
                     let end = Box::pin(self.release(GoAwayReason::Replaced)).await;
@@ -821,8 +823,7 @@ impl Session {
                     "subscription ended",
                 ))),
                 Event::Written(Ok(_)) => {
-                    self.last_write = Instant::now();
-                    self.resolve_sent();
+                    self.wrote();
                     Ok(())
                 }
                 Event::Written(Err(e)) => Err(End::Io(e.to_string())),
@@ -845,7 +846,7 @@ impl Session {
                 Event::BusState(true) => Ok(()),
                 Event::BusState(false) => Err(End::Shutdown),
             };
-            if result.is_ok() && self.conn.writer.pending() > 0 {
+            if result.is_ok() && !just_wrote && self.conn.writer.pending() > 0 {
                 result = self.write_now();
             }
             if let Err(end) = result {
@@ -882,12 +883,17 @@ impl Session {
         match self.conn.writer.try_write_some(&self.conn.stream) {
             Ok(0) => Ok(()),
             Ok(_) => {
-                self.last_write = Instant::now();
-                self.resolve_sent();
+                self.wrote();
                 Ok(())
             }
             Err(e) => Err(End::Io(e.to_string())),
         }
+    }
+
+    /// Bytes reached the socket: the write-stall clock restarts and `sent` answers are due.
+    fn wrote(&mut self) {
+        self.last_write = Instant::now();
+        self.resolve_sent();
     }
 
     /// Queues a frame to the device.
