@@ -889,7 +889,7 @@ async fn run_system(
             duration,
             payload_len: payload,
         };
-        let t = downlink(&mut fleets, &publish, &running.server, 1, pace).await?;
+        let t = downlink(&mut fleets, &publish, &[&running.server], 1, pace).await?;
         log(format!(
             "{}: downlink {payload} B at {}/s: p50 {:.0} us p99 {:.0} us",
             result.name, config.latency_rate, t.p50_us, t.p99_us
@@ -900,7 +900,7 @@ async fn run_system(
             duration,
             payload_len: payload,
         };
-        let t = downlink(&mut fleets, &publish, &running.server, 1, pace).await?;
+        let t = downlink(&mut fleets, &publish, &[&running.server], 1, pace).await?;
         log(format!(
             "{}: downlink max {payload} B: {:.0}/s",
             result.name, t.per_s
@@ -913,7 +913,7 @@ async fn run_system(
             duration,
             payload_len: 32,
         };
-        let t = downlink(&mut fleets, &publish, &running.server, conns, pace).await?;
+        let t = downlink(&mut fleets, &publish, &[&running.server], conns, pace).await?;
         log(format!(
             "{}: fan-in {conns} publishers: {:.0}/s",
             result.name, t.per_s
@@ -1057,7 +1057,7 @@ async fn scale_out(config: &SuiteConfig, nats_url: &str) -> Result<ScaleOut, Ben
         duration,
         payload_len: 32,
     };
-    let downlink_latency = downlink_across(&mut fleets, &publish, &servers, 1, pace).await?;
+    let downlink_latency = downlink(&mut fleets, &publish, &servers, 1, pace).await?;
     log(format!(
         "devgate scale-out: downlink 32 B at {SCALE_OUT_LATENCY_RATE}/s: p50 {:.0} us p99 {:.0} us",
         downlink_latency.p50_us, downlink_latency.p99_us
@@ -1069,7 +1069,7 @@ async fn scale_out(config: &SuiteConfig, nats_url: &str) -> Result<ScaleOut, Ben
             duration,
             payload_len: 32,
         };
-        let t = downlink_across(&mut fleets, &publish, &servers, conns, pace).await?;
+        let t = downlink(&mut fleets, &publish, &servers, conns, pace).await?;
         log(format!(
             "devgate scale-out: downlink max 32 B, {conns} publisher(s): {:.0}/s",
             t.per_s
@@ -1091,22 +1091,6 @@ async fn scale_out(config: &SuiteConfig, nats_url: &str) -> Result<ScaleOut, Ben
         downlink_max,
         downlink_latency,
     })
-}
-
-/// [`downlink`] with the CPU figure summed over several gateways.
-async fn downlink_across(
-    fleets: &mut [FleetClient],
-    publisher: &Publisher,
-    servers: &[&Server],
-    conns: usize,
-    pace: Pace,
-) -> Result<Throughput, BenchError> {
-    let cpu0: f64 = servers.iter().map(|s| s.cpu()).sum();
-    let mut t = downlink(fleets, publisher, servers[0], conns, pace).await?;
-    let secs = t.delivered as f64 / t.per_s.max(1e-9);
-    let cpu1: f64 = servers.iter().map(|s| s.cpu()).sum();
-    t.server_cpu = (cpu1 - cpu0) / secs.max(1e-3);
-    Ok(t)
 }
 
 /// How the service reaches the devices of the system under test.
@@ -1152,15 +1136,18 @@ impl Publisher {
     }
 }
 
+/// One downlink run; the CPU figure is the servers' together (one gateway, or all of the
+/// scale-out run's).
 async fn downlink(
     fleets: &mut [FleetClient],
     publisher: &Publisher,
-    server: &Server,
+    servers: &[&Server],
     conns: usize,
     pace: Pace,
 ) -> Result<Throughput, BenchError> {
+    let cpu = || servers.iter().map(|s| s.cpu()).sum::<f64>();
     let (before, _) = stats(fleets, true).await?;
-    let cpu0 = server.cpu();
+    let cpu0 = cpu();
     let start = Instant::now();
     let published = publisher.run(conns, pace).await?;
     let fleets_cell = tokio::sync::Mutex::new(fleets);
@@ -1179,7 +1166,7 @@ async fn downlink(
         sent: published.sent,
         delivered,
         per_s: delivered as f64 / secs,
-        server_cpu: (server.cpu() - cpu0) / secs,
+        server_cpu: (cpu() - cpu0) / secs,
         ..Throughput::default()
     };
     percentiles(&mut t, &hist);
