@@ -91,25 +91,7 @@ const FRAME_LEN_RANGE: std::ops::RangeInclusive<usize> = 64..=(1 << 20) - 4096;
 /// and every device, so it must not be guessable.
 pub const MIN_TOKEN_LEN: usize = 16;
 
-impl devgate_gateway::bus::tls::NatsTlsSettings for Config {
-    fn nats_urls(&self) -> &str {
-        &self.nats_url
-    }
-
-    fn nats_tls_paths(
-        &self,
-    ) -> (
-        Option<&std::path::Path>,
-        Option<&std::path::Path>,
-        Option<&std::path::Path>,
-    ) {
-        (
-            self.nats_tls_ca.as_deref(),
-            self.nats_tls_cert.as_deref(),
-            self.nats_tls_key.as_deref(),
-        )
-    }
-}
+devgate_gateway::impl_nats_tls_settings!(Config);
 
 impl Validate for Config {
     /// Checks the values together; every problem is reported, not just the first.

@@ -116,25 +116,7 @@ impl Default for Config {
 /// default 1 MiB `max_payload` so every accepted frame can be published.
 const FRAME_LEN_RANGE: std::ops::RangeInclusive<usize> = 64..=(1 << 20) - 4096;
 
-impl crate::bus::tls::NatsTlsSettings for Config {
-    fn nats_urls(&self) -> &str {
-        &self.nats_url
-    }
-
-    fn nats_tls_paths(
-        &self,
-    ) -> (
-        Option<&std::path::Path>,
-        Option<&std::path::Path>,
-        Option<&std::path::Path>,
-    ) {
-        (
-            self.nats_tls_ca.as_deref(),
-            self.nats_tls_cert.as_deref(),
-            self.nats_tls_key.as_deref(),
-        )
-    }
-}
+crate::impl_nats_tls_settings!(Config);
 
 impl Validate for Config {
     /// Checks the values together; every problem is reported, not just the first.

@@ -163,25 +163,7 @@ fn is_dns_name(s: &str) -> bool {
         && !s.ends_with(['-', '.'])
 }
 
-impl devgate_gateway::bus::tls::NatsTlsSettings for Config {
-    fn nats_urls(&self) -> &str {
-        &self.nats_url
-    }
-
-    fn nats_tls_paths(
-        &self,
-    ) -> (
-        Option<&std::path::Path>,
-        Option<&std::path::Path>,
-        Option<&std::path::Path>,
-    ) {
-        (
-            self.nats_tls_ca.as_deref(),
-            self.nats_tls_cert.as_deref(),
-            self.nats_tls_key.as_deref(),
-        )
-    }
-}
+devgate_gateway::impl_nats_tls_settings!(Config);
 
 impl Validate for Config {
     /// Checks the values together; every problem is reported, not just the first.
@@ -575,49 +557,34 @@ mod tests {
         assert!(err.to_string().contains("--static-endpoints"), "{err}");
     }
 
+    /// A kube source writing a ConfigMap, before the flag under test.
+    const KUBE_TO_CONFIGMAP: [&str; 6] = [
+        "--source",
+        "kube",
+        "--sink",
+        "configmap",
+        "--configmap-name",
+        "nginx-config",
+    ];
+
     #[test]
     fn configmap_sink_needs_a_name_and_a_valid_key() {
         let err = cli(&["--source", "kube", "--sink", "configmap"])
             .into_config()
             .expect_err("no name");
         assert!(err.to_string().contains("--configmap-name"), "{err}");
-        let err = cli(&[
-            "--source",
-            "kube",
-            "--sink",
-            "configmap",
-            "--configmap-name",
-            "nginx-config",
-            "--configmap-key",
-            "bad key",
-        ])
-        .into_config()
-        .expect_err("bad key");
+        let mut args = KUBE_TO_CONFIGMAP.to_vec();
+        args.extend(["--configmap-key", "bad key"]);
+        let err = cli(&args).into_config().expect_err("bad key");
         assert!(err.to_string().contains("configmap_key"), "{err}");
-        let c = cli(&[
-            "--source",
-            "kube",
-            "--sink",
-            "configmap",
-            "--configmap-name",
-            "nginx-config",
-        ])
-        .into_config()
-        .expect("valid");
+        let c = cli(&KUBE_TO_CONFIGMAP).into_config().expect("valid");
         assert_eq!(c.configmap_key, "stream-snippets");
         assert!(c.needs_kube());
     }
 
     #[test]
     fn the_configmap_may_live_in_another_namespace_but_only_for_the_configmap_sink() {
-        let base = [
-            "--source",
-            "kube",
-            "--sink",
-            "configmap",
-            "--configmap-name",
-            "nginx-config",
-        ];
+        let base = KUBE_TO_CONFIGMAP;
         let c = cli(&base).into_config().expect("default");
         assert_eq!(c.configmap_namespace, None, "defaults to the Service's");
         let mut args = base.to_vec();

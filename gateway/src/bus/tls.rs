@@ -176,3 +176,30 @@ pub trait NatsTlsSettings {
         self.nats_tls_checked().ok().flatten()
     }
 }
+
+/// Implements [`NatsTlsSettings`] for a configuration struct with the usual fields (`nats_url`,
+/// `nats_tls_ca`, `nats_tls_cert`, `nats_tls_key`): the same glue in every component.
+#[macro_export]
+macro_rules! impl_nats_tls_settings {
+    ($config:ty) => {
+        impl $crate::bus::tls::NatsTlsSettings for $config {
+            fn nats_urls(&self) -> &str {
+                &self.nats_url
+            }
+
+            fn nats_tls_paths(
+                &self,
+            ) -> (
+                Option<&std::path::Path>,
+                Option<&std::path::Path>,
+                Option<&std::path::Path>,
+            ) {
+                (
+                    self.nats_tls_ca.as_deref(),
+                    self.nats_tls_cert.as_deref(),
+                    self.nats_tls_key.as_deref(),
+                )
+            }
+        }
+    };
+}
