@@ -115,8 +115,14 @@ pub mod subjects {
     /// answers control and "no responders" keeps meaning "offline".
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     pub enum ControlOp {
-        /// Gateway-to-gateway takeover claim (services are not allowed to publish it).
+        /// Gateway-to-gateway takeover claim of a new login (services are not allowed to
+        /// publish it). A welcomed holder always yields: the claimant logged in after it.
         Claim,
+        /// Gateway-to-gateway re-check of a *welcomed* session after its gateway reconnected
+        /// to NATS: while it was away another login may have won the device, and now both are
+        /// subscribed. Unlike [`ControlOp::Claim`] the claimant is not necessarily newer, so
+        /// the holder compares [`super::ClaimKey`]s and the older session yields.
+        Reclaim,
         /// "Who holds this device, since when, from where?"
         Presence,
         /// Disconnect the device with `GOAWAY kicked`.
@@ -128,6 +134,7 @@ pub mod subjects {
         pub fn token(self) -> &'static str {
             match self {
                 ControlOp::Claim => "claim",
+                ControlOp::Reclaim => "reclaim",
                 ControlOp::Presence => "presence",
                 ControlOp::Kick => "kick",
             }
@@ -137,6 +144,7 @@ pub mod subjects {
         pub fn from_token(t: &str) -> Option<Self> {
             match t {
                 "claim" => Some(ControlOp::Claim),
+                "reclaim" => Some(ControlOp::Reclaim),
                 "presence" => Some(ControlOp::Presence),
                 "kick" => Some(ControlOp::Kick),
                 _ => None,
@@ -155,6 +163,11 @@ pub mod subjects {
     pub fn sessions(instance: &str) -> String {
         format!("devgate.gateway.{instance}.sessions")
     }
+
+    /// Where replies to a gateway's own requests (its claims) arrive: `<prefix><random>.<n>`.
+    /// Not the usual `_INBOX.`, so the gateway user needs no subscribe permission on
+    /// `_INBOX.>`, where it could read every reply meant for services.
+    pub const GATEWAY_INBOX_PREFIX: &str = "devgate.inbox.";
 
     /// A subject nobody subscribes to. A request there is answered by the NATS server itself
     /// ("no responders") after it has processed everything the gateway published before, which
@@ -303,7 +316,8 @@ pub struct ClaimKey {
     pub session: String,
 }
 
-/// Body of a gateway-to-gateway takeover claim (control request `claim` on `device.<id>.down`).
+/// Body of a gateway-to-gateway takeover claim (control request `claim` or `reclaim` on
+/// `device.<id>.down`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClaimRequest {
     /// Who is claiming.
@@ -442,6 +456,7 @@ mod tests {
         assert_eq!(subjects::up(&id), "device.d1.up");
         for op in [
             subjects::ControlOp::Claim,
+            subjects::ControlOp::Reclaim,
             subjects::ControlOp::Presence,
             subjects::ControlOp::Kick,
         ] {

@@ -20,6 +20,7 @@ pub mod contract;
 mod control;
 pub mod metrics;
 pub mod proxy_protocol;
+mod reclaim;
 pub mod registry;
 pub mod server;
 mod session;

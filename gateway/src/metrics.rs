@@ -102,6 +102,9 @@ pub struct Metrics {
     pub logins: Counter,
     /// Logins that displaced an older session of the same device.
     pub takeovers: Counter,
+    /// Sessions released after a NATS reconnect because a newer session of the device had been
+    /// welcomed elsewhere meanwhile (a healed split brain).
+    pub reclaims_lost: Counter,
     /// 1 while the NATS connection is up.
     pub nats_connected: Gauge,
     /// NATS connection losses.
@@ -135,6 +138,11 @@ impl Metrics {
         let connections = gauge(reg, "connections", "Open device TCP connections");
         let logins = counter(reg, "logins", "Successful device logins");
         let takeovers = counter(reg, "takeovers", "Logins that replaced an older session");
+        let reclaims_lost = counter(
+            reg,
+            "reclaims_lost",
+            "Sessions released after a NATS reconnect: a newer session had been welcomed elsewhere",
+        );
         let nats_connected = gauge(reg, "nats_connected", "1 while connected to NATS");
         let nats_disconnects = counter(reg, "nats_disconnects", "NATS connection losses");
         let nats_slow_consumers = counter(
@@ -214,6 +222,7 @@ impl Metrics {
             connections,
             logins,
             takeovers,
+            reclaims_lost,
             nats_connected,
             nats_disconnects,
             nats_slow_consumers,

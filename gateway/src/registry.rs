@@ -66,6 +66,10 @@ impl CommandReceiver {
 pub struct Entry {
     /// Session id.
     pub session: String,
+    /// Login time of the session's [`crate::contract::ClaimKey`]: kept so that after a NATS
+    /// reconnect the gateway can re-assert each session's claim, and a session answering such
+    /// a re-check can compare keys, without every idle session carrying it.
+    pub login_ns: u64,
     /// Command slot of the session task; taken when a command is sent.
     pub commands: Option<CommandSender>,
     /// Set once the session is welcomed; listed only then.
@@ -107,6 +111,33 @@ impl Registry {
         if map.get(id).is_some_and(|e| e.session == session) {
             map.remove(id);
         }
+    }
+
+    /// Login time of `session`, if it still holds `id` here.
+    pub fn login_ns(&self, id: &DeviceId, session: &str) -> Option<u64> {
+        self.lock()
+            .get(id)
+            .filter(|e| e.session == session)
+            .map(|e| e.login_ns)
+    }
+
+    /// Device, session and login time of every welcomed session: the claims to re-assert
+    /// after a reconnect. (Sessions still logging in run their own claim rounds.)
+    pub fn welcomed_claims(&self) -> Vec<(DeviceId, String, u64)> {
+        self.lock()
+            .iter()
+            .filter(|(_, e)| e.summary.is_some())
+            .map(|(id, e)| (id.clone(), e.session.clone(), e.login_ns))
+            .collect()
+    }
+
+    /// Takes the command slot of `session` if it still holds `id` here (and no command was
+    /// sent to it yet).
+    pub fn take_commands(&self, id: &DeviceId, session: &str) -> Option<CommandSender> {
+        self.lock()
+            .get_mut(id)
+            .filter(|e| e.session == session)
+            .and_then(|e| e.commands.take())
     }
 
     /// Welcomed sessions.
@@ -153,6 +184,7 @@ mod tests {
         let (tx, _rx) = command_channel();
         Entry {
             session: session.into(),
+            login_ns: 7,
             commands: Some(tx),
             summary: welcomed.then(|| SessionSummary {
                 device_id: DeviceId::parse(id).expect("id"),
@@ -181,6 +213,23 @@ mod tests {
         assert!(r.take_all_commands().is_empty(), "a slot is taken once");
         r.remove(&id("d"), "s2");
         assert_eq!(r.welcomed(), 0);
+    }
+
+    #[test]
+    fn claims_and_commands_are_found_only_for_the_session_that_holds_the_device() {
+        let r = Registry::default();
+        r.insert(id("a"), entry("s-a", true, "a"));
+        r.insert(id("b"), entry("s-b", false, "b"));
+        assert_eq!(
+            r.welcomed_claims(),
+            vec![(id("a"), "s-a".to_owned(), 7)],
+            "only welcomed sessions re-assert their claim"
+        );
+        assert_eq!(r.login_ns(&id("a"), "s-a"), Some(7));
+        assert_eq!(r.login_ns(&id("a"), "s-old"), None);
+        assert!(r.take_commands(&id("a"), "s-old").is_none());
+        assert!(r.take_commands(&id("a"), "s-a").is_some());
+        assert!(r.take_commands(&id("a"), "s-a").is_none(), "taken once");
     }
 
     #[tokio::test]

@@ -22,6 +22,7 @@ use crate::common::{ReadinessProbe, ops_router, serve_http, unix_ms};
 use crate::config::Config;
 use crate::control;
 use crate::metrics::Metrics;
+use crate::reclaim;
 use crate::registry::{Registry, SessionCommand};
 use crate::session;
 
@@ -156,6 +157,12 @@ impl Gateway {
         let _ = connected.wait_for(|up| *up).await;
     }
 
+    /// Waits until the NATS connection is down: tests of outages start from there.
+    pub async fn wait_disconnected(&self) {
+        let mut connected = self.connected.clone();
+        let _ = connected.wait_for(|up| !*up).await;
+    }
+
     /// Drains (GOAWAY to every device over the drain window) and waits until stopped.
     pub async fn shutdown(self) -> Result<(), GatewayError> {
         self.shutdown.cancel();
@@ -238,6 +245,7 @@ async fn serve(
         shared.hard_stop.clone(),
     ));
     let control_task = control::spawn(shared.clone());
+    let reclaim_task = reclaim::spawn(shared.clone());
     tracing::info!(
         instance = %shared.instance,
         advertise_addr = %shared.advertise_addr,
@@ -274,6 +282,7 @@ async fn serve(
     drop(listener);
     drain(&shared, &connections).await;
     let _ = control_task.await;
+    let _ = reclaim_task.await;
     let _ = http_task.await;
     // Last replies and presence events out before the connection closes.
     let _ = shared.bus.link().flush(Duration::from_secs(2)).await;

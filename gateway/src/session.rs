@@ -278,7 +278,7 @@ enum LoginOutcome {
 }
 
 /// Result of one claim request.
-enum ClaimRound {
+pub(crate) enum ClaimRound {
     /// Nobody else holds or claims the device.
     Clear,
     /// A holder let go; ask again (another may remain).
@@ -320,9 +320,16 @@ fn publish_reply(shared: &Shared, to: &[u8], body: &[u8]) {
     }
 }
 
-async fn claim_round(shared: &Shared, down: &str, key: &ClaimKey) -> Result<ClaimRound, Refusal> {
+/// Sends one `claim` or `reclaim` for `key` on `down` (waiting up to the claim timeout) and
+/// reads the answer; "no responders" means nobody else holds or claims the device.
+pub(crate) async fn claim_request(
+    shared: &Shared,
+    op: ControlOp,
+    down: &str,
+    key: &ClaimKey,
+) -> Result<ClaimRound, RequestError> {
     let timeout = Duration::from_millis(shared.config.claim_timeout_ms);
-    let control = [(headers::CONTROL, ControlOp::Claim.token())];
+    let control = [(headers::CONTROL, op.token())];
     let body = json_bytes(&ClaimRequest { key: key.clone() });
     let request = shared
         .bus
@@ -338,6 +345,14 @@ async fn claim_round(shared: &Shared, down: &str, key: &ClaimKey) -> Result<Clai
             }
         },
         Err(RequestError::NoResponders) => Ok(ClaimRound::Clear),
+        Err(e) => Err(e),
+    }
+}
+
+/// One claim round of a login.
+async fn claim_round(shared: &Shared, down: &str, key: &ClaimKey) -> Result<ClaimRound, Refusal> {
+    match claim_request(shared, ControlOp::Claim, down, key).await {
+        Ok(round) => Ok(round),
         Err(RequestError::TimedOut) => {
             // A holder that does not answer within the claim timeout is partitioned or hung:
             // availability wins, the new session proceeds (the old one yields when it sees
@@ -384,6 +399,7 @@ async fn welcome(
         id.clone(),
         Entry {
             session: session.clone(),
+            login_ns: key.login_ns,
             commands: Some(commands_tx),
             summary: None,
         },
@@ -570,7 +586,8 @@ async fn pending_message(
     early: &mut Vec<Msg>,
 ) -> Pending {
     match control_op(&msg) {
-        Some(Ok(ControlOp::Claim)) => {
+        // A re-check from a welcomed session elsewhere is decided like a concurrent login.
+        Some(Ok(ControlOp::Claim | ControlOp::Reclaim)) => {
             let Some(reply) = msg.reply.clone() else {
                 return Pending::Continue;
             };
@@ -602,7 +619,10 @@ async fn hand_off(shared: &Shared, sub: &mut Subscription, mut early: Vec<Msg>) 
     }
     let link = shared.bus.link();
     for msg in early {
-        if matches!(control_op(&msg), Some(Ok(ControlOp::Claim))) {
+        if matches!(
+            control_op(&msg),
+            Some(Ok(ControlOp::Claim | ControlOp::Reclaim))
+        ) {
             if let Some(reply) = msg.reply {
                 // We hold nothing; tell the claimant so (it will re-check).
                 let body = json_bytes(&ClaimReply::Released {
@@ -954,14 +974,9 @@ impl Session {
                 }
                 Err(end)
             }
-            Some(Ok(ControlOp::Claim)) => {
-                // A welcomed holder always yields: the claimant logged in later.
-                let end = Box::pin(self.release(GoAwayReason::Replaced)).await;
-                if let Some(reply) = msg.reply {
-                    self.reply(reply, json_bytes(&self.released()));
-                }
-                Err(end)
-            }
+            // A welcomed holder always yields to a login: the claimant logged in later.
+            Some(Ok(ControlOp::Claim)) => Err(Box::pin(self.yield_to(msg.reply)).await),
+            Some(Ok(ControlOp::Reclaim)) => Box::pin(self.on_reclaim(msg)).await,
             Some(Err(unknown)) => {
                 if let Some(reply) = msg.reply {
                     let body = json_bytes(&crate::contract::ControlError {
@@ -971,6 +986,57 @@ impl Session {
                     self.reply(reply, body);
                 }
                 Ok(())
+            }
+        }
+    }
+
+    /// Gives the device up to a claimant and tells it so once this session has let go.
+    async fn yield_to(&mut self, reply: Option<Bytes>) -> End {
+        let end = Box::pin(self.release(GoAwayReason::Replaced)).await;
+        if let Some(reply) = reply {
+            self.reply(reply, json_bytes(&self.released()));
+        }
+        end
+    }
+
+    /// Another welcomed session of this device re-asserts its claim (its gateway lost NATS
+    /// for a while, and both sessions are subscribed now): the older of the two yields. If the
+    /// claimant is older it hears `superseded` and this session carries on.
+    async fn on_reclaim(&mut self, msg: Msg) -> Result<(), End> {
+        let claim = match serde_json::from_slice::<ClaimRequest>(&msg.payload) {
+            Ok(claim) => claim,
+            Err(error) => {
+                if let Some(reply) = msg.reply {
+                    let body = json_bytes(&crate::contract::ControlError {
+                        error: "bad_request".into(),
+                        message: format!("unreadable reclaim body: {error}"),
+                    });
+                    self.reply(reply, body);
+                }
+                return Ok(());
+            }
+        };
+        // Without a registry entry a newer local login is already replacing this session.
+        let own = self
+            .shared
+            .registry
+            .login_ns(&self.id, &self.session)
+            .map(|login_ns| ClaimKey {
+                login_ns,
+                gateway: self.shared.instance.clone(),
+                session: self.session.clone(),
+            });
+        match own {
+            Some(own) if claim.key < own => {
+                tracing::info!(device_id = %self.id, session = %self.session, older = %claim.key.session, "an older session of this device re-asserted its claim; it yields");
+                if let Some(reply) = msg.reply {
+                    self.reply(reply, json_bytes(&ClaimReply::Superseded { key: own }));
+                }
+                Ok(())
+            }
+            _ => {
+                tracing::info!(device_id = %self.id, session = %self.session, newer = %claim.key.session, "a newer session of this device re-asserted its claim; yielding");
+                Err(self.yield_to(msg.reply).await)
             }
         }
     }
@@ -1177,7 +1243,7 @@ impl Session {
         while let Some(msg) = self.sub.try_next() {
             match control_op(&msg) {
                 // Already letting go: further claims and kicks just hear so.
-                Some(Ok(ControlOp::Claim)) => {
+                Some(Ok(ControlOp::Claim | ControlOp::Reclaim)) => {
                     if let Some(reply) = msg.reply {
                         self.reply(reply, json_bytes(&self.released()));
                     }
@@ -1260,7 +1326,7 @@ impl Session {
                         Some("session_closed"),
                     )
                 }
-                Some(Ok(ControlOp::Claim)) => json_bytes(&self.released()),
+                Some(Ok(ControlOp::Claim | ControlOp::Reclaim)) => json_bytes(&self.released()),
                 Some(Ok(ControlOp::Kick)) => json_bytes(&self.kicked()),
                 Some(Ok(ControlOp::Presence)) | Some(Err(_)) => {
                     json_bytes(&crate::contract::ControlError {
@@ -1339,7 +1405,7 @@ mod tests {
                 |s: Arc<Shared>, t: TcpStream, p: SocketAddr| async move { greet(&s, t, p).await },
             );
         eprintln!("serve {task} B, live {session} B, greet {greeting} B");
-        // 2026-11: serve 96-104 B, live 1480-1488 B (release / debug, rustc 1.95).
+        // 2026-11-30: serve 104 B, live 1648 B (debug, rustc 1.95).
         assert!(task <= 256, "the spawned task's future grew to {task} B");
         assert!(
             session <= 2048,

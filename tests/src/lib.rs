@@ -2,6 +2,7 @@
 //! devgate binaries) on loopback with free ports, each killed when its handle is dropped.
 
 pub mod bins;
+pub mod cut;
 pub mod gateway;
 pub mod nats;
 pub mod nginx;

@@ -7,9 +7,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use devgate_gateway::client::{ClientError, DeviceClient};
 use devgate_gateway::codec::{Frame, GoAwayReason};
-use devgate_gateway::contract::{DeliveryReply, DeliveryStatus, DeviceId, subjects};
+use devgate_gateway::config::Config;
+use devgate_gateway::contract::{
+    ClaimKey, ClaimReply, ClaimRequest, ControlError, DeliveryReply, DeliveryStatus, DeviceId,
+    headers, subjects, subjects::ControlOp,
+};
 use devgate_tests::NatsServer;
-use devgate_tests::gateway::{device, start, try_device};
+use devgate_tests::cut::CuttableLink;
+use devgate_tests::gateway::{config, device, start, start_with, try_device};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -228,4 +233,115 @@ async fn concurrent_logins_on_two_gateways_leave_exactly_one_live_session() {
         assert_eq!(holders, 1, "{id}: exactly one live session");
         let _ = Frame::Ack(0);
     }
+}
+
+/// Sends a `reclaim` control request with `body` to dev-1 and returns the answer.
+async fn reclaim(service: &async_nats::Client, body: Vec<u8>) -> async_nats::Message {
+    tokio::time::timeout(
+        WAIT,
+        service.request_with_headers(
+            down("dev-1"),
+            headers::control(ControlOp::Reclaim),
+            body.into(),
+        ),
+    )
+    .await
+    .expect("answered in time")
+    .expect("answered")
+}
+
+fn reclaim_body(login_ns: u64, gateway: &str, session: &str) -> Vec<u8> {
+    serde_json::to_vec(&ClaimRequest {
+        key: ClaimKey {
+            login_ns,
+            gateway: gateway.into(),
+            session: session.into(),
+        },
+    })
+    .expect("json")
+}
+
+#[tokio::test]
+async fn a_reclaim_is_decided_by_claim_key_and_the_older_session_yields() {
+    let nats = NatsServer::start();
+    let gw = start(&nats, "gw-1").await;
+    let (mut dev, welcome) = device(&gw, "dev-1").await;
+    let service = nats.client().await;
+
+    // An unreadable body is refused and changes nothing.
+    let refused: ControlError =
+        serde_json::from_slice(&reclaim(&service, b"{".to_vec()).await.payload).expect("json");
+    assert_eq!(refused.error, "bad_request");
+
+    // A session older than the holder (one kept through an outage elsewhere) is told so, with
+    // the holder's own key, and the holder carries on.
+    let older = reclaim(&service, reclaim_body(1, "gw-0", "kept-through-outage")).await;
+    match serde_json::from_slice(&older.payload).expect("claim reply") {
+        ClaimReply::Superseded { key } => {
+            assert_eq!(
+                (key.gateway.as_str(), key.session.as_str()),
+                ("gw-1", welcome.session.as_str())
+            );
+            assert!(key.login_ns > 1, "the holder's real login time");
+        }
+        other => panic!("an older claimant must be superseded, got {other:?}"),
+    }
+    let reply = request_sent(&service, &down("dev-1"), Bytes::from_static(b"still here")).await;
+    assert_eq!(reply.session, welcome.session);
+    assert_eq!(&dev.recv_down().await.expect("down").1[..], b"still here");
+
+    // A newer one makes the holder let go, exactly as a login's claim does.
+    let (newer, (seen, reason)) = tokio::join!(
+        reclaim(&service, reclaim_body(u64::MAX, "gw-9", "newer")),
+        downs_until_goaway(&mut dev)
+    );
+    assert!(
+        matches!(
+            serde_json::from_slice(&newer.payload).expect("claim reply"),
+            ClaimReply::Released { .. }
+        ),
+        "the holder answers released once it has let go"
+    );
+    assert!(seen.is_empty());
+    assert_eq!(reason, GoAwayReason::Replaced);
+}
+
+#[tokio::test]
+async fn after_a_nats_outage_a_session_kept_through_it_yields_to_a_login_welcomed_elsewhere() {
+    let nats = NatsServer::start();
+    let link = CuttableLink::start(([127, 0, 0, 1], nats.port()).into()).await;
+    let gw_a = start_with(Config {
+        nats_url: format!("nats://{}", link.addr()),
+        ..config(&nats, "gw-a")
+    })
+    .await;
+    let gw_b = start(&nats, "gw-b").await;
+    let (mut kept, _) = device(&gw_a, "dev-1").await;
+
+    // gw-a loses NATS and keeps its session; the device (a new connection) comes back through
+    // gw-b, whose claim nobody answers, so it is welcomed there.
+    link.cut();
+    tokio::time::timeout(WAIT, gw_a.wait_disconnected())
+        .await
+        .expect("gw-a notices the outage");
+    let (mut fresh, welcome) = device(&gw_b, "dev-1").await;
+
+    // gw-a reconnects and resubscribes: for a moment both sessions hold the device, until
+    // gw-a's re-check meets the newer session and releases its own.
+    link.restore();
+    let (seen, reason) = downs_until_goaway(&mut kept).await;
+    assert_eq!(reason, GoAwayReason::Replaced);
+    assert!(seen.is_empty());
+
+    let service = nats.client().await;
+    let reply = request_sent(&service, &down("dev-1"), Bytes::from_static(b"after")).await;
+    assert_eq!(
+        (reply.gateway.as_str(), reply.session.as_str()),
+        ("gw-b", welcome.session.as_str())
+    );
+    assert_eq!(&fresh.recv_down().await.expect("down").1[..], b"after");
+    assert!(
+        kept.next_frame().await.map(|f| f.is_none()).unwrap_or(true),
+        "the released connection is closed"
+    );
 }

@@ -182,7 +182,14 @@ impl AuthNats {
     /// Connects as `user`; server errors (permission violations) arrive on the receiver.
     async fn connect(&self, user: &str) -> (Client, tokio::sync::mpsc::Receiver<String>) {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let client = ConnectOptions::with_user_and_password(user.into(), password(user).into())
+        let mut options =
+            ConnectOptions::with_user_and_password(user.into(), password(user).into());
+        if user == "gateway" {
+            // A gateway's replies come back under its own prefix (it may not read `_INBOX.>`).
+            let prefix = subjects::GATEWAY_INBOX_PREFIX.trim_end_matches('.');
+            options = options.custom_inbox_prefix(prefix);
+        }
+        let client = options
             .event_callback(move |event| {
                 let tx = tx.clone();
                 async move {
@@ -210,6 +217,9 @@ impl AuthNats {
             auth_secret: Some(Secret::new(SECRET)),
             drain_window_ms: 300,
             announce_interval_ms: 200,
+            // Long enough that a login whose claims got no answer (the gateway unable to
+            // subscribe to its own reply inbox) would hang the test instead of passing late.
+            claim_timeout_ms: 60_000,
             ..Config::default()
         })
         .await
@@ -460,8 +470,8 @@ async fn gateways_hold_downlink_and_answer_each_others_claims() {
         reply.expect("the gateway's reply reaches the service");
     }
 
-    // Even gateways may not listen on the barrier or on uplink.
-    for subject in ["devgate.barrier.>", "device.*.up"] {
+    // Even gateways may not listen on the barrier, on uplink, or to services' replies.
+    for subject in ["devgate.barrier.>", "device.*.up", "_INBOX.>"] {
         let _denied = holder.subscribe(subject).await.expect("sub");
         violation(&mut holder_errors, "subscription", subject).await;
     }

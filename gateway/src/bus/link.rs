@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::wire::{self, Headers, Msg, ServerOp, WireError};
 use crate::common::Secret;
+use crate::contract::subjects;
 use crate::metrics::Metrics;
 
 /// Most bytes waiting for the writer. At loopback speed this is a few milliseconds of traffic;
@@ -358,7 +359,7 @@ impl Link {
             requests: Mutex::new(HashMap::default()),
             next_sid: AtomicU64::new(INBOX_SID + 1),
             next_token: AtomicU64::new(1),
-            inbox: format!("_INBOX.{}.", random_token()),
+            inbox: format!("{}{}.", subjects::GATEWAY_INBOX_PREFIX, random_token()),
             max_payload: AtomicUsize::new(1024 * 1024),
             connected,
             last_error: Mutex::new(None),
