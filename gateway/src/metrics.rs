@@ -102,8 +102,9 @@ pub struct Metrics {
     pub logins: Counter,
     /// Logins that displaced an older session of the same device.
     pub takeovers: Counter,
-    /// Sessions released after a NATS reconnect because a newer session of the device had been
-    /// welcomed elsewhere meanwhile (a healed split brain).
+    /// Sessions released because a reclaim (sent after a gateway's NATS reconnect) found a
+    /// newer session of the device elsewhere: a healed split brain, counted on the gateway
+    /// whose session yielded, whichever side sent the reclaim.
     pub reclaims_lost: Counter,
     /// 1 while the NATS connection is up.
     pub nats_connected: Gauge,
@@ -141,7 +142,7 @@ impl Metrics {
         let reclaims_lost = counter(
             reg,
             "reclaims_lost",
-            "Sessions released after a NATS reconnect: a newer session had been welcomed elsewhere",
+            "Sessions released because a reclaim after a NATS reconnect found a newer one elsewhere",
         );
         let nats_connected = gauge(reg, "nats_connected", "1 while connected to NATS");
         let nats_disconnects = counter(reg, "nats_disconnects", "NATS connection losses");

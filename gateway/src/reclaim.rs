@@ -11,18 +11,22 @@
 //! session's original [`ClaimKey`]. A holder elsewhere compares keys: the older session yields,
 //! exactly as two concurrent logins settle. If ours is the older one we hear `superseded` and
 //! release it (`GOAWAY replaced`, after delivering what was already routed to it). "No
-//! responders", the common case, means nobody else holds the device.
+//! responders", the common case, means nobody else holds the device. `released` means a
+//! session elsewhere let go, but another may remain (a request keeps only the first answer),
+//! so the reclaim is repeated, as a login's claim is.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::StreamExt;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use crate::bus::RequestError;
 use crate::contract::{ClaimKey, DeviceId, subjects, subjects::ControlOp};
 use crate::registry::SessionCommand;
 use crate::server::Shared;
-use crate::session::{ClaimRound, claim_request};
+use crate::session::{ClaimRound, MAX_CLAIM_ROUNDS, claim_request};
 
 /// Reclaims in flight at once: enough to finish 100k sessions in seconds, few enough that a
 /// reconnect does not flood a NATS server that every other gateway may be reconnecting to.
@@ -60,35 +64,63 @@ async fn sweep(shared: &Shared) {
     if claims.is_empty() {
         return;
     }
-    tracing::info!(instance = %shared.instance, sessions = claims.len(), "NATS connected: re-checking that no other gateway took over a device meanwhile");
+    let sessions = claims.len();
+    tracing::info!(instance = %shared.instance, sessions, "NATS connected: re-checking that no other gateway took over a device meanwhile");
+    let unanswered = AtomicUsize::new(0);
     futures::stream::iter(claims)
         .for_each_concurrent(CONCURRENCY, |(id, session, login_ns)| {
-            reclaim(shared, id, session, login_ns)
+            let unanswered = &unanswered;
+            async move {
+                if let Err(error) = reclaim(shared, id, session, login_ns).await
+                    && unanswered.fetch_add(1, Ordering::Relaxed) == 0
+                {
+                    tracing::warn!(instance = %shared.instance, %error, "a reclaim got no answer; its session stays, and the next reconnect re-checks it");
+                }
+            }
         })
         .await;
+    let unanswered = unanswered.into_inner();
+    if unanswered > 0 {
+        tracing::warn!(instance = %shared.instance, sessions, unanswered, "reclaims after the reconnect that got no answer");
+    }
 }
 
-async fn reclaim(shared: &Shared, id: DeviceId, session: String, login_ns: u64) {
+/// Reclaims one session until it is settled.
+async fn reclaim(
+    shared: &Shared,
+    id: DeviceId,
+    session: String,
+    login_ns: u64,
+) -> Result<(), RequestError> {
     let key = ClaimKey {
         login_ns,
         gateway: shared.instance.clone(),
         session,
     };
     let down = subjects::down(&id);
-    match claim_request(shared, ControlOp::Reclaim, &down, &key).await {
-        Ok(ClaimRound::Superseded) => {
-            let Some(commands) = shared.registry.take_commands(&id, &key.session) else {
-                return; // the session ended or is being replaced anyway
-            };
-            shared.metrics.reclaims_lost.inc();
-            tracing::warn!(device_id = %id, session = %key.session, "a newer session of this device was welcomed elsewhere while NATS was away; releasing this one");
-            let (done, _released) = oneshot::channel();
-            let _ = commands.send(SessionCommand::Release { done });
+    for _ in 0..MAX_CLAIM_ROUNDS {
+        // Only for a session that still holds the device here: the key of one that ended
+        // would make a live holder elsewhere yield for nothing.
+        if shared.registry.login_ns(&id, &key.session) != Some(key.login_ns) {
+            return Ok(());
         }
-        // Nobody else holds it, or the other (older) session let go.
-        Ok(ClaimRound::Clear | ClaimRound::Released) => {}
-        Err(error) => {
-            tracing::debug!(device_id = %id, session = %key.session, %error, "reclaim not answered; the next reconnect re-checks");
+        match claim_request(shared, ControlOp::Reclaim, &down, &key).await {
+            // Nobody else holds it.
+            Ok(ClaimRound::Clear) => return Ok(()),
+            // An older session let go; another may remain.
+            Ok(ClaimRound::Released) => continue,
+            Ok(ClaimRound::Superseded) => {
+                let Some(commands) = shared.registry.take_commands(&id, &key.session) else {
+                    return Ok(()); // the session ended or is being replaced anyway
+                };
+                shared.metrics.reclaims_lost.inc();
+                tracing::warn!(device_id = %id, session = %key.session, "a newer session of this device was welcomed elsewhere while NATS was away; releasing this one");
+                let (done, _released) = oneshot::channel();
+                let _ = commands.send(SessionCommand::Release { done });
+                return Ok(());
+            }
+            Err(error) => return Err(error),
         }
     }
+    Ok(())
 }

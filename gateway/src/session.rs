@@ -47,7 +47,7 @@ use crate::server::Shared;
 /// How long last words (GOAWAY/ERROR and what precedes them) may take to write.
 const LAST_WORDS: Duration = Duration::from_secs(2);
 /// Claim rounds before a login gives up on an unstable device (flapping between gateways).
-const MAX_CLAIM_ROUNDS: usize = 8;
+pub(crate) const MAX_CLAIM_ROUNDS: usize = 8;
 
 /// Why a connection is refused before or during login: becomes an `ERROR` frame.
 #[derive(Debug)]
@@ -598,7 +598,10 @@ async fn pending_message(
                     publish_reply(shared, &reply, &body);
                     Pending::Continue
                 }
-                Err(_) => Pending::Continue,
+                Err(error) => {
+                    publish_reply(shared, &reply, &unreadable_claim(&error));
+                    Pending::Continue
+                }
             }
         }
         _ => {
@@ -606,6 +609,14 @@ async fn pending_message(
             Pending::Continue
         }
     }
+}
+
+/// The answer to a claim or reclaim whose body is not a `ClaimRequest`.
+fn unreadable_claim(error: &serde_json::Error) -> Bytes {
+    json_bytes(&crate::contract::ControlError {
+        error: "bad_request".into(),
+        message: format!("unreadable claim body: {error}"),
+    })
 }
 
 /// Gives up a subscription taken during a lost login: drain it, and republish everything it
@@ -1007,11 +1018,7 @@ impl Session {
             Ok(claim) => claim,
             Err(error) => {
                 if let Some(reply) = msg.reply {
-                    let body = json_bytes(&crate::contract::ControlError {
-                        error: "bad_request".into(),
-                        message: format!("unreadable reclaim body: {error}"),
-                    });
-                    self.reply(reply, body);
+                    self.reply(reply, unreadable_claim(&error));
                 }
                 return Ok(());
             }
@@ -1027,6 +1034,9 @@ impl Session {
                 session: self.session.clone(),
             });
         match own {
+            // This session's own reclaim, republished back to it by another gateway's hand-off:
+            // nothing to decide, and the real holder (if any) answers the reclaimer.
+            Some(own) if claim.key == own => Ok(()),
             Some(own) if claim.key < own => {
                 tracing::info!(device_id = %self.id, session = %self.session, older = %claim.key.session, "an older session of this device re-asserted its claim; it yields");
                 if let Some(reply) = msg.reply {
@@ -1035,7 +1045,8 @@ impl Session {
                 Ok(())
             }
             _ => {
-                tracing::info!(device_id = %self.id, session = %self.session, newer = %claim.key.session, "a newer session of this device re-asserted its claim; yielding");
+                tracing::warn!(device_id = %self.id, session = %self.session, newer = %claim.key.session, "a newer session of this device re-asserted its claim after its gateway reconnected; yielding");
+                self.shared.metrics.reclaims_lost.inc();
                 Err(self.yield_to(msg.reply).await)
             }
         }

@@ -276,16 +276,27 @@ async fn a_reclaim_is_decided_by_claim_key_and_the_older_session_yields() {
     // A session older than the holder (one kept through an outage elsewhere) is told so, with
     // the holder's own key, and the holder carries on.
     let older = reclaim(&service, reclaim_body(1, "gw-0", "kept-through-outage")).await;
-    match serde_json::from_slice(&older.payload).expect("claim reply") {
+    let holder = match serde_json::from_slice(&older.payload).expect("claim reply") {
         ClaimReply::Superseded { key } => {
             assert_eq!(
                 (key.gateway.as_str(), key.session.as_str()),
                 ("gw-1", welcome.session.as_str())
             );
             assert!(key.login_ns > 1, "the holder's real login time");
+            key
         }
         other => panic!("an older claimant must be superseded, got {other:?}"),
-    }
+    };
+    // Its own key (its own reclaim, republished back to it by another gateway) changes
+    // nothing either. Published before the request below, so handled before it.
+    service
+        .publish_with_headers(
+            down("dev-1"),
+            headers::control(ControlOp::Reclaim),
+            reclaim_body(holder.login_ns, &holder.gateway, &holder.session).into(),
+        )
+        .await
+        .expect("publish");
     let reply = request_sent(&service, &down("dev-1"), Bytes::from_static(b"still here")).await;
     assert_eq!(reply.session, welcome.session);
     assert_eq!(&dev.recv_down().await.expect("down").1[..], b"still here");
@@ -317,6 +328,8 @@ async fn after_a_nats_outage_a_session_kept_through_it_yields_to_a_login_welcome
     .await;
     let gw_b = start(&nats, "gw-b").await;
     let (mut kept, _) = device(&gw_a, "dev-1").await;
+    // A device nobody else took over meanwhile: the same re-check must leave it alone.
+    let (mut alone, alone_welcome) = device(&gw_a, "dev-2").await;
 
     // gw-a loses NATS and keeps its session; the device (a new connection) comes back through
     // gw-b, whose claim nobody answers, so it is welcomed there.
@@ -344,4 +357,13 @@ async fn after_a_nats_outage_a_session_kept_through_it_yields_to_a_login_welcome
         kept.next_frame().await.map(|f| f.is_none()).unwrap_or(true),
         "the released connection is closed"
     );
+
+    // dev-2's reclaim started with dev-1's and needed no answer from another gateway, so it
+    // was settled before dev-1's release came through: its session is still there.
+    let reply = request_sent(&service, &down("dev-2"), Bytes::from_static(b"alone")).await;
+    assert_eq!(
+        (reply.gateway.as_str(), reply.session.as_str()),
+        ("gw-a", alone_welcome.session.as_str())
+    );
+    assert_eq!(&alone.recv_down().await.expect("down").1[..], b"alone");
 }

@@ -217,8 +217,9 @@ impl AuthNats {
             auth_secret: Some(Secret::new(SECRET)),
             drain_window_ms: 300,
             announce_interval_ms: 200,
-            // Long enough that a login whose claims got no answer (the gateway unable to
-            // subscribe to its own reply inbox) would hang the test instead of passing late.
+            // Far longer than the tests wait for a login, so that claims getting no answer (the
+            // gateway unable to subscribe to its own reply inbox) fail the test instead of
+            // passing late.
             claim_timeout_ms: 60_000,
             ..Config::default()
         })
@@ -264,7 +265,11 @@ async fn next_json<T: serde::de::DeserializeOwned>(sub: &mut async_nats::Subscri
 async fn a_service_reaches_devices_but_cannot_take_their_downlink() {
     let nats = AuthNats::start();
     let gw = nats.gateway("gw-1").await;
-    let (mut dev, welcome) = device(&gw, "dev-1").await;
+    // Within WAIT: with the gateway unable to read its reply inbox, the claims would wait out
+    // their (long, see `AuthNats::gateway`) timeout.
+    let (mut dev, welcome) = tokio::time::timeout(WAIT, device(&gw, "dev-1"))
+        .await
+        .expect("the login's claims are answered");
     let (service, mut errors) = nats.connect("service").await;
 
     // Publish / request on device.*.down, replies on _INBOX.>: the gateway answers.

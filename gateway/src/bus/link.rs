@@ -220,7 +220,7 @@ struct Inner {
     requests: Mutex<HashMap<u64, oneshot::Sender<Msg>, SidHash>>,
     next_sid: AtomicU64,
     next_token: AtomicU64,
-    /// `_INBOX.<random>.`: replies to this link's requests arrive under it.
+    /// `devgate.inbox.<random>.`: replies to this link's requests arrive under it.
     inbox: String,
     max_payload: AtomicUsize,
     connected: watch::Sender<bool>,
@@ -1025,6 +1025,14 @@ impl Inner {
                     let _ = tx.send(());
                 }
             }
+            // A NATS user without `devgate.inbox.>` (a config from before this prefix): the
+            // server refuses the inbox subscription, every claim waits out its timeout and
+            // reclaims never settle. Say so plainly instead of a generic warning.
+            ServerOp::Err(error) if error.contains(self.inbox.as_str()) => tracing::error!(
+                %error,
+                inbox = %self.inbox,
+                "NATS refused this gateway's reply inbox: every login waits claim_timeout_ms and split sessions are not healed; allow the gateway user to subscribe to devgate.inbox.> (nats/accounts.conf)"
+            ),
             ServerOp::Err(error) => tracing::warn!(%error, "NATS server error"),
             ServerOp::Info(_) | ServerOp::Ok => {}
         }
