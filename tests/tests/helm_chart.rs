@@ -368,7 +368,12 @@ fn base64_decode(s: &str) -> Vec<u8> {
 
 #[test]
 fn the_rendered_nats_config_is_accepted_by_nats_server() {
-    for name in ["default", "autoscaling-monitoring-values"] {
+    for name in [
+        "default",
+        "autoscaling-monitoring-values",
+        "nats-tls-values",
+    ] {
+        let tls = name == "nats-tls-values";
         let docs = render(&combo(name), &[]);
         let nats = full("nats");
         let cm = one(&docs, "ConfigMap", &nats);
@@ -386,12 +391,51 @@ fn the_rendered_nats_config_is_accepted_by_nats_server() {
         }
         let sts = one(&docs, "StatefulSet", &nats);
         let c = container(sts, "nats");
+        let conf = if tls {
+            "cluster-tls.conf"
+        } else {
+            "cluster.conf"
+        };
         assert_eq!(
             c["command"],
-            json!(["nats-server", "--config", "/etc/nats-config/cluster.conf"])
+            json!([
+                "nats-server",
+                "--config",
+                format!("/etc/nats-config/{conf}")
+            ])
         );
         let replicas = sts["spec"]["replicas"].as_u64().expect("replicas");
-        let env = pod_env(c, &secret_data(&docs), &format!("{nats}-0"));
+        let mut env = pod_env(c, &secret_data(&docs), &format!("{nats}-0"));
+        // The server's certificate and key, and nothing else of the Secret, at the paths its
+        // environment names; here the test-only pair stands in for them.
+        let tls_files = [
+            ("/etc/nats-tls/tls.crt", "server.pem"),
+            ("/etc/nats-tls/tls.key", "server.key"),
+        ];
+        for (_, value) in &mut env {
+            if let Some((_, fixture)) = tls_files.iter().find(|(path, _)| value == path) {
+                *value = workspace_root()
+                    .join("tests/fixtures/tls")
+                    .join(fixture)
+                    .display()
+                    .to_string();
+            }
+        }
+        let mounted_tls = sts["spec"]["template"]["spec"]["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .find(|v| v["name"] == "tls")
+            .map(|v| v["secret"].clone());
+        assert_eq!(
+            mounted_tls,
+            tls.then(|| json!({
+                "secretName": "devgate-nats-tls",
+                "defaultMode": 0o440,
+                "items": [{"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}],
+            })),
+            "{name}"
+        );
         let routes = &env
             .iter()
             .find(|(k, _)| k == "NATS_ROUTES")
@@ -406,7 +450,7 @@ fn the_rendered_nats_config_is_accepted_by_nats_server() {
         let out = run(Command::new(tool("nats-server", "NATS_SERVER_BIN"))
             .arg("-t")
             .arg("-c")
-            .arg(dir.path().join("cluster.conf"))
+            .arg(dir.path().join(conf))
             .env_clear()
             .envs(env));
         assert!(
@@ -846,16 +890,25 @@ fn secrets_stay_in_the_secret() {
 }
 
 #[test]
-fn tls_to_an_existing_nats_mounts_the_secret_into_every_nats_client_and_nothing_else() {
+fn tls_to_nats_mounts_the_secret_into_every_nats_client_and_nothing_else() {
     let mount =
         json!([{"name": "nats-tls", "mountPath": "/etc/devgate/nats-tls", "readOnly": true}]);
-    for (name, sets, client_cert) in [
-        ("external-nats-tls-values", vec![], true),
+    let external = json!([{"name": "nats-tls", "secret": {"secretName": "devgate-nats-client-tls", "defaultMode": 0o440}}]);
+    // The in-cluster NATS's Secret also holds the server's key: clients get its ca.crt only.
+    let in_cluster = json!([{"name": "nats-tls", "secret": {
+        "secretName": "devgate-nats-tls",
+        "defaultMode": 0o440,
+        "items": [{"key": "ca.crt", "path": "ca.crt"}],
+    }}]);
+    for (name, sets, client_cert, volumes) in [
+        ("external-nats-tls-values", vec![], true, &external),
         (
             "external-nats-tls-values",
             vec!["nats.external.tls.clientCertificate=false"],
             false,
+            &external,
         ),
+        ("nats-tls-values", vec![], false, &in_cluster),
     ] {
         let docs = render(&combo(name), &sets);
         let mut clients = 0;
@@ -890,20 +943,24 @@ fn tls_to_an_existing_nats_mounts_the_secret_into_every_nats_client_and_nothing_
                     "{who}"
                 );
                 assert_eq!(c["volumeMounts"], mount, "{who}");
-                assert_eq!(
-                    spec["volumes"],
-                    json!([{"name": "nats-tls", "secret": {"secretName": "devgate-nats-client-tls", "defaultMode": 0o440}}]),
-                    "{who}"
-                );
+                assert_eq!(&spec["volumes"], volumes, "{who}");
             }
         }
         assert_eq!(clients, 2, "the gateways and bridge-api");
     }
-    // Without TLS nothing is mounted and no TLS env is set.
-    let docs = render(&combo("external-nats-values"), &[]);
-    for (_, spec) in pod_specs(&docs) {
-        for c in spec["containers"].as_array().expect("containers") {
-            assert!(!env_values(c).contains_key("DEVGATE_NATS_TLS_CA"));
+    // Without TLS nothing is mounted, no TLS env is set, and the URL is plain.
+    for name in ["external-nats-values", "default"] {
+        let docs = render(&combo(name), &[]);
+        for (_, spec) in pod_specs(&docs) {
+            for c in spec["containers"].as_array().expect("containers") {
+                let env = env_values(c);
+                assert!(!env.contains_key("DEVGATE_NATS_TLS_CA"), "{name}");
+                assert!(
+                    env.get("DEVGATE_NATS_URL")
+                        .is_none_or(|u| u.starts_with("nats://")),
+                    "{name}"
+                );
+            }
         }
     }
 }
@@ -923,6 +980,14 @@ fn bad_values_fail_with_a_clear_message() {
         (
             vec!["nats.external.tls.existingSecret=nats-tls"],
             "nats.external.tls is for an existing NATS",
+        ),
+        (
+            vec![
+                "nats.enabled=false",
+                "nats.url=tls://nats:4222",
+                "nats.tls.existingSecret=nats-tls",
+            ],
+            "nats.tls is for the in-cluster NATS",
         ),
         (
             vec!["secrets.deviceAuthSecret=short"],
@@ -968,6 +1033,13 @@ fn notes_tell_how_to_connect_a_device_curl_the_bridge_and_use_the_nats_cli() {
         (
             "external-nats-noauth-values",
             vec!["nats://nats-a.messaging.svc:4222"],
+        ),
+        (
+            "nats-tls-values",
+            vec![
+                "ca\\.crt",
+                "nats --server tls://localhost:4222 --tlsca nats-ca.crt --user service",
+            ],
         ),
     ] {
         let c = combo(name);
@@ -1016,7 +1088,12 @@ fn the_packaged_chart_carries_the_nats_files() {
     );
     let docs = parse(&String::from_utf8_lossy(&out.stdout));
     let cm = one(&docs, "ConfigMap", &full("nats"));
-    for file in ["cluster.conf", "common.conf", "accounts.conf"] {
+    for file in [
+        "cluster.conf",
+        "cluster-tls.conf",
+        "common.conf",
+        "accounts.conf",
+    ] {
         let original =
             std::fs::read_to_string(workspace_root().join("nats").join(file)).expect("nats file");
         assert_eq!(

@@ -110,6 +110,29 @@ fn every_config_in_nats_dir_passes_the_servers_config_check() {
     let mut env = user_env();
     env.extend(cluster_env());
     config_check(&dir.join("cluster.conf"), &env).expect("cluster.conf is valid");
+
+    // cluster-tls.conf: the same plus TLS, from files its environment names (test-only pair).
+    let fixture = |name: &str| {
+        devgate_tests::bins::workspace_root()
+            .join("tests/fixtures/tls")
+            .join(name)
+            .display()
+            .to_string()
+    };
+    let (cert, key) = (fixture("server.pem"), fixture("server.key"));
+    let mut tls_env = env.clone();
+    tls_env.extend([
+        ("NATS_TLS_CERT", cert.as_str()),
+        ("NATS_TLS_KEY", key.as_str()),
+    ]);
+    config_check(&dir.join("cluster-tls.conf"), &tls_env).expect("cluster-tls.conf is valid");
+    // A wrong path is reported, not ignored: the server would start without TLS otherwise.
+    let missing = "/nonexistent/tls.crt";
+    tls_env.retain(|(k, _)| *k != "NATS_TLS_CERT");
+    tls_env.push(("NATS_TLS_CERT", missing));
+    let err = config_check(&dir.join("cluster-tls.conf"), &tls_env)
+        .expect_err("a missing certificate must fail the check");
+    assert!(err.contains(missing), "{err}");
 }
 
 #[test]

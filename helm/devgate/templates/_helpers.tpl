@@ -72,7 +72,7 @@ prometheus.io/path: /metrics
 {{/* NATS client URL every component uses. */}}
 {{- define "devgate.nats.url" -}}
 {{- if .Values.nats.enabled -}}
-{{- printf "nats://%s.%s.svc:4222" (include "devgate.nats.fullname" .) .Release.Namespace -}}
+{{- printf "%s://%s.%s.svc:4222" (ternary "tls" "nats" (not (empty .Values.nats.tls.existingSecret))) (include "devgate.nats.fullname" .) .Release.Namespace -}}
 {{- else -}}
 {{- required "nats.url is required when nats.enabled=false (the existing NATS to use)" .Values.nats.url -}}
 {{- end -}}
@@ -104,10 +104,10 @@ nats.external.users.
       name: {{ include "devgate.secretName" $ }}
       key: {{ get $keys $role }}
 {{- end }}
-{{- with $.Values.nats.external.tls.existingSecret }}
+{{- if include "devgate.nats.clientTlsSecret" $ }}
 - name: DEVGATE_NATS_TLS_CA
   value: /etc/devgate/nats-tls/ca.crt
-{{- if $.Values.nats.external.tls.clientCertificate }}
+{{- if and (not $.Values.nats.enabled) $.Values.nats.external.tls.clientCertificate }}
 - name: DEVGATE_NATS_TLS_CERT
   value: /etc/devgate/nats-tls/tls.crt
 - name: DEVGATE_NATS_TLS_KEY
@@ -116,19 +116,31 @@ nats.external.users.
 {{- end }}
 {{- end -}}
 
-{{/* The NATS TLS Secret's mount in a NATS client's container (with nats.external.tls). */}}
+{{/* The Secret a NATS client mounts for TLS: nats.tls (in-cluster) or nats.external.tls
+(existing NATS); empty without TLS. */}}
+{{- define "devgate.nats.clientTlsSecret" -}}
+{{- if .Values.nats.enabled -}}{{ .Values.nats.tls.existingSecret }}{{- else -}}{{ .Values.nats.external.tls.existingSecret }}{{- end -}}
+{{- end -}}
+
+{{/* The NATS TLS Secret's mount in a NATS client's container. */}}
 {{- define "devgate.nats.tlsMount" -}}
 - name: nats-tls
   mountPath: /etc/devgate/nats-tls
   readOnly: true
 {{- end -}}
 
-{{/* The NATS TLS Secret as a pod volume (with nats.external.tls). */}}
+{{/* The NATS TLS Secret as a pod volume. For the in-cluster NATS only its ca.crt: the same
+Secret holds the server's private key. */}}
 {{- define "devgate.nats.tlsVolume" -}}
 - name: nats-tls
   secret:
-    secretName: {{ .Values.nats.external.tls.existingSecret }}
+    secretName: {{ include "devgate.nats.clientTlsSecret" . }}
     defaultMode: 0440
+    {{- if .Values.nats.enabled }}
+    items:
+      - key: ca.crt
+        path: ca.crt
+    {{- end }}
 {{- end -}}
 
 {{/* The gateway's terminationGracePeriodSeconds: preStop sleep + drain window + 5 s gateway
@@ -150,7 +162,10 @@ grace + 5 s margin. */}}
 {{- fail (printf "nats.replicas %v: use an odd number (1, 3, 5) so JetStream keeps a quorum" .Values.nats.replicas) -}}
 {{- end -}}
 {{- if and .Values.nats.enabled .Values.nats.external.tls.existingSecret -}}
-{{- fail "nats.external.tls is for an existing NATS (nats.enabled=false); the in-cluster NATS does not use TLS" -}}
+{{- fail "nats.external.tls is for an existing NATS (nats.enabled=false); for the in-cluster NATS set nats.tls.existingSecret" -}}
+{{- end -}}
+{{- if and (not .Values.nats.enabled) .Values.nats.tls.existingSecret -}}
+{{- fail "nats.tls is for the in-cluster NATS (nats.enabled=true); for an existing NATS use a tls:// nats.url and nats.external.tls" -}}
 {{- end -}}
 {{- if and .Values.nats.enabled .Values.nats.url -}}
 {{- fail "nats.url is only for an existing NATS: set nats.enabled=false to use it, or leave it empty" -}}
