@@ -19,12 +19,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::StreamExt;
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::bus::RequestError;
 use crate::contract::{ClaimKey, DeviceId, subjects, subjects::ControlOp};
-use crate::registry::SessionCommand;
 use crate::server::Shared;
 use crate::session::{ClaimRound, MAX_CLAIM_ROUNDS, claim_request};
 
@@ -110,13 +108,11 @@ async fn reclaim(
             // An older session let go; another may remain.
             Ok(ClaimRound::Released) => continue,
             Ok(ClaimRound::Superseded) => {
-                let Some(commands) = shared.registry.take_commands(&id, &key.session) else {
-                    return Ok(()); // the session ended or is being replaced anyway
-                };
-                shared.metrics.reclaims_lost.inc();
-                tracing::warn!(device_id = %id, session = %key.session, "a newer session of this device was welcomed elsewhere while NATS was away; releasing this one");
-                let (done, _released) = oneshot::channel();
-                let _ = commands.send(SessionCommand::Release { done });
+                // False: the session ended or is being replaced anyway.
+                if shared.registry.release(&id, &key.session) {
+                    shared.metrics.reclaims_lost.inc();
+                    tracing::warn!(device_id = %id, session = %key.session, "a newer session of this device was welcomed elsewhere while NATS was away; releasing this one");
+                }
                 return Ok(());
             }
             Err(error) => return Err(error),

@@ -72,6 +72,11 @@ pub struct Entry {
     pub login_ns: u64,
     /// Command slot of the session task; taken when a command is sent.
     pub commands: Option<CommandSender>,
+    /// Completes once the session has let go, when something other than a local login told it
+    /// to release (a reclaim found a newer session elsewhere): a local login displacing the
+    /// entry meanwhile waits on it as it would on its own release, so the two sessions never
+    /// hold the device together.
+    pub releasing: Option<oneshot::Receiver<()>>,
     /// Set once the session is welcomed; listed only then.
     pub summary: Option<SessionSummary>,
 }
@@ -131,13 +136,19 @@ impl Registry {
             .collect()
     }
 
-    /// Takes the command slot of `session` if it still holds `id` here (and no command was
-    /// sent to it yet).
-    pub fn take_commands(&self, id: &DeviceId, session: &str) -> Option<CommandSender> {
-        self.lock()
-            .get_mut(id)
-            .filter(|e| e.session == session)
-            .and_then(|e| e.commands.take())
+    /// Tells `session` to release the device, if it still holds `id` here and no command was
+    /// sent to it yet. Returns whether it was told.
+    pub fn release(&self, id: &DeviceId, session: &str) -> bool {
+        let mut map = self.lock();
+        let Some(entry) = map.get_mut(id).filter(|e| e.session == session) else {
+            return false;
+        };
+        let Some(commands) = entry.commands.take() else {
+            return false;
+        };
+        let (done, released) = oneshot::channel();
+        entry.releasing = Some(released);
+        commands.send(SessionCommand::Release { done }).is_ok()
     }
 
     /// Welcomed sessions.
@@ -186,6 +197,7 @@ mod tests {
             session: session.into(),
             login_ns: 7,
             commands: Some(tx),
+            releasing: None,
             summary: welcomed.then(|| SessionSummary {
                 device_id: DeviceId::parse(id).expect("id"),
                 session: session.into(),
@@ -216,7 +228,7 @@ mod tests {
     }
 
     #[test]
-    fn claims_and_commands_are_found_only_for_the_session_that_holds_the_device() {
+    fn claims_are_listed_for_welcomed_sessions_and_login_times_only_for_their_holder() {
         let r = Registry::default();
         r.insert(id("a"), entry("s-a", true, "a"));
         r.insert(id("b"), entry("s-b", false, "b"));
@@ -227,9 +239,40 @@ mod tests {
         );
         assert_eq!(r.login_ns(&id("a"), "s-a"), Some(7));
         assert_eq!(r.login_ns(&id("a"), "s-old"), None);
-        assert!(r.take_commands(&id("a"), "s-old").is_none());
-        assert!(r.take_commands(&id("a"), "s-a").is_some());
-        assert!(r.take_commands(&id("a"), "s-a").is_none(), "taken once");
+    }
+
+    #[tokio::test]
+    async fn a_release_told_by_the_gateway_leaves_a_waiter_for_a_local_login() {
+        let r = Registry::default();
+        let (tx, mut session) = command_channel();
+        r.insert(
+            id("a"),
+            Entry {
+                session: "s-a".into(),
+                login_ns: 7,
+                commands: Some(tx),
+                releasing: None,
+                summary: None,
+            },
+        );
+        assert!(
+            !r.release(&id("a"), "s-old"),
+            "only the session that holds it"
+        );
+        assert!(r.release(&id("a"), "s-a"));
+        assert!(!r.release(&id("a"), "s-a"), "told once");
+        // A local login displacing it now finds no command slot, but a release to wait for.
+        let displaced = r
+            .insert(id("a"), entry("s-new", false, "a"))
+            .expect("displaced");
+        assert!(displaced.commands.is_none());
+        let mut waiter = displaced.releasing.expect("a release to wait for");
+        assert!(waiter.try_recv().is_err(), "not released yet");
+        let SessionCommand::Release { done } = session.recv().await else {
+            panic!("expected Release");
+        };
+        let _ = done.send(());
+        waiter.await.expect("released");
     }
 
     #[tokio::test]

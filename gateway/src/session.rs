@@ -401,19 +401,29 @@ async fn welcome(
             session: session.clone(),
             login_ns: key.login_ns,
             commands: Some(commands_tx),
+            releasing: None,
             summary: None,
         },
     );
-    if let Some(sender) = displaced.and_then(|old| old.commands) {
-        shared.metrics.takeovers.inc();
-        let (done, released) = oneshot::channel();
-        if sender.send(SessionCommand::Release { done }).is_ok() {
-            let _ = tokio::time::timeout(
-                Duration::from_millis(shared.config.claim_timeout_ms),
-                released,
-            )
-            .await;
+    // An older session of the device here: tell it to release, or, if it was already told
+    // (a reclaim found a newer session elsewhere), wait for that release all the same.
+    let released = displaced.and_then(|old| match old.commands {
+        Some(sender) => {
+            let (done, released) = oneshot::channel();
+            sender
+                .send(SessionCommand::Release { done })
+                .ok()
+                .map(|()| released)
         }
+        None => old.releasing,
+    });
+    if let Some(released) = released {
+        shared.metrics.takeovers.inc();
+        let _ = tokio::time::timeout(
+            Duration::from_millis(shared.config.claim_timeout_ms),
+            released,
+        )
+        .await;
     }
 
     let outcome = tokio::select! {
