@@ -20,6 +20,7 @@ use devgate_gateway::contract::{
 use devgate_gateway::server::Gateway;
 use devgate_tests::bins::{tool, workspace_bin, workspace_root};
 use devgate_tests::gateway::{SECRET, device, start_with};
+use devgate_tests::nats::tls_fixture;
 use futures::StreamExt;
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -112,13 +113,7 @@ fn every_config_in_nats_dir_passes_the_servers_config_check() {
     config_check(&dir.join("cluster.conf"), &env).expect("cluster.conf is valid");
 
     // cluster-tls.conf: the same plus TLS, from files its environment names (test-only pair).
-    let fixture = |name: &str| {
-        devgate_tests::bins::workspace_root()
-            .join("tests/fixtures/tls")
-            .join(name)
-            .display()
-            .to_string()
-    };
+    let fixture = |name: &str| tls_fixture(name).display().to_string();
     let (cert, key) = (fixture("server.pem"), fixture("server.key"));
     let mut tls_env = env.clone();
     tls_env.extend([
@@ -159,19 +154,82 @@ fn the_cluster_config_needs_its_routes() {
     assert!(err.contains("NATS_ROUTES"), "{err}");
 }
 
-/// nats-server running `nats/local-auth.conf` on a random loopback port, killed on drop.
+/// nats-server running `nats/local-auth.conf` (or the chart's config) on a random loopback
+/// port, killed on drop.
 struct AuthNats {
     child: Child,
     port: u16,
+    /// Holds the relocated copy of the chart's config, when running it; that config serves
+    /// TLS only, with the test-only certificate.
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl AuthNats {
     fn start() -> AuthNats {
+        Self::start_config(&nats_dir().join("local-auth.conf"), &[], user_env(), None)
+    }
+
+    /// The chart's TLS config, `nats/cluster-tls.conf` with `cluster.conf`, `common.conf` and
+    /// `accounts.conf` unchanged except for the pod's absolute paths (JetStream store, pid
+    /// file), moved into a temporary directory. Its one route leads nowhere; clients do not
+    /// need it.
+    fn start_cluster_tls() -> AuthNats {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for file in [
+            "cluster-tls.conf",
+            "cluster.conf",
+            "common.conf",
+            "accounts.conf",
+        ] {
+            let text = std::fs::read_to_string(nats_dir().join(file)).expect("nats file");
+            let moved = text
+                .replace(
+                    "/data/jetstream",
+                    &dir.path().join("js").display().to_string(),
+                )
+                .replace(
+                    "/var/run/nats/nats.pid",
+                    &dir.path().join("nats.pid").display().to_string(),
+                );
+            std::fs::write(dir.path().join(file), moved).expect("write config");
+        }
+        let (cert, key) = (tls_fixture("server.pem"), tls_fixture("server.key"));
+        let mut env = user_env();
+        env.extend(
+            cluster_env()
+                .into_iter()
+                .filter(|(k, _)| *k != "NATS_ROUTES"),
+        );
+        env.push(("NATS_ROUTES", "[nats://route:route-pass@127.0.0.1:1]"));
+        let tls_env = [
+            ("NATS_TLS_CERT".to_owned(), cert.display().to_string()),
+            ("NATS_TLS_KEY".to_owned(), key.display().to_string()),
+        ];
+        let env = env
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .chain(tls_env);
+        let conf = dir.path().join("cluster-tls.conf");
+        Self::start_config(&conf, &["--cluster", "nats://127.0.0.1:-1"], env, Some(dir))
+    }
+
+    fn start_config<K, V>(
+        conf: &Path,
+        args: &[&str],
+        env: impl IntoIterator<Item = (K, V)>,
+        dir: Option<tempfile::TempDir>,
+    ) -> AuthNats
+    where
+        K: AsRef<std::ffi::OsStr>,
+        V: AsRef<std::ffi::OsStr>,
+    {
         let mut child = Command::new(nats_server())
             .arg("-c")
-            .arg(nats_dir().join("local-auth.conf"))
+            .arg(conf)
             .args(["-a", "127.0.0.1", "-p", "-1", "-m", "0"])
-            .envs(user_env())
+            .args(args)
+            .env_clear()
+            .envs(env)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -190,16 +248,28 @@ impl AuthNats {
             }
         });
         match rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(Some(port)) => AuthNats { child, port },
+            Ok(Some(port)) => AuthNats {
+                child,
+                port,
+                _dir: dir,
+            },
             other => {
                 let _ = child.kill();
-                panic!("nats-server with local-auth.conf did not start: {other:?}")
+                panic!(
+                    "nats-server with {} did not start: {other:?}",
+                    conf.display()
+                )
             }
         }
     }
 
+    fn tls(&self) -> bool {
+        self._dir.is_some()
+    }
+
     fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        let scheme = if self.tls() { "tls" } else { "nats" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// Connects as `user`; server errors (permission violations) arrive on the receiver.
@@ -211,6 +281,12 @@ impl AuthNats {
             // A gateway's replies come back under its own prefix (it may not read `_INBOX.>`).
             let prefix = subjects::GATEWAY_INBOX_PREFIX.trim_end_matches('.');
             options = options.custom_inbox_prefix(prefix);
+        }
+        if self.tls() {
+            devgate_gateway::bus::tls::ensure_crypto_provider();
+            options = options
+                .add_root_certificates(tls_fixture("ca.pem"))
+                .require_tls(true);
         }
         let client = options
             .event_callback(move |event| {
@@ -234,6 +310,7 @@ impl AuthNats {
             listen: "127.0.0.1:0".parse().expect("addr"),
             http_listen: "127.0.0.1:0".parse().expect("addr"),
             nats_url: self.url(),
+            nats_tls_ca: self.tls().then(|| tls_fixture("ca.pem")),
             nats_user: Some("gateway".into()),
             nats_password: Some(Secret::new(password("gateway"))),
             instance_id: Some(instance.to_owned()),
@@ -371,6 +448,56 @@ async fn a_service_reaches_devices_but_cannot_take_their_downlink() {
         .expect("open");
     assert_eq!(&msg.payload[..], b"genuine");
     gw.shutdown().await.expect("gateway stops");
+}
+
+#[tokio::test]
+async fn the_charts_tls_config_carries_a_device_session_and_a_service_over_tls_only() {
+    let nats = AuthNats::start_cluster_tls();
+    // The server says TLS is required, and a client that goes on in plain text gets no PONG.
+    {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", nats.port))
+            .await
+            .expect("tcp");
+        let (read, mut write) = stream.into_split();
+        let mut lines = tokio::io::BufReader::new(read).lines();
+        let info = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .expect("INFO in time")
+            .expect("read")
+            .expect("INFO line");
+        assert!(info.contains("\"tls_required\":true"), "{info}");
+        let _ = write
+            .write_all(b"CONNECT {\"user\":\"service\",\"pass\":\"service-test-pass\"}\r\nPING\r\n")
+            .await;
+        let answer = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .expect("answer in time");
+        assert!(
+            !matches!(&answer, Ok(Some(line)) if line.starts_with("PONG")),
+            "a plain-text client must not be served: {answer:?}"
+        );
+    }
+
+    let gw = nats.gateway("gw-tls").await;
+    let (mut dev, welcome) = tokio::time::timeout(WAIT, device(&gw, "dev-1"))
+        .await
+        .expect("login over a TLS link in time");
+    let (service, _) = nats.connect("service").await;
+    let reply = service
+        .request(
+            subjects::down(&id("dev-1")),
+            Bytes::from_static(b"over tls"),
+        )
+        .await
+        .expect("the gateway answers over TLS");
+    let reply: DeliveryReply = serde_json::from_slice(&reply.payload).expect("json reply");
+    assert_eq!(reply.session, welcome.session);
+    let (_, payload) = tokio::time::timeout(WAIT, dev.recv_down())
+        .await
+        .expect("in time")
+        .expect("down");
+    assert_eq!(&payload[..], b"over tls");
 }
 
 #[tokio::test]
