@@ -406,11 +406,12 @@ fn the_rendered_nats_config_is_accepted_by_nats_server() {
         );
         let replicas = sts["spec"]["replicas"].as_u64().expect("replicas");
         let mut env = pod_env(c, &secret_data(&docs), &format!("{nats}-0"));
-        // The server's certificate and key, and nothing else of the Secret, at the paths its
-        // environment names; here the test-only pair stands in for them.
+        // The node's certificate, key and CA at the paths its environment names; here the
+        // test-only ones stand in for them.
         let tls_files = [
             ("/etc/nats-tls/tls.crt", "server.pem"),
             ("/etc/nats-tls/tls.key", "server.key"),
+            ("/etc/nats-tls/ca.crt", "ca.pem"),
         ];
         for (_, value) in &mut env {
             if let Some((_, fixture)) = tls_files.iter().find(|(path, _)| value == path) {
@@ -432,7 +433,11 @@ fn the_rendered_nats_config_is_accepted_by_nats_server() {
             tls.then(|| json!({
                 "secretName": "devgate-nats-tls",
                 "defaultMode": 0o440,
-                "items": [{"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}],
+                "items": [
+                    {"key": "tls.crt", "path": "tls.crt"},
+                    {"key": "tls.key", "path": "tls.key"},
+                    {"key": "ca.crt", "path": "ca.crt"},
+                ],
             })),
             "{name}"
         );
@@ -1090,6 +1095,7 @@ fn the_packaged_chart_carries_the_nats_files() {
     let cm = one(&docs, "ConfigMap", &full("nats"));
     for file in [
         "cluster.conf",
+        "cluster-routes.conf",
         "cluster-tls.conf",
         "common.conf",
         "accounts.conf",

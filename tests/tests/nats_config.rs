@@ -21,6 +21,7 @@ use devgate_gateway::server::Gateway;
 use devgate_tests::bins::{tool, workspace_bin, workspace_root};
 use devgate_tests::gateway::{SECRET, device, start_with};
 use devgate_tests::nats::tls_fixture;
+use devgate_tests::nginx::free_port;
 use futures::StreamExt;
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -112,13 +113,23 @@ fn every_config_in_nats_dir_passes_the_servers_config_check() {
     env.extend(cluster_env());
     config_check(&dir.join("cluster.conf"), &env).expect("cluster.conf is valid");
 
-    // cluster-tls.conf: the same plus TLS, from files its environment names (test-only pair).
+    // cluster-tls.conf: the same plus TLS for clients and routes, from files its environment
+    // names (the test-only pair and CA).
     let fixture = |name: &str| tls_fixture(name).display().to_string();
-    let (cert, key) = (fixture("server.pem"), fixture("server.key"));
+    let (cert, key, ca) = (
+        fixture("server.pem"),
+        fixture("server.key"),
+        fixture("ca.pem"),
+    );
     let mut tls_env = env.clone();
     tls_env.extend([
         ("NATS_TLS_CERT", cert.as_str()),
         ("NATS_TLS_KEY", key.as_str()),
+        ("NATS_TLS_CA", ca.as_str()),
+        (
+            "NATS_CLUSTER_ADVERTISE",
+            "devgate-nats-0.devgate-nats-headless.devgate.svc:6222",
+        ),
     ]);
     config_check(&dir.join("cluster-tls.conf"), &tls_env).expect("cluster-tls.conf is valid");
     // A wrong path is reported, not ignored: the server would start without TLS otherwise.
@@ -162,22 +173,31 @@ struct AuthNats {
     /// Holds the relocated copy of the chart's config, when running it; that config serves
     /// TLS only, with the test-only certificate.
     _dir: Option<tempfile::TempDir>,
+    /// The server's log lines, for [`AuthNats::wait_log`].
+    logs: std::sync::Mutex<mpsc::Receiver<String>>,
 }
 
 impl AuthNats {
     fn start() -> AuthNats {
-        Self::start_config(&nats_dir().join("local-auth.conf"), &[], user_env(), None)
+        Self::start_config(
+            &nats_dir().join("local-auth.conf"),
+            &["-m", "0"],
+            user_env(),
+            None,
+        )
     }
 
-    /// The chart's TLS config, `nats/cluster-tls.conf` with `cluster.conf`, `common.conf` and
-    /// `accounts.conf` unchanged except for the pod's absolute paths (JetStream store, pid
-    /// file), moved into a temporary directory. Its one route leads nowhere; clients do not
-    /// need it.
-    fn start_cluster_tls() -> AuthNats {
+    /// The chart's TLS config, `nats/cluster-tls.conf` with the files it includes unchanged
+    /// except for the pod's absolute paths (JetStream store, pid file), moved into a temporary
+    /// directory, and its monitoring port, moved to a random loopback one. One node of a cluster whose route ports are `route_ports`; this node listens
+    /// for routes on `route_ports[node]` and advertises it as `localhost:<port>`, a name the
+    /// test certificate carries.
+    fn start_cluster_tls(node: usize, route_ports: &[u16]) -> AuthNats {
         let dir = tempfile::tempdir().expect("tempdir");
         for file in [
             "cluster-tls.conf",
             "cluster.conf",
+            "cluster-routes.conf",
             "common.conf",
             "accounts.conf",
         ] {
@@ -190,27 +210,49 @@ impl AuthNats {
                 .replace(
                     "/var/run/nats/nats.pid",
                     &dir.path().join("nats.pid").display().to_string(),
-                );
+                )
+                .replace("http: 0.0.0.0:8222", "http: 127.0.0.1:-1");
             std::fs::write(dir.path().join(file), moved).expect("write config");
         }
-        let (cert, key) = (tls_fixture("server.pem"), tls_fixture("server.key"));
-        let mut env = user_env();
-        env.extend(
-            cluster_env()
-                .into_iter()
-                .filter(|(k, _)| *k != "NATS_ROUTES"),
-        );
-        env.push(("NATS_ROUTES", "[nats://route:route-pass@127.0.0.1:1]"));
-        let tls_env = [
-            ("NATS_TLS_CERT".to_owned(), cert.display().to_string()),
-            ("NATS_TLS_KEY".to_owned(), key.display().to_string()),
-        ];
-        let env = env
+        let routes = route_ports
+            .iter()
+            .map(|p| format!("nats://route:route-pass@localhost:{p}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let own = route_ports[node];
+        let mut env: Vec<(String, String)> = user_env()
             .into_iter()
+            .chain(cluster_env())
+            .filter(|(k, _)| !matches!(*k, "NATS_ROUTES" | "POD_NAME"))
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .chain(tls_env);
+            .collect();
+        let fixture = |name: &str| tls_fixture(name).display().to_string();
+        env.extend([
+            ("POD_NAME".to_owned(), format!("devgate-nats-{node}")),
+            ("NATS_ROUTES".to_owned(), format!("[{routes}]")),
+            (
+                "NATS_CLUSTER_ADVERTISE".to_owned(),
+                format!("localhost:{own}"),
+            ),
+            ("NATS_TLS_CERT".to_owned(), fixture("server.pem")),
+            ("NATS_TLS_KEY".to_owned(), fixture("server.key")),
+            ("NATS_TLS_CA".to_owned(), fixture("ca.pem")),
+        ]);
         let conf = dir.path().join("cluster-tls.conf");
-        Self::start_config(&conf, &["--cluster", "nats://127.0.0.1:-1"], env, Some(dir))
+        let listen = format!("nats://127.0.0.1:{own}");
+        Self::start_config(&conf, &["--cluster", &listen], env, Some(dir))
+    }
+
+    /// Waits until the server logs a line containing `needle`, and returns it.
+    fn wait_log(&self, needle: &str) -> String {
+        let logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            match logs.recv_timeout(Duration::from_secs(10)) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(e) => panic!("nats-server never logged {needle:?}: {e}"),
+            }
+        }
     }
 
     fn start_config<K, V>(
@@ -226,7 +268,7 @@ impl AuthNats {
         let mut child = Command::new(nats_server())
             .arg("-c")
             .arg(conf)
-            .args(["-a", "127.0.0.1", "-p", "-1", "-m", "0"])
+            .args(["-a", "127.0.0.1", "-p", "-1"])
             .args(args)
             .env_clear()
             .envs(env)
@@ -236,6 +278,7 @@ impl AuthNats {
             .unwrap_or_else(|e| panic!("starting nats-server: {e}"));
         let stderr = child.stderr.take().unwrap_or_else(|| unreachable!("piped"));
         let (tx, rx) = mpsc::channel();
+        let (log_tx, logs) = mpsc::channel();
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -245,6 +288,8 @@ impl AuthNats {
                     let _ = tx.send(addr.rsplit(':').next().and_then(|p| p.trim().parse().ok()));
                     sent = true;
                 }
+                // Nobody listening is fine: most tests never read the log.
+                let _ = log_tx.send(line);
             }
         });
         match rx.recv_timeout(Duration::from_secs(10)) {
@@ -252,6 +297,7 @@ impl AuthNats {
                 child,
                 port,
                 _dir: dir,
+                logs: std::sync::Mutex::new(logs),
             },
             other => {
                 let _ = child.kill();
@@ -452,7 +498,7 @@ async fn a_service_reaches_devices_but_cannot_take_their_downlink() {
 
 #[tokio::test]
 async fn the_charts_tls_config_carries_a_device_session_and_a_service_over_tls_only() {
-    let nats = AuthNats::start_cluster_tls();
+    let nats = AuthNats::start_cluster_tls(0, &[free_port()]);
     // The server says TLS is required, and a client that goes on in plain text gets no PONG.
     {
         use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
@@ -498,6 +544,35 @@ async fn the_charts_tls_config_carries_a_device_session_and_a_service_over_tls_o
         .expect("in time")
         .expect("down");
     assert_eq!(&payload[..], b"over tls");
+}
+
+#[tokio::test]
+async fn the_charts_tls_config_encrypts_and_verifies_the_routes_between_nodes() {
+    let ports = [free_port(), free_port()];
+    let nodes = [
+        AuthNats::start_cluster_tls(0, &ports),
+        AuthNats::start_cluster_tls(1, &ports),
+    ];
+    // The monitoring endpoint says what the routes require.
+    let monitor = nodes[0].wait_log("Starting http monitor on ");
+    let monitor = monitor
+        .rsplit("Starting http monitor on ")
+        .next()
+        .expect("address")
+        .trim();
+    let varz: serde_json::Value = reqwest::get(format!("http://{monitor}/varz"))
+        .await
+        .expect("varz")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(varz["cluster"]["tls_required"], true, "{varz}");
+    assert_eq!(varz["cluster"]["tls_verify"], true, "{varz}");
+    // Both nodes verify each other's certificate against the CA: each logs the route only
+    // once its handshake passed (a node given another CA never does).
+    for node in &nodes {
+        node.wait_log("Route connection created");
+    }
 }
 
 #[tokio::test]
