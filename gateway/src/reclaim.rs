@@ -104,10 +104,13 @@ async fn reclaim(
         }
         match claim_request(shared, ControlOp::Reclaim, &down, &key).await {
             // Nobody else holds it.
-            Ok(ClaimRound::Clear) => return Ok(()),
+            Ok(Some(ClaimRound::Clear)) => return Ok(()),
             // An older session let go; another may remain.
-            Ok(ClaimRound::Released) => continue,
-            Ok(ClaimRound::Superseded) => {
+            Ok(Some(ClaimRound::Released)) => continue,
+            // Not an answer to decide on (a gateway that does not know `reclaim` yet): this
+            // session stays, as it would without the reclaim.
+            Ok(None) => return Ok(()),
+            Ok(Some(ClaimRound::Superseded)) => {
                 // False: the session ended or is being replaced anyway.
                 if shared.registry.release(&id, &key.session) {
                     shared.metrics.reclaims_lost.inc();

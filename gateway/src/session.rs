@@ -321,13 +321,15 @@ fn publish_reply(shared: &Shared, to: &[u8], body: &[u8]) {
 }
 
 /// Sends one `claim` or `reclaim` for `key` on `down` (waiting up to the claim timeout) and
-/// reads the answer; "no responders" means nobody else holds or claims the device.
+/// reads the answer; "no responders" means nobody else holds or claims the device. `None`: an
+/// answer that is not a `ClaimReply` (a gateway of an older version answering a `reclaim` it
+/// does not know with `bad_request`, say).
 pub(crate) async fn claim_request(
     shared: &Shared,
     op: ControlOp,
     down: &str,
     key: &ClaimKey,
-) -> Result<ClaimRound, RequestError> {
+) -> Result<Option<ClaimRound>, RequestError> {
     let timeout = Duration::from_millis(shared.config.claim_timeout_ms);
     let control = [(headers::CONTROL, op.token())];
     let body = json_bytes(&ClaimRequest { key: key.clone() });
@@ -337,14 +339,11 @@ pub(crate) async fn claim_request(
         .request(down, Headers::Pairs(&control), &body, timeout);
     match request.await {
         Ok(reply) => match serde_json::from_slice::<ClaimReply>(&reply.payload) {
-            Ok(ClaimReply::Released { .. }) => Ok(ClaimRound::Released),
-            Ok(ClaimReply::Superseded { .. }) => Ok(ClaimRound::Superseded),
-            Err(e) => {
-                tracing::warn!(device_id = %key_device(down), error = %e, "unparseable claim reply; treating as released");
-                Ok(ClaimRound::Released)
-            }
+            Ok(ClaimReply::Released { .. }) => Ok(Some(ClaimRound::Released)),
+            Ok(ClaimReply::Superseded { .. }) => Ok(Some(ClaimRound::Superseded)),
+            Err(_) => Ok(None),
         },
-        Err(RequestError::NoResponders) => Ok(ClaimRound::Clear),
+        Err(RequestError::NoResponders) => Ok(Some(ClaimRound::Clear)),
         Err(e) => Err(e),
     }
 }
@@ -352,7 +351,11 @@ pub(crate) async fn claim_request(
 /// One claim round of a login.
 async fn claim_round(shared: &Shared, down: &str, key: &ClaimKey) -> Result<ClaimRound, Refusal> {
     match claim_request(shared, ControlOp::Claim, down, key).await {
-        Ok(round) => Ok(round),
+        Ok(Some(round)) => Ok(round),
+        Ok(None) => {
+            tracing::warn!(device_id = %key_device(down), "unreadable claim reply; treating it as released");
+            Ok(ClaimRound::Released)
+        }
         Err(RequestError::TimedOut) => {
             // A holder that does not answer within the claim timeout is partitioned or hung:
             // availability wins, the new session proceeds (the old one yields when it sees
