@@ -6,20 +6,18 @@ mod common;
 
 use common::{Bridge, WAIT, bridge_config, send};
 use devgate_tests::NatsServer;
-use devgate_tests::gateway::{config as gw_config, device, start_with};
+use devgate_tests::gateway::{device, start_tls};
 use devgate_tests::nats::tls_fixture;
 use reqwest::Method;
 
 #[tokio::test]
 async fn a_message_crosses_bridge_api_nats_and_the_gateway_over_tls() {
     let nats = NatsServer::start_tls();
-    let mut gw = gw_config(&nats, "gw-1");
-    gw.nats_tls_ca = Some(tls_fixture("ca.pem"));
-    let gw = start_with(gw).await;
+    let gw = start_tls(&nats, "gw-1").await;
     let (mut dev, welcome) = device(&gw, "dev-1").await;
 
     let mut config = bridge_config(&nats);
-    config.nats_url = format!("tls://127.0.0.1:{}", nats.port());
+    config.nats_url = nats.tls_url();
     config.nats_tls_ca = Some(tls_fixture("ca.pem"));
     let bridge = Bridge::start_with(config).await;
 

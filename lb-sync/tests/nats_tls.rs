@@ -9,23 +9,21 @@ use common::wait_for;
 use devgate_gateway::common::Validate;
 use devgate_lb_sync::config::{Config, SinkKind, SourceKind};
 use devgate_tests::NatsServer;
-use devgate_tests::gateway::{config as gw_config, start_with};
+use devgate_tests::gateway::start_tls;
 use devgate_tests::nats::tls_fixture;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test]
 async fn announcements_over_tls_reach_the_upstream() {
     let nats = NatsServer::start_tls();
-    let mut gw = gw_config(&nats, "gw-tls");
-    gw.nats_tls_ca = Some(tls_fixture("ca.pem"));
-    let gw = start_with(gw).await;
+    let gw = start_tls(&nats, "gw-tls").await;
 
     let dir = tempfile::tempdir().expect("tempdir");
     let output = dir.path().join("upstream.conf");
     let config = Config {
         source: SourceKind::Nats,
         sink: SinkKind::File,
-        nats_url: format!("tls://127.0.0.1:{}", nats.port()),
+        nats_url: nats.tls_url(),
         nats_tls_ca: Some(tls_fixture("ca.pem")),
         http_listen: "127.0.0.1:0".parse().expect("addr"),
         output: Some(output.clone()),

@@ -55,6 +55,16 @@ pub async fn start(nats: &NatsServer, instance: &str) -> Gateway {
     start_with(config(nats, instance)).await
 }
 
+/// Starts a gateway named `instance` on a [`NatsServer::start_tls`] server, trusting the test CA.
+pub async fn start_tls(nats: &NatsServer, instance: &str) -> Gateway {
+    start_with(Config {
+        nats_url: nats.tls_url(),
+        nats_tls_ca: Some(crate::nats::tls_fixture("ca.pem")),
+        ..config(nats, instance)
+    })
+    .await
+}
+
 /// Logs `device_id` in to `gw` with a valid token.
 pub async fn device(gw: &Gateway, device_id: &str) -> (DeviceClient, Welcome) {
     try_device(gw, device_id)

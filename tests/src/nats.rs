@@ -75,6 +75,11 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// `tls://127.0.0.1:<port>`, for a [`NatsServer::start_tls`] server.
+    pub fn tls_url(&self) -> String {
+        format!("tls://127.0.0.1:{}", self.port)
+    }
+
     /// The client port.
     pub fn port(&self) -> u16 {
         self.port
@@ -191,7 +196,7 @@ pub async fn tls_client(nats: &NatsServer) -> async_nats::Client {
     async_nats::ConnectOptions::new()
         .add_root_certificates(tls_fixture("ca.pem"))
         .require_tls(true)
-        .connect(format!("tls://127.0.0.1:{}", nats.port()))
+        .connect(nats.tls_url())
         .await
         .expect("service connects over TLS")
 }

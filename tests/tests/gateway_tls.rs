@@ -107,10 +107,7 @@ async fn the_link_speaks_tls_to_a_server_that_requires_it() {
 async fn a_server_the_ca_does_not_vouch_for_or_missing_tls_keeps_the_link_down_and_says_why() {
     let nats = NatsServer::start_tls();
 
-    let wrong_ca = link(
-        &format!("tls://127.0.0.1:{}", nats.port()),
-        ca("other-ca.pem"),
-    );
+    let wrong_ca = link(&nats.tls_url(), ca("other-ca.pem"));
     let why = refusal(&wrong_ca).await;
     assert!(why.contains("TLS") && why.contains("certificate"), "{why}");
 

@@ -172,7 +172,7 @@ struct AuthNats {
     port: u16,
     /// Holds the relocated copy of the chart's config, when running it; that config serves
     /// TLS only, with the test-only certificate.
-    _dir: Option<tempfile::TempDir>,
+    chart_config: Option<tempfile::TempDir>,
     /// The server's log lines, for [`AuthNats::wait_log`].
     logs: std::sync::Mutex<mpsc::Receiver<String>>,
 }
@@ -296,7 +296,7 @@ impl AuthNats {
             Ok(Some(port)) => AuthNats {
                 child,
                 port,
-                _dir: dir,
+                chart_config: dir,
                 logs: std::sync::Mutex::new(logs),
             },
             other => {
@@ -310,7 +310,7 @@ impl AuthNats {
     }
 
     fn tls(&self) -> bool {
-        self._dir.is_some()
+        self.chart_config.is_some()
     }
 
     fn url(&self) -> String {
