@@ -4,12 +4,16 @@
 //! what the gateway said, so a test or an operator sees the gateway's own reason.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
+use crate::bus::tls::{TlsError, TlsFiles, client_config_named};
 use crate::codec::{CodecError, ErrorBody, Frame, FrameCodec, GoAway, Hello, Welcome};
 
 /// What can go wrong for a device.
@@ -27,6 +31,10 @@ pub enum ClientError {
     /// The gateway closed the connection.
     #[error("connection closed by the gateway")]
     Closed,
+    /// The TLS handshake with the balancer failed (untrusted or wrong-name certificate, a
+    /// client certificate it refused, or a peer that does not speak TLS).
+    #[error("TLS handshake: {0}")]
+    Tls(std::io::Error),
     /// A frame that makes no sense at this point.
     #[error("unexpected {0} frame")]
     Unexpected(&'static str),
@@ -40,9 +48,59 @@ pub enum ClientError {
     },
 }
 
+/// The byte stream under a device connection: plain TCP, or TLS to a balancer that terminates
+/// it. One boxed type keeps `DeviceClient` free of a type parameter its users would all carry.
+pub trait DeviceIo: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> DeviceIo for T {}
+
+/// TLS towards the address devices dial, for deployments where the balancer (nginx, see
+/// lb-sync's `--tls-cert`) terminates TLS: the CAs that vouch for its certificate, the name to
+/// check it against, and optionally the device's own certificate for balancers that verify
+/// devices.
+#[derive(Clone)]
+pub struct DeviceTls {
+    config: Arc<rustls::ClientConfig>,
+    server_name: ServerName<'static>,
+}
+
+impl std::fmt::Debug for DeviceTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceTls")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeviceTls {
+    /// Reads the files once (errors name the `tls_ca`, `tls_cert` and `tls_key` settings);
+    /// `server_name` is a DNS name or an IP address in the balancer's certificate.
+    pub fn new(files: &TlsFiles, server_name: &str) -> Result<Self, TlsError> {
+        let server_name =
+            ServerName::try_from(server_name.to_owned()).map_err(|e| TlsError::ServerName {
+                name: server_name.to_owned(),
+                reason: e.to_string(),
+            })?;
+        Ok(DeviceTls {
+            config: client_config_named(files, "tls")?,
+            server_name,
+        })
+    }
+
+    /// Runs the handshake over a connected socket.
+    async fn wrap(&self, stream: TcpStream) -> Result<Box<dyn DeviceIo>, ClientError> {
+        let connector = tokio_rustls::TlsConnector::from(self.config.clone());
+        let tls = connector
+            .connect(self.server_name.clone(), stream)
+            .await
+            .map_err(ClientError::Tls)?;
+        Ok(Box::new(tls))
+    }
+}
+
 /// A logged-in (or logging-in) device connection.
 pub struct DeviceClient {
-    framed: Framed<TcpStream, FrameCodec>,
+    framed: Framed<Box<dyn DeviceIo>, FrameCodec>,
 }
 
 impl DeviceClient {
@@ -52,16 +110,28 @@ impl DeviceClient {
         device_id: &str,
         token: &str,
     ) -> Result<(DeviceClient, Welcome), ClientError> {
+        Self::connect_over(addr, None, device_id, token).await
+    }
+
+    /// Connects (over TLS when `tls` is given) and logs in with `device_id` and `token`.
+    pub async fn connect_over(
+        addr: SocketAddr,
+        tls: Option<&DeviceTls>,
+        device_id: &str,
+        token: &str,
+    ) -> Result<(DeviceClient, Welcome), ClientError> {
         let hello = Hello {
             device_id: device_id.to_owned(),
             token: token.to_owned(),
             metadata: Default::default(),
         };
-        Self::connect_with(
-            TcpStream::connect(addr).await.map_err(CodecError::from)?,
-            &hello,
-        )
-        .await
+        let stream = TcpStream::connect(addr).await.map_err(CodecError::from)?;
+        let _ = stream.set_nodelay(true);
+        let io = match tls {
+            Some(tls) => tls.wrap(stream).await?,
+            None => Box::new(stream),
+        };
+        Self::login(io, &hello).await
     }
 
     /// Logs in over an existing stream (e.g. one that already sent a PROXY header).
@@ -70,8 +140,15 @@ impl DeviceClient {
         hello: &Hello,
     ) -> Result<(DeviceClient, Welcome), ClientError> {
         let _ = stream.set_nodelay(true);
+        Self::login(Box::new(stream), hello).await
+    }
+
+    async fn login(
+        io: Box<dyn DeviceIo>,
+        hello: &Hello,
+    ) -> Result<(DeviceClient, Welcome), ClientError> {
         let mut client = DeviceClient {
-            framed: Framed::new(stream, FrameCodec::new(16 << 20)),
+            framed: Framed::new(io, FrameCodec::new(16 << 20)),
         };
         client.send(Frame::json(Frame::Hello, hello)).await?;
         match client.next_frame().await? {

@@ -10,7 +10,10 @@ use devgate_gateway::common::{ConfigError, LogFormat, Secret, Validate, load_val
 use serde::{Deserialize, Serialize};
 
 use crate::endpoints::{Endpoint, parse_static_endpoint};
-use crate::render::RenderSettings;
+use crate::render::{RenderSettings, TlsSettings};
+
+/// TLS versions nginx may offer devices. Older ones are broken and not offered at all.
+pub const TLS_PROTOCOLS: [&str; 2] = ["TLSv1.2", "TLSv1.3"];
 
 /// Where the set of gateway instances comes from.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
@@ -109,6 +112,24 @@ pub struct Config {
     /// controller reads its stream ConfigMap from its own namespace (often `ingress-nginx`),
     /// and the gateways usually run elsewhere [default: `kube_namespace`].
     pub configmap_namespace: Option<String>,
+    /// PEM certificate chain nginx presents to devices: with `tls_key`, nginx terminates TLS
+    /// on `listen`. Without, devices connect in plaintext (and lb-sync warns).
+    pub tls_cert: Option<PathBuf>,
+    /// Private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CAs that sign device certificates: devices must present one (mutual TLS), on top of
+    /// their tokens.
+    pub tls_client_ca: Option<PathBuf>,
+    /// TLS versions offered to devices (TLSv1.2, TLSv1.3).
+    pub tls_protocols: Vec<String>,
+    /// Seconds a device may take to complete its TLS handshake.
+    pub tls_handshake_timeout_s: u64,
+    /// Shared TLS session cache size (nginx size: `10m` holds about 40,000 sessions).
+    pub tls_session_cache: String,
+    /// Seconds a device may resume its TLS session.
+    pub tls_session_timeout_s: u64,
+    /// Seconds between checks of the TLS files for a renewal (nginx reloads with new files).
+    pub tls_check_interval_s: u64,
     /// Log format.
     pub log_format: LogFormat,
 }
@@ -148,9 +169,23 @@ impl Default for Config {
             configmap_name: None,
             configmap_key: "stream-snippets".into(),
             configmap_namespace: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            tls_protocols: TLS_PROTOCOLS.iter().map(|p| (*p).to_owned()).collect(),
+            tls_handshake_timeout_s: 15,
+            tls_session_cache: "10m".into(),
+            tls_session_timeout_s: 3600,
+            tls_check_interval_s: 10,
             log_format: LogFormat::Text,
         }
     }
+}
+
+/// An nginx size: digits with an optional `k` or `m` suffix.
+fn is_nginx_size(s: &str) -> bool {
+    let digits = s.strip_suffix(['k', 'K', 'm', 'M']).unwrap_or(s);
+    !digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit()) && digits != "0"
 }
 
 /// Kubernetes object names (DNS-1123 labels/subdomains) as far as lb-sync needs to check them.
@@ -310,6 +345,7 @@ impl Validate for Config {
         if let Err(e) = devgate_gateway::bus::tls::NatsTlsSettings::nats_tls_checked(self) {
             problems.push(e);
         }
+        self.validate_device_tls(&mut problems);
         if problems.is_empty() {
             Ok(())
         } else {
@@ -327,7 +363,78 @@ impl Config {
             .collect()
     }
 
-    /// The renderer's settings.
+    /// The device TLS settings, checked together: the files must be readable now (nginx
+    /// reads them at every reload), and TLS needs the file sink, whose nginx lb-sync
+    /// controls (an ingress controller terminates TLS with its own settings).
+    fn validate_device_tls(&self, problems: &mut Vec<String>) {
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            problems.push("tls_cert and tls_key go together".to_owned());
+        }
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
+            problems
+                .push("tls_client_ca needs tls_cert and tls_key (mutual TLS is TLS)".to_owned());
+        }
+        if self.tls_protocols.is_empty() {
+            problems.push(format!(
+                "tls_protocols must name at least one of {TLS_PROTOCOLS:?}"
+            ));
+        }
+        for p in &self.tls_protocols {
+            if !TLS_PROTOCOLS.contains(&p.as_str()) {
+                problems.push(format!(
+                    "tls_protocols: {p:?} is not offered (one of {TLS_PROTOCOLS:?})"
+                ));
+            }
+        }
+        if !is_nginx_size(&self.tls_session_cache) {
+            problems.push(format!(
+                "tls_session_cache {:?} must be an nginx size such as 10m or 512k",
+                self.tls_session_cache
+            ));
+        }
+        for (name, value) in [
+            ("tls_handshake_timeout_s", self.tls_handshake_timeout_s),
+            ("tls_session_timeout_s", self.tls_session_timeout_s),
+            ("tls_check_interval_s", self.tls_check_interval_s),
+        ] {
+            if value == 0 {
+                problems.push(format!("{name} must be greater than 0"));
+            }
+        }
+        let Some(tls) = self.device_tls() else {
+            return;
+        };
+        if self.sink != SinkKind::File {
+            problems.push(
+                "tls_cert needs --sink file: with --sink configmap the ingress controller's nginx \
+                 serves devices, and TLS is configured there"
+                    .to_owned(),
+            );
+        }
+        for path in tls.files() {
+            if let Err(e) = std::fs::File::open(&path) {
+                problems.push(format!("device TLS file {}: {e}", path.display()));
+            }
+        }
+    }
+
+    /// The device TLS settings when TLS is configured (its fingerprint still empty: the
+    /// caller reads the files).
+    pub fn device_tls(&self) -> Option<TlsSettings> {
+        let (cert, key) = self.tls_cert.clone().zip(self.tls_key.clone())?;
+        Some(TlsSettings {
+            cert,
+            key,
+            client_ca: self.tls_client_ca.clone(),
+            protocols: self.tls_protocols.clone(),
+            handshake_timeout_s: self.tls_handshake_timeout_s,
+            session_cache: self.tls_session_cache.clone(),
+            session_timeout_s: self.tls_session_timeout_s,
+            fingerprint: String::new(),
+        })
+    }
+
+    /// The renderer's settings (a TLS fingerprint, if any, still empty).
     pub fn render_settings(&self) -> RenderSettings {
         RenderSettings {
             upstream_name: self.upstream_name.clone(),
@@ -337,7 +444,13 @@ impl Config {
             proxy_connect_timeout_s: self.proxy_connect_timeout_s,
             max_fails: self.max_fails,
             fail_timeout_s: self.fail_timeout_s,
+            tls: self.device_tls(),
         }
+    }
+
+    /// `tls_check_interval_s` as a duration.
+    pub fn tls_check_interval(&self) -> Duration {
+        Duration::from_secs(self.tls_check_interval_s)
     }
 
     /// `debounce_ms` as a duration.
@@ -492,6 +605,39 @@ pub struct Cli {
     #[arg(long, env = "DEVGATE_CONFIGMAP_NAMESPACE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub configmap_namespace: Option<String>,
+    /// PEM certificate chain nginx presents to devices (with --tls-key): TLS for devices,
+    /// terminated by nginx [default: none, devices connect in plaintext].
+    #[arg(long, env = "DEVGATE_TLS_CERT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "DEVGATE_TLS_KEY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CAs that sign device certificates: devices must present one (mutual TLS).
+    #[arg(long, env = "DEVGATE_TLS_CLIENT_CA")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// TLS versions offered to devices, comma-separated [default: TLSv1.2,TLSv1.3].
+    #[arg(long, env = "DEVGATE_TLS_PROTOCOLS", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_protocols: Option<Vec<String>>,
+    /// Seconds a device may take for its TLS handshake [default: 15].
+    #[arg(long, env = "DEVGATE_TLS_HANDSHAKE_TIMEOUT_S")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_handshake_timeout_s: Option<u64>,
+    /// Shared TLS session cache size [default: 10m, about 40,000 sessions].
+    #[arg(long, env = "DEVGATE_TLS_SESSION_CACHE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_session_cache: Option<String>,
+    /// Seconds a device may resume its TLS session [default: 3600].
+    #[arg(long, env = "DEVGATE_TLS_SESSION_TIMEOUT_S")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_session_timeout_s: Option<u64>,
+    /// Seconds between checks of the TLS files for renewal [default: 10].
+    #[arg(long, env = "DEVGATE_TLS_CHECK_INTERVAL_S")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_check_interval_s: Option<u64>,
     /// Log format [default: text].
     #[arg(long, env = "DEVGATE_LOG_FORMAT")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -606,6 +752,93 @@ mod tests {
         let err = cli(&args).into_config().expect_err("file sink");
         assert!(
             err.to_string().contains("only applies to --sink configmap"),
+            "{err}"
+        );
+    }
+
+    fn fixture(name: &str) -> String {
+        format!(
+            "{}/../tests/fixtures/tls/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        )
+    }
+
+    #[test]
+    fn device_tls_is_off_unless_given_and_then_renders_its_files() {
+        let c = cli(&out_flag()).into_config().expect("plaintext");
+        assert_eq!(c.render_settings().tls, None);
+        let (cert, key, ca) = (
+            fixture("server.pem"),
+            fixture("server.key"),
+            fixture("ca.pem"),
+        );
+        let mut args = vec![
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--tls-client-ca",
+            &ca,
+        ];
+        args.extend(out_flag());
+        let tls = cli(&args)
+            .into_config()
+            .expect("TLS")
+            .render_settings()
+            .tls
+            .expect("TLS settings");
+        assert_eq!(tls.files().len(), 3);
+        assert_eq!(tls.protocols, ["TLSv1.2", "TLSv1.3"]);
+        assert_eq!(tls.handshake_timeout_s, 15);
+    }
+
+    #[test]
+    fn bad_device_tls_settings_are_named() {
+        let (cert, key, ca) = (
+            fixture("server.pem"),
+            fixture("server.key"),
+            fixture("ca.pem"),
+        );
+        let cases: Vec<(Vec<&str>, &str)> = vec![
+            (
+                vec!["--tls-cert", &cert],
+                "tls_cert and tls_key go together",
+            ),
+            (vec!["--tls-client-ca", &ca], "tls_client_ca needs tls_cert"),
+            (
+                vec!["--tls-cert", "/nonexistent/tls.crt", "--tls-key", &key],
+                "device TLS file /nonexistent/tls.crt",
+            ),
+            (
+                vec![
+                    "--tls-cert",
+                    &cert,
+                    "--tls-key",
+                    &key,
+                    "--tls-protocols",
+                    "TLSv1.2,TLSv1",
+                ],
+                "\"TLSv1\" is not offered",
+            ),
+            (
+                vec!["--tls-session-cache", "lots"],
+                "tls_session_cache \"lots\"",
+            ),
+            (
+                vec!["--tls-check-interval-s", "0"],
+                "tls_check_interval_s must be",
+            ),
+        ];
+        for (mut args, expected) in cases {
+            args.extend(out_flag());
+            let err = cli(&args).into_config().expect_err(expected);
+            assert!(err.to_string().contains(expected), "{args:?}: {err}");
+        }
+        let mut args = KUBE_TO_CONFIGMAP.to_vec();
+        args.extend(["--tls-cert", &cert, "--tls-key", &key]);
+        let err = cli(&args).into_config().expect_err("configmap sink");
+        assert!(
+            err.to_string().contains("tls_cert needs --sink file"),
             "{err}"
         );
     }

@@ -144,6 +144,9 @@ pub struct Context {
     pub metrics: Metrics,
     /// Shared with `/readyz`.
     pub status: Arc<Status>,
+    /// New fingerprints of the device TLS files ([`crate::tls::watch_files`]); `None` without
+    /// TLS.
+    pub tls_changes: Option<tokio::sync::watch::Receiver<String>>,
     /// The set and text currently applied (`None` before the first apply).
     applied: Option<(DesiredSet, String)>,
 }
@@ -161,6 +164,7 @@ impl Context {
             sink,
             metrics,
             status,
+            tls_changes: None,
             applied: None,
         }
     }
@@ -224,6 +228,12 @@ pub async fn run(
                 }
                 pacer.changed(Instant::now());
             }
+            fingerprint = tls_changed(&mut ctx.tls_changes) => {
+                if let Some(tls) = ctx.settings.tls.as_mut() {
+                    tls.fingerprint = fingerprint;
+                }
+                pacer.changed(Instant::now());
+            }
             _ = sleep_until(due), if due.is_some() => {
                 let Some(snapshot) = rx.borrow_and_update().clone() else {
                     pacer.settled();
@@ -257,6 +267,17 @@ pub async fn run(
             }
         }
     }
+}
+
+/// The next fingerprint of the TLS files; never resolves without TLS (or once the watcher is
+/// gone, which only happens on shutdown).
+async fn tls_changed(rx: &mut Option<tokio::sync::watch::Receiver<String>>) -> String {
+    if let Some(rx) = rx
+        && rx.changed().await.is_ok()
+    {
+        return rx.borrow_and_update().clone();
+    }
+    std::future::pending().await
 }
 
 async fn sleep_until(at: Option<Instant>) {

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod render;
 pub mod sink;
 pub mod source;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -172,7 +173,31 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<LbSync
     );
 
     let (tx, rx) = tokio::sync::watch::channel(None);
-    let ctx = Context::new(config.render_settings(), sink, metrics.clone(), status);
+    let mut settings = config.render_settings();
+    let tls_watch = match settings.tls.as_mut() {
+        Some(tls) => {
+            let files = tls.files();
+            let paths: Vec<&std::path::Path> = files.iter().map(|p| p.as_path()).collect();
+            tls.fingerprint = tls::fingerprint(&paths).map_err(|e| Error::Config(e.to_string()))?;
+            tracing::info!(
+                cert = %tls.cert.display(),
+                client_ca = ?tls.client_ca,
+                fingerprint = %tls.fingerprint,
+                "nginx terminates the devices' TLS"
+            );
+            let (tls_tx, tls_rx) = tokio::sync::watch::channel(tls.fingerprint.clone());
+            Some((files, tls_tx, tls_rx))
+        }
+        None => {
+            tracing::warn!(
+                listen = %config.listen,
+                "INSECURE: devices connect to nginx in PLAINTEXT; their tokens and messages cross \
+                 the network unencrypted. Give --tls-cert and --tls-key to terminate TLS at nginx."
+            );
+            None
+        }
+    };
+    let mut ctx = Context::new(settings, sink, metrics.clone(), status);
     let pacer = Pacer::new(config.debounce(), config.min_reload_interval());
     tracing::info!(
         source = ?config.source,
@@ -181,7 +206,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<LbSync
         http = %http_addr,
         "lb-sync started"
     );
-    let tasks = vec![
+    let mut tasks = vec![
         tokio::spawn({
             let shutdown = shutdown.clone();
             async move {
@@ -190,9 +215,24 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<LbSync
                 }
             }
         }),
-        tokio::spawn(source.run(tx, metrics, shutdown.clone())),
-        tokio::spawn(controller::run(rx, ctx, pacer, shutdown.clone())),
+        tokio::spawn(source.run(tx, metrics.clone(), shutdown.clone())),
     ];
+    if let Some((files, tls_tx, tls_rx)) = tls_watch {
+        ctx.tls_changes = Some(tls_rx);
+        tasks.push(tokio::spawn(tls::watch_files(
+            files,
+            config.tls_check_interval(),
+            tls_tx,
+            metrics.clone(),
+            shutdown.clone(),
+        )));
+    }
+    tasks.push(tokio::spawn(controller::run(
+        rx,
+        ctx,
+        pacer,
+        shutdown.clone(),
+    )));
     Ok(LbSync {
         http_addr,
         shutdown,

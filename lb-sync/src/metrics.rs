@@ -115,6 +115,11 @@ impl Metrics {
         self.failures.get_or_create(&StageLabel { stage }).inc();
     }
 
+    /// How many failures of `stage` were counted (for tests and probes).
+    pub fn failures_at(&self, stage: &'static str) -> u64 {
+        self.failures.get_or_create(&StageLabel { stage }).get()
+    }
+
     /// Records a complete snapshot from the source.
     pub fn snapshot(&self, snapshot: &Snapshot) {
         self.snapshots.inc();

@@ -4,6 +4,7 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use crate::endpoints::DesiredSet;
 
@@ -38,6 +39,37 @@ pub struct RenderSettings {
     pub max_fails: u32,
     /// nginx `fail_timeout`, seconds.
     pub fail_timeout_s: u64,
+    /// TLS for devices, terminated by nginx; `None`: devices connect in plaintext.
+    pub tls: Option<TlsSettings>,
+}
+
+/// How nginx terminates the devices' TLS. nginx reads the files itself; lb-sync only names them
+/// and notices when their contents change (cert-manager renews a certificate in place).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// PEM certificate chain nginx presents to devices.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+    /// PEM CAs that sign device certificates: when set, a device must present one (mutual
+    /// TLS) on top of its token.
+    pub client_ca: Option<PathBuf>,
+    /// `ssl_protocols`, e.g. `["TLSv1.2", "TLSv1.3"]`.
+    pub protocols: Vec<String>,
+    /// `ssl_handshake_timeout`, seconds: how long a connection may take to finish its
+    /// handshake before nginx drops it (nginx's own default, 60 s, lets a slow-handshake flood
+    /// hold many sockets).
+    pub handshake_timeout_s: u64,
+    /// Size of the shared TLS session cache (`ssl_session_cache shared:..:SIZE`, about 4,000
+    /// sessions per megabyte): resumed handshakes skip the certificate exchange, which is most
+    /// of a reconnect storm's TLS cost.
+    pub session_cache: String,
+    /// `ssl_session_timeout`, seconds: how long a device may resume its session.
+    pub session_timeout_s: u64,
+    /// Hash of the files' contents as last read. It is part of the rendered text, so renewed
+    /// files change the text, and the controller applies (and nginx reloads) as for any other
+    /// change.
+    pub fingerprint: String,
 }
 
 impl Default for RenderSettings {
@@ -50,6 +82,7 @@ impl Default for RenderSettings {
             proxy_connect_timeout_s: 2,
             max_fails: 3,
             fail_timeout_s: 10,
+            tls: None,
         }
     }
 }
@@ -90,7 +123,12 @@ pub fn render(set: &DesiredSet, s: &RenderSettings) -> String {
     let _ = writeln!(out, "}}");
     let _ = writeln!(out);
     let _ = writeln!(out, "server {{");
-    let _ = writeln!(out, "    listen {};", s.listen);
+    match &s.tls {
+        None => {
+            let _ = writeln!(out, "    listen {};", s.listen);
+        }
+        Some(tls) => render_tls(&mut out, s.listen, name, tls),
+    }
     let _ = writeln!(out, "    proxy_pass {name};");
     if s.proxy_protocol {
         let _ = writeln!(out, "    proxy_protocol on;");
@@ -103,6 +141,44 @@ pub fn render(set: &DesiredSet, s: &RenderSettings) -> String {
     let _ = writeln!(out, "    proxy_timeout {}s;", s.proxy_timeout_s);
     let _ = writeln!(out, "}}");
     out
+}
+
+impl TlsSettings {
+    /// The files nginx reads, in a fixed order (what the fingerprint hashes).
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut files = vec![self.cert.clone(), self.key.clone()];
+        files.extend(self.client_ca.clone());
+        files
+    }
+}
+
+/// The `listen ... ssl` line and the `ssl_*` directives of the device-facing server.
+fn render_tls(out: &mut String, listen: SocketAddr, name: &str, tls: &TlsSettings) {
+    let _ = writeln!(out, "    listen {listen} ssl;");
+    let _ = writeln!(
+        out,
+        "    # TLS for devices ends here. Files' sha256 {}: renewed files change this line,\n    \
+         # and nginx reloads with them.",
+        tls.fingerprint
+    );
+    let _ = writeln!(out, "    ssl_certificate {};", tls.cert.display());
+    let _ = writeln!(out, "    ssl_certificate_key {};", tls.key.display());
+    let _ = writeln!(out, "    ssl_protocols {};", tls.protocols.join(" "));
+    let _ = writeln!(
+        out,
+        "    ssl_session_cache shared:{name}_tls:{};",
+        tls.session_cache
+    );
+    let _ = writeln!(out, "    ssl_session_timeout {}s;", tls.session_timeout_s);
+    let _ = writeln!(
+        out,
+        "    ssl_handshake_timeout {}s;",
+        tls.handshake_timeout_s
+    );
+    if let Some(ca) = &tls.client_ca {
+        let _ = writeln!(out, "    ssl_verify_client on;");
+        let _ = writeln!(out, "    ssl_client_certificate {};", ca.display());
+    }
 }
 
 #[cfg(test)]
@@ -184,9 +260,64 @@ mod tests {
             proxy_connect_timeout_s: 1,
             max_fails: 1,
             fail_timeout_s: 5,
+            tls: None,
         };
         let set = DesiredSet::from_endpoints(&[ep("127.0.0.1:7001", EndpointState::Ready, None)]);
         golden("proxy_protocol.conf", &render(&set, &settings));
+    }
+
+    fn tls(client_ca: Option<&str>) -> TlsSettings {
+        TlsSettings {
+            cert: "/etc/devgate-device-tls/tls.crt".into(),
+            key: "/etc/devgate-device-tls/tls.key".into(),
+            client_ca: client_ca.map(PathBuf::from),
+            protocols: vec!["TLSv1.2".into(), "TLSv1.3".into()],
+            handshake_timeout_s: 15,
+            session_cache: "10m".into(),
+            session_timeout_s: 3600,
+            fingerprint: "0123456789abcdef".into(),
+        }
+    }
+
+    #[test]
+    fn tls_terminates_at_the_listener() {
+        let settings = RenderSettings {
+            proxy_protocol: true,
+            tls: Some(tls(None)),
+            ..RenderSettings::default()
+        };
+        let set = DesiredSet::from_endpoints(&[ep("10.0.0.2:7000", EndpointState::Ready, None)]);
+        let text = render(&set, &settings);
+        golden("tls.conf", &text);
+        assert!(!text.contains("ssl_verify_client"), "{text}");
+    }
+
+    #[test]
+    fn a_client_ca_makes_devices_present_certificates() {
+        let settings = RenderSettings {
+            tls: Some(tls(Some("/etc/devgate-device-ca/ca.crt"))),
+            ..RenderSettings::default()
+        };
+        golden(
+            "tls_client_ca.conf",
+            &render(&DesiredSet::default(), &settings),
+        );
+    }
+
+    #[test]
+    fn new_tls_files_render_new_text() {
+        let mut renewed = tls(None);
+        renewed.fingerprint = "fedcba9876543210".into();
+        let text = |t: TlsSettings| {
+            render(
+                &DesiredSet::default(),
+                &RenderSettings {
+                    tls: Some(t),
+                    ..RenderSettings::default()
+                },
+            )
+        };
+        assert_ne!(text(tls(None)), text(renewed));
     }
 
     #[test]

@@ -4,13 +4,16 @@
 //! reconnects after GOAWAY.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
 use clap::Parser;
 use devgate_gateway::auth::device_token;
-use devgate_gateway::client::{ClientError, DeviceClient, into_error};
+use devgate_gateway::bus::tls::TlsFiles;
+use devgate_gateway::client::{ClientError, DeviceClient, DeviceTls, into_error};
 use devgate_gateway::codec::Frame;
 use devgate_gateway::common::Secret;
 use tokio_util::sync::CancellationToken;
@@ -59,6 +62,40 @@ struct Args {
     /// Print only errors and a summary.
     #[arg(long)]
     quiet: bool,
+    /// Connect over TLS (the balancer terminates it), trusting the system's CAs unless
+    /// --tls-ca is given.
+    #[arg(long)]
+    tls: bool,
+    /// PEM CA bundle that signs the balancer's certificate (implies --tls).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// Name to verify the balancer's certificate against [default: the --gateway IP].
+    #[arg(long)]
+    tls_server_name: Option<String>,
+    /// PEM client certificate, for balancers that verify devices (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+impl Args {
+    /// The TLS settings when any TLS flag is given, read once for every device.
+    fn device_tls(&self) -> anyhow::Result<Option<Arc<DeviceTls>>> {
+        if !self.tls && self.tls_ca.is_none() && self.tls_cert.is_none() {
+            return Ok(None);
+        }
+        let files = TlsFiles {
+            ca: self.tls_ca.clone(),
+            client: self.tls_cert.clone().zip(self.tls_key.clone()),
+        };
+        let name = self
+            .tls_server_name
+            .clone()
+            .unwrap_or_else(|| self.gateway.ip().to_string());
+        Ok(Some(Arc::new(DeviceTls::new(&files, &name)?)))
+    }
 }
 
 #[tokio::main]
@@ -73,10 +110,11 @@ async fn main() -> anyhow::Result<()> {
             stop.cancel();
         });
     }
+    let tls = args.device_tls().context("TLS settings")?;
     let mut tasks = tokio::task::JoinSet::new();
     for n in args.first..args.first + args.devices {
         let id = format!("{}{n}", args.id_prefix);
-        tasks.spawn(run_device(args.clone(), id, stop.clone()));
+        tasks.spawn(run_device(args.clone(), tls.clone(), id, stop.clone()));
     }
     let (mut ok, mut failed) = (0, 0);
     while let Some(res) = tasks.join_next().await {
@@ -95,7 +133,12 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_device(args: Args, id: String, stop: CancellationToken) -> anyhow::Result<()> {
+async fn run_device(
+    args: Args,
+    tls: Option<Arc<DeviceTls>>,
+    id: String,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
     let token = args
         .auth_secret
         .as_ref()
@@ -104,7 +147,7 @@ async fn run_device(args: Args, id: String, stop: CancellationToken) -> anyhow::
     let mut sent = 0u64;
     let mut backoff = Duration::from_millis(200);
     loop {
-        let connect = DeviceClient::connect(args.gateway, &id, &token);
+        let connect = DeviceClient::connect_over(args.gateway, tls.as_deref(), &id, &token);
         let (mut dev, welcome) = tokio::select! {
             r = connect => match r {
                 Ok(ok) => ok,

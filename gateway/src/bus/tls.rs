@@ -1,5 +1,6 @@
-//! TLS for the gateway's NATS link: the client configuration built once from the operator's
-//! files, so a bad CA or key fails configuration checks at start-up rather than every reconnect.
+//! TLS client configurations built once from the operator's files, so a bad CA or key fails
+//! configuration checks at start-up rather than every reconnect: the gateway's NATS link, and
+//! devices (`devsim`, the tests) dialling a balancer that terminates TLS.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,15 +15,23 @@ pub enum TlsError {
     #[error("{what} {path}: {reason}")]
     File {
         /// Which setting.
-        what: &'static str,
+        what: String,
         /// The file.
         path: PathBuf,
         /// What went wrong.
         reason: String,
     },
     /// No trust anchors: neither a CA file nor any usable system certificate.
-    #[error("no CA certificates to verify the NATS server with (give nats_tls_ca)")]
-    NoRoots,
+    #[error("no CA certificates to verify the server with (give {0})")]
+    NoRoots(String),
+    /// The name to verify the server's certificate against is neither a DNS name nor an IP.
+    #[error("server name {name:?}: {reason}")]
+    ServerName {
+        /// As given.
+        name: String,
+        /// Why rustls refused it.
+        reason: String,
+    },
     /// rustls refused the combination (e.g. a key that does not match the certificate).
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
@@ -37,15 +46,26 @@ pub struct TlsFiles {
     pub client: Option<(PathBuf, PathBuf)>,
 }
 
-/// Builds the rustls client configuration. ring is named explicitly: the workspace links both
-/// of rustls' crypto providers, and relying on a process default would be ambiguous.
+/// Builds the rustls client configuration for the NATS link (errors name the `nats_tls_*`
+/// settings).
 pub fn client_config(files: &TlsFiles) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    client_config_named(files, "nats_tls")
+}
+
+/// Builds a rustls client configuration; errors name the settings `<prefix>_ca`,
+/// `<prefix>_cert` and `<prefix>_key`. ring is named explicitly: the workspace links both of
+/// rustls' crypto providers, and relying on a process default would be ambiguous.
+pub fn client_config_named(
+    files: &TlsFiles,
+    prefix: &str,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let setting = |name: &str| format!("{prefix}_{name}");
     let mut roots = rustls::RootCertStore::empty();
     match &files.ca {
         Some(path) => {
-            for cert in certificates("nats_tls_ca", path)? {
+            for cert in certificates(setting("ca"), path)? {
                 roots.add(cert).map_err(|e| TlsError::File {
-                    what: "nats_tls_ca",
+                    what: setting("ca"),
                     path: path.clone(),
                     reason: e.to_string(),
                 })?;
@@ -57,7 +77,7 @@ pub fn client_config(files: &TlsFiles) -> Result<Arc<rustls::ClientConfig>, TlsE
         }
     }
     if roots.is_empty() {
-        return Err(TlsError::NoRoots);
+        return Err(TlsError::NoRoots(setting("ca")));
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
@@ -66,9 +86,9 @@ pub fn client_config(files: &TlsFiles) -> Result<Arc<rustls::ClientConfig>, TlsE
     let config = match &files.client {
         None => builder.with_no_client_auth(),
         Some((cert, key)) => {
-            let chain = certificates("nats_tls_cert", cert)?;
+            let chain = certificates(setting("cert"), cert)?;
             let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::File {
-                what: "nats_tls_key",
+                what: setting("key"),
                 path: key.clone(),
                 reason: e.to_string(),
             })?;
@@ -78,9 +98,9 @@ pub fn client_config(files: &TlsFiles) -> Result<Arc<rustls::ClientConfig>, TlsE
     Ok(Arc::new(config))
 }
 
-fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+fn certificates(what: String, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let err = |reason: String| TlsError::File {
-        what,
+        what: what.clone(),
         path: path.to_owned(),
         reason,
     };
