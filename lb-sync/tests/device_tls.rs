@@ -289,3 +289,65 @@ async fn a_renewed_certificate_is_served_after_lb_sync_notices_the_files() {
         "no read failures: {metrics}"
     );
 }
+
+/// Runs `devsim` (the binary users debug with) as one device through the stack's nginx.
+fn devsim(stack: &Stack, id: &str, tls_args: &[&str]) -> tokio::process::Child {
+    tokio::process::Command::new(devgate_tests::bins::workspace_bin("devsim"))
+        .args(["--gateway", &stack.nginx.addr().to_string()])
+        .args(["--id-prefix", id, "--devices", "1", "--no-reconnect"])
+        .args([
+            "--send",
+            "hello over tls",
+            "--count",
+            "1",
+            "--duration-s",
+            "5",
+        ])
+        .args(tls_args)
+        .env("DEVGATE_AUTH_SECRET", devgate_tests::gateway::SECRET)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn devsim")
+}
+
+#[tokio::test]
+async fn devsim_dials_tls_with_the_ca_and_says_why_when_it_cannot() {
+    use futures::StreamExt;
+    let stack = Stack::start(
+        &tls_fixture("server.pem"),
+        &tls_fixture("server.key"),
+        None,
+        10,
+    )
+    .await;
+    let service = stack.nats.client().await;
+    let mut ups = service.subscribe("device.*.up").await.expect("subscribe");
+    devgate_tests::nats::processed(&service).await;
+
+    let ca = tls_fixture("ca.pem").display().to_string();
+    let _sim = devsim(
+        &stack,
+        "sim-",
+        &["--tls-ca", &ca, "--tls-server-name", "localhost"],
+    );
+    let up = tokio::time::timeout(WAIT, ups.next())
+        .await
+        .expect("devsim's UP in time")
+        .expect("message");
+    assert_eq!(up.subject.as_str(), "device.sim-1.up");
+    assert_eq!(&up.payload[..], b"hello over tls");
+
+    let other = tls_fixture("other-ca.pem").display().to_string();
+    let refused = devsim(&stack, "lost-", &["--tls-ca", &other])
+        .wait_with_output()
+        .await
+        .expect("devsim exits");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("TLS handshake") && stderr.contains("UnknownIssuer"),
+        "{stderr}"
+    );
+}

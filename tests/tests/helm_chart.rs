@@ -481,6 +481,8 @@ fn relocate(s: &str, root: &Path) -> String {
         "/etc/devgate-nginx",
         "/var/lib/devgate-nginx",
         "/var/run/devgate-nginx",
+        "/etc/devgate-device-tls",
+        "/etc/devgate-device-ca",
     ]
     .iter()
     .fold(s.to_owned(), |s, p| {
@@ -488,10 +490,94 @@ fn relocate(s: &str, root: &Path) -> String {
     })
 }
 
+/// What lb-sync renders in the pod: its configuration parsed from the container's env (each
+/// `DEVGATE_X` as `--x`, the flag that reads that variable) with the pod's paths moved under
+/// `root`, checked by lb-sync's own validation, with one ready gateway.
+fn lb_sync_render(lb: &Value, root: &Path) -> String {
+    use devgate_lb_sync::endpoints::{DesiredSet, Endpoint, EndpointState};
+    let mut args = vec!["devgate-lb-sync".to_owned()];
+    for (name, value) in env_values(lb) {
+        let flag = name
+            .strip_prefix("DEVGATE_")
+            .unwrap_or_else(|| panic!("lb-sync env {name} is not a DEVGATE_ setting"))
+            .to_lowercase()
+            .replace('_', "-");
+        args.push(format!("--{flag}"));
+        args.push(relocate(&value, root));
+    }
+    let cli = <devgate_lb_sync::config::Cli as clap::Parser>::try_parse_from(&args)
+        .unwrap_or_else(|e| panic!("lb-sync refuses the chart's env {args:?}: {e}"));
+    let config = cli
+        .into_config()
+        .unwrap_or_else(|e| panic!("lb-sync refuses the chart's settings: {e}"));
+    let mut settings = config.render_settings();
+    if let Some(tls) = settings.tls.as_mut() {
+        let files = tls.files();
+        let paths: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+        tls.fingerprint = devgate_lb_sync::tls::fingerprint(&paths).expect("TLS files readable");
+    }
+    let gateway = Endpoint {
+        addr: "10.0.0.2:7000".parse().expect("addr"),
+        state: EndpointState::Ready,
+        weight: None,
+    };
+    devgate_lb_sync::render::render(&DesiredSet::from_endpoints(&[gateway]), &settings)
+}
+
+/// Puts the device TLS files where the pod mounts them (moved under `root`): the chart's own
+/// generated certificate, or the test fixtures standing in for an existing Secret.
+fn place_device_tls(docs: &[Value], root: &Path, deploy: &Value) {
+    let volumes = deploy["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .expect("volumes");
+    let secret_of = |volume: &str| {
+        volumes.iter().find(|v| v["name"] == volume).map(|v| {
+            v["secret"]["secretName"]
+                .as_str()
+                .expect("secretName")
+                .to_owned()
+        })
+    };
+    let write = |dir: &str, name: &str, bytes: &[u8]| {
+        let dir = format!("{}{dir}", root.display());
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(format!("{dir}/{name}"), bytes).expect("write TLS file");
+    };
+    if let Some(secret) = secret_of("device-tls") {
+        let rendered = kind(docs, "Secret")
+            .into_iter()
+            .find(|s| s["metadata"]["name"] == secret.as_str());
+        match rendered {
+            Some(s) => {
+                for key in ["tls.crt", "tls.key"] {
+                    let b64 = s["data"][key].as_str().expect("generated key");
+                    write("/etc/devgate-device-tls", key, &base64_decode(b64));
+                }
+            }
+            None => {
+                for (key, fixture) in [("tls.crt", "server.pem"), ("tls.key", "server.key")] {
+                    let bytes =
+                        std::fs::read(devgate_tests::nats::tls_fixture(fixture)).expect("fixture");
+                    write("/etc/devgate-device-tls", key, &bytes);
+                }
+            }
+        }
+    }
+    if secret_of("device-client-ca").is_some() {
+        let bytes = std::fs::read(devgate_tests::nats::tls_fixture("ca.pem")).expect("fixture");
+        write("/etc/devgate-device-ca", "ca.crt", &bytes);
+    }
+}
+
 #[test]
 fn the_rendered_nginx_config_passes_nginx_t_through_lb_syncs_own_command() {
     let module = format!("nginx.loadModules={{{DEBIAN_STREAM_MODULE}}}");
-    for name in ["default", "hostnetwork-values"] {
+    for (name, tls) in [
+        ("default", "generate"),
+        ("hostnetwork-values", "generate"),
+        ("device-tls-secret-values", "secret"),
+        ("device-plaintext-values", "plaintext"),
+    ] {
         let docs = render(&combo(name), &[&module]);
         let nginx = full("nginx");
         let conf = one(&docs, "ConfigMap", &nginx)["data"]["nginx.conf"]
@@ -583,11 +669,21 @@ fn the_rendered_nginx_config_passes_nginx_t_through_lb_syncs_own_command() {
             "nginx -t without upstream ({name}):\n{}",
             text(&out)
         );
-        // ...and with what lb-sync renders (its golden file, PROXY protocol on).
-        let upstream = std::fs::read_to_string(
-            workspace_root().join("lb-sync/tests/golden/proxy_protocol.conf"),
-        )
-        .expect("lb-sync golden file");
+        // ...and with what lb-sync renders from the pod's own settings.
+        place_device_tls(&docs, root.path(), deploy);
+        let upstream = lb_sync_render(lb, root.path());
+        assert!(upstream.contains("proxy_protocol on;"), "{upstream}");
+        match tls {
+            "plaintext" => assert!(!upstream.contains("ssl"), "{name}: {upstream}"),
+            "secret" => {
+                assert!(upstream.contains("ssl_verify_client on;"), "{upstream}");
+                assert!(upstream.contains("ssl_protocols TLSv1.3;"), "{upstream}");
+            }
+            _ => assert!(
+                upstream.contains(" ssl;") && !upstream.contains("ssl_verify_client"),
+                "{name}: {upstream}"
+            ),
+        }
         std::fs::write(relocate(&output, root.path()), &upstream).expect("write upstream");
         let out = run_pod_command(&validate, root.path());
         assert!(
@@ -852,8 +948,10 @@ fn secrets_stay_in_the_secret() {
         let existing = c.name == "external-nats-values";
         let (secret_name, keys): (String, BTreeSet<String>) = if existing {
             assert!(
-                kind(&docs, "Secret").is_empty(),
-                "existingSecret: no Secret rendered"
+                kind(&docs, "Secret")
+                    .iter()
+                    .all(|s| s["metadata"]["name"] != RELEASE),
+                "existingSecret: the chart renders no Secret of its own"
             );
             (
                 "devgate-secrets".into(),
@@ -1007,6 +1105,29 @@ fn bad_values_fail_with_a_clear_message() {
             "URL-safe",
         ),
         (vec!["gateway.heartbeatS=60"], "proxyTimeoutS"),
+        (
+            vec!["nginx.tls.mode=off"],
+            "choose generate, secret or plaintext",
+        ),
+        (
+            vec!["nginx.tls.mode=secret"],
+            "needs nginx.tls.existingSecret",
+        ),
+        (
+            vec!["nginx.tls.existingSecret=device-tls"],
+            "with nginx.tls.mode=secret only",
+        ),
+        (
+            vec!["nginx.tls.mode=plaintext", "nginx.tls.clientCaSecret=ca"],
+            "clientCaSecret (device certificates) needs TLS",
+        ),
+        (
+            vec![
+                "loadBalancer.mode=ingressController",
+                "ingressController.configMapName=nginx-config",
+            ],
+            "set nginx.tls.mode=plaintext to acknowledge",
+        ),
     ] {
         let err = try_template(&default, &sets).expect_err(&format!("{sets:?} must be refused"));
         assert!(
@@ -1027,8 +1148,19 @@ fn notes_tell_how_to_connect_a_device_curl_the_bridge_and_use_the_nats_cli() {
                 "curl",
                 "nats --server",
                 "device-auth-secret",
+                "devgate-device-tls -o jsonpath='{.data.ca\\.crt}'",
+                "--tls-ca device-ca.crt --tls-server-name devgate-nginx --devices 3",
             ],
         ),
+        (
+            "device-tls-secret-values",
+            vec![
+                "Secret devgate-device-tls",
+                "mutual TLS",
+                "--tls-cert device.crt --tls-key device.key",
+            ],
+        ),
+        ("device-plaintext-values", vec!["WARNING", "PLAINTEXT"]),
         ("loadbalancer-values", vec!["loadBalancer.ingress", "curl"]),
         ("hostnetwork-values", vec!["<node IP>:7000"]),
         (
@@ -1064,6 +1196,61 @@ fn notes_tell_how_to_connect_a_device_curl_the_bridge_and_use_the_nats_cli() {
             assert!(notes.contains(n), "{name}: NOTES lack {n:?}:\n{notes}");
         }
     }
+}
+
+#[test]
+fn the_generated_device_certificate_is_signed_by_the_kept_ca_for_the_names_devices_dial() {
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+
+    let docs = render(
+        &combo("default"),
+        &[
+            "nginx.tls.dnsNames={devices.example.com}",
+            "nginx.tls.ipAddresses={203.0.113.7}",
+        ],
+    );
+    let ca_secret = one(&docs, "Secret", &full("device-ca"));
+    assert_eq!(
+        ca_secret["metadata"]["annotations"]["helm.sh/resource-policy"], "keep",
+        "devices trust the CA: an uninstall must not delete it"
+    );
+    let tls_secret = one(&docs, "Secret", &full("device-tls"));
+    assert_eq!(tls_secret["type"], "kubernetes.io/tls");
+    assert!(
+        tls_secret["data"].get("ca.key").is_none(),
+        "the CA's key stays out of the mounted Secret"
+    );
+    let pem = |secret: &Value, key: &str| base64_decode(secret["data"][key].as_str().expect(key));
+    assert_eq!(pem(tls_secret, "ca.crt"), pem(ca_secret, "ca.crt"));
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(&pem(ca_secret, "ca.crt")).expect("CA PEM"))
+        .expect("CA");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots.into(), provider)
+            .build()
+            .expect("verifier");
+    let cert = CertificateDer::from_pem_slice(&pem(tls_secret, "tls.crt")).expect("cert PEM");
+    let verify = |name: &str| {
+        let name = ServerName::try_from(name.to_owned()).expect("name");
+        verifier.verify_server_cert(&cert, &[], &name, &[], UnixTime::now())
+    };
+    for name in [
+        full("nginx"),
+        format!("{}.{NAMESPACE}.svc", full("nginx")),
+        "devices.example.com".to_owned(),
+        "203.0.113.7".to_owned(),
+    ] {
+        verify(&name).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    assert!(
+        verify("elsewhere.example.com").is_err(),
+        "a name not asked for"
+    );
 }
 
 #[test]

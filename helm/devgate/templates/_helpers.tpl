@@ -150,6 +150,29 @@ grace + 5 s margin. */}}
 {{- add .Values.gateway.preStopSleepSeconds $drainS 5 5 -}}
 {{- end -}}
 
+{{/* The Secret holding the devices' server certificate (tls.crt, tls.key) for nginx. */}}
+{{- define "devgate.deviceTls.secret" -}}
+{{- if eq .Values.nginx.tls.mode "secret" -}}
+{{ .Values.nginx.tls.existingSecret }}
+{{- else -}}
+{{ include "devgate.fullname" . }}-device-tls
+{{- end -}}
+{{- end -}}
+
+{{/* Volume mounts of the device TLS files, shared by nginx and lb-sync (nginx mode). */}}
+{{- define "devgate.deviceTls.mounts" -}}
+{{- if ne .Values.nginx.tls.mode "plaintext" }}
+- name: device-tls
+  mountPath: /etc/devgate-device-tls
+  readOnly: true
+{{- if .Values.nginx.tls.clientCaSecret }}
+- name: device-client-ca
+  mountPath: /etc/devgate-device-ca
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- end -}}
+
 {{/* Checks across values that a schema cannot express. */}}
 {{- define "devgate.validate" -}}
 {{- if not (has .Values.loadBalancer.mode (list "nginx" "ingressController")) -}}
@@ -157,6 +180,21 @@ grace + 5 s margin. */}}
 {{- end -}}
 {{- if and (eq .Values.loadBalancer.mode "ingressController") (not .Values.ingressController.configMapName) -}}
 {{- fail "loadBalancer.mode=ingressController needs ingressController.configMapName (the NGINX Inc. ingress controller's ConfigMap, in the release namespace)" -}}
+{{- end -}}
+{{- if not (has .Values.nginx.tls.mode (list "generate" "secret" "plaintext")) -}}
+{{- fail (printf "nginx.tls.mode %q: choose generate, secret or plaintext" .Values.nginx.tls.mode) -}}
+{{- end -}}
+{{- if and (eq .Values.nginx.tls.mode "secret") (not .Values.nginx.tls.existingSecret) -}}
+{{- fail "nginx.tls.mode=secret needs nginx.tls.existingSecret (a Secret with tls.crt and tls.key, e.g. from cert-manager)" -}}
+{{- end -}}
+{{- if and .Values.nginx.tls.existingSecret (ne .Values.nginx.tls.mode "secret") -}}
+{{- fail "nginx.tls.existingSecret is used with nginx.tls.mode=secret only" -}}
+{{- end -}}
+{{- if and (eq .Values.nginx.tls.mode "plaintext") .Values.nginx.tls.clientCaSecret -}}
+{{- fail "nginx.tls.clientCaSecret (device certificates) needs TLS: nginx.tls.mode generate or secret" -}}
+{{- end -}}
+{{- if and (eq .Values.loadBalancer.mode "ingressController") (ne .Values.nginx.tls.mode "plaintext") -}}
+{{- fail "loadBalancer.mode=ingressController: the ingress controller's nginx serves devices, so device TLS is configured there (or on a load balancer in front of it); set nginx.tls.mode=plaintext to acknowledge that this chart renders a plaintext listener" -}}
 {{- end -}}
 {{- if and .Values.nats.enabled (eq (mod (int .Values.nats.replicas) 2) 0) -}}
 {{- fail (printf "nats.replicas %v: use an odd number (1, 3, 5) so JetStream keeps a quorum" .Values.nats.replicas) -}}
