@@ -120,6 +120,8 @@ pub struct Config {
     /// PEM CAs that sign device certificates: devices must present one (mutual TLS), on top of
     /// their tokens.
     pub tls_client_ca: Option<PathBuf>,
+    /// With `tls_client_ca`: how many CAs may sit between a device certificate and that CA.
+    pub tls_verify_depth: u32,
     /// TLS versions offered to devices (TLSv1.2, TLSv1.3).
     pub tls_protocols: Vec<String>,
     /// Seconds a device may take to complete its TLS handshake.
@@ -172,6 +174,7 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
+            tls_verify_depth: 3,
             tls_protocols: TLS_PROTOCOLS.iter().map(|p| (*p).to_owned()).collect(),
             tls_handshake_timeout_s: 15,
             tls_session_cache: "10m".into(),
@@ -396,6 +399,7 @@ impl Config {
             ("tls_handshake_timeout_s", self.tls_handshake_timeout_s),
             ("tls_session_timeout_s", self.tls_session_timeout_s),
             ("tls_check_interval_s", self.tls_check_interval_s),
+            ("tls_verify_depth", u64::from(self.tls_verify_depth)),
         ] {
             if value == 0 {
                 problems.push(format!("{name} must be greater than 0"));
@@ -426,6 +430,7 @@ impl Config {
             cert,
             key,
             client_ca: self.tls_client_ca.clone(),
+            verify_depth: self.tls_verify_depth,
             protocols: self.tls_protocols.clone(),
             handshake_timeout_s: self.tls_handshake_timeout_s,
             session_cache: self.tls_session_cache.clone(),
@@ -618,6 +623,10 @@ pub struct Cli {
     #[arg(long, env = "DEVGATE_TLS_CLIENT_CA")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_client_ca: Option<PathBuf>,
+    /// With --tls-client-ca: CAs allowed between a device certificate and it [default: 3].
+    #[arg(long, env = "DEVGATE_TLS_VERIFY_DEPTH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_verify_depth: Option<u32>,
     /// TLS versions offered to devices, comma-separated [default: TLSv1.2,TLSv1.3].
     #[arg(long, env = "DEVGATE_TLS_PROTOCOLS", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Option::is_none")]

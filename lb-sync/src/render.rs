@@ -54,6 +54,9 @@ pub struct TlsSettings {
     /// PEM CAs that sign device certificates: when set, a device must present one (mutual
     /// TLS) on top of its token.
     pub client_ca: Option<PathBuf>,
+    /// `ssl_verify_depth` with a client CA: how many CAs may sit between a device certificate
+    /// and the CA given (nginx's default, 1, refuses certificates from an intermediate CA).
+    pub verify_depth: u32,
     /// `ssl_protocols`, e.g. `["TLSv1.2", "TLSv1.3"]`.
     pub protocols: Vec<String>,
     /// `ssl_handshake_timeout`, seconds: how long a connection may take to finish its
@@ -178,6 +181,7 @@ fn render_tls(out: &mut String, listen: SocketAddr, name: &str, tls: &TlsSetting
     if let Some(ca) = &tls.client_ca {
         let _ = writeln!(out, "    ssl_verify_client on;");
         let _ = writeln!(out, "    ssl_client_certificate {};", ca.display());
+        let _ = writeln!(out, "    ssl_verify_depth {};", tls.verify_depth);
     }
 }
 
@@ -271,6 +275,7 @@ mod tests {
             cert: "/etc/devgate-device-tls/tls.crt".into(),
             key: "/etc/devgate-device-tls/tls.key".into(),
             client_ca: client_ca.map(PathBuf::from),
+            verify_depth: 3,
             protocols: vec!["TLSv1.2".into(), "TLSv1.3".into()],
             handshake_timeout_s: 15,
             session_cache: "10m".into(),

@@ -42,9 +42,12 @@ pub fn fingerprint(files: &[&Path]) -> Result<String, TlsFileError> {
     Ok(hex::encode(&digest[..8]))
 }
 
-/// Re-reads `files` every `interval` until `shutdown` and publishes each new fingerprint. A file
-/// that cannot be read (mid-rotation, or removed) keeps the last good fingerprint, so nginx
-/// keeps serving what it has; the failure is logged once per distinct error and counted as
+/// Re-reads `files` every `interval` until `shutdown` and publishes each new fingerprint once
+/// two consecutive reads agree: the files are read one after another, and a renewal that
+/// replaces them at different moments (certbot; the kubelet's swap, read across it) would
+/// otherwise publish a certificate with the other one's key, which nginx refuses. A file that
+/// cannot be read (mid-rotation, or removed) keeps the last good fingerprint, so nginx keeps
+/// serving what it has; the failure is logged once per distinct error and counted as
 /// `failures{stage="tls_files"}`.
 pub async fn watch_files(
     files: Vec<PathBuf>,
@@ -55,6 +58,8 @@ pub async fn watch_files(
 ) {
     let paths: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
     let mut last_error: Option<String> = None;
+    // A changed fingerprint seen once, published when the next read agrees.
+    let mut candidate: Option<String> = None;
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -64,14 +69,21 @@ pub async fn watch_files(
         }
         match fingerprint(&paths) {
             Ok(new) => {
-                last_error = None;
-                if *tx.borrow() != new {
+                if last_error.take().is_some() {
+                    tracing::info!("device TLS files are readable again");
+                }
+                if *tx.borrow() == new {
+                    candidate = None;
+                } else if candidate.as_deref() == Some(new.as_str()) {
                     tracing::info!(
                         old = %*tx.borrow(),
                         new = %new,
                         "device TLS files changed; nginx will reload with them"
                     );
+                    candidate = None;
                     tx.send_replace(new);
+                } else {
+                    candidate = Some(new);
                 }
             }
             Err(error) => {
@@ -119,6 +131,40 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_state_seen_once_is_not_published() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cert = dir.path().join("tls.crt");
+        std::fs::write(&cert, "one").expect("write");
+        let (tx, mut rx) = watch::channel(fingerprint(&[&cert]).expect("fingerprint"));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(watch_files(
+            vec![cert.clone()],
+            Duration::from_secs(10),
+            tx,
+            Metrics::default(),
+            shutdown.clone(),
+        ));
+        // Checks run at t = 0, 10, 20, 30 s; the files change between them.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        std::fs::write(&cert, "half-renewed").expect("write");
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        std::fs::write(&cert, "renewed").expect("write");
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(
+            !rx.has_changed().expect("sender alive"),
+            "the state read only at t = 10 s must not be published"
+        );
+        rx.changed().await.expect("published at t = 30 s");
+        assert_eq!(
+            *rx.borrow(),
+            fingerprint(&[&cert]).expect("fingerprint"),
+            "the state two reads agreed on"
+        );
+        shutdown.cancel();
+        task.await.expect("watcher ends");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn renewed_files_are_published_and_unreadable_ones_keep_the_last() {
         let dir = tempfile::tempdir().expect("tempdir");
         let cert = dir.path().join("tls.crt");
@@ -136,10 +182,15 @@ mod tests {
         ));
 
         std::fs::write(&cert, "two").expect("rewrite");
+        let started = tokio::time::Instant::now();
         rx.changed().await.expect("a new fingerprint");
         let renewed = rx.borrow_and_update().clone();
         assert_ne!(renewed, initial);
         assert_eq!(renewed, fingerprint(&[&cert]).expect("fingerprint"));
+        assert!(
+            started.elapsed() >= Duration::from_secs(10),
+            "published only after a second read agreed"
+        );
 
         std::fs::remove_file(&cert).expect("remove");
         // Two more checks find nothing to read: the fingerprint stays, the failures count.

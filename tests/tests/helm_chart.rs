@@ -524,48 +524,49 @@ fn lb_sync_render(lb: &Value, root: &Path) -> String {
     devgate_lb_sync::render::render(&DesiredSet::from_endpoints(&[gateway]), &settings)
 }
 
-/// Puts the device TLS files where the pod mounts them (moved under `root`): the chart's own
-/// generated certificate, or the test fixtures standing in for an existing Secret.
+/// Puts the device TLS files where the nginx container mounts them (moved under `root`), as
+/// the volume's items name them: the chart's own generated Secret, or test fixtures standing
+/// in for an existing Secret (`tls.crt`/`tls.key`: the test server certificate; `ca.crt`: the
+/// test CA).
 fn place_device_tls(docs: &[Value], root: &Path, deploy: &Value) {
     let volumes = deploy["spec"]["template"]["spec"]["volumes"]
         .as_array()
         .expect("volumes");
-    let secret_of = |volume: &str| {
-        volumes.iter().find(|v| v["name"] == volume).map(|v| {
-            v["secret"]["secretName"]
-                .as_str()
-                .expect("secretName")
-                .to_owned()
-        })
-    };
-    let write = |dir: &str, name: &str, bytes: &[u8]| {
+    let mounts = container(deploy, "nginx")["volumeMounts"]
+        .as_array()
+        .expect("mounts");
+    for volume in ["device-tls", "device-client-ca"] {
+        let Some(v) = volumes.iter().find(|v| v["name"] == volume) else {
+            continue;
+        };
+        let dir = mounts
+            .iter()
+            .find(|m| m["name"] == volume)
+            .and_then(|m| m["mountPath"].as_str())
+            .unwrap_or_else(|| panic!("nginx does not mount {volume}"));
         let dir = format!("{}{dir}", root.display());
         std::fs::create_dir_all(&dir).expect("mkdir");
-        std::fs::write(format!("{dir}/{name}"), bytes).expect("write TLS file");
-    };
-    if let Some(secret) = secret_of("device-tls") {
+        let secret = v["secret"]["secretName"].as_str().expect("secretName");
         let rendered = kind(docs, "Secret")
             .into_iter()
-            .find(|s| s["metadata"]["name"] == secret.as_str());
-        match rendered {
-            Some(s) => {
-                for key in ["tls.crt", "tls.key"] {
-                    let b64 = s["data"][key].as_str().expect("generated key");
-                    write("/etc/devgate-device-tls", key, &base64_decode(b64));
+            .find(|s| s["metadata"]["name"] == secret);
+        for item in v["secret"]["items"].as_array().expect("items") {
+            let key = item["key"].as_str().expect("key");
+            let bytes = match rendered {
+                Some(s) => base64_decode(s["data"][key].as_str().expect("generated key")),
+                None => {
+                    let fixture = match key {
+                        "tls.crt" => "server.pem",
+                        "tls.key" => "server.key",
+                        "ca.crt" => "ca.pem",
+                        other => panic!("unexpected key {other}"),
+                    };
+                    std::fs::read(devgate_tests::nats::tls_fixture(fixture)).expect("fixture")
                 }
-            }
-            None => {
-                for (key, fixture) in [("tls.crt", "server.pem"), ("tls.key", "server.key")] {
-                    let bytes =
-                        std::fs::read(devgate_tests::nats::tls_fixture(fixture)).expect("fixture");
-                    write("/etc/devgate-device-tls", key, &bytes);
-                }
-            }
+            };
+            let path = item["path"].as_str().expect("path");
+            std::fs::write(format!("{dir}/{path}"), bytes).expect("write TLS file");
         }
-    }
-    if secret_of("device-client-ca").is_some() {
-        let bytes = std::fs::read(devgate_tests::nats::tls_fixture("ca.pem")).expect("fixture");
-        write("/etc/devgate-device-ca", "ca.crt", &bytes);
     }
 }
 
@@ -677,6 +678,7 @@ fn the_rendered_nginx_config_passes_nginx_t_through_lb_syncs_own_command() {
             "plaintext" => assert!(!upstream.contains("ssl"), "{name}: {upstream}"),
             "secret" => {
                 assert!(upstream.contains("ssl_verify_client on;"), "{upstream}");
+                assert!(upstream.contains("ssl_verify_depth 3;"), "{upstream}");
                 assert!(upstream.contains("ssl_protocols TLSv1.3;"), "{upstream}");
             }
             _ => assert!(
@@ -1109,6 +1111,16 @@ fn bad_values_fail_with_a_clear_message() {
             vec!["nginx.tls.mode=off"],
             "choose generate, secret or plaintext",
         ),
+        (vec!["nginx.tls=null"], "--reset-then-reuse-values"),
+        (vec!["nginx.tls.ca.cert=x"], "go together"),
+        (
+            vec![
+                "nginx.tls.mode=plaintext",
+                "nginx.tls.ca.cert=x",
+                "nginx.tls.ca.key=y",
+            ],
+            "with nginx.tls.mode=generate only",
+        ),
         (
             vec!["nginx.tls.mode=secret"],
             "needs nginx.tls.existingSecret",
@@ -1200,23 +1212,54 @@ fn notes_tell_how_to_connect_a_device_curl_the_bridge_and_use_the_nats_cli() {
 
 #[test]
 fn the_generated_device_certificate_is_signed_by_the_kept_ca_for_the_names_devices_dial() {
+    let names = [
+        "nginx.tls.dnsNames={devices.example.com}",
+        "nginx.tls.ipAddresses={203.0.113.7}",
+    ];
+    // A CA created by the chart (what `helm template` shows; an install keeps the first one)...
+    check_generated_device_certificate(&render(&combo("default"), &names), None);
+    // ...and one given in values, for renders without the cluster (GitOps).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let indent = |path: PathBuf| {
+        std::fs::read_to_string(path)
+            .expect("fixture")
+            .lines()
+            .map(|l| format!("        {l}\n"))
+            .collect::<String>()
+    };
+    let values = dir.path().join("ca-values.yaml");
+    let ca_pem = devgate_tests::nats::tls_fixture("ca.pem");
+    std::fs::write(
+        &values,
+        format!(
+            "nginx:\n  tls:\n    ca:\n      cert: |\n{}      key: |\n{}",
+            indent(ca_pem.clone()),
+            indent(devgate_tests::nats::tls_fixture("ca.key"))
+        ),
+    )
+    .expect("write values");
+    let given = Combo {
+        name: "ca-from-values".into(),
+        file: Some(values),
+    };
+    let expected_ca = std::fs::read(&ca_pem).expect("fixture");
+    check_generated_device_certificate(&render(&given, &names), Some(&expected_ca));
+}
+
+/// The generated device Secrets: the CA kept (and, if given, the expected one), its key out of
+/// the mounted Secret, and the server certificate valid under it for the Service's names and
+/// the extra ones only.
+fn check_generated_device_certificate(docs: &[Value], expected_ca: Option<&[u8]>) {
     use rustls::client::danger::ServerCertVerifier;
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 
-    let docs = render(
-        &combo("default"),
-        &[
-            "nginx.tls.dnsNames={devices.example.com}",
-            "nginx.tls.ipAddresses={203.0.113.7}",
-        ],
-    );
-    let ca_secret = one(&docs, "Secret", &full("device-ca"));
+    let ca_secret = one(docs, "Secret", &full("device-ca"));
     assert_eq!(
         ca_secret["metadata"]["annotations"]["helm.sh/resource-policy"], "keep",
         "devices trust the CA: an uninstall must not delete it"
     );
-    let tls_secret = one(&docs, "Secret", &full("device-tls"));
+    let tls_secret = one(docs, "Secret", &full("device-tls"));
     assert_eq!(tls_secret["type"], "kubernetes.io/tls");
     assert!(
         tls_secret["data"].get("ca.key").is_none(),
@@ -1224,6 +1267,14 @@ fn the_generated_device_certificate_is_signed_by_the_kept_ca_for_the_names_devic
     );
     let pem = |secret: &Value, key: &str| base64_decode(secret["data"][key].as_str().expect(key));
     assert_eq!(pem(tls_secret, "ca.crt"), pem(ca_secret, "ca.crt"));
+    if let Some(expected) = expected_ca {
+        let der = |bytes: &[u8]| CertificateDer::from_pem_slice(bytes).expect("PEM").to_vec();
+        assert_eq!(
+            der(&pem(ca_secret, "ca.crt")),
+            der(expected),
+            "the CA given"
+        );
+    }
 
     let mut roots = rustls::RootCertStore::empty();
     roots

@@ -69,7 +69,8 @@ struct Args {
     /// PEM CA bundle that signs the balancer's certificate (implies --tls).
     #[arg(long)]
     tls_ca: Option<PathBuf>,
-    /// Name to verify the balancer's certificate against [default: the --gateway IP].
+    /// Name to verify the balancer's certificate against (implies --tls) [default: the
+    /// --gateway IP].
     #[arg(long)]
     tls_server_name: Option<String>,
     /// PEM client certificate, for balancers that verify devices (with --tls-key).
@@ -83,7 +84,11 @@ struct Args {
 impl Args {
     /// The TLS settings when any TLS flag is given, read once for every device.
     fn device_tls(&self) -> anyhow::Result<Option<Arc<DeviceTls>>> {
-        if !self.tls && self.tls_ca.is_none() && self.tls_cert.is_none() {
+        if !self.tls
+            && self.tls_ca.is_none()
+            && self.tls_cert.is_none()
+            && self.tls_server_name.is_none()
+        {
             return Ok(None);
         }
         let files = TlsFiles {

@@ -181,6 +181,9 @@ grace + 5 s margin. */}}
 {{- if and (eq .Values.loadBalancer.mode "ingressController") (not .Values.ingressController.configMapName) -}}
 {{- fail "loadBalancer.mode=ingressController needs ingressController.configMapName (the NGINX Inc. ingress controller's ConfigMap, in the release namespace)" -}}
 {{- end -}}
+{{- if not (kindIs "map" .Values.nginx.tls) -}}
+{{- fail "nginx.tls is missing: this chart version added device TLS. Upgrade with --reset-then-reuse-values (not --reuse-values), and see docs/deploy.md, section Upgrading to device TLS" -}}
+{{- end -}}
 {{- if not (has .Values.nginx.tls.mode (list "generate" "secret" "plaintext")) -}}
 {{- fail (printf "nginx.tls.mode %q: choose generate, secret or plaintext" .Values.nginx.tls.mode) -}}
 {{- end -}}
@@ -190,11 +193,17 @@ grace + 5 s margin. */}}
 {{- if and .Values.nginx.tls.existingSecret (ne .Values.nginx.tls.mode "secret") -}}
 {{- fail "nginx.tls.existingSecret is used with nginx.tls.mode=secret only" -}}
 {{- end -}}
+{{- if ne (not .Values.nginx.tls.ca.cert) (not .Values.nginx.tls.ca.key) -}}
+{{- fail "nginx.tls.ca.cert and nginx.tls.ca.key go together" -}}
+{{- end -}}
+{{- if and .Values.nginx.tls.ca.cert (ne .Values.nginx.tls.mode "generate") -}}
+{{- fail "nginx.tls.ca signs the generated certificate: it is used with nginx.tls.mode=generate only" -}}
+{{- end -}}
 {{- if and (eq .Values.nginx.tls.mode "plaintext") .Values.nginx.tls.clientCaSecret -}}
 {{- fail "nginx.tls.clientCaSecret (device certificates) needs TLS: nginx.tls.mode generate or secret" -}}
 {{- end -}}
 {{- if and (eq .Values.loadBalancer.mode "ingressController") (ne .Values.nginx.tls.mode "plaintext") -}}
-{{- fail "loadBalancer.mode=ingressController: the ingress controller's nginx serves devices, so device TLS is configured there (or on a load balancer in front of it); set nginx.tls.mode=plaintext to acknowledge that this chart renders a plaintext listener" -}}
+{{- fail "loadBalancer.mode=ingressController: lb-sync renders the controller's device listener, in plaintext (device TLS is then only possible on a load balancer in front of the controller); set nginx.tls.mode=plaintext to acknowledge it" -}}
 {{- end -}}
 {{- if and .Values.nats.enabled (eq (mod (int .Values.nats.replicas) 2) 0) -}}
 {{- fail (printf "nats.replicas %v: use an odd number (1, 3, 5) so JetStream keeps a quorum" .Values.nats.replicas) -}}
