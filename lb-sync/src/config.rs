@@ -60,6 +60,8 @@ pub struct Config {
     pub proxy_timeout_s: u64,
     /// nginx `proxy_connect_timeout` in seconds.
     pub proxy_connect_timeout_s: u64,
+    /// nginx `proxy_buffer_size` per direction of each device connection (an nginx size).
+    pub proxy_buffer_size: String,
     /// nginx `max_fails` per server (0 disables failure accounting).
     pub max_fails: u32,
     /// nginx `fail_timeout` per server, in seconds.
@@ -148,6 +150,7 @@ impl Default for Config {
             proxy_protocol: r.proxy_protocol,
             proxy_timeout_s: r.proxy_timeout_s,
             proxy_connect_timeout_s: r.proxy_connect_timeout_s,
+            proxy_buffer_size: r.proxy_buffer_size,
             max_fails: r.max_fails,
             fail_timeout_s: r.fail_timeout_s,
             debounce_ms: 200,
@@ -216,6 +219,12 @@ impl Validate for Config {
             problems.push(format!(
                 "upstream_name {:?} must be non-empty and only A-Z, a-z, 0-9, '_'",
                 self.upstream_name
+            ));
+        }
+        if !is_nginx_size(&self.proxy_buffer_size) {
+            problems.push(format!(
+                "proxy_buffer_size {:?} must be an nginx size such as 4k",
+                self.proxy_buffer_size
             ));
         }
         if self.listen.port() == 0 {
@@ -447,6 +456,7 @@ impl Config {
             proxy_protocol: self.proxy_protocol,
             proxy_timeout_s: self.proxy_timeout_s,
             proxy_connect_timeout_s: self.proxy_connect_timeout_s,
+            proxy_buffer_size: self.proxy_buffer_size.clone(),
             max_fails: self.max_fails,
             fail_timeout_s: self.fail_timeout_s,
             tls: self.device_tls(),
@@ -524,6 +534,10 @@ pub struct Cli {
     #[arg(long, env = "DEVGATE_PROXY_CONNECT_TIMEOUT_S")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub proxy_connect_timeout_s: Option<u64>,
+    /// nginx proxy_buffer_size per direction of a device connection [default: 4k].
+    #[arg(long, env = "DEVGATE_PROXY_BUFFER_SIZE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_buffer_size: Option<String>,
     /// nginx max_fails per server [default: 3].
     #[arg(long, env = "DEVGATE_MAX_FAILS")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -850,6 +864,16 @@ mod tests {
             err.to_string().contains("tls_cert needs --sink file"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_proxy_buffer_is_small_by_default_and_must_be_an_nginx_size() {
+        let c = cli(&out_flag()).into_config().expect("defaults");
+        assert_eq!(c.render_settings().proxy_buffer_size, "4k");
+        let mut args = vec!["--proxy-buffer-size", "4 kilobytes"];
+        args.extend(out_flag());
+        let err = cli(&args).into_config().expect_err("not a size");
+        assert!(err.to_string().contains("proxy_buffer_size"), "{err}");
     }
 
     #[test]
