@@ -91,6 +91,25 @@ pub enum Uplink {
     Dropped,
 }
 
+/// How the re-check of one session after a NATS reconnect ended (`reclaim.rs`): the split
+/// brain it heals is invisible otherwise, and an operator needs to see it happen, or see that
+/// a mixed-version cluster could not take part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reclaim {
+    /// Nobody else held the device.
+    Clear,
+    /// A session elsewhere held it and let go (it was older).
+    TookBack,
+    /// A newer session elsewhere held it: this one was released.
+    Lost,
+    /// The holder's answer was not a claim reply (a gateway without `reclaim`): kept as is.
+    Unreadable,
+    /// No answer in time (NATS went away again): kept, the next reconnect re-checks.
+    Unanswered,
+    /// The session ended or was replaced before its re-check.
+    Ended,
+}
+
 /// All gateway metrics, cheap to clone (every handle is an `Arc`).
 #[derive(Clone)]
 pub struct Metrics {
@@ -119,6 +138,7 @@ pub struct Metrics {
     errors: [Counter; 13],
     downlink: [Counter; 6],
     uplink: [Counter; 4],
+    reclaims: [Counter; 6],
 }
 
 impl Metrics {
@@ -215,6 +235,20 @@ impl Metrics {
             "Uplink messages by outcome",
             &["published", "acked", "unconfirmed", "dropped"],
         );
+        let reclaim_outcomes = outcome_family(
+            reg,
+            "reclaims",
+            "Sessions re-checked after a NATS reconnect, by outcome",
+            &[
+                "clear",
+                "took_back",
+                "lost",
+                "unreadable",
+                "unanswered",
+                "ended",
+            ],
+        );
+        let reclaims: [Counter; 6] = std::array::from_fn(|i| reclaim_outcomes[i].clone());
         let downlink: [Counter; 6] = std::array::from_fn(|i| down[i].clone());
         let uplink: [Counter; 4] = std::array::from_fn(|i| up[i].clone());
 
@@ -234,6 +268,7 @@ impl Metrics {
             errors,
             downlink,
             uplink,
+            reclaims,
         }
     }
 
@@ -268,6 +303,11 @@ impl Metrics {
     /// Counts one uplink outcome.
     pub fn uplink(&self, outcome: Uplink) {
         self.uplink[outcome as usize].inc();
+    }
+
+    /// Counts how one session's re-check after a NATS reconnect ended.
+    pub fn reclaim(&self, outcome: Reclaim) {
+        self.reclaims[outcome as usize].inc();
     }
 }
 

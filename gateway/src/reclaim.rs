@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 
 use crate::bus::RequestError;
 use crate::contract::{ClaimKey, DeviceId, subjects, subjects::ControlOp};
+use crate::metrics::Reclaim;
 use crate::server::Shared;
 use crate::session::{ClaimRound, MAX_CLAIM_ROUNDS, claim_request};
 
@@ -69,11 +70,16 @@ async fn sweep(shared: &Shared) {
         .for_each_concurrent(CONCURRENCY, |(id, session, login_ns)| {
             let unanswered = &unanswered;
             async move {
-                if let Err(error) = reclaim(shared, id, session, login_ns).await
-                    && unanswered.fetch_add(1, Ordering::Relaxed) == 0
-                {
-                    tracing::warn!(instance = %shared.instance, %error, "a reclaim got no answer; its session stays, and the next reconnect re-checks it");
-                }
+                let outcome = match reclaim(shared, id, session, login_ns).await {
+                    Ok(outcome) => outcome,
+                    Err(error) => {
+                        if unanswered.fetch_add(1, Ordering::Relaxed) == 0 {
+                            tracing::warn!(instance = %shared.instance, %error, "a reclaim got no answer; its session stays, and the next reconnect re-checks it");
+                        }
+                        Reclaim::Unanswered
+                    }
+                };
+                shared.metrics.reclaim(outcome);
             }
         })
         .await;
@@ -89,37 +95,45 @@ async fn reclaim(
     id: DeviceId,
     session: String,
     login_ns: u64,
-) -> Result<(), RequestError> {
+) -> Result<Reclaim, RequestError> {
     let key = ClaimKey {
         login_ns,
         gateway: shared.instance.clone(),
         session,
     };
     let down = subjects::down(&id);
+    let mut took_back = false;
+    let settled = |took_back| {
+        if took_back {
+            Reclaim::TookBack
+        } else {
+            Reclaim::Clear
+        }
+    };
     for _ in 0..MAX_CLAIM_ROUNDS {
         // Only for a session that still holds the device here: the key of one that ended
         // would make a live holder elsewhere yield for nothing.
         if shared.registry.login_ns(&id, &key.session) != Some(key.login_ns) {
-            return Ok(());
+            return Ok(Reclaim::Ended);
         }
-        match claim_request(shared, ControlOp::Reclaim, &down, &key).await {
+        match claim_request(shared, ControlOp::Reclaim, &down, &key).await? {
             // Nobody else holds it.
-            Ok(Some(ClaimRound::Clear)) => return Ok(()),
+            Some(ClaimRound::Clear) => return Ok(settled(took_back)),
             // An older session let go; another may remain.
-            Ok(Some(ClaimRound::Released)) => continue,
+            Some(ClaimRound::Released) => took_back = true,
             // Not an answer to decide on (a gateway that does not know `reclaim` yet): this
             // session stays, as it would without the reclaim.
-            Ok(None) => return Ok(()),
-            Ok(Some(ClaimRound::Superseded)) => {
+            None => return Ok(Reclaim::Unreadable),
+            Some(ClaimRound::Superseded) => {
                 // False: the session ended or is being replaced anyway.
-                if shared.registry.release(&id, &key.session) {
-                    shared.metrics.reclaims_lost.inc();
-                    tracing::warn!(device_id = %id, session = %key.session, "a newer session of this device was welcomed elsewhere while NATS was away; releasing this one");
+                if !shared.registry.release(&id, &key.session) {
+                    return Ok(Reclaim::Ended);
                 }
-                return Ok(());
+                shared.metrics.reclaims_lost.inc();
+                tracing::warn!(device_id = %id, session = %key.session, "a newer session of this device was welcomed elsewhere while NATS was away; releasing this one");
+                return Ok(Reclaim::Lost);
             }
-            Err(error) => return Err(error),
         }
     }
-    Ok(())
+    Ok(settled(took_back))
 }

@@ -12,13 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{http_get, wait_for};
+use common::{file_config, http_get, wait_for};
 use devgate_gateway::bus::tls::TlsFiles;
 use devgate_gateway::client::{ClientError, DeviceClient, DeviceTls};
 use devgate_gateway::common::Validate;
 use devgate_gateway::server::Gateway;
 use devgate_lb_sync::LbSync;
-use devgate_lb_sync::config::{Config, SinkKind, SourceKind};
+use devgate_lb_sync::config::{Config, SourceKind};
 use devgate_tests::NatsServer;
 use devgate_tests::gateway::{config as gateway_config, start_with, token};
 use devgate_tests::nats::tls_fixture;
@@ -46,20 +46,12 @@ impl Stack {
         let config = Config {
             source: SourceKind::Static,
             static_endpoints: vec![gateway.device_addr().to_string()],
-            sink: SinkKind::File,
-            listen: nginx.addr(),
-            http_listen: "127.0.0.1:0".parse().expect("addr"),
-            output: Some(nginx.upstream_path()),
-            validate_cmd: nginx.validate_cmd(),
-            reload_cmd: nginx.reload_cmd(),
-            debounce_ms: 50,
-            min_reload_interval_ms: 200,
             proxy_protocol: true,
             tls_cert: Some(cert.to_owned()),
             tls_key: Some(key.to_owned()),
             tls_client_ca: client_ca.map(Path::to_owned),
             tls_check_interval_s: check_s,
-            ..Config::default()
+            ..file_config(&nginx)
         };
         config.validate().expect("valid config");
         let lb = devgate_lb_sync::start(config, CancellationToken::new())
@@ -80,6 +72,17 @@ impl Stack {
             nginx,
             lb,
         }
+    }
+
+    /// The usual case: the test server certificate, no client CA.
+    async fn start_with_server_certificate() -> Stack {
+        Stack::start(
+            &tls_fixture("server.pem"),
+            &tls_fixture("server.key"),
+            None,
+            10,
+        )
+        .await
     }
 
     /// Logs `id` in through nginx over TLS (as a device trusting `ca`, with `client` if given).
@@ -139,13 +142,7 @@ async fn refused(stack: &Stack, id: &str, ca: &str, client: Option<(&str, &str)>
 
 #[tokio::test]
 async fn devices_log_in_over_tls_and_plaintext_or_an_untrusted_certificate_gets_nowhere() {
-    let stack = Stack::start(
-        &tls_fixture("server.pem"),
-        &tls_fixture("server.key"),
-        None,
-        10,
-    )
-    .await;
+    let stack = Stack::start_with_server_certificate().await;
     let rendered = std::fs::read_to_string(stack.nginx.upstream_path()).expect("render");
     assert!(rendered.contains(" ssl;"), "{rendered}");
     assert!(!rendered.contains("ssl_verify_client"), "{rendered}");
@@ -316,13 +313,7 @@ fn devsim(stack: &Stack, id: &str, tls_args: &[&str]) -> tokio::process::Child {
 #[tokio::test]
 async fn devsim_dials_tls_with_the_ca_and_says_why_when_it_cannot() {
     use futures::StreamExt;
-    let stack = Stack::start(
-        &tls_fixture("server.pem"),
-        &tls_fixture("server.key"),
-        None,
-        10,
-    )
-    .await;
+    let stack = Stack::start_with_server_certificate().await;
     let service = stack.nats.client().await;
     let mut ups = service.subscribe("device.*.up").await.expect("subscribe");
     devgate_tests::nats::processed(&service).await;

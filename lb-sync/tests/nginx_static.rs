@@ -8,8 +8,8 @@ use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Device, EchoGateway, http_get, wait_for};
-use devgate_lb_sync::config::{Config, SinkKind, SourceKind};
+use common::{Device, EchoGateway, file_config, http_get, wait_for};
+use devgate_lb_sync::config::{Config, SourceKind};
 use devgate_lb_sync::endpoints::DesiredSet;
 use devgate_lb_sync::render::{RenderSettings, render};
 use devgate_tests::nginx::{Nginx, placeholder_stream};
@@ -77,20 +77,6 @@ fn the_empty_placeholder_refuses_devices_cleanly() {
         device.gateway, None,
         "nothing can answer behind the placeholder"
     );
-}
-
-fn file_config(nginx: &Nginx) -> Config {
-    Config {
-        sink: SinkKind::File,
-        listen: nginx.addr(),
-        http_listen: "127.0.0.1:0".parse().expect("addr"),
-        output: Some(nginx.upstream_path()),
-        validate_cmd: nginx.validate_cmd(),
-        reload_cmd: nginx.reload_cmd(),
-        debounce_ms: 50,
-        min_reload_interval_ms: 200,
-        ..Config::default()
-    }
 }
 
 #[tokio::test]

@@ -12,9 +12,11 @@ use devgate_gateway::contract::{
     ClaimKey, ClaimReply, ClaimRequest, ControlError, DeliveryReply, DeliveryStatus, DeviceId,
     headers, subjects, subjects::ControlOp,
 };
+use devgate_gateway::server::Gateway;
 use devgate_tests::NatsServer;
 use devgate_tests::cut::CuttableLink;
 use devgate_tests::gateway::{config, device, start, start_with, try_device};
+use futures::StreamExt;
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -53,6 +55,28 @@ async fn request_sent(
         }
     }
     panic!("device never became reachable")
+}
+
+/// Waits until `gw`'s `/metrics` contain `line` (a counter reaching a value); metrics have no
+/// event to await, so this polls, with a deadline.
+async fn metric_reaches(gw: &Gateway, line: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = reqwest::get(format!("http://{}/metrics", gw.http_addr()))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        if text.lines().any(|l| l == line) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{line} never appeared in:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]
@@ -366,4 +390,63 @@ async fn after_a_nats_outage_a_session_kept_through_it_yields_to_a_login_welcome
         ("gw-a", alone_welcome.session.as_str())
     );
     assert_eq!(&alone.recv_down().await.expect("down").1[..], b"alone");
+    // And the operator sees both re-checks.
+    metric_reaches(&gw_a, "devgate_gateway_reclaims_total{outcome=\"lost\"} 1").await;
+    metric_reaches(&gw_a, "devgate_gateway_reclaims_total{outcome=\"clear\"} 1").await;
+}
+
+#[tokio::test]
+async fn a_reclaim_answered_by_a_gateway_without_reclaim_leaves_the_session_as_it_was() {
+    let nats = NatsServer::start();
+    let link = CuttableLink::start(([127, 0, 0, 1], nats.port()).into()).await;
+    let gw = start_with(Config {
+        nats_url: format!("nats://{}", link.addr()),
+        ..config(&nats, "gw-new")
+    })
+    .await;
+    let (mut dev, welcome) = device(&gw, "dev-1").await;
+
+    // A gateway of the previous version holding dev-1 as well (as after an outage). It
+    // answers a control request it does not know with `bad_request`, as those gateways did.
+    let old = nats.client().await;
+    let mut held = old.subscribe(down("dev-1")).await.expect("subscribe");
+    devgate_tests::nats::processed(&old).await;
+
+    link.cut();
+    tokio::time::timeout(WAIT, gw.wait_disconnected())
+        .await
+        .expect("the gateway notices the outage");
+    link.restore();
+    let reclaim = tokio::time::timeout(WAIT, held.next())
+        .await
+        .expect("the re-check after the reconnect arrives")
+        .expect("message");
+    let op = reclaim
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(headers::CONTROL))
+        .map(|v| v.as_str().to_owned());
+    assert_eq!(op.as_deref(), Some("reclaim"));
+    let refusal = ControlError {
+        error: "bad_request".into(),
+        message: "unknown Devgate-Control value \"reclaim\"".into(),
+    };
+    old.publish(
+        reclaim.reply.expect("a request"),
+        serde_json::to_vec(&refusal).expect("json").into(),
+    )
+    .await
+    .expect("answer");
+
+    // Not taken for "released" (which would ask again and, unanswered, end as such): the
+    // re-check ends at once, and the session stays as it would have without it.
+    metric_reaches(
+        &gw,
+        "devgate_gateway_reclaims_total{outcome=\"unreadable\"} 1",
+    )
+    .await;
+    let service = nats.client().await;
+    let reply = request_sent(&service, &down("dev-1"), Bytes::from_static(b"still here")).await;
+    assert_eq!(reply.session, welcome.session);
+    assert_eq!(&dev.recv_down().await.expect("down").1[..], b"still here");
 }

@@ -1,11 +1,13 @@
 //! Helpers shared by lb-sync's integration tests: stand-in gateways that say who they are, a
-//! minimal HTTP GET, and polling with a deadline.
+//! minimal HTTP GET, polling with a deadline, and the file-sink configuration for a test nginx.
 #![allow(dead_code)]
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use devgate_lb_sync::config::{Config, SinkKind};
+use devgate_tests::nginx::Nginx;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -119,6 +121,22 @@ impl Device {
             .await
             .ok()?
             .ok()?
+    }
+}
+
+/// lb-sync writing `nginx`'s include, validating and reloading it with nginx's own commands,
+/// with short pacing for tests.
+pub fn file_config(nginx: &Nginx) -> Config {
+    Config {
+        sink: SinkKind::File,
+        listen: nginx.addr(),
+        http_listen: "127.0.0.1:0".parse().expect("addr"),
+        output: Some(nginx.upstream_path()),
+        validate_cmd: nginx.validate_cmd(),
+        reload_cmd: nginx.reload_cmd(),
+        debounce_ms: 50,
+        min_reload_interval_ms: 200,
+        ..Config::default()
     }
 }
 
