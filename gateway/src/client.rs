@@ -87,8 +87,9 @@ impl DeviceTls {
         })
     }
 
-    /// Runs the handshake over a connected socket.
-    async fn wrap(&self, stream: TcpStream) -> Result<Box<dyn DeviceIo>, ClientError> {
+    /// Runs the handshake over a connected socket (the load tool uses it for its own
+    /// connections too).
+    pub async fn wrap(&self, stream: TcpStream) -> Result<Box<dyn DeviceIo>, ClientError> {
         let connector = tokio_rustls::TlsConnector::from(self.config.clone());
         let tls = connector
             .connect(self.server_name.clone(), stream)

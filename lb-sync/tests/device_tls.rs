@@ -343,3 +343,47 @@ async fn devsim_dials_tls_with_the_ca_and_says_why_when_it_cannot() {
         "{stderr}"
     );
 }
+
+/// The load tool's devices (`devgate-bench devices --tls-ca`, used by `.ci/bench-nginx`) over
+/// TLS: they log in through nginx, and with a CA that does not vouch for nginx they fail with
+/// the reason.
+#[tokio::test]
+async fn the_load_tool_logs_devices_in_over_tls() {
+    use devgate_gateway::bench::fleet::{Command, Fleet, FleetConfig, FleetTls, Protocol, Reply};
+    let stack = Stack::start_with_server_certificate().await;
+    let fleet = |prefix: &str, ca: &str| {
+        Fleet::new(FleetConfig {
+            protocol: Protocol::Devgate,
+            addr: stack.nginx.addr(),
+            source_ip: None,
+            id_prefix: prefix.into(),
+            first: 1,
+            auth_secret: Some(devgate_gateway::common::Secret::new(
+                devgate_tests::gateway::SECRET,
+            )),
+            connect_concurrency: 8,
+            ping_s: 15,
+            tls: Some(FleetTls {
+                ca: tls_fixture(ca),
+                server_name: "localhost".into(),
+            }),
+        })
+    };
+    let mut trusted = fleet("load-", "ca.pem");
+    match trusted.handle(Command::Connect { n: 20 }).await {
+        Reply::Connected { ok, failed, .. } => assert_eq!((ok, failed), (20, 0)),
+        other => panic!("{other:?}"),
+    }
+    let mut untrusting = fleet("lost-", "other-ca.pem");
+    match untrusting.handle(Command::Connect { n: 2 }).await {
+        Reply::Connected {
+            ok, first_error, ..
+        } => {
+            assert_eq!(ok, 0);
+            let error = first_error.unwrap_or_default();
+            assert!(error.contains("UnknownIssuer"), "{error}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let _ = trusted.handle(Command::Disconnect).await;
+}

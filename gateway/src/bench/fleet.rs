@@ -11,14 +11,14 @@
 //! address.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{Semaphore, oneshot, watch};
 use tokio::time::Instant;
@@ -28,6 +28,8 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::device_token;
 use crate::bench::hist::{Histogram, Sparse};
 use crate::bench::mqtt;
+use crate::bus::tls::TlsFiles;
+use crate::client::DeviceTls;
 use crate::codec::{Frame, FrameCodec, Hello, Welcome};
 use crate::common::{Secret, unix_ns};
 
@@ -60,6 +62,18 @@ pub struct FleetConfig {
     pub connect_concurrency: usize,
     /// PING (devgate) / PINGREQ (MQTT) period.
     pub ping_s: u64,
+    /// TLS to the address (a balancer that terminates it); `None`: plaintext.
+    #[serde(default)]
+    pub tls: Option<FleetTls>,
+}
+
+/// TLS settings of a fleet: what each device trusts and checks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FleetTls {
+    /// PEM CA bundle that signs the balancer's certificate.
+    pub ca: PathBuf,
+    /// Name to check the certificate against.
+    pub server_name: String,
 }
 
 /// What the orchestrator asks of a fleet.
@@ -250,6 +264,8 @@ pub struct Fleet {
     next_id: usize,
     alive: usize,
     connect_limit: Arc<Semaphore>,
+    /// The TLS client built once from `config.tls`, or why it could not be.
+    tls: Result<Option<Arc<DeviceTls>>, String>,
 }
 
 /// Why a device's connection ended.
@@ -279,7 +295,20 @@ impl Fleet {
     /// An empty fleet.
     pub fn new(config: FleetConfig) -> Self {
         let connect_limit = Arc::new(Semaphore::new(config.connect_concurrency.max(1)));
+        let tls = config
+            .tls
+            .as_ref()
+            .map(|t| {
+                let files = TlsFiles {
+                    ca: Some(t.ca.clone()),
+                    client: None,
+                };
+                DeviceTls::new(&files, &t.server_name).map(Arc::new)
+            })
+            .transpose()
+            .map_err(|e| e.to_string());
         Fleet {
+            tls,
             next_id: config.first,
             config,
             stats: Arc::new(Stats::default()),
@@ -353,6 +382,17 @@ impl Fleet {
 
     async fn connect(&mut self, n: usize) -> Reply {
         let start = Instant::now();
+        let tls = match &self.tls {
+            Ok(tls) => tls.clone(),
+            Err(e) => {
+                return Reply::Connected {
+                    ok: 0,
+                    failed: n,
+                    elapsed_ms: 0.0,
+                    first_error: Some(format!("TLS settings: {e}")),
+                };
+            }
+        };
         let mut firsts = Vec::with_capacity(n);
         for _ in 0..n {
             let id = format!("{}{}", self.config.id_prefix, self.next_id);
@@ -370,6 +410,7 @@ impl Fleet {
                 id,
                 index,
                 config: self.config.clone(),
+                tls: tls.clone(),
                 stats: self.stats.clone(),
                 mode: self.mode.subscribe(),
                 stop: self.stop.clone(),
@@ -403,6 +444,7 @@ struct Device {
     token: String,
     index: usize,
     config: FleetConfig,
+    tls: Option<Arc<DeviceTls>>,
     stats: Arc<Stats>,
     mode: watch::Receiver<Mode>,
     stop: CancellationToken,
@@ -487,7 +529,23 @@ impl Device {
 
     async fn login(&self) -> Result<Link, LinkError> {
         let stream = self.open().await?;
-        let (rd, wr) = stream.into_split();
+        let (rd, wr): (
+            Box<dyn AsyncRead + Unpin + Send>,
+            Box<dyn AsyncWrite + Unpin + Send>,
+        ) = match &self.tls {
+            None => {
+                let (rd, wr) = stream.into_split();
+                (Box::new(rd), Box::new(wr))
+            }
+            Some(tls) => {
+                let io = tls
+                    .wrap(stream)
+                    .await
+                    .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                let (rd, wr) = tokio::io::split(io);
+                (Box::new(rd), Box::new(wr))
+            }
+        };
         let mut link = Link {
             rd,
             wr,
@@ -657,10 +715,10 @@ impl Device {
     }
 }
 
-/// A device connection's halves and buffers.
+/// A device connection's halves (plain TCP or TLS) and buffers.
 struct Link {
-    rd: OwnedReadHalf,
-    wr: OwnedWriteHalf,
+    rd: Box<dyn AsyncRead + Unpin + Send>,
+    wr: Box<dyn AsyncWrite + Unpin + Send>,
     rbuf: BytesMut,
     wbuf: BytesMut,
 }

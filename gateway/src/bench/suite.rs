@@ -806,6 +806,7 @@ async fn run_system(
             auth_secret: Some(Secret::new(AUTH_SECRET)),
             connect_concurrency: config.connect_concurrency,
             ping_s: 15,
+            tls: None,
         };
         fleets.push(FleetClient::Process(Box::new(WorkerProcess::spawn(
             &exe, &fleet,
@@ -1025,6 +1026,7 @@ async fn scale_out(config: &SuiteConfig, nats_url: &str) -> Result<ScaleOut, Ben
                 auth_secret: Some(Secret::new(AUTH_SECRET)),
                 connect_concurrency: config.connect_concurrency,
                 ping_s: 15,
+                tls: None,
             };
             fleets.push(FleetClient::Process(Box::new(WorkerProcess::spawn(
                 &exe, &fleet,
@@ -1248,6 +1250,7 @@ pub async fn smoke(
         auth_secret,
         connect_concurrency: 64,
         ping_s: 15,
+        tls: None,
     });
     let mut fleets = vec![FleetClient::Local(Box::new(fleet))];
     let mut ids = Ids {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use devgate_gateway::bench::fleet::{Command, Fleet, FleetConfig, Protocol, Reply};
+use devgate_gateway::bench::fleet::{Command, Fleet, FleetConfig, FleetTls, Protocol, Reply};
 use devgate_gateway::bench::suite::SuiteConfig;
 use devgate_gateway::bench::{probe, suite, worker};
 use devgate_gateway::common::{Secret, load_config};
@@ -178,6 +178,12 @@ struct DevicesCli {
     /// Hold the devices this long, then exit (0: until Ctrl-C).
     #[arg(long, default_value_t = 0)]
     duration_s: u64,
+    /// Dial TLS (a balancer that terminates it), trusting this PEM CA bundle.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// With --tls-ca: the name to check the certificate against [default: the --gateway IP].
+    #[arg(long, requires = "tls_ca")]
+    tls_server_name: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -217,6 +223,12 @@ async fn devices(args: DevicesCli) -> anyhow::Result<()> {
         auth_secret: args.auth_secret,
         connect_concurrency: args.connect_concurrency,
         ping_s: 15,
+        tls: args.tls_ca.map(|ca| FleetTls {
+            ca,
+            server_name: args
+                .tls_server_name
+                .unwrap_or_else(|| args.gateway.ip().to_string()),
+        }),
     });
     let reply = fleet.handle(Command::Connect { n: args.devices }).await;
     if let Reply::Connected {
