@@ -134,6 +134,10 @@ pub struct Config {
     pub tls_session_timeout_s: u64,
     /// Seconds between checks of the TLS files for a renewal (nginx reloads with new files).
     pub tls_check_interval_s: u64,
+    /// Accept that devices connect in plaintext (no `tls_cert`): their tokens and messages cross
+    /// the network unencrypted. For a lab, or when TLS ends before nginx; it must be asked for,
+    /// and lb-sync says so in its log at start.
+    pub insecure_plaintext: bool,
     /// Log format.
     pub log_format: LogFormat,
 }
@@ -183,6 +187,7 @@ impl Default for Config {
             tls_session_cache: "10m".into(),
             tls_session_timeout_s: 3600,
             tls_check_interval_s: 10,
+            insecure_plaintext: false,
             log_format: LogFormat::Text,
         }
     }
@@ -415,8 +420,19 @@ impl Config {
             }
         }
         let Some(tls) = self.device_tls() else {
+            if !self.insecure_plaintext && self.tls_cert.is_none() && self.tls_key.is_none() {
+                problems.push(
+                    "devices would connect in plaintext: give tls_cert and tls_key (nginx \
+                     terminates TLS), or insecure_plaintext to accept that their tokens and \
+                     messages cross the network unencrypted"
+                        .to_owned(),
+                );
+            }
             return;
         };
+        if self.insecure_plaintext {
+            problems.push("insecure_plaintext contradicts tls_cert: choose one".to_owned());
+        }
         if self.sink != SinkKind::File {
             problems.push(
                 "tls_cert needs --sink file: with --sink configmap the ingress controller's nginx \
@@ -661,6 +677,11 @@ pub struct Cli {
     #[arg(long, env = "DEVGATE_TLS_CHECK_INTERVAL_S")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_check_interval_s: Option<u64>,
+    /// Accept that devices connect in plaintext (no --tls-cert): tokens and messages cross the
+    /// network unencrypted. Logged loudly.
+    #[arg(long, env = "DEVGATE_INSECURE_PLAINTEXT", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub insecure_plaintext: Option<bool>,
     /// Log format [default: text].
     #[arg(long, env = "DEVGATE_LOG_FORMAT")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -683,7 +704,17 @@ mod tests {
             .expect("flags parse")
     }
 
-    fn out_flag() -> [&'static str; 2] {
+    /// A file sink's output, in plaintext (asked for, as every test not about TLS does).
+    fn out_flag() -> [&'static str; 3] {
+        [
+            "--output",
+            "/tmp/devgate-upstream.conf",
+            "--insecure-plaintext",
+        ]
+    }
+
+    /// A file sink's output, for tests that give TLS settings.
+    fn tls_out_flag() -> [&'static str; 2] {
         ["--output", "/tmp/devgate-upstream.conf"]
     }
 
@@ -726,8 +757,10 @@ mod tests {
         assert!(err.to_string().contains("--static-endpoints"), "{err}");
     }
 
-    /// A kube source writing a ConfigMap, before the flag under test.
-    const KUBE_TO_CONFIGMAP: [&str; 6] = [
+    /// A kube source writing a ConfigMap (whose listener is plaintext), before the flag under
+    /// test.
+    const KUBE_TO_CONFIGMAP: [&str; 7] = [
+        "--insecure-plaintext",
         "--source",
         "kube",
         "--sink",
@@ -803,7 +836,7 @@ mod tests {
             "--tls-client-ca",
             &ca,
         ];
-        args.extend(out_flag());
+        args.extend(tls_out_flag());
         let tls = cli(&args)
             .into_config()
             .expect("TLS")
@@ -867,6 +900,36 @@ mod tests {
     }
 
     #[test]
+    fn plaintext_must_be_asked_for_and_excludes_tls() {
+        let err = cli(&tls_out_flag()).into_config().expect_err("neither");
+        assert!(
+            err.to_string()
+                .contains("devices would connect in plaintext"),
+            "{err}"
+        );
+        let (cert, key) = (fixture("server.pem"), fixture("server.key"));
+        let mut args = vec!["--tls-cert", &cert, "--tls-key", &key];
+        args.extend(out_flag());
+        let err = cli(&args).into_config().expect_err("both");
+        assert!(err.to_string().contains("contradicts"), "{err}");
+        let err = cli(&[
+            "--source",
+            "kube",
+            "--sink",
+            "configmap",
+            "--configmap-name",
+            "x",
+        ])
+        .into_config()
+        .expect_err("a ConfigMap's listener is plaintext too");
+        assert!(
+            err.to_string()
+                .contains("devices would connect in plaintext"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn the_proxy_buffer_is_small_by_default_and_must_be_an_nginx_size() {
         let c = cli(&out_flag()).into_config().expect("defaults");
         assert_eq!(c.render_settings().proxy_buffer_size, "4k");
@@ -879,6 +942,7 @@ mod tests {
     #[test]
     fn all_problems_are_reported_together() {
         let err = cli(&[
+            "--insecure-plaintext",
             "--output",
             "/nonexistent-dir/x.conf",
             "--proxy-timeout-s",
@@ -914,7 +978,7 @@ mod tests {
         std::fs::write(
             &file,
             "source = \"static\"\nstatic_endpoints = [\"127.0.0.1:7001\"]\noutput = \"/tmp/u.conf\"\n\
-             debounce_ms = 50\n",
+             debounce_ms = 50\ninsecure_plaintext = true\n",
         )
         .expect("write config");
         let c = cli(&[

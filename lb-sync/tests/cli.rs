@@ -81,6 +81,7 @@ fn no_kubernetes_is_a_clear_error_for_the_kube_source() {
         &[
             "--source",
             "kube",
+            "--insecure-plaintext",
             "--output",
             dir.path().join("u.conf").to_str().expect("utf8"),
         ],

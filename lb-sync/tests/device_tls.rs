@@ -51,6 +51,7 @@ impl Stack {
             tls_key: Some(key.to_owned()),
             tls_client_ca: client_ca.map(Path::to_owned),
             tls_check_interval_s: check_s,
+            insecure_plaintext: false,
             ..file_config(&nginx)
         };
         config.validate().expect("valid config");

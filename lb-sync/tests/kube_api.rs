@@ -265,6 +265,8 @@ fn config(api: &FakeApi) -> Config {
         proxy_protocol: true,
         debounce_ms: 50,
         min_reload_interval_ms: 100,
+        // The ingress controller's listener that lb-sync renders is plaintext.
+        insecure_plaintext: true,
         ..Config::default()
     }
 }

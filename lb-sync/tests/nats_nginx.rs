@@ -33,6 +33,7 @@ fn nats_config(nats: &NatsServer, nginx: &Nginx) -> Config {
         output: Some(nginx.upstream_path()),
         validate_cmd: nginx.validate_cmd(),
         reload_cmd: nginx.reload_cmd(),
+        insecure_plaintext: true,
         // The defaults: 200 ms debounce, at most one reload per second.
         ..Config::default()
     }

@@ -30,6 +30,7 @@ async fn announcements_over_tls_reach_the_upstream() {
         validate_cmd: "true".into(),
         reload_cmd: "true".into(),
         debounce_ms: 50,
+        insecure_plaintext: true,
         ..Config::default()
     };
     config.validate().expect("valid config");

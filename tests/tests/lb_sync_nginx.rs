@@ -42,6 +42,7 @@ impl LbSync {
             .args(["--listen", &nginx.addr().to_string()])
             .args(["--http-listen", &ops.to_string()])
             .arg("--proxy-protocol")
+            .arg("--insecure-plaintext")
             .stdin(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("starting devgate-lb-sync: {e}"));

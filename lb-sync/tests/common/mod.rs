@@ -125,7 +125,7 @@ impl Device {
 }
 
 /// lb-sync writing `nginx`'s include, validating and reloading it with nginx's own commands,
-/// with short pacing for tests.
+/// with short pacing for tests; devices in plaintext unless a test sets TLS.
 pub fn file_config(nginx: &Nginx) -> Config {
     Config {
         sink: SinkKind::File,
@@ -136,6 +136,7 @@ pub fn file_config(nginx: &Nginx) -> Config {
         reload_cmd: nginx.reload_cmd(),
         debounce_ms: 50,
         min_reload_interval_ms: 200,
+        insecure_plaintext: true,
         ..Config::default()
     }
 }
