@@ -87,6 +87,17 @@ impl DeviceTls {
         })
     }
 
+    /// The same settings without TLS session resumption: every connection makes a full
+    /// handshake. rustls resumes by default (from one cache per configuration), which a load
+    /// tool sharing one configuration across thousands of devices must not do when it
+    /// measures full handshakes.
+    pub fn without_resumption(mut self) -> Self {
+        let mut config = (*self.config).clone();
+        config.resumption = rustls::client::Resumption::disabled();
+        self.config = Arc::new(config);
+        self
+    }
+
     /// Runs the handshake over a connected socket (the load tool uses it for its own
     /// connections too).
     pub async fn wrap(&self, stream: TcpStream) -> Result<Box<dyn DeviceIo>, ClientError> {

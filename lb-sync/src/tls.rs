@@ -87,6 +87,8 @@ pub async fn watch_files(
                 }
             }
             Err(error) => {
+                // Agreement needs two consecutive good reads.
+                candidate = None;
                 metrics.failed("tls_files");
                 let text = error.to_string();
                 if last_error.as_deref() != Some(&text) {

@@ -367,6 +367,7 @@ async fn the_load_tool_logs_devices_in_over_tls() {
             tls: Some(FleetTls {
                 ca: tls_fixture(ca),
                 server_name: "localhost".into(),
+                resume: false,
             }),
         })
     };

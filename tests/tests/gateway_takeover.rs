@@ -445,6 +445,13 @@ async fn a_reclaim_answered_by_a_gateway_without_reclaim_leaves_the_session_as_i
         "devgate_gateway_reclaims_total{outcome=\"unreadable\"} 1",
     )
     .await;
+    // Asked once: no second reclaim follows (a bounded wait for something that must not come).
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), held.next())
+            .await
+            .is_err(),
+        "a second reclaim was sent"
+    );
     let service = nats.client().await;
     let reply = request_sent(&service, &down("dev-1"), Bytes::from_static(b"still here")).await;
     assert_eq!(reply.session, welcome.session);

@@ -490,11 +490,10 @@ fn relocate(s: &str, root: &Path) -> String {
     })
 }
 
-/// What lb-sync renders in the pod: its configuration parsed from the container's env (each
-/// `DEVGATE_X` as `--x`, the flag that reads that variable) with the pod's paths moved under
-/// `root`, checked by lb-sync's own validation, with one ready gateway.
-fn lb_sync_render(lb: &Value, root: &Path) -> String {
-    use devgate_lb_sync::endpoints::{DesiredSet, Endpoint, EndpointState};
+/// lb-sync's configuration in the pod: parsed from the container's env (each `DEVGATE_X` as
+/// `--x`, the flag that reads that variable) with the pod's paths moved under `root`, and
+/// checked by lb-sync's own validation, as at its start.
+fn lb_sync_config(lb: &Value, root: &Path) -> devgate_lb_sync::config::Config {
     let mut args = vec!["devgate-lb-sync".to_owned()];
     for (name, value) in env_values(lb) {
         let flag = name
@@ -507,10 +506,14 @@ fn lb_sync_render(lb: &Value, root: &Path) -> String {
     }
     let cli = <devgate_lb_sync::config::Cli as clap::Parser>::try_parse_from(&args)
         .unwrap_or_else(|e| panic!("lb-sync refuses the chart's env {args:?}: {e}"));
-    let config = cli
-        .into_config()
-        .unwrap_or_else(|e| panic!("lb-sync refuses the chart's settings: {e}"));
-    let mut settings = config.render_settings();
+    cli.into_config()
+        .unwrap_or_else(|e| panic!("lb-sync refuses the chart's settings: {e}"))
+}
+
+/// What lb-sync renders in the pod ([`lb_sync_config`]) with one ready gateway.
+fn lb_sync_render(lb: &Value, root: &Path) -> String {
+    use devgate_lb_sync::endpoints::{DesiredSet, Endpoint, EndpointState};
+    let mut settings = lb_sync_config(lb, root).render_settings();
     if let Some(tls) = settings.tls.as_mut() {
         let files = tls.files();
         let paths: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
@@ -567,6 +570,24 @@ fn place_device_tls(docs: &[Value], root: &Path, deploy: &Value) {
             let path = item["path"].as_str().expect("path");
             std::fs::write(format!("{dir}/{path}"), bytes).expect("write TLS file");
         }
+    }
+}
+
+#[test]
+fn the_ingress_controllers_lb_sync_starts_with_the_charts_settings() {
+    for name in [
+        "ingress-controller-values",
+        "ingress-controller-other-namespace-values",
+    ] {
+        let docs = render(&combo(name), &[]);
+        let deploy = one(&docs, "Deployment", &full("lb-sync"));
+        let root = tempfile::tempdir().expect("tempdir");
+        let config = lb_sync_config(container(deploy, "lb-sync"), root.path());
+        assert_eq!(config.sink, devgate_lb_sync::config::SinkKind::Configmap);
+        assert!(
+            config.insecure_plaintext && config.render_settings().tls.is_none(),
+            "{name}: the controller's listener is plaintext, asked for"
+        );
     }
 }
 
@@ -1113,6 +1134,7 @@ fn bad_values_fail_with_a_clear_message() {
         ),
         (vec!["nginx.tls=null"], "--reset-then-reuse-values"),
         (vec!["nginx.tls.ca.cert=x"], "go together"),
+        (vec!["nginx.tls.keyAlgorithm=dsa"], "choose ecdsa or rsa"),
         (
             vec![
                 "nginx.tls.mode=plaintext",
@@ -1216,8 +1238,11 @@ fn the_generated_device_certificate_is_signed_by_the_kept_ca_for_the_names_devic
         "nginx.tls.dnsNames={devices.example.com}",
         "nginx.tls.ipAddresses={203.0.113.7}",
     ];
-    // A CA created by the chart (what `helm template` shows; an install keeps the first one)...
-    check_generated_device_certificate(&render(&combo("default"), &names), None);
+    // A CA created by the chart (what `helm template` shows; an install keeps the first one),
+    // ECDSA by default and RSA when asked...
+    check_generated_device_certificate(&render(&combo("default"), &names), None, "EC");
+    let rsa = [names[0], names[1], "nginx.tls.keyAlgorithm=rsa"];
+    check_generated_device_certificate(&render(&combo("default"), &rsa), None, "RSA");
     // ...and one given in values, for renders without the cluster (GitOps).
     let dir = tempfile::tempdir().expect("tempdir");
     let indent = |path: PathBuf| {
@@ -1243,13 +1268,13 @@ fn the_generated_device_certificate_is_signed_by_the_kept_ca_for_the_names_devic
         file: Some(values),
     };
     let expected_ca = std::fs::read(&ca_pem).expect("fixture");
-    check_generated_device_certificate(&render(&given, &names), Some(&expected_ca));
+    check_generated_device_certificate(&render(&given, &names), Some(&expected_ca), "EC");
 }
 
 /// The generated device Secrets: the CA kept (and, if given, the expected one), its key out of
-/// the mounted Secret, and the server certificate valid under it for the Service's names and
-/// the extra ones only.
-fn check_generated_device_certificate(docs: &[Value], expected_ca: Option<&[u8]>) {
+/// the mounted Secret, the server key of `algorithm` ("EC", "RSA"), and the server certificate
+/// valid under the CA for the Service's names and the extra ones only.
+fn check_generated_device_certificate(docs: &[Value], expected_ca: Option<&[u8]>, algorithm: &str) {
     use rustls::client::danger::ServerCertVerifier;
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -1267,6 +1292,12 @@ fn check_generated_device_certificate(docs: &[Value], expected_ca: Option<&[u8]>
     );
     let pem = |secret: &Value, key: &str| base64_decode(secret["data"][key].as_str().expect(key));
     assert_eq!(pem(tls_secret, "ca.crt"), pem(ca_secret, "ca.crt"));
+    let key = String::from_utf8(pem(tls_secret, "tls.key")).expect("PEM key");
+    assert!(
+        key.starts_with(&format!("-----BEGIN {algorithm} PRIVATE KEY-----")),
+        "{algorithm} key expected: {}",
+        key.lines().next().unwrap_or_default()
+    );
     if let Some(expected) = expected_ca {
         let der = |bytes: &[u8]| CertificateDer::from_pem_slice(bytes).expect("PEM").to_vec();
         assert_eq!(

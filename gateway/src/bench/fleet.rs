@@ -74,6 +74,10 @@ pub struct FleetTls {
     pub ca: PathBuf,
     /// Name to check the certificate against.
     pub server_name: String,
+    /// Resume TLS sessions from the fleet's shared cache (a device reconnecting with a
+    /// ticket); `false`: every login is a full handshake.
+    #[serde(default)]
+    pub resume: bool,
 }
 
 /// What the orchestrator asks of a fleet.
@@ -303,7 +307,13 @@ impl Fleet {
                     ca: Some(t.ca.clone()),
                     client: None,
                 };
-                DeviceTls::new(&files, &t.server_name).map(Arc::new)
+                DeviceTls::new(&files, &t.server_name).map(|tls| {
+                    Arc::new(if t.resume {
+                        tls
+                    } else {
+                        tls.without_resumption()
+                    })
+                })
             })
             .transpose()
             .map_err(|e| e.to_string());

@@ -184,6 +184,10 @@ struct DevicesCli {
     /// With --tls-ca: the name to check the certificate against [default: the --gateway IP].
     #[arg(long, requires = "tls_ca")]
     tls_server_name: Option<String>,
+    /// With --tls-ca: resume TLS sessions across the fleet's logins (tickets from earlier
+    /// handshakes) instead of a full handshake each.
+    #[arg(long, requires = "tls_ca")]
+    tls_resume: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -228,6 +232,7 @@ async fn devices(args: DevicesCli) -> anyhow::Result<()> {
             server_name: args
                 .tls_server_name
                 .unwrap_or_else(|| args.gateway.ip().to_string()),
+            resume: args.tls_resume,
         }),
     });
     let reply = fleet.handle(Command::Connect { n: args.devices }).await;

@@ -193,6 +193,9 @@ grace + 5 s margin. */}}
 {{- if and .Values.nginx.tls.existingSecret (ne .Values.nginx.tls.mode "secret") -}}
 {{- fail "nginx.tls.existingSecret is used with nginx.tls.mode=secret only" -}}
 {{- end -}}
+{{- if not (has .Values.nginx.tls.keyAlgorithm (list "ecdsa" "rsa")) -}}
+{{- fail (printf "nginx.tls.keyAlgorithm %q: choose ecdsa or rsa" .Values.nginx.tls.keyAlgorithm) -}}
+{{- end -}}
 {{- if ne (not .Values.nginx.tls.ca.cert) (not .Values.nginx.tls.ca.key) -}}
 {{- fail "nginx.tls.ca.cert and nginx.tls.ca.key go together" -}}
 {{- end -}}
