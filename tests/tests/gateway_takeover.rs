@@ -341,15 +341,24 @@ async fn a_reclaim_is_decided_by_claim_key_and_the_older_session_yields() {
     assert_eq!(reason, GoAwayReason::Replaced);
 }
 
+/// A gateway whose NATS connection runs through a link the test can cut.
+async fn gateway_behind_a_cuttable_link(
+    nats: &NatsServer,
+    instance: &str,
+) -> (CuttableLink, Gateway) {
+    let link = CuttableLink::start(([127, 0, 0, 1], nats.port()).into()).await;
+    let gw = start_with(Config {
+        nats_url: format!("nats://{}", link.addr()),
+        ..config(nats, instance)
+    })
+    .await;
+    (link, gw)
+}
+
 #[tokio::test]
 async fn after_a_nats_outage_a_session_kept_through_it_yields_to_a_login_welcomed_elsewhere() {
     let nats = NatsServer::start();
-    let link = CuttableLink::start(([127, 0, 0, 1], nats.port()).into()).await;
-    let gw_a = start_with(Config {
-        nats_url: format!("nats://{}", link.addr()),
-        ..config(&nats, "gw-a")
-    })
-    .await;
+    let (link, gw_a) = gateway_behind_a_cuttable_link(&nats, "gw-a").await;
     let gw_b = start(&nats, "gw-b").await;
     let (mut kept, _) = device(&gw_a, "dev-1").await;
     // A device nobody else took over meanwhile: the same re-check must leave it alone.
@@ -398,12 +407,7 @@ async fn after_a_nats_outage_a_session_kept_through_it_yields_to_a_login_welcome
 #[tokio::test]
 async fn a_reclaim_answered_by_a_gateway_without_reclaim_leaves_the_session_as_it_was() {
     let nats = NatsServer::start();
-    let link = CuttableLink::start(([127, 0, 0, 1], nats.port()).into()).await;
-    let gw = start_with(Config {
-        nats_url: format!("nats://{}", link.addr()),
-        ..config(&nats, "gw-new")
-    })
-    .await;
+    let (link, gw) = gateway_behind_a_cuttable_link(&nats, "gw-new").await;
     let (mut dev, welcome) = device(&gw, "dev-1").await;
 
     // A gateway of the previous version holding dev-1 as well (as after an outage). It
