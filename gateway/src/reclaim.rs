@@ -135,5 +135,8 @@ async fn reclaim(
             }
         }
     }
+    // Every round heard `released`: sessions elsewhere keep letting go (a device flapping
+    // between gateways). This one stays; another may remain until the next reconnect.
+    tracing::warn!(device_id = %id, session = %key.session, rounds = MAX_CLAIM_ROUNDS, "reclaim still answered 'released' after every round; keeping this session");
     Ok(settled(took_back))
 }

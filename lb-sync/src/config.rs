@@ -196,7 +196,9 @@ impl Default for Config {
 /// An nginx size: digits with an optional `k` or `m` suffix.
 fn is_nginx_size(s: &str) -> bool {
     let digits = s.strip_suffix(['k', 'K', 'm', 'M']).unwrap_or(s);
-    !digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit()) && digits != "0"
+    !digits.is_empty()
+        && digits.chars().all(|c| c.is_ascii_digit())
+        && digits.chars().any(|c| c != '0')
 }
 
 /// Kubernetes object names (DNS-1123 labels/subdomains) as far as lb-sync needs to check them.
