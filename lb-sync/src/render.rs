@@ -59,7 +59,8 @@ pub struct TlsSettings {
     /// TLS) on top of its token.
     pub client_ca: Option<PathBuf>,
     /// `ssl_verify_depth` with a client CA: how many CAs may sit between a device certificate
-    /// and the CA given (nginx's default, 1, refuses certificates from an intermediate CA).
+    /// and the CA given. nginx's default, 1, refuses a device certificate from an issuing CA
+    /// under an intermediate, a common PKI layout.
     pub verify_depth: u32,
     /// `ssl_protocols`, e.g. `["TLSv1.2", "TLSv1.3"]`.
     pub protocols: Vec<String>,

@@ -37,7 +37,29 @@ struct Stack {
 }
 
 impl Stack {
+    /// Mutual TLS with the test CA and `ssl_verify_depth` set to `depth`.
+    async fn start_with_verify_depth(depth: u32) -> Stack {
+        Stack::start_with(
+            &tls_fixture("server.pem"),
+            &tls_fixture("server.key"),
+            Some(&tls_fixture("ca.pem")),
+            10,
+            depth,
+        )
+        .await
+    }
+
     async fn start(cert: &Path, key: &Path, client_ca: Option<&Path>, check_s: u64) -> Stack {
+        Stack::start_with(cert, key, client_ca, check_s, 3).await
+    }
+
+    async fn start_with(
+        cert: &Path,
+        key: &Path,
+        client_ca: Option<&Path>,
+        check_s: u64,
+        verify_depth: u32,
+    ) -> Stack {
         let nats = NatsServer::start();
         let mut gw = gateway_config(&nats, "gw-tls");
         gw.proxy_protocol = true;
@@ -51,6 +73,7 @@ impl Stack {
             tls_key: Some(key.to_owned()),
             tls_client_ca: client_ca.map(Path::to_owned),
             tls_check_interval_s: check_s,
+            tls_verify_depth: verify_depth,
             insecure_plaintext: false,
             ..file_config(&nginx)
         };
@@ -216,6 +239,35 @@ async fn with_a_client_ca_only_devices_with_a_certificate_from_it_get_in() {
         );
     }
     stack.round_trip(&mut admitted, "dev-1", "unaffected").await;
+}
+
+/// With mutual TLS, a device certificate two CAs below the trusted one (an issuing CA under an
+/// intermediate; the device sends both along) passes at lb-sync's default `ssl_verify_depth`
+/// (3), and is refused at nginx's own default (1): the setting is what makes such fleets work.
+#[tokio::test]
+async fn device_certificates_from_a_deeper_pki_pass_at_the_default_verify_depth() {
+    let chained = Some(("device-chained.pem", "device-chained.key"));
+    let stack = Stack::start(
+        &tls_fixture("server.pem"),
+        &tls_fixture("server.key"),
+        Some(&tls_fixture("ca.pem")),
+        10,
+    )
+    .await;
+    let mut device = stack
+        .login("dev-2", "ca.pem", chained)
+        .await
+        .expect("a certificate two CAs below the trusted one");
+    stack
+        .round_trip(&mut device, "dev-2", "via intermediate")
+        .await;
+
+    let shallow = Stack::start_with_verify_depth(1).await;
+    let error = refused(&shallow, "dev-2", "ca.pem", chained).await;
+    assert!(
+        error.to_lowercase().contains("alert") || error.contains("closed"),
+        "{error}"
+    );
 }
 
 /// The DER certificate nginx presents to a new connection.
