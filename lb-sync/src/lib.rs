@@ -177,8 +177,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<LbSync
     let tls_watch = match settings.tls.as_mut() {
         Some(tls) => {
             let files = tls.files();
-            let paths: Vec<&std::path::Path> = files.iter().map(|p| p.as_path()).collect();
-            tls.fingerprint = tls::fingerprint(&paths).map_err(|e| Error::Config(e.to_string()))?;
+            tls.fingerprint = tls::fingerprint(&files).map_err(|e| Error::Config(e.to_string()))?;
             tracing::info!(
                 cert = %tls.cert.display(),
                 client_ca = ?tls.client_ca,
@@ -191,8 +190,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<LbSync
         None => {
             tracing::warn!(
                 listen = %config.listen,
-                "INSECURE: devices connect to nginx in PLAINTEXT; their tokens and messages cross \
-                 the network unencrypted. Give --tls-cert and --tls-key to terminate TLS at nginx."
+                "INSECURE (--insecure-plaintext): devices connect to nginx in PLAINTEXT; their \
+                 tokens and messages cross the network unencrypted. Give --tls-cert and \
+                 --tls-key to terminate TLS at nginx."
             );
             None
         }

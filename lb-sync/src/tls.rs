@@ -28,9 +28,10 @@ pub struct TlsFileError {
 /// A short hash of the files' contents, in order (each length-prefixed, so moving bytes from
 /// one file to the next changes it): 16 hex digits, enough to tell renewals apart in a log
 /// line and in the rendered text.
-pub fn fingerprint(files: &[&Path]) -> Result<String, TlsFileError> {
+pub fn fingerprint(files: &[impl AsRef<Path>]) -> Result<String, TlsFileError> {
     let mut hash = Sha256::new();
     for path in files {
+        let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|source| TlsFileError {
             path: path.to_path_buf(),
             source,
@@ -56,7 +57,6 @@ pub async fn watch_files(
     metrics: Metrics,
     shutdown: CancellationToken,
 ) {
-    let paths: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
     let mut last_error: Option<String> = None;
     // A changed fingerprint seen once, published when the next read agrees.
     let mut candidate: Option<String> = None;
@@ -67,7 +67,7 @@ pub async fn watch_files(
             () = shutdown.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        match fingerprint(&paths) {
+        match fingerprint(&files) {
             Ok(new) => {
                 if last_error.take().is_some() {
                     tracing::info!("device TLS files are readable again");

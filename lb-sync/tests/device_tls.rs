@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 const WAIT: Duration = Duration::from_secs(10);
 
 /// NATS, one gateway expecting the PROXY protocol, nginx, and lb-sync terminating TLS with
-/// `cert`/`key` (and `client_ca`) in front of the gateway.
+/// `cert`/`key` (and, for mutual TLS, a client CA and verify depth) in front of the gateway.
 struct Stack {
     nats: NatsServer,
     _gateway: Gateway,
@@ -37,28 +37,24 @@ struct Stack {
 }
 
 impl Stack {
-    /// Mutual TLS with the test CA and `ssl_verify_depth` set to `depth`.
-    async fn start_with_verify_depth(depth: u32) -> Stack {
-        Stack::start_with(
-            &tls_fixture("server.pem"),
-            &tls_fixture("server.key"),
-            Some(&tls_fixture("ca.pem")),
-            10,
-            depth,
-        )
-        .await
+    /// The usual case: the test server certificate, no client CA.
+    async fn start_with_server_certificate() -> Stack {
+        let (cert, key) = (tls_fixture("server.pem"), tls_fixture("server.key"));
+        Stack::start(&cert, &key, None, 10).await
     }
 
-    async fn start(cert: &Path, key: &Path, client_ca: Option<&Path>, check_s: u64) -> Stack {
-        Stack::start_with(cert, key, client_ca, check_s, 3).await
+    /// Mutual TLS: the test server certificate, devices vouched for by the test CA, and
+    /// `ssl_verify_depth` set to `depth`.
+    async fn start_mutual(depth: u32) -> Stack {
+        let (cert, key) = (tls_fixture("server.pem"), tls_fixture("server.key"));
+        Stack::start(&cert, &key, Some((&tls_fixture("ca.pem"), depth)), 10).await
     }
 
-    async fn start_with(
+    async fn start(
         cert: &Path,
         key: &Path,
-        client_ca: Option<&Path>,
+        client_ca: Option<(&Path, u32)>,
         check_s: u64,
-        verify_depth: u32,
     ) -> Stack {
         let nats = NatsServer::start();
         let mut gw = gateway_config(&nats, "gw-tls");
@@ -71,9 +67,9 @@ impl Stack {
             proxy_protocol: true,
             tls_cert: Some(cert.to_owned()),
             tls_key: Some(key.to_owned()),
-            tls_client_ca: client_ca.map(Path::to_owned),
+            tls_client_ca: client_ca.map(|(ca, _)| ca.to_owned()),
+            tls_verify_depth: client_ca.map_or(3, |(_, depth)| depth),
             tls_check_interval_s: check_s,
-            tls_verify_depth: verify_depth,
             insecure_plaintext: false,
             ..file_config(&nginx)
         };
@@ -96,17 +92,6 @@ impl Stack {
             nginx,
             lb,
         }
-    }
-
-    /// The usual case: the test server certificate, no client CA.
-    async fn start_with_server_certificate() -> Stack {
-        Stack::start(
-            &tls_fixture("server.pem"),
-            &tls_fixture("server.key"),
-            None,
-            10,
-        )
-        .await
     }
 
     /// Logs `id` in through nginx over TLS (as a device trusting `ca`, with `client` if given).
@@ -154,6 +139,16 @@ fn device_tls(ca: &str, client: Option<(&str, &str)>) -> DeviceTls {
         client: client.map(|(cert, key)| (tls_fixture(cert), tls_fixture(key))),
     };
     DeviceTls::new(&files, "localhost").expect("device TLS settings")
+}
+
+/// nginx refused the device's certificate. TLS 1.3 finishes the client's side of the handshake
+/// before the server checks the client's certificate, so the refusal arrives as nginx's alert
+/// (or its close) on the first read.
+fn assert_client_certificate_refused(case: &str, error: &str) {
+    assert!(
+        error.to_lowercase().contains("alert") || error.contains("closed"),
+        "{case}: {error}"
+    );
 }
 
 /// A login that must fail, and the error it failed with.
@@ -205,13 +200,7 @@ async fn devices_log_in_over_tls_and_plaintext_or_an_untrusted_certificate_gets_
 
 #[tokio::test]
 async fn with_a_client_ca_only_devices_with_a_certificate_from_it_get_in() {
-    let stack = Stack::start(
-        &tls_fixture("server.pem"),
-        &tls_fixture("server.key"),
-        Some(&tls_fixture("ca.pem")),
-        10,
-    )
-    .await;
+    let stack = Stack::start_mutual(3).await;
     let rendered = std::fs::read_to_string(stack.nginx.upstream_path()).expect("render");
     assert!(rendered.contains("ssl_verify_client on;"), "{rendered}");
 
@@ -230,13 +219,8 @@ async fn with_a_client_ca_only_devices_with_a_certificate_from_it_get_in() {
         Some(("untrusted-device.pem", "untrusted-device.key")),
     )
     .await;
-    // TLS 1.3 finishes the client's side of the handshake before the server checks the
-    // client's certificate, so the refusal arrives as nginx's alert on the first read.
     for (case, error) in [("no certificate", &without), ("unvouched", &untrusted)] {
-        assert!(
-            error.to_lowercase().contains("alert") || error.contains("closed"),
-            "{case}: {error}"
-        );
+        assert_client_certificate_refused(case, error);
     }
     stack.round_trip(&mut admitted, "dev-1", "unaffected").await;
 }
@@ -247,13 +231,7 @@ async fn with_a_client_ca_only_devices_with_a_certificate_from_it_get_in() {
 #[tokio::test]
 async fn device_certificates_from_a_deeper_pki_pass_at_the_default_verify_depth() {
     let chained = Some(("device-chained.pem", "device-chained.key"));
-    let stack = Stack::start(
-        &tls_fixture("server.pem"),
-        &tls_fixture("server.key"),
-        Some(&tls_fixture("ca.pem")),
-        10,
-    )
-    .await;
+    let stack = Stack::start_mutual(3).await;
     let mut device = stack
         .login("dev-2", "ca.pem", chained)
         .await
@@ -262,12 +240,9 @@ async fn device_certificates_from_a_deeper_pki_pass_at_the_default_verify_depth(
         .round_trip(&mut device, "dev-2", "via intermediate")
         .await;
 
-    let shallow = Stack::start_with_verify_depth(1).await;
+    let shallow = Stack::start_mutual(1).await;
     let error = refused(&shallow, "dev-2", "ca.pem", chained).await;
-    assert!(
-        error.to_lowercase().contains("alert") || error.contains("closed"),
-        "{error}"
-    );
+    assert_client_certificate_refused("depth 1", &error);
 }
 
 /// The DER certificate nginx presents to a new connection.

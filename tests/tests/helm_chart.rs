@@ -516,8 +516,7 @@ fn lb_sync_render(lb: &Value, root: &Path) -> String {
     let mut settings = lb_sync_config(lb, root).render_settings();
     if let Some(tls) = settings.tls.as_mut() {
         let files = tls.files();
-        let paths: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
-        tls.fingerprint = devgate_lb_sync::tls::fingerprint(&paths).expect("TLS files readable");
+        tls.fingerprint = devgate_lb_sync::tls::fingerprint(&files).expect("TLS files readable");
     }
     let gateway = Endpoint {
         addr: "10.0.0.2:7000".parse().expect("addr"),
