@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use devgate_gateway::client::{ClientError, DeviceClient};
-use devgate_gateway::codec::{Frame, GoAwayReason};
+use devgate_gateway::codec::{Frame, GoAwayReason, Welcome};
 use devgate_gateway::config::Config;
 use devgate_gateway::contract::{
     ClaimKey, ClaimReply, ClaimRequest, ControlError, DeliveryReply, DeliveryStatus, DeviceId,
@@ -404,60 +404,182 @@ async fn after_a_nats_outage_a_session_kept_through_it_yields_to_a_login_welcome
     metric_reaches(&gw_a, "devgate_gateway_reclaims_total{outcome=\"clear\"} 1").await;
 }
 
+/// A gateway that held dev-1 through a NATS outage, and a stand-in for another gateway that
+/// holds dev-1 too (a plain NATS subscriber whose answers the test writes), as after a
+/// split brain. After the reconnect the stand-in has received the gateway's `reclaim`.
+struct ReclaimAfterOutage {
+    nats: NatsServer,
+    _link: CuttableLink,
+    gw: Gateway,
+    /// dev-1's connection to the gateway (`None` once the test hung up).
+    dev: Option<DeviceClient>,
+    welcome: Welcome,
+    other: async_nats::Client,
+    held: async_nats::Subscriber,
+    /// The reclaim request the stand-in must answer (or not).
+    reclaim: async_nats::Message,
+}
+
+impl ReclaimAfterOutage {
+    async fn start(claim_timeout_ms: u64) -> Self {
+        let nats = NatsServer::start();
+        let link = CuttableLink::start(([127, 0, 0, 1], nats.port()).into()).await;
+        let gw = start_with(Config {
+            nats_url: format!("nats://{}", link.addr()),
+            claim_timeout_ms,
+            ..config(&nats, "gw-new")
+        })
+        .await;
+        let (dev, welcome) = device(&gw, "dev-1").await;
+        let other = nats.client().await;
+        let mut held = other.subscribe(down("dev-1")).await.expect("subscribe");
+        devgate_tests::nats::processed(&other).await;
+
+        link.cut();
+        tokio::time::timeout(WAIT, gw.wait_disconnected())
+            .await
+            .expect("the gateway notices the outage");
+        link.restore();
+        let reclaim = tokio::time::timeout(WAIT, held.next())
+            .await
+            .expect("the re-check after the reconnect arrives")
+            .expect("message");
+        let op = reclaim
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(headers::CONTROL))
+            .map(|v| v.as_str().to_owned());
+        assert_eq!(op.as_deref(), Some("reclaim"));
+        Self {
+            nats,
+            _link: link,
+            gw,
+            dev: Some(dev),
+            welcome,
+            other,
+            held,
+            reclaim,
+        }
+    }
+
+    /// The stand-in's answer to the reclaim.
+    async fn answer(&self, body: Vec<u8>) {
+        let reply = self.reclaim.reply.clone().expect("a request");
+        self.other
+            .publish(reply, body.into())
+            .await
+            .expect("answer");
+        devgate_tests::nats::processed(&self.other).await;
+    }
+
+    /// The stand-in stops holding dev-1 (as a gateway that let it go).
+    async fn stand_in_lets_go(&mut self) {
+        self.held.unsubscribe().await.expect("unsubscribe");
+        devgate_tests::nats::processed(&self.other).await;
+    }
+
+    /// The gateway's session kept dev-1: a request reaches it and the device gets the message.
+    async fn session_still_holds_the_device(&mut self, payload: &'static [u8]) {
+        let service = self.nats.client().await;
+        let reply = request_sent(&service, &down("dev-1"), Bytes::from_static(payload)).await;
+        assert_eq!(
+            (reply.gateway.as_str(), reply.session.as_str()),
+            ("gw-new", self.welcome.session.as_str())
+        );
+        let dev = self.dev.as_mut().expect("the device is connected");
+        assert_eq!(&dev.recv_down().await.expect("down").1[..], payload);
+    }
+}
+
+fn claim_reply(reply: &ClaimReply) -> Vec<u8> {
+    serde_json::to_vec(reply).expect("json")
+}
+
+fn key_elsewhere(login_ns: u64) -> ClaimKey {
+    ClaimKey {
+        login_ns,
+        gateway: "gw-other".into(),
+        session: "s-other".into(),
+    }
+}
+
 #[tokio::test]
 async fn a_reclaim_answered_by_a_gateway_without_reclaim_leaves_the_session_as_it_was() {
-    let nats = NatsServer::start();
-    let (link, gw) = gateway_behind_a_cuttable_link(&nats, "gw-new").await;
-    let (mut dev, welcome) = device(&gw, "dev-1").await;
-
-    // A gateway of the previous version holding dev-1 as well (as after an outage). It
-    // answers a control request it does not know with `bad_request`, as those gateways did.
-    let old = nats.client().await;
-    let mut held = old.subscribe(down("dev-1")).await.expect("subscribe");
-    devgate_tests::nats::processed(&old).await;
-
-    link.cut();
-    tokio::time::timeout(WAIT, gw.wait_disconnected())
-        .await
-        .expect("the gateway notices the outage");
-    link.restore();
-    let reclaim = tokio::time::timeout(WAIT, held.next())
-        .await
-        .expect("the re-check after the reconnect arrives")
-        .expect("message");
-    let op = reclaim
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(headers::CONTROL))
-        .map(|v| v.as_str().to_owned());
-    assert_eq!(op.as_deref(), Some("reclaim"));
+    let mut t = ReclaimAfterOutage::start(2_000).await;
+    // The stand-in is a gateway of the previous version. It answers a control request it does
+    // not know with `bad_request`, as those gateways did.
     let refusal = ControlError {
         error: "bad_request".into(),
         message: "unknown Devgate-Control value \"reclaim\"".into(),
     };
-    old.publish(
-        reclaim.reply.expect("a request"),
-        serde_json::to_vec(&refusal).expect("json").into(),
-    )
-    .await
-    .expect("answer");
+    t.answer(serde_json::to_vec(&refusal).expect("json")).await;
 
     // Not taken for "released" (which would ask again and, unanswered, end as such): the
     // re-check ends at once, and the session stays as it would have without it.
     metric_reaches(
-        &gw,
+        &t.gw,
         "devgate_gateway_reclaims_total{outcome=\"unreadable\"} 1",
     )
     .await;
     // Asked once: no second reclaim follows (a bounded wait for something that must not come).
     assert!(
-        tokio::time::timeout(Duration::from_millis(300), held.next())
+        tokio::time::timeout(Duration::from_millis(300), t.held.next())
             .await
             .is_err(),
         "a second reclaim was sent"
     );
-    let service = nats.client().await;
-    let reply = request_sent(&service, &down("dev-1"), Bytes::from_static(b"still here")).await;
-    assert_eq!(reply.session, welcome.session);
-    assert_eq!(&dev.recv_down().await.expect("down").1[..], b"still here");
+    t.stand_in_lets_go().await;
+    t.session_still_holds_the_device(b"still here").await;
+}
+
+#[tokio::test]
+async fn a_reclaim_that_an_older_holder_answers_with_released_takes_the_device_back() {
+    let mut t = ReclaimAfterOutage::start(2_000).await;
+    // The stand-in is an older session elsewhere: it lets go, then says so.
+    t.stand_in_lets_go().await;
+    t.answer(claim_reply(&ClaimReply::Released {
+        key: key_elsewhere(1),
+    }))
+    .await;
+
+    // `released` is not the end: the gateway asks again, hears nobody, and counts the session
+    // as taken back, not as clear.
+    metric_reaches(
+        &t.gw,
+        "devgate_gateway_reclaims_total{outcome=\"took_back\"} 1",
+    )
+    .await;
+    metric_reaches(&t.gw, "devgate_gateway_reclaims_total{outcome=\"clear\"} 0").await;
+    t.session_still_holds_the_device(b"taken back").await;
+}
+
+#[tokio::test]
+async fn a_reclaim_nobody_answers_keeps_the_session_and_is_counted() {
+    // A short claim timeout: the stand-in stays subscribed and never answers, as a holder
+    // that is hung or cut off from NATS again.
+    let mut t = ReclaimAfterOutage::start(300).await;
+    metric_reaches(
+        &t.gw,
+        "devgate_gateway_reclaims_total{outcome=\"unanswered\"} 1",
+    )
+    .await;
+    metric_reaches(&t.gw, "devgate_gateway_reclaims_total{outcome=\"lost\"} 0").await;
+    t.stand_in_lets_go().await;
+    t.session_still_holds_the_device(b"kept").await;
+}
+
+#[tokio::test]
+async fn a_reclaim_whose_session_ended_meanwhile_releases_nothing() {
+    let mut t = ReclaimAfterOutage::start(2_000).await;
+    // The device goes away while its reclaim is in flight; then a newer holder answers.
+    drop(t.dev.take());
+    metric_reaches(&t.gw, "devgate_gateway_sessions 0").await;
+    t.answer(claim_reply(&ClaimReply::Superseded {
+        key: key_elsewhere(u64::MAX),
+    }))
+    .await;
+
+    // Nothing was released on behalf of a session that no longer exists.
+    metric_reaches(&t.gw, "devgate_gateway_reclaims_total{outcome=\"ended\"} 1").await;
+    metric_reaches(&t.gw, "devgate_gateway_reclaims_lost_total 0").await;
 }
