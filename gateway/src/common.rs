@@ -224,6 +224,27 @@ pub async fn serve_http(
     .await
 }
 
+/// An error followed by each of its causes, for logs: "client error (Connect): invalid peer
+/// certificate: UnknownIssuer". Client libraries (kube, hyper) keep what an operator needs, a
+/// refused TLS handshake or connection, in the source chain, and their `Display` shows only the
+/// top ("client error (Connect)"). A cause whose text the message already holds is skipped.
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut text = self.0.to_string();
+        let mut cause = self.0.source();
+        while let Some(error) = cause {
+            let next = error.to_string();
+            if !text.contains(&next) {
+                text.push_str(": ");
+                text.push_str(&next);
+            }
+            cause = error.source();
+        }
+        f.write_str(&text)
+    }
+}
 /// Milliseconds since the Unix epoch (0 if the clock is before 1970).
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
@@ -243,6 +264,29 @@ pub fn unix_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    enum Layer {
+        #[error("client error (Connect)")]
+        Connect(#[source] std::io::Error),
+        #[error("apply failed: {0}")]
+        Repeats(#[source] std::io::Error),
+    }
+
+    #[test]
+    fn an_error_chain_shows_every_cause_once() {
+        let tls = std::io::Error::other("invalid peer certificate: UnknownIssuer");
+        assert_eq!(
+            ErrorChain(&Layer::Connect(tls)).to_string(),
+            "client error (Connect): invalid peer certificate: UnknownIssuer"
+        );
+        // A cause the message already quotes is not repeated.
+        let refused = std::io::Error::other("connection refused");
+        assert_eq!(
+            ErrorChain(&Layer::Repeats(refused)).to_string(),
+            "apply failed: connection refused"
+        );
+    }
 
     #[derive(Debug, Deserialize, PartialEq)]
     #[serde(default, deny_unknown_fields)]

@@ -106,6 +106,9 @@ pub struct Config {
     pub kube_port_name: String,
     /// Kubernetes API URL, overriding in-cluster/kubeconfig discovery (e.g. `kubectl proxy`).
     pub kube_api_url: Option<String>,
+    /// A kubeconfig file to use instead of the in-cluster service account or `$KUBECONFIG`:
+    /// lb-sync run outside the cluster, against an API server that wants TLS and a token.
+    pub kubeconfig: Option<PathBuf>,
     /// ConfigMap sink: the ConfigMap to write.
     pub configmap_name: Option<String>,
     /// ConfigMap sink: the data key that holds the rendered text.
@@ -175,6 +178,7 @@ impl Default for Config {
             kube_service: "devgate-gateway".into(),
             kube_port_name: "device".into(),
             kube_api_url: None,
+            kubeconfig: None,
             configmap_name: None,
             configmap_key: "stream-snippets".into(),
             configmap_namespace: None,
@@ -360,6 +364,10 @@ impl Validate for Config {
             problems.push(format!(
                 "kube_api_url {url:?} must start with http:// or https://"
             ));
+        }
+        if self.kube_api_url.is_some() && self.kubeconfig.is_some() {
+            problems
+                .push("kube_api_url and kubeconfig both say where the API is: choose one".into());
         }
         if let Err(e) = devgate_gateway::bus::tls::NatsTlsSettings::nats_tls_checked(self) {
             problems.push(e);
@@ -629,6 +637,10 @@ pub struct Cli {
     #[arg(long, env = "DEVGATE_KUBE_API_URL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kube_api_url: Option<String>,
+    /// A kubeconfig file instead of in-cluster discovery (its current context is used).
+    #[arg(long, env = "DEVGATE_KUBECONFIG")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kubeconfig: Option<PathBuf>,
     /// ConfigMap sink: ConfigMap name.
     #[arg(long, env = "DEVGATE_CONFIGMAP_NAME")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -784,6 +796,24 @@ mod tests {
         let c = cli(&KUBE_TO_CONFIGMAP).into_config().expect("valid");
         assert_eq!(c.configmap_key, "stream-snippets");
         assert!(c.needs_kube());
+    }
+
+    #[test]
+    fn the_api_is_named_by_a_url_or_a_kubeconfig_not_both() {
+        let mut args = KUBE_TO_CONFIGMAP.to_vec();
+        args.extend(["--kubeconfig", "/etc/devgate/kubeconfig"]);
+        let c = cli(&args).into_config().expect("kubeconfig alone");
+        assert_eq!(
+            c.kubeconfig.as_deref(),
+            Some(std::path::Path::new("/etc/devgate/kubeconfig"))
+        );
+        args.extend(["--kube-api-url", "http://127.0.0.1:8001"]);
+        let err = cli(&args).into_config().expect_err("both");
+        assert!(
+            err.to_string()
+                .contains("kube_api_url and kubeconfig both say where the API is"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use devgate_gateway::common::ErrorChain;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -110,6 +111,8 @@ pub struct Status {
 struct StatusInner {
     applied_once: bool,
     last_error: Option<String>,
+    /// Why the source has no snapshot to give (the API refused us, say), until it has one.
+    source_error: Option<String>,
 }
 
 impl Status {
@@ -119,10 +122,21 @@ impl Status {
             .inner
             .lock()
             .map_err(|_| "status lock poisoned".to_owned())?;
-        match (&s.applied_once, &s.last_error) {
-            (true, _) => Ok(()),
-            (false, Some(e)) => Err(format!("first apply failed: {e}")),
-            (false, None) => Err("waiting for a complete snapshot from the source".to_owned()),
+        match (&s.applied_once, &s.last_error, &s.source_error) {
+            (true, _, _) => Ok(()),
+            (false, Some(e), _) => Err(format!("first apply failed: {e}")),
+            (false, None, Some(e)) => Err(format!("no snapshot yet: the source failed: {e}")),
+            (false, None, None) => {
+                Err("waiting for a complete snapshot from the source".to_owned())
+            }
+        }
+    }
+
+    /// The source's latest failure (`None`: it works again), so that `/readyz` says why
+    /// nothing was applied yet instead of only that nothing was.
+    pub fn source_error(&self, error: Option<String>) {
+        if let Ok(mut s) = self.inner.lock() {
+            s.source_error = error;
         }
     }
 
@@ -259,8 +273,9 @@ pub async fn run(
                         let backoff = error_policy(&error, failures);
                         let ReconcileError::Sink(sink_error) = &error;
                         ctx.metrics.failed(sink_error.stage());
+                        let error = ErrorChain(&error).to_string();
                         tracing::error!(%error, retry_in_ms = backoff.as_millis() as u64, "apply failed");
-                        ctx.status.set(false, Some(error.to_string()));
+                        ctx.status.set(false, Some(error));
                         pacer.failed(Instant::now(), backoff);
                     }
                 }

@@ -197,7 +197,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<LbSync
             None
         }
     };
-    let mut ctx = Context::new(settings, sink, metrics.clone(), status);
+    let mut ctx = Context::new(settings, sink, metrics.clone(), status.clone());
     let pacer = Pacer::new(config.debounce(), config.min_reload_interval());
     tracing::info!(
         source = ?config.source,
@@ -215,7 +215,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<LbSync
                 }
             }
         }),
-        tokio::spawn(source.run(tx, metrics.clone(), shutdown.clone())),
+        tokio::spawn(source.run(tx, metrics.clone(), status.clone(), shutdown.clone())),
     ];
     if let Some((files, tls_tx, tls_rx)) = tls_watch {
         ctx.tls_changes = Some(tls_rx);
@@ -248,17 +248,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     Ok(())
 }
 
-/// A Kubernetes client: from `kube_api_url` if set (e.g. `kubectl proxy`), otherwise the
-/// in-cluster service account or the local kubeconfig.
+/// A Kubernetes client: from `kube_api_url` if set (e.g. `kubectl proxy`), else from
+/// `kubeconfig` if set, otherwise the in-cluster service account or the local kubeconfig.
 pub async fn kube_client(config: &Config) -> Result<kube::Client, Error> {
-    let kube_config = match &config.kube_api_url {
-        Some(url) => kube::Config::new(
+    let kube_config = if let Some(url) = &config.kube_api_url {
+        kube::Config::new(
             url.parse()
                 .map_err(|e| Error::Kube(format!("kube_api_url {url:?}: {e}")))?,
-        ),
-        None => kube::Config::infer()
+        )
+    } else if let Some(path) = &config.kubeconfig {
+        let file = kube::config::Kubeconfig::read_from(path)
+            .map_err(|e| Error::Kube(format!("kubeconfig {}: {e}", path.display())))?;
+        kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
             .await
-            .map_err(|e| Error::Kube(format!("no in-cluster config or kubeconfig: {e}")))?,
+            .map_err(|e| Error::Kube(format!("kubeconfig {}: {e}", path.display())))?
+    } else {
+        kube::Config::infer()
+            .await
+            .map_err(|e| Error::Kube(format!("no in-cluster config or kubeconfig: {e}")))?
     };
     kube::Client::try_from(kube_config).map_err(|e| Error::Kube(e.to_string()))
 }

@@ -1,6 +1,7 @@
 //! The Kubernetes source and the ConfigMap sink against an in-test API server that serves the
 //! real paths kube-rs calls: list and watch of EndpointSlices (with watch restarts and a
-//! `410 Gone` resync) and server-side apply of a ConfigMap.
+//! `410 Gone` resync) and server-side apply of a ConfigMap; over plain HTTP (as through
+//! `kubectl proxy`) and over TLS with a bearer token, as a real API server wants it.
 
 mod common;
 
@@ -58,6 +59,10 @@ struct ApiState {
     /// Lists answered with 503 before the API "comes up".
     failing_lists: usize,
     applies: Vec<Apply>,
+    /// The bearer token every request must carry (`None`: plain HTTP, no authentication).
+    token: Option<String>,
+    /// Requests refused for a missing or wrong token.
+    unauthorized: usize,
 }
 
 /// A fake kube-apiserver on loopback.
@@ -89,11 +94,98 @@ fn slice(name: &str, rv: u64, endpoints: &[(&str, bool, bool)]) -> Value {
     })
 }
 
+/// A TLS listener for the fake API, with the test fixtures' server certificate (for
+/// 127.0.0.1); a client that fails the handshake is skipped, as a real server would.
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl TlsListener {
+    fn new(tcp: tokio::net::TcpListener) -> Self {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let fixture = devgate_tests::nats::tls_fixture;
+        let certs = CertificateDer::pem_file_iter(fixture("server.pem"))
+            .expect("server.pem")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("certificates");
+        let key = PrivateKeyDer::from_pem_file(fixture("server.key")).expect("server.key");
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server TLS config");
+        TlsListener {
+            tcp,
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, peer)) = self.tcp.accept().await else {
+                continue;
+            };
+            if let Ok(tls) = self.acceptor.accept(tcp).await {
+                return (tls, peer);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
+}
+
+/// Refuses a request without the expected bearer token, with the API server's `401` Status.
+async fn authenticate(
+    State(state): State<Arc<Mutex<ApiState>>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let expected = state.lock().expect("state").token.clone();
+    if let Some(token) = expected {
+        let given = request
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        if given != Some(format!("Bearer {token}").as_str()) {
+            state.lock().expect("state").unauthorized += 1;
+            let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                "status": "Failure", "message": "Unauthorized", "reason": "Unauthorized",
+                "code": 401});
+            return (StatusCode::UNAUTHORIZED, axum::Json(status)).into_response();
+        }
+    }
+    next.run(request).await
+}
+
 impl FakeApi {
+    /// Plain HTTP without authentication, as `kubectl proxy` serves the API.
     async fn start(failing_lists: usize) -> FakeApi {
+        Self::serve(failing_lists, None).await
+    }
+
+    /// HTTPS with the fixtures' certificate, and `token` required on every request.
+    async fn start_tls(token: &str) -> FakeApi {
+        Self::serve(0, Some(token.to_owned())).await
+    }
+
+    async fn serve(failing_lists: usize, token: Option<String>) -> FakeApi {
+        let tls = token.is_some();
         let state = Arc::new(Mutex::new(ApiState {
             resource_version: 10,
             failing_lists,
+            token,
             ..ApiState::default()
         }));
         let app = Router::new()
@@ -102,19 +194,49 @@ impl FakeApi {
                 get(list_or_watch),
             )
             .route("/api/v1/namespaces/{ns}/configmaps/{name}", patch(apply))
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                authenticate,
+            ))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind fake API");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+            let _ = if tls {
+                axum::serve(TlsListener::new(listener), app).await
+            } else {
+                axum::serve(listener, app).await
+            };
         });
         FakeApi { state, addr }
     }
 
     fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// A kubeconfig for this API over TLS, trusting `ca` (a fixture) and presenting `token`.
+    fn kubeconfig(&self, dir: &std::path::Path, ca: &str, token: &str) -> std::path::PathBuf {
+        let ca = devgate_tests::nats::tls_fixture(ca);
+        let text = format!(
+            "apiVersion: v1\nkind: Config\n\
+             clusters:\n- name: test\n  cluster:\n    server: https://{addr}\n    \
+             certificate-authority: {ca}\n\
+             users:\n- name: lb-sync\n  user:\n    token: {token}\n\
+             contexts:\n- name: test\n  context:\n    cluster: test\n    user: lb-sync\n\
+             current-context: test\n",
+            addr = self.addr,
+            ca = ca.display(),
+        );
+        let path = dir.join("kubeconfig");
+        std::fs::write(&path, text).expect("write kubeconfig");
+        path
+    }
+
+    fn unauthorized(&self) -> usize {
+        self.lock().unauthorized
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ApiState> {
@@ -444,4 +566,125 @@ async fn the_configmap_is_written_in_the_ingress_controllers_namespace() {
         "nothing is written in the gateways' namespace"
     );
     lb.shutdown().await;
+}
+
+/// lb-sync configured by a kubeconfig for `api` (TLS and a token), the way it runs outside the
+/// cluster; in the cluster the service account gives the same two things.
+fn kubeconfig_config(api: &FakeApi, kubeconfig: std::path::PathBuf) -> Config {
+    Config {
+        kube_api_url: None,
+        kubeconfig: Some(kubeconfig),
+        ..config(api)
+    }
+}
+
+#[tokio::test]
+async fn the_api_is_reached_over_tls_with_a_bearer_token() {
+    devgate_tests::init_logs();
+    let api = FakeApi::start_tls("s3cret-token").await;
+    api.put("gw-a", &[("10.0.0.1", true, false)]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = kubeconfig_config(&api, api.kubeconfig(dir.path(), "ca.pem", "s3cret-token"));
+    cfg.validate().expect("valid config");
+    let lb = devgate_lb_sync::start(cfg, CancellationToken::new())
+        .await
+        .expect("lb-sync starts");
+
+    // List, watch and apply all went through TLS with the token: a watch event still arrives.
+    api.wait_apply("apply over TLS", |s| s.contains("server 10.0.0.1:7000"))
+        .await;
+    wait_for(Duration::from_secs(10), "a watch", || async {
+        (api.watch_count() >= 1).then_some(())
+    })
+    .await;
+    let obj = api.put(
+        "gw-a",
+        &[("10.0.0.1", true, false), ("10.0.0.2", true, false)],
+    );
+    api.event("MODIFIED", obj);
+    api.wait_apply("watch event over TLS", |s| {
+        s.contains("server 10.0.0.2:7000")
+    })
+    .await;
+    assert_eq!(api.unauthorized(), 0, "every request carried the token");
+    lb.shutdown().await;
+}
+
+/// lb-sync against an API over TLS that wants `s3cret-token`, trusting `ca` and presenting
+/// `token`, when that must fail: not ready, with `reason` in `/readyz`, a source failure
+/// counted, and nothing written. Returns the API for what it saw.
+async fn refused_api_stays_unused(ca: &str, token: &str, reason: &str) -> FakeApi {
+    devgate_tests::init_logs();
+    let api = FakeApi::start_tls("s3cret-token").await;
+    api.put("gw-a", &[("10.0.0.1", true, false)]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = api.kubeconfig(dir.path(), ca, token);
+    let lb = devgate_lb_sync::start(
+        kubeconfig_config(&api, kubeconfig),
+        CancellationToken::new(),
+    )
+    .await
+    .expect("lb-sync starts, and retries");
+    wait_for(
+        Duration::from_secs(10),
+        "a counted source failure",
+        || async {
+            let (_, metrics) = http_get(lb.http_addr(), "/metrics").await;
+            metrics
+                .lines()
+                .any(|l| {
+                    l.starts_with("devgate_lb_sync_failures_total{stage=\"source\"}")
+                        && !l.ends_with(" 0")
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    let (status, body) = http_get(lb.http_addr(), "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("the source failed") && body.contains(reason),
+        "/readyz should say why: {body}"
+    );
+    assert!(api.applies().is_empty(), "nothing may be written");
+    lb.shutdown().await;
+    api
+}
+
+#[tokio::test]
+async fn an_api_certificate_from_another_ca_is_refused() {
+    let api = refused_api_stays_unused(
+        "other-ca.pem",
+        "s3cret-token",
+        "invalid peer certificate: UnknownIssuer",
+    )
+    .await;
+    // The handshake failed before any request: not even a list reached the API.
+    assert_eq!(api.list_count(), 0);
+    assert_eq!(api.unauthorized(), 0);
+}
+
+#[tokio::test]
+async fn a_wrong_token_is_refused_by_the_api_and_nothing_is_written() {
+    let api = refused_api_stays_unused("ca.pem", "stolen-token", "Unauthorized").await;
+    assert!(api.unauthorized() >= 1, "the API saw and refused the token");
+}
+
+#[tokio::test]
+async fn an_unreadable_kubeconfig_is_a_clear_start_error() {
+    let api = FakeApi::start_tls("s3cret-token").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("no-such-kubeconfig");
+    let error = devgate_lb_sync::start(
+        kubeconfig_config(&api, missing.clone()),
+        CancellationToken::new(),
+    )
+    .await
+    .err()
+    .expect("no start without a kubeconfig")
+    .to_string();
+    assert!(
+        error.contains("kubeconfig") && error.contains(&missing.display().to_string()),
+        "{error}"
+    );
 }

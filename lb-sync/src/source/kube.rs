@@ -7,7 +7,9 @@
 //! During a (re)list nothing is published, so an upstream is never built from half a list.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
+use devgate_gateway::common::ErrorChain;
 use futures::StreamExt;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
@@ -15,6 +17,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use tokio_util::sync::CancellationToken;
 
 use super::{SnapshotTx, publish};
+use crate::controller::Status;
 use crate::endpoints::{Endpoint, EndpointState};
 use crate::metrics::Metrics;
 
@@ -173,7 +176,13 @@ impl KubeSource {
 
     /// Follows the slices until `shutdown`. Watch errors are logged and counted; the watcher
     /// retries them with its default backoff.
-    pub async fn run(self, tx: SnapshotTx, metrics: Metrics, shutdown: CancellationToken) {
+    pub async fn run(
+        self,
+        tx: SnapshotTx,
+        metrics: Metrics,
+        status: Arc<Status>,
+        shutdown: CancellationToken,
+    ) {
         let selector = format!("{SERVICE_NAME_LABEL}={}", self.service);
         let stream =
             watcher(self.api, watcher::Config::default().labels(&selector)).default_backoff();
@@ -190,15 +199,19 @@ impl KubeSource {
                     if matches!(event, watcher::Event::Init) {
                         tracing::debug!(service = %self.service, "listing EndpointSlices");
                     }
+                    status.source_error(None);
                     if set.apply(event, &self.port_name) {
                         metrics.source_connected.set(1);
                         publish(&tx, &mut last_sent, set.endpoints(), &metrics);
                     }
                 }
                 Some(Err(error)) => {
+                    let error = ErrorChain(&error).to_string();
+                    tracing::warn!(service = %self.service, %error, "EndpointSlice watch failed; retrying");
+                    // The reason before the count: whoever sees the count can read why.
+                    status.source_error(Some(error));
                     metrics.failed("source");
                     metrics.source_connected.set(0);
-                    tracing::warn!(service = %self.service, %error, "EndpointSlice watch failed; retrying");
                 }
                 None => {
                     tracing::error!("EndpointSlice watcher ended");

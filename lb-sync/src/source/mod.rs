@@ -10,9 +10,12 @@ pub mod kube;
 pub mod nats;
 pub mod static_list;
 
+use std::sync::Arc;
+
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::controller::Status;
 use crate::endpoints::{Endpoint, Snapshot};
 use crate::metrics::Metrics;
 
@@ -34,12 +37,18 @@ pub enum Source {
 
 impl Source {
     /// Runs until `shutdown`, sending complete snapshots on `tx`. Connection problems are retried
-    /// inside; nothing a backend does ends this early.
-    pub async fn run(self, tx: SnapshotTx, metrics: Metrics, shutdown: CancellationToken) {
+    /// inside; nothing a backend does ends this early. `status` hears why the source fails.
+    pub async fn run(
+        self,
+        tx: SnapshotTx,
+        metrics: Metrics,
+        status: Arc<Status>,
+        shutdown: CancellationToken,
+    ) {
         match self {
             Source::Static(endpoints) => static_list::run(endpoints, tx, metrics, shutdown).await,
             Source::Nats(s) => s.run(tx, metrics, shutdown).await,
-            Source::Kube(s) => s.run(tx, metrics, shutdown).await,
+            Source::Kube(s) => s.run(tx, metrics, status, shutdown).await,
         }
     }
 }
