@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Turns docs/bench/results.json into results.md (the comparison table with devgate/peer
-ratios and the targets) and two plots: latency.png (downlink latency percentiles at the fixed
-rate, devgate vs Mosquitto vs NATS alone) and rss.png (server RSS vs connected sessions).
+ratios and the targets) and three plots: latency.png (downlink latency percentiles at the fixed
+rate, devgate vs Mosquitto vs NATS alone), sweep.png (32 B downlink p50/p99 against the offered
+rate, up to the first rate each system could not sustain) and rss.png (server RSS vs connected
+sessions).
 
 Usage: bench-plot.py RESULTS_JSON OUT_DIR
 """
@@ -121,6 +123,22 @@ def write_table(res, out_dir):
         l = by_payload(res["nats_floor"]["latency"], t["payload"])
         lines.append(f"| {t['payload']} B | {fmt(t['per_s'])} | {fmt(l['p50_us'], ' µs')} | "
                      f"{fmt(l['p99_us'], ' µs')} | {fmt(l['p999_us'], ' µs')} |")
+    sweeps = [(s["name"], s.get("latency_sweep", [])) for s in res["systems"]]
+    if any(rows for _, rows in sweeps):
+        lines += ["", "Latency sweep, 32 B downlink (each system up to the first rate it did not sustain, "
+                      "i.e. delivered under 95 % of the offered rate):", "",
+                  "| system | offered msgs/s | delivered msgs/s | p50 | p99 | p99.9 | server CPU per message |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, rows in sweeps:
+            for t in rows:
+                cpu = f"{1e6 * t['server_cpu'] / t['per_s']:.1f} µs" if t["per_s"] else "–"
+                lines.append(f"| {name} | {fmt(t['offered_rate'])} | {fmt(t['per_s'])} | {fmt(t['p50_us'], ' µs')} | "
+                             f"{fmt(t['p99_us'], ' µs')} | {fmt(t['p999_us'], ' µs')} | {cpu} |")
+        lines.append("")
+        for name, rows in sweeps:
+            under = [t["offered_rate"] for t in rows if t["p99_us"] < 2000 and t["per_s"] >= 0.95 * t["offered_rate"]]
+            lines.append(f"- {name}: p99 under 2 ms up to {max(under):,} msgs/s offered" if under
+                         else f"- {name}: p99 under 2 ms at none of the swept rates")
     lines += ["", "Targets:", "", "| target | measured | met |", "|---|---:|:---:|"]
     for name, measured, met in targets(dg, mq):
         lines.append(f"| {name} | {measured} | {'yes' if met else '**no**'} |")
@@ -177,6 +195,26 @@ def plot_latency(res, out_dir):
     fig.savefig(out_dir / "latency.png", dpi=110)
 
 
+def plot_sweep(res, out_dir):
+    series = [(s["name"], s.get("latency_sweep", [])) for s in res["systems"]]
+    if not any(rows for _, rows in series):
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, rows in series:
+        xs = [t["offered_rate"] for t in rows]
+        for q, style in (("p50_us", "-o"), ("p99_us", "--s")):
+            ax.plot(xs, [max(t[q] / 1000, 1e-3) for t in rows], style, label=f"{name} {q[:-3]}")
+    ax.axhline(2, color="grey", linestyle=":", label="2 ms")
+    ax.set_xlabel("offered msgs/s (32 B, random devices)")
+    ax.set_ylabel("ms (log)")
+    ax.set_yscale("log")
+    ax.set_title("Downlink latency vs offered rate")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "sweep.png", dpi=110)
+
+
 def plot_rss(res, out_dir):
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for s in res["systems"]:
@@ -203,6 +241,7 @@ def main():
     out_dir.mkdir(parents=True, exist_ok=True)
     write_table(res, out_dir)
     plot_latency(res, out_dir)
+    plot_sweep(res, out_dir)
     plot_rss(res, out_dir)
 
 

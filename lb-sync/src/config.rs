@@ -2,7 +2,7 @@
 //! vars and flags (in rising precedence), then validated as a whole before anything starts.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
@@ -197,12 +197,50 @@ impl Default for Config {
     }
 }
 
-/// An nginx size: digits with an optional `k` or `m` suffix.
+/// An nginx size (digits with an optional `k` or `m` suffix) in bytes; `None` for anything
+/// nginx would not parse, zero, or more digits than its parser takes.
+fn nginx_size_bytes(s: &str) -> Option<u64> {
+    let (digits, unit) = match s.strip_suffix(['k', 'K']) {
+        Some(d) => (d, 1024),
+        None => match s.strip_suffix(['m', 'M']) {
+            Some(d) => (d, 1024 * 1024),
+            None => (s, 1),
+        },
+    };
+    if digits.is_empty() || digits.len() > 9 || !digits.chars().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let bytes = digits.parse::<u64>().ok()? * unit;
+    (bytes > 0).then_some(bytes)
+}
+
 fn is_nginx_size(s: &str) -> bool {
-    let digits = s.strip_suffix(['k', 'K', 'm', 'M']).unwrap_or(s);
-    !digits.is_empty()
-        && digits.chars().all(|c| c.is_ascii_digit())
-        && digits.chars().any(|c| c != '0')
+    nginx_size_bytes(s).is_some()
+}
+
+/// nginx refuses a shared SSL session cache under 8 pages ("too small"): 32k with 4k pages.
+const MIN_SESSION_CACHE: u64 = 32 * 1024;
+/// A bound well above any sensible cache (1m holds about 4,000 sessions).
+const MAX_SESSION_CACHE: u64 = 1024 * 1024 * 1024;
+
+/// Why a device TLS file path cannot go into nginx's config as it is, if it cannot. nginx
+/// resolves a relative path against its own prefix, not lb-sync's working directory (lb-sync
+/// would watch one file and nginx serve another), and the path is written unquoted, where
+/// whitespace, `;`, braces, `#` and quotes end or break the directive and `$` is a variable.
+fn unusable_in_nginx(path: &Path) -> Option<&'static str> {
+    let Some(text) = path.to_str() else {
+        return Some("is not UTF-8");
+    };
+    if !path.is_absolute() {
+        return Some("must be absolute (nginx resolves relative paths against its own prefix)");
+    }
+    if text
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control() || ";{}#$\"'\\".contains(c))
+    {
+        return Some("must not contain whitespace, control characters or any of ;{}#$\"'\\");
+    }
+    None
 }
 
 /// Kubernetes object names (DNS-1123 labels/subdomains) as far as lb-sync needs to check them.
@@ -369,6 +407,12 @@ impl Validate for Config {
             problems
                 .push("kube_api_url and kubeconfig both say where the API is: choose one".into());
         }
+        if !self.needs_kube() && (self.kube_api_url.is_some() || self.kubeconfig.is_some()) {
+            problems.push(
+                "kube_api_url and kubeconfig are only used with --source kube or --sink configmap"
+                    .into(),
+            );
+        }
         if let Err(e) = devgate_gateway::bus::tls::NatsTlsSettings::nats_tls_checked(self) {
             problems.push(e);
         }
@@ -413,9 +457,11 @@ impl Config {
                 ));
             }
         }
-        if !is_nginx_size(&self.tls_session_cache) {
+        if !nginx_size_bytes(&self.tls_session_cache)
+            .is_some_and(|b| (MIN_SESSION_CACHE..=MAX_SESSION_CACHE).contains(&b))
+        {
             problems.push(format!(
-                "tls_session_cache {:?} must be an nginx size such as 10m or 512k",
+                "tls_session_cache {:?} must be an nginx size from 32k to 1024m, such as 10m",
                 self.tls_session_cache
             ));
         }
@@ -451,8 +497,16 @@ impl Config {
             );
         }
         for path in tls.files() {
-            if let Err(e) = std::fs::File::open(&path) {
-                problems.push(format!("device TLS file {}: {e}", path.display()));
+            if let Some(why) = unusable_in_nginx(&path) {
+                problems.push(format!("device TLS file {}: {why}", path.display()));
+                continue;
+            }
+            match std::fs::metadata(&path) {
+                Err(e) => problems.push(format!("device TLS file {}: {e}", path.display())),
+                Ok(m) if !m.is_file() => {
+                    problems.push(format!("device TLS file {}: not a file", path.display()))
+                }
+                Ok(_) => {}
             }
         }
     }
@@ -913,8 +967,36 @@ mod tests {
                 "tls_session_cache \"lots\"",
             ),
             (
+                vec!["--tls-session-cache", "16k"],
+                "must be an nginx size from 32k to 1024m",
+            ),
+            (
+                vec!["--tls-session-cache", "99999999999k"],
+                "must be an nginx size from 32k to 1024m",
+            ),
+            (
                 vec!["--tls-check-interval-s", "0"],
                 "tls_check_interval_s must be",
+            ),
+            (
+                vec!["--tls-cert", "server.pem", "--tls-key", &key],
+                "device TLS file server.pem: must be absolute",
+            ),
+            (
+                vec!["--tls-cert", "/etc/my certs/tls.crt", "--tls-key", &key],
+                "must not contain whitespace",
+            ),
+            (
+                vec!["--tls-cert", "/etc/tls;include/x", "--tls-key", &key],
+                "must not contain whitespace",
+            ),
+            (
+                vec!["--tls-cert", "/", "--tls-key", &key],
+                "device TLS file /: not a file",
+            ),
+            (
+                vec!["--kubeconfig", "/etc/devgate/kubeconfig"],
+                "only used with --source kube or --sink configmap",
             ),
         ];
         for (mut args, expected) in cases {

@@ -161,6 +161,11 @@ pub struct Context {
     /// New fingerprints of the device TLS files ([`crate::tls::watch_files`]); `None` without
     /// TLS.
     pub tls_changes: Option<tokio::sync::watch::Receiver<String>>,
+    /// How long an apply under way at shutdown may still take. Its validate and reload
+    /// commands may each run up to `command_timeout_ms` (30 s), longer than Kubernetes' default
+    /// grace period, which would end in a SIGKILL; past this the apply is abandoned (its
+    /// commands are killed with it).
+    pub shutdown_grace: Duration,
     /// The set and text currently applied (`None` before the first apply).
     applied: Option<(DesiredSet, String)>,
 }
@@ -179,10 +184,14 @@ impl Context {
             metrics,
             status,
             tls_changes: None,
+            shutdown_grace: SHUTDOWN_GRACE,
             applied: None,
         }
     }
 }
+
+/// Default [`Context::shutdown_grace`]: well inside Kubernetes' default 30 s grace period.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// What a successful reconcile did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -253,7 +262,11 @@ pub async fn run(
                     pacer.settled();
                     continue;
                 };
-                match reconcile(&snapshot, &mut ctx).await {
+                let Some(result) = reconcile_before_stop(&snapshot, &mut ctx, &shutdown).await else {
+                    tracing::warn!(grace_ms = ctx.shutdown_grace.as_millis() as u64, "shutting down: abandoned an apply still under way");
+                    break;
+                };
+                match result {
                     Ok(outcome) => {
                         let now = Instant::now();
                         failures = 0;
@@ -281,6 +294,22 @@ pub async fn run(
                 }
             }
         }
+    }
+}
+
+/// Runs one reconcile; at `shutdown` it gets [`Context::shutdown_grace`] more to finish, and
+/// `None` means it did not.
+async fn reconcile_before_stop(
+    snapshot: &Snapshot,
+    ctx: &mut Context,
+    shutdown: &CancellationToken,
+) -> Option<Result<Outcome, ReconcileError>> {
+    let grace = ctx.shutdown_grace;
+    let applying = reconcile(snapshot, ctx);
+    tokio::pin!(applying);
+    tokio::select! {
+        result = &mut applying => Some(result),
+        _ = shutdown.cancelled() => tokio::time::timeout(grace, applying).await.ok(),
     }
 }
 
@@ -386,6 +415,59 @@ mod tests {
             s.readiness().is_ok(),
             "stays ready: nginx keeps the last good upstream"
         );
+    }
+
+    #[tokio::test]
+    async fn shutdown_abandons_an_apply_that_outlasts_the_grace() {
+        use crate::endpoints::Endpoint;
+        use crate::sink::file::FileSink;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A validation that hangs (an nginx stuck on a slow disk, say), within its own
+        // 60 s command timeout.
+        let sink = Sink::File(FileSink::new(
+            dir.path().join("upstream.conf"),
+            "sleep 60",
+            "true",
+            Duration::from_secs(60),
+        ));
+        let metrics = Metrics::default();
+        let mut ctx = Context::new(
+            RenderSettings::default(),
+            sink,
+            metrics.clone(),
+            Arc::new(Status::default()),
+        );
+        ctx.shutdown_grace = Duration::from_millis(200);
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run(
+            rx,
+            ctx,
+            Pacer::new(Duration::ZERO, Duration::ZERO),
+            shutdown.clone(),
+        ));
+        tx.send(Some(Snapshot::now(vec![Endpoint::ready(
+            ([10, 0, 0, 1], 7000).into(),
+        )])))
+        .expect("controller alive");
+        // The apply is under way once the controller rendered.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while metrics.renders.get() == 0 {
+            assert!(Instant::now() < deadline, "never rendered");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let stopping = Instant::now();
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the controller stops after the grace, not after the command")
+            .expect("controller task");
+        assert!(
+            stopping.elapsed() >= Duration::from_millis(200),
+            "the apply under way got its grace"
+        );
+        assert_eq!(metrics.applies.get(), 0);
     }
 
     #[tokio::test]

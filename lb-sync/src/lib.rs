@@ -251,6 +251,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 /// A Kubernetes client: from `kube_api_url` if set (e.g. `kubectl proxy`), else from
 /// `kubeconfig` if set, otherwise the in-cluster service account or the local kubeconfig.
 pub async fn kube_client(config: &Config) -> Result<kube::Client, Error> {
+    devgate_gateway::bus::tls::ensure_crypto_provider();
     let kube_config = if let Some(url) = &config.kube_api_url {
         kube::Config::new(
             url.parse()

@@ -21,7 +21,9 @@ use common::{http_get, wait_for};
 use devgate_lb_sync::config::{Config, SinkKind, SourceKind};
 use devgate_lb_sync::sink::configmap::FIELD_MANAGER;
 use serde_json::{Value, json};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 const NS: &str = "devgate";
@@ -95,10 +97,11 @@ fn slice(name: &str, rv: u64, endpoints: &[(&str, bool, bool)]) -> Value {
 }
 
 /// A TLS listener for the fake API, with the test fixtures' server certificate (for
-/// 127.0.0.1); a client that fails the handshake is skipped, as a real server would.
+/// 127.0.0.1). Each handshake runs in its own task, so a client that stalls or fails one
+/// delays nobody else; failed ones are dropped, as a real server would.
 struct TlsListener {
-    tcp: tokio::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
+    handshaken: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    addr: SocketAddr,
 }
 
 impl TlsListener {
@@ -119,30 +122,37 @@ impl TlsListener {
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .expect("server TLS config");
-        TlsListener {
-            tcp,
-            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
-        }
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let addr = tcp.local_addr().expect("addr");
+        let (tx, handshaken) = mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Ok((stream, peer)) = tcp.accept().await {
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    if let Ok(tls) = acceptor.accept(stream).await {
+                        let _ = tx.send((tls, peer)).await;
+                    }
+                });
+            }
+        });
+        TlsListener { handshaken, addr }
     }
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Io = TlsStream<TcpStream>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let Ok((tcp, peer)) = self.tcp.accept().await else {
-                continue;
-            };
-            if let Ok(tls) = self.acceptor.accept(tcp).await {
-                return (tls, peer);
-            }
+        match self.handshaken.recv().await {
+            Some(accepted) => accepted,
+            // The accept loop ended with the runtime: nothing more will come.
+            None => std::future::pending().await,
         }
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.tcp.local_addr()
+        Ok(self.addr)
     }
 }
 

@@ -81,7 +81,15 @@ async fn devgate_bench_devices_logs_a_fleet_in_holds_it_and_exits_cleanly() {
 #[tokio::test]
 async fn devgate_bench_suite_rejects_a_bad_configuration_before_starting_anything() {
     let out = tokio::process::Command::new(workspace_bin("devgate-bench"))
-        .args(["suite", "--procs", "0", "--sessions", "5000,1000"])
+        .args([
+            "suite",
+            "--procs",
+            "0",
+            "--sessions",
+            "5000,1000",
+            "--latency-sweep",
+            "20000,10000",
+        ])
         .output()
         .await
         .expect("devgate-bench runs");
@@ -90,6 +98,10 @@ async fn devgate_bench_suite_rejects_a_bad_configuration_before_starting_anythin
     assert!(stderr.contains("procs must be 1..=200"), "{stderr}");
     assert!(
         stderr.contains("sessions must be a non-empty increasing list"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("latency_sweep must be increasing rates > 0"),
         "{stderr}"
     );
 }

@@ -50,6 +50,10 @@ pub struct SuiteConfig {
     pub duration_ms: u64,
     /// Offered rate for the latency runs, msgs/s.
     pub latency_rate: u64,
+    /// Offered rates (32 B, ascending) for the latency sweep, which finds where each system's
+    /// p99 leaves the low milliseconds; a system's sweep stops at the first rate it cannot
+    /// keep up with. Empty: no sweep.
+    pub latency_sweep: Vec<u64>,
     /// Downlink payload sizes.
     pub payloads: Vec<usize>,
     /// Publisher connection counts for fan-in.
@@ -76,6 +80,7 @@ impl Default for SuiteConfig {
             connect_concurrency: 32,
             duration_ms: 3_000,
             latency_rate: 100_000,
+            latency_sweep: vec![10_000, 20_000, 30_000, 40_000, 50_000, 60_000, 80_000],
             payloads: vec![32, 1024],
             fanin: vec![1, 4, 16],
             uplink_devices: 1_000,
@@ -124,6 +129,9 @@ impl SuiteConfig {
                 "the scale-out run would put {per_scale_out_proc} devices in one load process \
                  (over the 20,000 open-file cap); lower the largest sessions step"
             ));
+        }
+        if self.latency_sweep.contains(&0) || self.latency_sweep.windows(2).any(|w| w[0] >= w[1]) {
+            problems.push("latency_sweep must be increasing rates > 0".to_owned());
         }
         if self.fanin.is_empty() || self.fanin.contains(&0) {
             problems.push("fanin must list connection counts > 0".to_owned());
@@ -208,6 +216,9 @@ pub struct SystemResult {
     pub downlink_max: Vec<Throughput>,
     /// Downlink at the fixed rate, per payload.
     pub downlink_latency: Vec<Throughput>,
+    /// Downlink of 32 B at each rate of `latency_sweep`, up to the first one not sustained.
+    #[serde(default)]
+    pub latency_sweep: Vec<Throughput>,
     /// Downlink at full speed with 1, 4, 16 publisher connections.
     pub fanin: Vec<Throughput>,
     /// Uplink without acknowledgements.
@@ -265,6 +276,12 @@ pub struct ScaleOut {
     /// Downlink at [`SCALE_OUT_LATENCY_RATE`].
     pub downlink_latency: Throughput,
 }
+
+/// Payload of the latency sweep: the issue's latency target is for 32 B.
+const SWEEP_PAYLOAD: usize = 32;
+/// A rate counts as sustained when this share of it is delivered (arrivals over the time from
+/// the first publish to the last arrival, so a backlog that drains late counts against it).
+const SUSTAINED: f64 = 0.95;
 
 /// Most gateway processes in the scale-out run.
 const MAX_SCALE_OUT: usize = 8;
@@ -881,6 +898,24 @@ async fn run_system(
     let all_ids = ids.all();
     let publish = Publisher::new(&system, nats_url, running.addr, &all_ids);
     let duration = Duration::from_millis(config.duration_ms);
+    // The sweep first, from the lowest rate: each run starts with the path's queues empty.
+    for &rate in &config.latency_sweep {
+        let pace = Pace {
+            rate: Some(rate),
+            duration,
+            payload_len: SWEEP_PAYLOAD,
+        };
+        let t = downlink(&mut fleets, &publish, &[&running.server], 1, pace).await?;
+        let sustained = t.per_s >= SUSTAINED * rate as f64;
+        log(format!(
+            "{}: sweep {SWEEP_PAYLOAD} B at {rate}/s: delivered {:.0}/s p50 {:.0} us p99 {:.0} us",
+            result.name, t.per_s, t.p50_us, t.p99_us
+        ));
+        result.latency_sweep.push(t);
+        if !sustained {
+            break;
+        }
+    }
     for &payload in &config.payloads {
         // The fixed rate first: a flood at full speed leaves every queue on the path (NATS,
         // sockets, the broker) at its largest, and a latency run right after it measures that

@@ -111,6 +111,11 @@ struct SuiteCli {
     #[arg(long, env = "DEVGATE_BENCH_LATENCY_RATE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     latency_rate: Option<u64>,
+    /// Offered rates of the 32 B latency sweep, ascending, comma-separated
+    /// [default: 10000,20000,30000,40000,50000,60000,80000].
+    #[arg(long, env = "DEVGATE_BENCH_LATENCY_SWEEP", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    latency_sweep: Option<Vec<u64>>,
     /// Downlink payload sizes [default: 32,1024].
     #[arg(long, env = "DEVGATE_BENCH_PAYLOADS", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Option::is_none")]

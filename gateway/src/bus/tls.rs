@@ -129,8 +129,8 @@ impl TlsFiles {
 }
 
 /// Makes ring rustls' process-wide default unless one is set already. async-nats (bridge-api,
-/// lb-sync) builds its TLS configuration from that default, and a build that links both of
-/// rustls' providers (a workspace build unifies kube's aws-lc-rs with async-nats' ring) has
+/// lb-sync) and kube's client build their TLS configuration from that default, and a build
+/// that links both of rustls' providers (any dependency enabling aws-lc-rs would do it) has
 /// none: its first TLS connection would panic. Idempotent; call before connecting.
 pub fn ensure_crypto_provider() {
     if rustls::crypto::CryptoProvider::get_default().is_none() {

@@ -197,9 +197,12 @@ impl KubeSource {
             match event {
                 Some(Ok(event)) => {
                     if matches!(event, watcher::Event::Init) {
+                        // Emitted before each (re)list is even sent: no proof the API answered,
+                        // so the last failure stays readable in `/readyz` meanwhile.
                         tracing::debug!(service = %self.service, "listing EndpointSlices");
+                    } else {
+                        status.source_error(None);
                     }
-                    status.source_error(None);
                     if set.apply(event, &self.port_name) {
                         metrics.source_connected.set(1);
                         publish(&tx, &mut last_sent, set.endpoints(), &metrics);
