@@ -243,6 +243,13 @@ async fn device_certificates_from_a_deeper_pki_pass_at_the_default_verify_depth(
     let shallow = Stack::start_mutual(1).await;
     let error = refused(&shallow, "dev-2", "ca.pem", chained).await;
     assert_client_certificate_refused("depth 1", &error);
+    // The same stack admits a certificate issued by the trusted CA itself: what refused the
+    // chained one was its depth, not the stack.
+    let mut direct = shallow
+        .login("dev-1", "ca.pem", Some(("device.pem", "device.key")))
+        .await
+        .expect("a certificate from the trusted CA at depth 1");
+    shallow.round_trip(&mut direct, "dev-1", "direct").await;
 }
 
 /// The DER certificate nginx presents to a new connection.

@@ -4,7 +4,9 @@
 //! schemas, offline, strict) on every rendered manifest, the real `nats-server -t` on the
 //! rendered NATS configuration with the pod's environment, the real `nginx -t` on the rendered
 //! nginx configuration through lb-sync's own validate command, and lb-sync's RBAC against the
-//! calls its code makes. Tools come from `bash .ci/install-tools`; a missing one fails the test.
+//! calls its code makes. What an upgrade reads back from the cluster (`lookup`) is answered
+//! from a file standing in for it. Tools come from `bash .ci/install-tools`; a missing one fails
+//! the test.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -101,9 +103,14 @@ fn values_args(combo: &Combo, sets: &[&str]) -> Vec<String> {
 
 /// `helm template` of the chart; `Err` carries helm's output.
 fn try_template(combo: &Combo, sets: &[&str]) -> Result<String, String> {
+    try_template_of(&chart(), combo, sets)
+}
+
+/// `helm template` of the chart at `chart` (the repository's, or a copy).
+fn try_template_of(chart: &Path, combo: &Combo, sets: &[&str]) -> Result<String, String> {
     let out = run(Command::new(helm_bin())
         .args(["template", RELEASE])
-        .arg(chart())
+        .arg(chart)
         .args(["--namespace", NAMESPACE])
         .args(values_args(combo, sets)));
     if out.status.success() {
@@ -1376,4 +1383,116 @@ fn the_packaged_chart_carries_the_nats_files() {
             "{file} in the packaged chart"
         );
     }
+}
+
+/// The chart's one `lookup` (the `devgate.existingSecret` helper), answered from a file instead
+/// of an API server.
+const LOOKUP: &str = r#"{{- lookup "v1" "Secret" $root.Release.Namespace (index . 1) | toYaml -}}"#;
+const LOOKUP_FROM_FILE: &str = r#"{{- index ($root.Files.Get "test-cluster.json" | fromJson) (index . 1) | default dict | toYaml -}}"#;
+
+/// A copy of the chart that renders as `helm upgrade` would against a cluster holding
+/// `secrets` (by name): the same templates, with the lookup read from a file.
+fn chart_against(secrets: &BTreeMap<String, Value>) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let copy = dir.path().join("devgate");
+    let out = run(Command::new("cp").arg("-rL").arg(chart()).arg(&copy));
+    assert!(out.status.success(), "copying the chart: {}", text(&out));
+    let helpers = copy.join("templates/_helpers.tpl");
+    let source = std::fs::read_to_string(&helpers).expect("_helpers.tpl");
+    assert!(
+        source.contains(LOOKUP),
+        "the chart's lookup changed; update LOOKUP"
+    );
+    std::fs::write(&helpers, source.replace(LOOKUP, LOOKUP_FROM_FILE)).expect("write helpers");
+    std::fs::write(
+        copy.join("test-cluster.json"),
+        serde_json::to_vec(secrets).expect("json"),
+    )
+    .expect("write cluster");
+    dir
+}
+
+fn render_against(secrets: &BTreeMap<String, Value>, sets: &[&str]) -> Result<Vec<Value>, String> {
+    let dir = chart_against(secrets);
+    try_template_of(&dir.path().join("devgate"), &combo("default"), sets).map(|y| parse(&y))
+}
+
+/// The Secrets of a render, by name, as the cluster holds them after it is applied.
+fn secrets_of(docs: &[Value]) -> BTreeMap<String, Value> {
+    kind(docs, "Secret")
+        .into_iter()
+        .map(|s| {
+            let name = s["metadata"]["name"].as_str().expect("name").to_owned();
+            (name, s.clone())
+        })
+        .collect()
+}
+
+#[test]
+fn an_upgrade_keeps_the_device_ca_the_server_certificate_and_generated_secrets() {
+    let installed = secrets_of(&render(&combo("default"), &[]));
+    let (ca, tls) = (full("device-ca"), full("device-tls"));
+    let upgraded = secrets_of(&render_against(&installed, &[]).expect("upgrade"));
+    assert_eq!(
+        upgraded[&ca]["data"], installed[&ca]["data"],
+        "the CA is kept"
+    );
+    assert_eq!(
+        upgraded[&tls], installed[&tls],
+        "an unchanged server certificate is kept: a new one would reload nginx and, after its \
+         worker shutdown timeout, cut every device connection"
+    );
+    assert_eq!(
+        upgraded[RELEASE]["data"], installed[RELEASE]["data"],
+        "generated secrets (device auth, API tokens, NATS passwords) are kept"
+    );
+
+    // New names for devices to dial: a new certificate, for them, from the same CA.
+    let names = [
+        "nginx.tls.dnsNames={devices.example.com}",
+        "nginx.tls.ipAddresses={203.0.113.7}",
+    ];
+    let renamed = render_against(&installed, &names).expect("upgrade with new names");
+    let ca_pem = base64_decode(installed[&ca]["data"]["ca.crt"].as_str().expect("ca.crt"));
+    check_generated_device_certificate(&renamed, Some(&ca_pem), "EC");
+
+    // Two thirds into its validity, the next upgrade with the same values renews it.
+    let renamed = secrets_of(&renamed);
+    let mut due = renamed.clone();
+    if let Some(tls) = due.get_mut(&tls) {
+        tls["metadata"]["annotations"]["devgate.io/renew-after"] = json!("1");
+    }
+    let renewed = render_against(&due, &names).expect("upgrade when due");
+    check_generated_device_certificate(&renewed, Some(&ca_pem), "EC");
+    let renewed = secrets_of(&renewed);
+    assert_ne!(
+        renewed[&tls]["data"]["tls.crt"],
+        renamed[&tls]["data"]["tls.crt"]
+    );
+    assert_ne!(
+        renewed[&tls]["metadata"]["annotations"]["devgate.io/renew-after"],
+        json!("1")
+    );
+}
+
+#[test]
+fn an_upgrade_refuses_to_replace_or_misuse_the_kept_device_ca() {
+    let installed = secrets_of(&render(&combo("default"), &[]));
+    let ca = full("device-ca");
+
+    // A CA Secret someone emptied (its key moved offline, say) is not silently replaced.
+    let mut keyless = installed.clone();
+    if let Some(data) = keyless.get_mut(&ca).and_then(|s| s["data"].as_object_mut()) {
+        data.remove("ca.key");
+    }
+    let error = render_against(&keyless, &[]).expect_err("keyless CA");
+    assert!(
+        error.contains("exists but lacks ca.crt or ca.key"),
+        "{error}"
+    );
+
+    // RSA asked for after install: the kept CA is ECDSA and signs the certificate, so RSA-only
+    // devices would still fail; say so instead of issuing a certificate that cannot help them.
+    let error = render_against(&installed, &["nginx.tls.keyAlgorithm=rsa"]).expect_err("rsa");
+    assert!(error.contains("has an ecdsa key"), "{error}");
 }
