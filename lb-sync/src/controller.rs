@@ -264,6 +264,9 @@ pub async fn run(
                 };
                 let Some(result) = reconcile_before_stop(&snapshot, &mut ctx, &shutdown).await else {
                     tracing::warn!(grace_ms = ctx.shutdown_grace.as_millis() as u64, "shutting down: abandoned an apply still under way");
+                    if let Err(error) = ctx.sink.abandon().await {
+                        tracing::error!(error = %ErrorChain(&error), "could not put the last good upstream back");
+                    }
                     break;
                 };
                 match result {
@@ -423,10 +426,12 @@ mod tests {
         use crate::sink::file::FileSink;
 
         let dir = tempfile::tempdir().expect("tempdir");
+        let output = dir.path().join("upstream.conf");
+        std::fs::write(&output, "# what nginx accepted last\n").expect("last good");
         // A validation that hangs (an nginx stuck on a slow disk, say), within its own
         // 60 s command timeout.
         let sink = Sink::File(FileSink::new(
-            dir.path().join("upstream.conf"),
+            output.clone(),
             "sleep 60",
             "true",
             Duration::from_secs(60),
@@ -468,6 +473,11 @@ mod tests {
             "the apply under way got its grace"
         );
         assert_eq!(metrics.applies.get(), 0);
+        assert_eq!(
+            std::fs::read_to_string(&output).expect("upstream file"),
+            "# what nginx accepted last\n",
+            "the unchecked render is not left for nginx's next reload"
+        );
     }
 
     #[tokio::test]

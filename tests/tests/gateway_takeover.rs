@@ -404,6 +404,10 @@ async fn after_a_nats_outage_a_session_kept_through_it_yields_to_a_login_welcome
     metric_reaches(&gw_a, "devgate_gateway_reclaims_total{outcome=\"clear\"} 1").await;
 }
 
+/// Claim timeout for the reclaim tests whose stand-in answers: long enough that a loaded CI
+/// machine never turns a late answer into `unanswered` (nothing waits for it to expire).
+const ANSWERED_IN_TIME: u64 = 10_000;
+
 /// A gateway that held dev-1 through a NATS outage, and a stand-in for another gateway that
 /// holds dev-1 too (a plain NATS subscriber whose answers the test writes), as after a
 /// split brain. After the reconnect the stand-in has received the gateway's `reclaim`.
@@ -505,7 +509,7 @@ fn key_elsewhere(login_ns: u64) -> ClaimKey {
 
 #[tokio::test]
 async fn a_reclaim_answered_by_a_gateway_without_reclaim_leaves_the_session_as_it_was() {
-    let mut t = ReclaimAfterOutage::start(2_000).await;
+    let mut t = ReclaimAfterOutage::start(ANSWERED_IN_TIME).await;
     // The stand-in is a gateway of the previous version. It answers a control request it does
     // not know with `bad_request`, as those gateways did.
     let refusal = ControlError {
@@ -534,7 +538,7 @@ async fn a_reclaim_answered_by_a_gateway_without_reclaim_leaves_the_session_as_i
 
 #[tokio::test]
 async fn a_reclaim_that_an_older_holder_answers_with_released_takes_the_device_back() {
-    let mut t = ReclaimAfterOutage::start(2_000).await;
+    let mut t = ReclaimAfterOutage::start(ANSWERED_IN_TIME).await;
     // The stand-in is an older session elsewhere: it lets go, then says so.
     t.stand_in_lets_go().await;
     t.answer(claim_reply(&ClaimReply::Released {
@@ -570,7 +574,7 @@ async fn a_reclaim_nobody_answers_keeps_the_session_and_is_counted() {
 
 #[tokio::test]
 async fn a_reclaim_whose_session_ended_meanwhile_releases_nothing() {
-    let mut t = ReclaimAfterOutage::start(2_000).await;
+    let mut t = ReclaimAfterOutage::start(ANSWERED_IN_TIME).await;
     // The device goes away while its reclaim is in flight; then a newer holder answers.
     drop(t.dev.take());
     metric_reaches(&t.gw, "devgate_gateway_sessions 0").await;

@@ -1250,31 +1250,37 @@ fn the_generated_device_certificate_is_signed_by_the_kept_ca_for_the_names_devic
     let rsa = [names[0], names[1], "nginx.tls.keyAlgorithm=rsa"];
     check_generated_device_certificate(&render(&combo("default"), &rsa), None, "RSA");
     // ...and one given in values, for renders without the cluster (GitOps).
-    let dir = tempfile::tempdir().expect("tempdir");
-    let indent = |path: PathBuf| {
-        std::fs::read_to_string(path)
+    let expected_ca = std::fs::read(devgate_tests::nats::tls_fixture("ca.pem")).expect("fixture");
+    let (_values, given) = ca_from_values();
+    check_generated_device_certificate(&render(&given, &names), Some(&expected_ca), "EC");
+}
+
+/// Values giving the test fixtures' CA (ECDSA) in `nginx.tls.ca`, in a file that lives as long
+/// as the returned directory.
+fn ca_from_values() -> (tempfile::TempDir, Combo) {
+    let indent = |name: &str| {
+        std::fs::read_to_string(devgate_tests::nats::tls_fixture(name))
             .expect("fixture")
             .lines()
             .map(|l| format!("        {l}\n"))
             .collect::<String>()
     };
+    let dir = tempfile::tempdir().expect("tempdir");
     let values = dir.path().join("ca-values.yaml");
-    let ca_pem = devgate_tests::nats::tls_fixture("ca.pem");
     std::fs::write(
         &values,
         format!(
             "nginx:\n  tls:\n    ca:\n      cert: |\n{}      key: |\n{}",
-            indent(ca_pem.clone()),
-            indent(devgate_tests::nats::tls_fixture("ca.key"))
+            indent("ca.pem"),
+            indent("ca.key")
         ),
     )
     .expect("write values");
-    let given = Combo {
+    let combo = Combo {
         name: "ca-from-values".into(),
         file: Some(values),
     };
-    let expected_ca = std::fs::read(&ca_pem).expect("fixture");
-    check_generated_device_certificate(&render(&given, &names), Some(&expected_ca), "EC");
+    (dir, combo)
 }
 
 /// The generated device Secrets: the CA kept (and, if given, the expected one), its key out of
@@ -1494,5 +1500,11 @@ fn an_upgrade_refuses_to_replace_or_misuse_the_kept_device_ca() {
     // RSA asked for after install: the kept CA is ECDSA and signs the certificate, so RSA-only
     // devices would still fail; say so instead of issuing a certificate that cannot help them.
     let error = render_against(&installed, &["nginx.tls.keyAlgorithm=rsa"]).expect_err("rsa");
+    assert!(error.contains("has an ecdsa key"), "{error}");
+    // The same for a CA given in values (the fixture CA is ECDSA): refused at once, not only
+    // at the first upgrade that reads it back.
+    let (_values, given) = ca_from_values();
+    let error = try_template(&given, &["nginx.tls.keyAlgorithm=rsa"])
+        .expect_err("rsa with an ECDSA CA in values");
     assert!(error.contains("has an ecdsa key"), "{error}");
 }

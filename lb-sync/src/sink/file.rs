@@ -49,19 +49,28 @@ impl FileSink {
     pub async fn apply(&mut self, text: &str) -> Result<(), SinkError> {
         write_atomic(&self.output, text).await?;
         if let Err(why) = run(&self.validate_cmd, self.timeout).await {
-            match &self.last_good {
-                Some(good) => write_atomic(&self.output, good).await?,
-                None => {
-                    // Nothing good ever existed here; leave no broken file behind.
-                    let _ = tokio::fs::remove_file(&self.output).await;
-                }
-            }
+            self.restore_last_good().await?;
             return Err(SinkError::Validate(why));
         }
         self.last_good = Some(text.to_owned());
         run(&self.reload_cmd, self.timeout)
             .await
             .map_err(SinkError::Reload)
+    }
+}
+
+impl FileSink {
+    /// Puts back what nginx last accepted: after a failed validation, or an apply cut short at
+    /// shutdown (perhaps while `nginx -t` ran), so that a later reload or restart of nginx does
+    /// not load a file nobody checked. With nothing good ever written, no file is left.
+    pub async fn restore_last_good(&self) -> Result<(), SinkError> {
+        match &self.last_good {
+            Some(good) => write_atomic(&self.output, good).await,
+            None => {
+                let _ = tokio::fs::remove_file(&self.output).await;
+                Ok(())
+            }
+        }
     }
 }
 

@@ -59,6 +59,15 @@ impl Sink {
         }
     }
 
+    /// Undoes what an apply cut short may have left: the file sink puts the last good file
+    /// back; a ConfigMap apply is atomic on the server and leaves nothing to undo.
+    pub async fn abandon(&self) -> Result<(), SinkError> {
+        match self {
+            Sink::File(s) => s.restore_last_good().await,
+            Sink::ConfigMap(_) => Ok(()),
+        }
+    }
+
     /// Whether a successful apply reloaded nginx (for the `reloads` metric).
     pub fn reloads(&self) -> bool {
         matches!(self, Sink::File(_))
