@@ -158,6 +158,36 @@ async fn a_device_that_never_acks_gives_504() {
 }
 
 #[tokio::test]
+async fn a_takeover_before_the_device_acks_gives_502_session_closed_before_ack() {
+    let nats = NatsServer::start();
+    let gw1 = start(&nats, "gw-1").await;
+    let gw2 = start(&nats, "gw-2").await;
+    let bridge = Bridge::start(&nats).await;
+    let (mut old, _) = device(&gw1, "dev-1").await;
+
+    // The message reaches the device, which does not ACK it before it logs in elsewhere.
+    let post = bridge.post(
+        "/v1/devices/dev-1/messages?ack=device&timeout_ms=10000",
+        "x",
+    );
+    let takeover = async {
+        let (_, payload) = tokio::time::timeout(WAIT, old.recv_down())
+            .await
+            .expect("in time")
+            .expect("DOWN");
+        assert_eq!(&payload[..], b"x");
+        device(&gw2, "dev-1").await
+    };
+    let (got, _new) = tokio::join!(post, takeover);
+
+    // Not a timeout and not "acked": the old session ended with the ACK outstanding, and the
+    // caller learns why (the frame was written; the device may or may not have it).
+    assert_error(&got, 502, "delivery_failed");
+    let text = got.1.to_string();
+    assert!(text.contains("session_closed_before_ack"), "{text}");
+}
+
+#[tokio::test]
 async fn payload_limit_matches_the_gateway_frame_exactly() {
     let nats = NatsServer::start();
     let gw = start(&nats, "gw-1").await;

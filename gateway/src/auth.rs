@@ -94,6 +94,32 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_token_holds() {
+        // docs/protocol.md, "Tokens": secret `fleet-secret-0123456789`, id `dev-1`.
+        const DOCUMENTED: &str = "6e12a0ba7a61f5ebd51fe563caa421218fec853d18abd795bb094a603b3e10d6";
+        let secret = Secret::new("fleet-secret-0123456789");
+        assert_eq!(device_token(&secret, "dev-1"), DOCUMENTED);
+
+        let auth = DeviceAuth::Hmac(secret);
+        assert!(auth.verify("dev-1", DOCUMENTED));
+        // "upper-case hex is accepted too"
+        assert!(auth.verify("dev-1", &DOCUMENTED.to_ascii_uppercase()));
+        // Any single hex digit changed, wherever it is, is refused.
+        for i in 0..DOCUMENTED.len() {
+            let mut digits: Vec<char> = DOCUMENTED.chars().collect();
+            let d = digits[i]
+                .to_digit(16)
+                .unwrap_or_else(|| unreachable!("hex"));
+            digits[i] = std::char::from_digit((d + 1) % 16, 16).unwrap_or_else(|| unreachable!());
+            let changed: String = digits.into_iter().collect();
+            assert!(
+                !auth.verify("dev-1", &changed),
+                "digit {i} changed: {changed}"
+            );
+        }
+    }
+
+    #[test]
     fn insecure_mode_accepts_anything() {
         assert!(DeviceAuth::Insecure.verify("d", ""));
     }

@@ -269,8 +269,13 @@ async fn handshake(
 
 /// Everything a login decides before WELCOME.
 enum LoginOutcome {
-    /// This session holds the device. `early` are messages routed to it before WELCOME.
-    Won { sub: Subscription, early: Vec<Msg> },
+    /// This session holds the device. `early` are messages routed to it before WELCOME;
+    /// `took_over`: a session elsewhere let the device go for it.
+    Won {
+        sub: Subscription,
+        early: Vec<Msg>,
+        took_over: bool,
+    },
     /// A newer session (or shutdown) took precedence: close with this GOAWAY.
     Lost(GoAwayReason),
     /// NATS could not be used.
@@ -420,8 +425,8 @@ async fn welcome(
         }
         None => old.releasing,
     });
+    let replaced_here = released.is_some();
     if let Some(released) = released {
-        shared.metrics.takeovers.inc();
         let _ = tokio::time::timeout(
             Duration::from_millis(shared.config.claim_timeout_ms),
             released,
@@ -434,7 +439,17 @@ async fn welcome(
         () = shared.hard_stop.cancelled() => LoginOutcome::Lost(GoAwayReason::Draining),
     };
     let (sub, early) = match outcome {
-        LoginOutcome::Won { sub, early } => (sub, early),
+        LoginOutcome::Won {
+            sub,
+            early,
+            took_over,
+        } => {
+            // Counted once per login that replaced a session, here or on another gateway.
+            if replaced_here || took_over {
+                shared.metrics.takeovers.inc();
+            }
+            (sub, early)
+        }
         LoginOutcome::Lost(reason) => {
             shared.registry.remove(&id, &session);
             tracing::info!(device_id = %id, session = %session, reason = reason.as_str(), "login superseded");
@@ -524,11 +539,12 @@ async fn login(
     commands: &mut CommandReceiver,
 ) -> LoginOutcome {
     let down = subjects::down(id);
+    let mut took_over = false;
     // Phase 1: make every current holder let go.
     for _ in 0..MAX_CLAIM_ROUNDS {
         match claim_round(shared, &down, key).await {
             Ok(ClaimRound::Clear) => break,
-            Ok(ClaimRound::Released) => continue,
+            Ok(ClaimRound::Released) => took_over = true,
             Ok(ClaimRound::Superseded) => return LoginOutcome::Lost(GoAwayReason::Replaced),
             Err(r) => return LoginOutcome::Failed(r),
         }
@@ -569,9 +585,21 @@ async fn login(
             }
         };
         match decided {
-            Some(Ok(ClaimRound::Clear)) => return LoginOutcome::Won { sub, early },
-            Some(Ok(ClaimRound::Released)) if rounds < MAX_CLAIM_ROUNDS => continue,
-            Some(Ok(ClaimRound::Released)) => return LoginOutcome::Won { sub, early },
+            Some(Ok(ClaimRound::Clear)) => {
+                return LoginOutcome::Won {
+                    sub,
+                    early,
+                    took_over,
+                };
+            }
+            Some(Ok(ClaimRound::Released)) if rounds < MAX_CLAIM_ROUNDS => took_over = true,
+            Some(Ok(ClaimRound::Released)) => {
+                return LoginOutcome::Won {
+                    sub,
+                    early,
+                    took_over: true,
+                };
+            }
             Some(Ok(ClaimRound::Superseded)) => {
                 hand_off(shared, &mut sub, early).await;
                 return LoginOutcome::Lost(GoAwayReason::Replaced);

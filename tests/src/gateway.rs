@@ -3,9 +3,10 @@
 use devgate_gateway::common::Validate;
 use std::time::Duration;
 
+use bytes::Bytes;
 use devgate_gateway::auth::device_token;
 use devgate_gateway::client::{ClientError, DeviceClient};
-use devgate_gateway::codec::Welcome;
+use devgate_gateway::codec::{GoAwayReason, Welcome};
 use devgate_gateway::common::Secret;
 use devgate_gateway::config::Config;
 use devgate_gateway::server::Gateway;
@@ -78,4 +79,41 @@ pub async fn try_device(
     device_id: &str,
 ) -> Result<(DeviceClient, Welcome), ClientError> {
     DeviceClient::connect(gw.device_addr(), device_id, &token(device_id)).await
+}
+
+/// Waits until `gw`'s `/metrics` contain `line` (a counter reaching a value); metrics have no
+/// event to await, so this polls, with a deadline.
+pub async fn metric_reaches(gw: &Gateway, line: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = reqwest::get(format!("http://{}/metrics", gw.http_addr()))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        if text.lines().any(|l| l == line) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{line} never appeared in:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Reads frames until the gateway's GOAWAY; returns the DOWN payloads seen before it.
+pub async fn downs_until_goaway(dev: &mut DeviceClient) -> (Vec<Bytes>, GoAwayReason) {
+    let mut seen = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), dev.recv_down())
+            .await
+            .expect("frame in time")
+        {
+            Ok((_, payload)) => seen.push(payload),
+            Err(ClientError::GoAway(g)) => return (seen, g.reason),
+            Err(other) => panic!("expected DOWN or GOAWAY, got {other}"),
+        }
+    }
 }

@@ -143,6 +143,17 @@ pub async fn processed(client: &async_nats::Client) {
     barrier(client, &format!("devgate.test.sync.{}", client.new_inbox())).await;
 }
 
+/// Every device's presence events, subscribed before this returns: nothing published after it
+/// is missed.
+pub async fn presence_events(client: &async_nats::Client) -> async_nats::Subscriber {
+    let events = client
+        .subscribe(devgate_gateway::contract::subjects::ALL_PRESENCE_EVENTS)
+        .await
+        .expect("subscribe to presence events");
+    processed(client).await;
+    events
+}
+
 /// [`processed`] through a given `subject`, which nobody may subscribe to (for clients whose
 /// permissions limit where they publish): the server answers "no responders" itself, and only
 /// after reading, in order, what the client sent before.

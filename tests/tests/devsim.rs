@@ -16,11 +16,7 @@ async fn devsim_logs_devices_in_sends_uplink_and_prints_downlink() {
     let gw = start(&nats, "gw-1").await;
     let service = nats.client().await;
     let mut ups = service.subscribe(subjects::ALL_UP).await.expect("sub");
-    let mut presence = service
-        .subscribe(subjects::ALL_PRESENCE_EVENTS)
-        .await
-        .expect("sub");
-    devgate_tests::nats::processed(&service).await;
+    let mut presence = devgate_tests::nats::presence_events(&service).await;
 
     let child = tokio::process::Command::new(workspace_bin("devsim"))
         .args([

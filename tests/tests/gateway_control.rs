@@ -49,11 +49,7 @@ async fn the_holder_answers_presence_and_kick() {
     let nats = NatsServer::start();
     let gw = start(&nats, "gw-1").await;
     let service = nats.client().await;
-    let mut events = service
-        .subscribe(subjects::ALL_PRESENCE_EVENTS)
-        .await
-        .expect("sub");
-    devgate_tests::nats::processed(&service).await;
+    let mut events = devgate_tests::nats::presence_events(&service).await;
     let (mut dev, welcome) = device(&gw, "dev-1").await;
     let connected: PresenceEvent = next_event(&mut events).await;
     assert_eq!(connected.event, PresenceEventKind::Connected);

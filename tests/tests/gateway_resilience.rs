@@ -7,12 +7,17 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use devgate_gateway::client::{ClientError, DeviceClient};
-use devgate_gateway::codec::GoAwayReason;
+use devgate_gateway::codec::FrameCodec;
+use devgate_gateway::codec::{ErrorCode, GoAwayReason};
+use devgate_gateway::config::Config;
 use devgate_gateway::contract::{Announce, DeviceId, subjects};
 use devgate_tests::NatsServer;
 use devgate_tests::bins::workspace_bin;
-use devgate_tests::gateway::{SECRET, device, start, token};
+use devgate_tests::gateway::{
+    SECRET, config, device, downs_until_goaway, metric_reaches, start, start_with, token,
+};
 use futures::StreamExt;
+use tokio_util::codec::FramedRead;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -37,6 +42,12 @@ async fn sessions_survive_a_nats_restart_and_unaccepted_uplink_is_never_acked() 
             "gateway never noticed NATS going away"
         );
         tokio::time::sleep(Duration::from_millis(20)).await; // nothing to await from outside
+    }
+    // A login now could not claim its device across gateways: refused, and said why.
+    match devgate_tests::gateway::try_device(&gw, "dev-2").await {
+        Err(ClientError::Refused(e)) => assert_eq!(e.code, ErrorCode::Unavailable, "{e:?}"),
+        Err(e) => panic!("expected ERROR unavailable, got {e}"),
+        Ok(_) => panic!("a login succeeded while NATS was down"),
     }
     dev.send_up(2, Bytes::from_static(b"during outage"))
         .await
@@ -138,6 +149,85 @@ async fn a_nats_outage_longer_than_the_idle_limit_does_not_close_pinging_devices
         }
     };
     assert!(String::from_utf8_lossy(&info.payload).contains(&welcome.session));
+}
+
+#[tokio::test]
+async fn a_drain_turns_unready_delivers_what_was_routed_first_and_welcomes_nobody() {
+    let nats = NatsServer::start();
+    // Three devices over a 3 s window: their GOAWAYs come at random moments, and the drain
+    // lasts until the last one, so it is under way while the test looks.
+    let gw = start_with(Config {
+        drain_window_ms: 3_000,
+        ..config(&nats, "gw-drain")
+    })
+    .await;
+    let mut devices = Vec::new();
+    for id in ["dev-1", "dev-2", "dev-3"] {
+        devices.push(device(&gw, id).await.0);
+    }
+    // A connection still in its handshake (no HELLO yet) when the drain starts.
+    let pending = tokio::net::TcpStream::connect(gw.device_addr())
+        .await
+        .expect("connect");
+    metric_reaches(&gw, "devgate_gateway_connections 4").await;
+    // Messages routed to dev-1 (NATS has them all) just before the drain.
+    let service = nats.client().await;
+    let down = subjects::down(&DeviceId::parse("dev-1").expect("id"));
+    let sent: Vec<Bytes> = (0..50).map(|i| Bytes::from(format!("m{i}"))).collect();
+    for payload in &sent {
+        service
+            .publish(down.clone(), payload.clone())
+            .await
+            .expect("publish");
+    }
+    devgate_tests::nats::processed(&service).await;
+
+    let (http, addr) = (gw.http_addr(), gw.device_addr());
+    let stopping = tokio::spawn(gw.shutdown());
+    // Unready at once, and says why.
+    let readyz = format!("http://{http}/readyz");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let response = reqwest::get(&readyz).await.expect("readyz");
+        if response.status() == 503 {
+            let body = response.text().await.expect("body");
+            assert!(body.contains("draining"), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never turned unready");
+        tokio::time::sleep(Duration::from_millis(10)).await; // nothing to await from outside
+    }
+    // The connection in its handshake is told to go elsewhere instead of being welcomed.
+    let mut frames = FramedRead::new(pending, FrameCodec::default());
+    match tokio::time::timeout(WAIT, frames.next())
+        .await
+        .expect("in time")
+    {
+        Some(Ok(frame)) => match devgate_gateway::client::into_error(frame) {
+            ClientError::GoAway(g) => assert_eq!(g.reason, GoAwayReason::Draining),
+            other => panic!("expected GOAWAY draining, got {other}"),
+        },
+        other => panic!("expected GOAWAY draining, got {other:?}"),
+    }
+    // A new connection gets nowhere: the listener is closed.
+    assert!(
+        DeviceClient::connect(addr, "dev-4", &token("dev-4"))
+            .await
+            .is_err(),
+        "a device was welcomed during the drain"
+    );
+    // dev-1 gets everything routed to it before the drain, in order, then its GOAWAY.
+    let (seen, reason) = downs_until_goaway(&mut devices[0]).await;
+    assert_eq!(reason, GoAwayReason::Draining);
+    assert_eq!(seen, sent);
+    for dev in &mut devices[1..] {
+        let (seen, reason) = downs_until_goaway(dev).await;
+        assert_eq!((seen.len(), reason), (0, GoAwayReason::Draining));
+    }
+    stopping
+        .await
+        .expect("shutdown task")
+        .expect("gateway stops");
 }
 
 #[tokio::test]

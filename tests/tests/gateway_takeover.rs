@@ -15,28 +15,15 @@ use devgate_gateway::contract::{
 use devgate_gateway::server::Gateway;
 use devgate_tests::NatsServer;
 use devgate_tests::cut::CuttableLink;
-use devgate_tests::gateway::{config, device, start, start_with, try_device};
+use devgate_tests::gateway::{
+    config, device, downs_until_goaway, metric_reaches, start, start_with, try_device,
+};
 use futures::StreamExt;
 
 const WAIT: Duration = Duration::from_secs(5);
 
 fn down(s: &str) -> String {
     subjects::down(&DeviceId::parse(s).expect("valid id"))
-}
-
-/// Reads frames until the gateway's GOAWAY; returns the DOWN payloads seen before it.
-async fn downs_until_goaway(dev: &mut DeviceClient) -> (Vec<Bytes>, GoAwayReason) {
-    let mut seen = Vec::new();
-    loop {
-        match tokio::time::timeout(WAIT, dev.recv_down())
-            .await
-            .expect("frame in time")
-        {
-            Ok((_, payload)) => seen.push(payload),
-            Err(ClientError::GoAway(g)) => return (seen, g.reason),
-            Err(other) => panic!("expected DOWN or GOAWAY, got {other}"),
-        }
-    }
 }
 
 async fn request_sent(
@@ -55,28 +42,6 @@ async fn request_sent(
         }
     }
     panic!("device never became reachable")
-}
-
-/// Waits until `gw`'s `/metrics` contain `line` (a counter reaching a value); metrics have no
-/// event to await, so this polls, with a deadline.
-async fn metric_reaches(gw: &Gateway, line: &str) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let text = reqwest::get(format!("http://{}/metrics", gw.http_addr()))
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics text");
-        if text.lines().any(|l| l == line) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{line} never appeared in:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]
@@ -102,6 +67,9 @@ async fn a_login_on_another_gateway_replaces_the_old_session() {
         ("gw-2", welcome.session.as_str())
     );
     assert_eq!(&new.recv_down().await.expect("down").1[..], b"hi");
+    // The login that took the device over counts it, wherever the old session was.
+    metric_reaches(&gw2, "devgate_gateway_takeovers_total 1").await;
+    metric_reaches(&gw1, "devgate_gateway_takeovers_total 0").await;
 }
 
 #[tokio::test]
@@ -116,6 +84,38 @@ async fn a_second_login_on_the_same_gateway_replaces_the_first() {
     let reply = request_sent(&service, &down("dev-1"), Bytes::from_static(b"x")).await;
     assert_eq!(reply.session, w2.session);
     assert_eq!(&new.recv_down().await.expect("down").1[..], b"x");
+}
+
+#[tokio::test]
+async fn an_ack_outstanding_on_a_replaced_session_is_answered_failed_with_its_seq() {
+    let nats = NatsServer::start();
+    let gw_a = start(&nats, "gw-a").await;
+    let gw_b = start(&nats, "gw-b").await;
+    let (mut old, old_welcome) = device(&gw_a, "dev-1").await;
+    let service = nats.client().await;
+    let mut ack_device = async_nats::HeaderMap::new();
+    ack_device.insert(headers::ACK, headers::ACK_DEVICE);
+    let request =
+        service.request_with_headers(down("dev-1"), ack_device, Bytes::from_static(b"confirm me"));
+    // The device gets the DOWN and, instead of ACKing, logs in again elsewhere.
+    let takeover = async {
+        let (seq, _) = tokio::time::timeout(WAIT, old.recv_down())
+            .await
+            .expect("in time")
+            .expect("DOWN");
+        device(&gw_b, "dev-1").await;
+        seq
+    };
+    let (reply, seq) = tokio::join!(request, takeover);
+    let reply: DeliveryReply =
+        serde_json::from_slice(&reply.expect("answered").payload).expect("json");
+    assert_eq!(reply.status, DeliveryStatus::Failed);
+    assert_eq!(reply.reason.as_deref(), Some("session_closed_before_ack"));
+    assert_eq!(
+        (reply.seq, reply.session.as_str()),
+        (seq, old_welcome.session.as_str()),
+        "the written frame's seq, from the session that wrote it"
+    );
 }
 
 #[tokio::test]

@@ -173,8 +173,8 @@ struct AuthNats {
     /// Holds the relocated copy of the chart's config, when running it; that config serves
     /// TLS only, with the test-only certificate.
     chart_config: Option<tempfile::TempDir>,
-    /// The server's log lines, for [`AuthNats::wait_log`].
-    logs: std::sync::Mutex<mpsc::Receiver<String>>,
+    /// The server's log lines, and those read so far, for [`AuthNats::wait_log`].
+    logs: std::sync::Mutex<(mpsc::Receiver<String>, Vec<String>)>,
 }
 
 impl AuthNats {
@@ -243,16 +243,57 @@ impl AuthNats {
         Self::start_config(&conf, &["--cluster", &listen], env, Some(dir))
     }
 
-    /// Waits until the server logs a line containing `needle`, and returns it.
+    /// Waits until the server logs a line containing `needle` (or finds one it logged
+    /// already), and returns it.
     fn wait_log(&self, needle: &str) -> String {
-        let logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
+        self.wait_log_any(&[needle])
+    }
+
+    /// The first line, logged so far or next, that contains one of `needles`.
+    fn wait_log_any(&self, needles: &[&str]) -> String {
+        let mut logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
+        let (lines, seen) = &mut *logs;
+        let matches = |line: &str| needles.iter().any(|n| line.contains(n));
+        if let Some(line) = seen.iter().find(|l| matches(l)) {
+            return line.clone();
+        }
         loop {
-            match logs.recv_timeout(Duration::from_secs(10)) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => {}
-                Err(e) => panic!("nats-server never logged {needle:?}: {e}"),
+            match lines.recv_timeout(Duration::from_secs(10)) {
+                Ok(line) => {
+                    seen.push(line.clone());
+                    if matches(&line) {
+                        return line;
+                    }
+                }
+                Err(e) => panic!("nats-server never logged any of {needles:?}: {e}"),
             }
         }
+    }
+
+    /// Whether the server bound its route port. The ports come from `free_port`, and another
+    /// test can take one before nats-server binds it; the server then logs the error and exits.
+    fn routes_listening(&self) -> bool {
+        self.wait_log_any(&[
+            "Listening for route connections on",
+            "Error listening on router",
+            "address already in use",
+        ])
+        .contains("Listening for route connections on")
+    }
+
+    /// `n` nodes of the chart's TLS cluster config, routed to each other, on fresh route ports
+    /// again if one was taken meanwhile.
+    fn start_tls_cluster(n: usize) -> Vec<AuthNats> {
+        for _ in 0..5 {
+            let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+            let nodes: Vec<AuthNats> = (0..n)
+                .map(|node| AuthNats::start_cluster_tls(node, &ports))
+                .collect();
+            if nodes.iter().all(AuthNats::routes_listening) {
+                return nodes;
+            }
+        }
+        panic!("no free route ports after 5 tries")
     }
 
     fn start_config<K, V>(
@@ -297,7 +338,7 @@ impl AuthNats {
                 child,
                 port,
                 chart_config: dir,
-                logs: std::sync::Mutex::new(logs),
+                logs: std::sync::Mutex::new((logs, Vec::new())),
             },
             other => {
                 let _ = child.kill();
@@ -498,7 +539,7 @@ async fn a_service_reaches_devices_but_cannot_take_their_downlink() {
 
 #[tokio::test]
 async fn the_charts_tls_config_carries_a_device_session_and_a_service_over_tls_only() {
-    let nats = AuthNats::start_cluster_tls(0, &[free_port()]);
+    let nats = AuthNats::start_tls_cluster(1).remove(0);
     // The server says TLS is required, and a client that goes on in plain text gets no PONG.
     {
         use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
@@ -548,11 +589,7 @@ async fn the_charts_tls_config_carries_a_device_session_and_a_service_over_tls_o
 
 #[tokio::test]
 async fn the_charts_tls_config_encrypts_and_verifies_the_routes_between_nodes() {
-    let ports = [free_port(), free_port()];
-    let nodes = [
-        AuthNats::start_cluster_tls(0, &ports),
-        AuthNats::start_cluster_tls(1, &ports),
-    ];
+    let nodes = AuthNats::start_tls_cluster(2);
     // The monitoring endpoint says what the routes require.
     let monitor = nodes[0].wait_log("Starting http monitor on ");
     let monitor = monitor
