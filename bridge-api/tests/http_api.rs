@@ -646,6 +646,42 @@ async fn devices_list_merges_two_gateways_page_by_page() {
 }
 
 #[tokio::test]
+async fn an_instance_that_does_not_list_its_sessions_is_named_unavailable() {
+    let nats = NatsServer::start();
+    let gw = start(&nats, "gw-1").await;
+    let (_dev, _) = device(&gw, "dev-1").await;
+    // "gw-ghost" answers the stats scatter, as a gateway does, but not the session list
+    // request that follows (a gateway hung or cut off after answering, say).
+    let ghost = nats.client().await;
+    let mut stats = ghost.subscribe(subjects::STATS).await.expect("sub");
+    devgate_tests::nats::processed(&ghost).await;
+    let ghost_task = tokio::spawn(async move {
+        while let Some(msg) = stats.next().await {
+            let Some(reply) = msg.reply else { continue };
+            let body = devgate_gateway::contract::GatewayStats {
+                instance: "gw-ghost".into(),
+                advertise_addr: "127.0.0.1:9".into(),
+                ready: true,
+                draining: false,
+                sessions: 5,
+                started_ms: 1,
+            };
+            let body = serde_json::to_vec(&body).expect("json");
+            let _ = ghost.publish(reply, body.into()).await;
+        }
+    });
+    let bridge = Bridge::start(&nats).await;
+
+    let (status, body) = bridge.get("/v1/devices").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["unavailable_gateways"], json!(["gw-ghost"]), "{body}");
+    // What the instances that answered hold is still listed.
+    assert_eq!(body["devices"][0]["device_id"], "dev-1", "{body}");
+    assert_eq!(body["count"], 1, "{body}");
+    ghost_task.abort();
+}
+
+#[tokio::test]
 async fn gateways_list_shows_every_instance() {
     let nats = NatsServer::start();
     let bridge = Bridge::start(&nats).await;

@@ -29,7 +29,25 @@ async fn nats_unreachable_is_503_and_recovers() {
         (Method::GET, "/v1/gateways"),
         (Method::GET, "/v1/devices/dev-1/messages"),
     ] {
-        let got = send(bridge.req(method.clone(), path).body("x")).await;
+        let response = bridge
+            .req(method.clone(), path)
+            .body("x")
+            .send()
+            .await
+            .expect("HTTP request");
+        // Clients are told when to come back, as the docs promise.
+        assert_eq!(
+            response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()),
+            Some("1"),
+            "{method} {path}"
+        );
+        let got = (
+            response.status().as_u16(),
+            response.json().await.unwrap_or(serde_json::Value::Null),
+        );
         assert_error(&got, 503, "nats_unavailable");
     }
     let got = send(

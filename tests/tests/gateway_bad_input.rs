@@ -312,3 +312,70 @@ async fn hello_metadata_is_kept_and_bad_json_in_hello_is_explained() {
     .await
     .expect("login with metadata");
 }
+
+#[tokio::test]
+async fn a_configured_frame_limit_is_announced_and_enforced_both_ways() {
+    let nats = NatsServer::start();
+    let gw = start_with(devgate_gateway::config::Config {
+        max_frame_len: 1024,
+        ..config(&nats, "gw-small")
+    })
+    .await;
+    let (mut bystander, welcome) = device(&gw, "bystander").await;
+    assert_eq!(
+        welcome.max_frame_len, 1024,
+        "WELCOME tells the device the limit"
+    );
+    let service = nats.client().await;
+    let mut ups = service.subscribe("device.*.up").await.expect("sub");
+    devgate_tests::nats::processed(&service).await;
+
+    // Downlink: a payload that fills the limit (1 type byte + 4 seq bytes + payload) is sent,
+    // one byte more is refused `too_large` before anything is written.
+    let down = subjects::down(&DeviceId::parse("bystander").expect("id"));
+    for (len, status, reason) in [
+        (1019, "\"sent\"", None),
+        (1020, "\"failed\"", Some("too_large")),
+    ] {
+        let reply = service
+            .request(down.clone(), Bytes::from(vec![b'd'; len]))
+            .await
+            .expect("answered");
+        let text = String::from_utf8_lossy(&reply.payload).into_owned();
+        assert!(text.contains(status), "{len} bytes: {text}");
+        if let Some(reason) = reason {
+            assert!(text.contains(reason), "{len} bytes: {text}");
+        }
+    }
+    let (_, payload) = tokio::time::timeout(WAIT, bystander.recv_down())
+        .await
+        .expect("in time")
+        .expect("down");
+    assert_eq!(
+        payload.len(),
+        1019,
+        "only the frame within the limit reached the device"
+    );
+
+    // Uplink: the same limit. A full-size UP is published; one byte over ends that session.
+    let mut stream = TcpStream::connect(gw.device_addr()).await.expect("connect");
+    stream
+        .write_all(&hello("dev-1", &token("dev-1")))
+        .await
+        .expect("hello");
+    let mut up = frame(kind::UP, &[0, 0, 0, 0]);
+    up.extend(std::iter::repeat_n(b'u', 1019));
+    up[..4].copy_from_slice(&1024u32.to_be_bytes());
+    stream.write_all(&up).await.expect("full-size UP");
+    let published = tokio::time::timeout(WAIT, ups.next())
+        .await
+        .expect("in time")
+        .expect("msg");
+    assert_eq!(published.payload.len(), 1019);
+    let mut over = frame(kind::UP, &[0, 0, 0, 0]);
+    over.extend(std::iter::repeat_n(b'u', 1020));
+    over[..4].copy_from_slice(&1025u32.to_be_bytes());
+    stream.write_all(&over).await.expect("oversize UP");
+    assert_eq!(read_error(stream).await.code, ErrorCode::FrameTooLarge);
+    still_works(&nats, &mut bystander, "bystander").await;
+}

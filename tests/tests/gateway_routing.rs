@@ -166,6 +166,10 @@ async fn uplink_reaches_services_with_headers_and_is_acked_after_nats_accepts_it
     );
     assert_eq!(h.get(headers::GATEWAY).map(|v| v.as_str()), Some("gw-1"));
     assert_eq!(h.get(headers::SEQ).map(|v| v.as_str()), Some("41"));
+    // seq 0 asks for no ACK, and its message carries no Devgate-Seq (the device is still named).
+    let h1 = m1.headers.expect("headers");
+    assert_eq!(h1.get(headers::SEQ), None);
+    assert_eq!(h1.get(headers::DEVICE).map(|v| v.as_str()), Some("dev-7"));
     let acked = tokio::time::timeout(WAIT, dev.recv_ack())
         .await
         .expect("in time")
