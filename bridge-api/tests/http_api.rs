@@ -816,3 +816,57 @@ async fn metrics_count_requests_by_route_and_status() {
     assert!(line.ends_with(" 2"), "{line}");
     assert!(text.contains("devgate_bridge_http_request_duration_seconds_bucket"));
 }
+
+#[tokio::test]
+async fn a_reply_outside_the_contract_is_502_bad_gateway_reply() {
+    let nats = NatsServer::start();
+    let bridge = Bridge::start(&nats).await;
+    // Something that is not a devgate gateway holds the device's subject and answers nonsense.
+    let impostor = nats.client().await;
+    let mut held = impostor
+        .subscribe(subjects::down(&DeviceId::parse("dev-1").expect("id")))
+        .await
+        .expect("sub");
+    devgate_tests::nats::processed(&impostor).await;
+    let answer = tokio::spawn(async move {
+        let msg = held.next().await.expect("the request");
+        let reply = msg.reply.expect("a request");
+        impostor
+            .publish(reply, "not json at all".into())
+            .await
+            .expect("answer");
+        impostor.flush().await.expect("flush");
+    });
+    let got = bridge.post("/v1/devices/dev-1/messages", "x").await;
+    assert_error(&got, 502, "bad_gateway_reply");
+    answer.await.expect("impostor answered");
+}
+
+#[tokio::test]
+async fn without_timeout_ms_the_configured_default_applies() {
+    let nats = NatsServer::start();
+    // The gateway would wait 30 s for the device's ACK; bridge-api's own default is shorter.
+    let gw = start(&nats, "gw-1").await;
+    let bridge = Bridge::start_with(devgate_bridge_api::config::Config {
+        default_timeout_ms: 400,
+        ..bridge_config(&nats)
+    })
+    .await;
+    let (mut dev, _) = device(&gw, "mute").await;
+    let started = Instant::now();
+    let got = bridge
+        .post("/v1/devices/mute/messages?ack=device", "x")
+        .await;
+    assert_error(&got, 504, "timeout");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(400) && waited < Duration::from_secs(3),
+        "answered after {waited:?}"
+    );
+    // The device did get it; it just never acknowledged.
+    let (seq, _) = tokio::time::timeout(WAIT, dev.recv_down())
+        .await
+        .expect("in time")
+        .expect("DOWN");
+    assert_ne!(seq, 0);
+}
