@@ -1,11 +1,14 @@
 //! A TCP forwarder on loopback that a test can cut and restore: one component loses its
 //! connection to a real server (a gateway's link to nats-server, say) while every other
-//! component keeps its own, which a server restart cannot do.
+//! component keeps its own, which a server restart cannot do. It can also hold back what the
+//! server sends while the connection stays up: a server that has gone quiet.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -22,6 +25,8 @@ struct State {
 pub struct CuttableLink {
     addr: SocketAddr,
     state: Arc<Mutex<State>>,
+    /// `true` while what the upstream sends is forwarded.
+    replies: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
@@ -42,8 +47,14 @@ impl CuttableLink {
             open: true,
             period: CancellationToken::new(),
         }));
-        let task = tokio::spawn(accept(listener, upstream, state.clone()));
-        CuttableLink { addr, state, task }
+        let (replies, _) = watch::channel(true);
+        let task = tokio::spawn(accept(listener, upstream, state.clone(), replies.clone()));
+        CuttableLink {
+            addr,
+            state,
+            replies,
+            task,
+        }
     }
 
     /// Where clients connect instead of the upstream.
@@ -65,6 +76,17 @@ impl CuttableLink {
         st.open = true;
         st.period = CancellationToken::new();
     }
+
+    /// Holds back everything the upstream sends (what the client sends still goes through, and
+    /// the connection stays up) until [`CuttableLink::release_replies`].
+    pub fn hold_replies(&self) {
+        self.replies.send_replace(false);
+    }
+
+    /// Forwards what the upstream sent meanwhile, and everything after it.
+    pub fn release_replies(&self) {
+        self.replies.send_replace(true);
+    }
 }
 
 impl Drop for CuttableLink {
@@ -74,7 +96,12 @@ impl Drop for CuttableLink {
     }
 }
 
-async fn accept(listener: TcpListener, upstream: SocketAddr, state: Arc<Mutex<State>>) {
+async fn accept(
+    listener: TcpListener,
+    upstream: SocketAddr,
+    state: Arc<Mutex<State>>,
+    replies: watch::Sender<bool>,
+) {
     while let Ok((client, _)) = listener.accept().await {
         let period = {
             let st = lock(&state);
@@ -82,17 +109,47 @@ async fn accept(listener: TcpListener, upstream: SocketAddr, state: Arc<Mutex<St
         };
         // Cut: dropping the accepted socket closes it, as a broken path would.
         if let Some(period) = period {
-            tokio::spawn(forward(client, upstream, period));
+            tokio::spawn(forward(client, upstream, period, replies.subscribe()));
         }
     }
 }
 
-async fn forward(mut client: TcpStream, upstream: SocketAddr, period: CancellationToken) {
-    let Ok(mut server) = TcpStream::connect(upstream).await else {
+async fn forward(
+    client: TcpStream,
+    upstream: SocketAddr,
+    period: CancellationToken,
+    replies: watch::Receiver<bool>,
+) {
+    let Ok(server) = TcpStream::connect(upstream).await else {
         return;
     };
+    let (mut client_read, client_write) = client.into_split();
+    let (server_read, mut server_write) = server.into_split();
     tokio::select! {
         () = period.cancelled() => {}
-        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+        _ = tokio::io::copy(&mut client_read, &mut server_write) => {}
+        () = forward_replies(server_read, client_write, replies) => {}
+    }
+}
+
+/// Copies what the upstream sends to the client, waiting while replies are held (a chunk read
+/// just before a hold waits too).
+async fn forward_replies(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut flowing: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if flowing.wait_for(|open| *open).await.is_err() {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }

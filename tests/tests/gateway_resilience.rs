@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use devgate_gateway::client::{ClientError, DeviceClient};
 use devgate_gateway::codec::FrameCodec;
-use devgate_gateway::codec::{ErrorCode, GoAwayReason};
+use devgate_gateway::codec::{ErrorCode, Frame, GoAwayReason};
 use devgate_gateway::config::Config;
 use devgate_gateway::contract::{Announce, DeviceId, subjects};
 use devgate_tests::NatsServer;
@@ -353,4 +353,68 @@ async fn sigterm_drains_devices_with_spread_goaways_and_exits_cleanly() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(exit.success(), "exit status {exit:?}");
+}
+
+/// The next frame from the gateway, within [`WAIT`].
+async fn next(dev: &mut DeviceClient) -> Frame {
+    tokio::time::timeout(WAIT, dev.next_frame())
+        .await
+        .expect("a frame in time")
+        .expect("readable")
+        .expect("open")
+}
+
+#[tokio::test]
+async fn at_max_inflight_unconfirmed_ups_the_gateway_stops_reading_until_nats_confirms() {
+    let nats = NatsServer::start();
+    let link = devgate_tests::cut::CuttableLink::start(([127, 0, 0, 1], nats.port()).into()).await;
+    let gw = start_with(Config {
+        nats_url: format!("nats://{}", link.addr()),
+        max_inflight: 4,
+        ..config(&nats, "gw-window")
+    })
+    .await;
+    let (mut dev, _) = device(&gw, "dev-1").await;
+
+    // NATS goes quiet without the connection breaking: UPs are published but not confirmed.
+    link.hold_replies();
+    for seq in 1..=3 {
+        dev.send_up(seq, Bytes::from_static(b"u"))
+            .await
+            .expect("up");
+    }
+    // Three of four awaiting confirmation: the session still reads, and answers a PING.
+    dev.send(Frame::Ping(Bytes::from_static(b"a")))
+        .await
+        .expect("ping");
+    assert_eq!(next(&mut dev).await, Frame::Pong(Bytes::from_static(b"a")));
+    // The fourth fills the window: the gateway stops reading this socket, so the next PING
+    // waits (a bounded wait for an answer that must not come yet).
+    dev.send_up(4, Bytes::from_static(b"u")).await.expect("up");
+    dev.send(Frame::Ping(Bytes::from_static(b"b")))
+        .await
+        .expect("ping");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), dev.next_frame())
+            .await
+            .is_err(),
+        "the gateway kept reading with max_inflight UPs unconfirmed"
+    );
+
+    // NATS confirms: the four ACKs come, in order, and reading resumes as soon as the window
+    // has room, so the PING is answered too (possibly between ACKs).
+    link.release_replies();
+    let mut acks = Vec::new();
+    let mut ponged = false;
+    while acks.len() < 4 || !ponged {
+        match next(&mut dev).await {
+            Frame::Ack(seq) => acks.push(seq),
+            Frame::Pong(body) => {
+                assert_eq!(&body[..], b"b");
+                ponged = true;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(acks, [1, 2, 3, 4]);
 }
