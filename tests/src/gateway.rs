@@ -117,3 +117,12 @@ pub async fn downs_until_goaway(dev: &mut DeviceClient) -> (Vec<Bytes>, GoAwayRe
         }
     }
 }
+
+/// The next frame the gateway sends `dev`, whatever it is, within 5 s.
+pub async fn next_frame(dev: &mut DeviceClient) -> devgate_gateway::codec::Frame {
+    tokio::time::timeout(Duration::from_secs(5), dev.next_frame())
+        .await
+        .expect("a frame in time")
+        .expect("readable")
+        .expect("connection open")
+}

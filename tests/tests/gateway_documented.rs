@@ -13,7 +13,9 @@ use devgate_gateway::contract::{
     PresenceInfo, headers, subjects, subjects::ControlOp,
 };
 use devgate_tests::NatsServer;
-use devgate_tests::gateway::{device, downs_until_goaway, metric_reaches, start, token};
+use devgate_tests::gateway::{
+    device, downs_until_goaway, metric_reaches, next_frame, start, token,
+};
 use futures::StreamExt;
 use tokio::net::TcpStream;
 
@@ -73,15 +75,6 @@ async fn request(service: &async_nats::Client, id: &str, payload: &'static [u8])
         .expect("answered in time")
         .expect("answered");
     serde_json::from_slice(&reply.payload).expect("json reply")
-}
-
-/// The next frame from the gateway, whatever it is.
-async fn next_frame(dev: &mut DeviceClient) -> Frame {
-    tokio::time::timeout(WAIT, dev.next_frame())
-        .await
-        .expect("frame in time")
-        .expect("readable")
-        .expect("connection open")
 }
 
 #[tokio::test]

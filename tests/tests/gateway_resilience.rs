@@ -14,7 +14,8 @@ use devgate_gateway::contract::{Announce, DeviceId, subjects};
 use devgate_tests::NatsServer;
 use devgate_tests::bins::workspace_bin;
 use devgate_tests::gateway::{
-    SECRET, config, device, downs_until_goaway, metric_reaches, start, start_with, token,
+    SECRET, config, device, downs_until_goaway, metric_reaches, next_frame, start, start_with,
+    token,
 };
 use futures::StreamExt;
 use tokio_util::codec::FramedRead;
@@ -355,15 +356,6 @@ async fn sigterm_drains_devices_with_spread_goaways_and_exits_cleanly() {
     assert!(exit.success(), "exit status {exit:?}");
 }
 
-/// The next frame from the gateway, within [`WAIT`].
-async fn next(dev: &mut DeviceClient) -> Frame {
-    tokio::time::timeout(WAIT, dev.next_frame())
-        .await
-        .expect("a frame in time")
-        .expect("readable")
-        .expect("open")
-}
-
 #[tokio::test]
 async fn at_max_inflight_unconfirmed_ups_the_gateway_stops_reading_until_nats_confirms() {
     let nats = NatsServer::start();
@@ -387,7 +379,10 @@ async fn at_max_inflight_unconfirmed_ups_the_gateway_stops_reading_until_nats_co
     dev.send(Frame::Ping(Bytes::from_static(b"a")))
         .await
         .expect("ping");
-    assert_eq!(next(&mut dev).await, Frame::Pong(Bytes::from_static(b"a")));
+    assert_eq!(
+        next_frame(&mut dev).await,
+        Frame::Pong(Bytes::from_static(b"a"))
+    );
     // The fourth fills the window: the gateway stops reading this socket, so the next PING
     // waits (a bounded wait for an answer that must not come yet).
     dev.send_up(4, Bytes::from_static(b"u")).await.expect("up");
@@ -407,7 +402,7 @@ async fn at_max_inflight_unconfirmed_ups_the_gateway_stops_reading_until_nats_co
     let mut acks = Vec::new();
     let mut ponged = false;
     while acks.len() < 4 || !ponged {
-        match next(&mut dev).await {
+        match next_frame(&mut dev).await {
             Frame::Ack(seq) => acks.push(seq),
             Frame::Pong(body) => {
                 assert_eq!(&body[..], b"b");
