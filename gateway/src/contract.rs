@@ -332,6 +332,12 @@ pub enum ClaimReply {
     Released {
         /// The session that let go.
         key: ClaimKey,
+        /// It held the device (a welcomed session) until this claim, so the claimant's login
+        /// replaces it. `false` (and absent, from gateways before this field): it held nothing
+        /// live, such as a rival login that never got WELCOME or a session that had already
+        /// ended; the claimant only counts a takeover on `true`.
+        #[serde(default)]
+        held: bool,
     },
     /// The responder's own claim is newer; the claimant must give up.
     Superseded {
@@ -490,8 +496,17 @@ mod tests {
                 gateway: "g".into(),
                 session: "s".into(),
             },
+            held: true,
         };
         let v = serde_json::to_value(&r).expect("serializes");
         assert_eq!(v["outcome"], "released");
+        assert_eq!(v["held"], true);
+        // From a gateway that does not send `held` yet: nothing live was replaced.
+        let old: ClaimReply = serde_json::from_value(serde_json::json!({
+            "outcome": "released",
+            "key": {"login_ns": 1, "gateway": "g", "session": "s"},
+        }))
+        .expect("parses");
+        assert!(matches!(old, ClaimReply::Released { held: false, .. }));
     }
 }

@@ -120,7 +120,7 @@ async fn reclaim(
             // Nobody else holds it.
             Some(ClaimRound::Clear) => return Ok(settled(took_back)),
             // An older session let go; another may remain.
-            Some(ClaimRound::Released) => took_back = true,
+            Some(ClaimRound::Released { .. }) => took_back = true,
             // Not an answer to decide on (a gateway that does not know `reclaim` yet): this
             // session stays, as it would without the reclaim.
             None => return Ok(Reclaim::Unreadable),

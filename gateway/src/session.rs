@@ -286,8 +286,8 @@ enum LoginOutcome {
 pub(crate) enum ClaimRound {
     /// Nobody else holds or claims the device.
     Clear,
-    /// A holder let go; ask again (another may remain).
-    Released,
+    /// A holder let go; ask again (another may remain). `held`: it was a live session.
+    Released { held: bool },
     /// Someone with a newer claim holds on.
     Superseded,
 }
@@ -344,7 +344,7 @@ pub(crate) async fn claim_request(
         .request(down, Headers::Pairs(&control), &body, timeout);
     match request.await {
         Ok(reply) => match serde_json::from_slice::<ClaimReply>(&reply.payload) {
-            Ok(ClaimReply::Released { .. }) => Ok(Some(ClaimRound::Released)),
+            Ok(ClaimReply::Released { held, .. }) => Ok(Some(ClaimRound::Released { held })),
             Ok(ClaimReply::Superseded { .. }) => Ok(Some(ClaimRound::Superseded)),
             Err(_) => Ok(None),
         },
@@ -359,7 +359,7 @@ async fn claim_round(shared: &Shared, down: &str, key: &ClaimKey) -> Result<Clai
         Ok(Some(round)) => Ok(round),
         Ok(None) => {
             tracing::warn!(device_id = %key_device(down), "unreadable claim reply; treating it as released");
-            Ok(ClaimRound::Released)
+            Ok(ClaimRound::Released { held: false })
         }
         Err(RequestError::TimedOut) => {
             // A holder that does not answer within the claim timeout is partitioned or hung:
@@ -544,7 +544,7 @@ async fn login(
     for _ in 0..MAX_CLAIM_ROUNDS {
         match claim_round(shared, &down, key).await {
             Ok(ClaimRound::Clear) => break,
-            Ok(ClaimRound::Released) => took_over = true,
+            Ok(ClaimRound::Released { held }) => took_over |= held,
             Ok(ClaimRound::Superseded) => return LoginOutcome::Lost(GoAwayReason::Replaced),
             Err(r) => return LoginOutcome::Failed(r),
         }
@@ -565,7 +565,10 @@ async fn login(
                         Pending::Continue => {}
                         Pending::Yield(reply) => {
                             hand_off(shared, &mut sub, early).await;
-                            let reply_body = json_bytes(&ClaimReply::Released { key: key.clone() });
+                            let reply_body = json_bytes(&ClaimReply::Released {
+                                key: key.clone(),
+                                held: false,
+                            });
                             publish_reply(shared, &reply, &reply_body);
                             return LoginOutcome::Lost(GoAwayReason::Replaced);
                         }
@@ -592,12 +595,14 @@ async fn login(
                     took_over,
                 };
             }
-            Some(Ok(ClaimRound::Released)) if rounds < MAX_CLAIM_ROUNDS => took_over = true,
-            Some(Ok(ClaimRound::Released)) => {
+            Some(Ok(ClaimRound::Released { held })) if rounds < MAX_CLAIM_ROUNDS => {
+                took_over |= held;
+            }
+            Some(Ok(ClaimRound::Released { held })) => {
                 return LoginOutcome::Won {
                     sub,
                     early,
-                    took_over: true,
+                    took_over: took_over || held,
                 };
             }
             Some(Ok(ClaimRound::Superseded)) => {
@@ -683,6 +688,7 @@ async fn hand_off(shared: &Shared, sub: &mut Subscription, mut early: Vec<Msg>) 
                         gateway: shared.instance.clone(),
                         session: String::new(),
                     },
+                    held: false,
                 });
                 publish_reply(shared, &reply, &body);
             }
@@ -795,14 +801,16 @@ impl Session {
         }
     }
 
-    /// What this session answers a claim with once it has let go.
-    fn released(&self) -> ClaimReply {
+    /// What this session answers a claim with once it has let go; `held`: this claim is the
+    /// one that made a live session yield (later ones replaced nothing).
+    fn released(&self, held: bool) -> ClaimReply {
         ClaimReply::Released {
             key: ClaimKey {
                 login_ns: 0,
                 gateway: self.shared.instance.clone(),
                 session: self.session.clone(),
             },
+            held,
         }
     }
 
@@ -1046,7 +1054,7 @@ impl Session {
     async fn yield_to(&mut self, reply: Option<Bytes>) -> End {
         let end = Box::pin(self.release(GoAwayReason::Replaced)).await;
         if let Some(reply) = reply {
-            self.reply(reply, json_bytes(&self.released()));
+            self.reply(reply, json_bytes(&self.released(true)));
         }
         end
     }
@@ -1297,7 +1305,7 @@ impl Session {
                 // Already letting go: further claims and kicks just hear so.
                 Some(Ok(ControlOp::Claim | ControlOp::Reclaim)) => {
                     if let Some(reply) = msg.reply {
-                        self.reply(reply, json_bytes(&self.released()));
+                        self.reply(reply, json_bytes(&self.released(false)));
                     }
                 }
                 Some(Ok(ControlOp::Kick)) => {
@@ -1378,7 +1386,9 @@ impl Session {
                         Some("session_closed"),
                     )
                 }
-                Some(Ok(ControlOp::Claim | ControlOp::Reclaim)) => json_bytes(&self.released()),
+                Some(Ok(ControlOp::Claim | ControlOp::Reclaim)) => {
+                    json_bytes(&self.released(false))
+                }
                 Some(Ok(ControlOp::Kick)) => json_bytes(&self.kicked()),
                 Some(Ok(ControlOp::Presence)) | Some(Err(_)) => {
                     json_bytes(&crate::contract::ControlError {

@@ -155,29 +155,31 @@ async fn a_nats_outage_longer_than_the_idle_limit_does_not_close_pinging_devices
 #[tokio::test]
 async fn a_drain_turns_unready_delivers_what_was_routed_first_and_welcomes_nobody() {
     let nats = NatsServer::start();
-    // Three devices over a 3 s window: their GOAWAYs come at random moments, and the drain
-    // lasts until the last one, so it is under way while the test looks.
+    // Twenty devices over a 3 s window: their GOAWAYs come at random moments and the drain
+    // lasts until the last one, so it is under way while the test looks (all twenty within
+    // the first second has a chance of 3^-20).
     let gw = start_with(Config {
         drain_window_ms: 3_000,
         ..config(&nats, "gw-drain")
     })
     .await;
+    let ids: Vec<String> = (0..20).map(|i| format!("dev-{i}")).collect();
     let mut devices = Vec::new();
-    for id in ["dev-1", "dev-2", "dev-3"] {
+    for id in &ids {
         devices.push(device(&gw, id).await.0);
     }
     // A connection still in its handshake (no HELLO yet) when the drain starts.
     let pending = tokio::net::TcpStream::connect(gw.device_addr())
         .await
         .expect("connect");
-    metric_reaches(&gw, "devgate_gateway_connections 4").await;
-    // Messages routed to dev-1 (NATS has them all) just before the drain.
+    metric_reaches(&gw, "devgate_gateway_connections 21").await;
+    // Messages routed to dev-0 (NATS has them all) just before the drain.
     let service = nats.client().await;
-    let down = subjects::down(&DeviceId::parse("dev-1").expect("id"));
+    let down = |id: &str| subjects::down(&DeviceId::parse(id).expect("id"));
     let sent: Vec<Bytes> = (0..50).map(|i| Bytes::from(format!("m{i}"))).collect();
     for payload in &sent {
         service
-            .publish(down.clone(), payload.clone())
+            .publish(down("dev-0"), payload.clone())
             .await
             .expect("publish");
     }
@@ -198,6 +200,11 @@ async fn a_drain_turns_unready_delivers_what_was_routed_first_and_welcomes_nobod
         assert!(Instant::now() < deadline, "never turned unready");
         tokio::time::sleep(Duration::from_millis(10)).await; // nothing to await from outside
     }
+    // The listener is closed: a new device is refused at connect.
+    let refused = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect_err("connected during the drain");
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
     // The connection in its handshake is told to go elsewhere instead of being welcomed.
     let mut frames = FramedRead::new(pending, FrameCodec::default());
     match tokio::time::timeout(WAIT, frames.next())
@@ -210,20 +217,41 @@ async fn a_drain_turns_unready_delivers_what_was_routed_first_and_welcomes_nobod
         },
         other => panic!("expected GOAWAY draining, got {other:?}"),
     }
-    // A new connection gets nowhere: the listener is closed.
-    assert!(
-        DeviceClient::connect(addr, "dev-4", &token("dev-4"))
-            .await
-            .is_err(),
-        "a device was welcomed during the drain"
-    );
-    // dev-1 gets everything routed to it before the drain, in order, then its GOAWAY.
-    let (seen, reason) = downs_until_goaway(&mut devices[0]).await;
-    assert_eq!(reason, GoAwayReason::Draining);
-    assert_eq!(seen, sent);
-    for dev in &mut devices[1..] {
+
+    // During the drain, a request to each device: answered `sent` only if its session wrote it
+    // before its GOAWAY (its subscription is drained first), "no responders" once it has let
+    // go; never answered and lost.
+    let answers = futures::future::join_all(ids.iter().map(|id| {
+        let (service, subject) = (service.clone(), down(id));
+        async move {
+            match service
+                .request(subject, Bytes::from(format!("late-{id}")))
+                .await
+            {
+                Ok(reply) => {
+                    let reply: devgate_gateway::contract::DeliveryReply =
+                        serde_json::from_slice(&reply.payload).expect("reply");
+                    assert_eq!(
+                        reply.status,
+                        devgate_gateway::contract::DeliveryStatus::Sent
+                    );
+                    true
+                }
+                Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => false,
+                Err(e) => panic!("request to {id} during the drain: {e}"),
+            }
+        }
+    }))
+    .await;
+    for ((id, dev), delivered) in ids.iter().zip(&mut devices).zip(answers) {
         let (seen, reason) = downs_until_goaway(dev).await;
-        assert_eq!((seen.len(), reason), (0, GoAwayReason::Draining));
+        assert_eq!(reason, GoAwayReason::Draining, "{id}");
+        let late = Bytes::from(format!("late-{id}"));
+        assert_eq!(seen.contains(&late), delivered, "{id}: {seen:?}");
+        if id == "dev-0" {
+            // Everything routed before the drain, in order, ahead of the rest.
+            assert_eq!(seen[..sent.len()], sent[..]);
+        }
     }
     stopping
         .await

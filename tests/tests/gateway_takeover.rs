@@ -543,6 +543,7 @@ async fn a_reclaim_that_an_older_holder_answers_with_released_takes_the_device_b
     t.stand_in_lets_go().await;
     t.answer(claim_reply(&ClaimReply::Released {
         key: key_elsewhere(1),
+        held: true,
     }))
     .await;
 
@@ -586,4 +587,37 @@ async fn a_reclaim_whose_session_ended_meanwhile_releases_nothing() {
     // Nothing was released on behalf of a session that no longer exists.
     metric_reaches(&t.gw, "devgate_gateway_reclaims_total{outcome=\"ended\"} 1").await;
     metric_reaches(&t.gw, "devgate_gateway_reclaims_lost_total 0").await;
+}
+
+#[tokio::test]
+async fn a_takeover_is_counted_only_when_a_live_session_let_go() {
+    let nats = NatsServer::start();
+    let gw = start(&nats, "gw-1").await;
+    let other = nats.client().await;
+    // A stand-in for another gateway's session of the device answers the login's first claim
+    // `released`, then holds nothing. Only `held: true` (a welcomed session yielded) is a
+    // takeover; a rival login that never got WELCOME replaced nothing.
+    for (id, held, takeovers) in [("dev-1", false, 0), ("dev-2", true, 1)] {
+        let mut holder = other.subscribe(down(id)).await.expect("subscribe");
+        devgate_tests::nats::processed(&other).await;
+        let answer = async {
+            let claim = tokio::time::timeout(WAIT, holder.next())
+                .await
+                .expect("the claim in time")
+                .expect("message");
+            holder.unsubscribe().await.expect("unsubscribe");
+            devgate_tests::nats::processed(&other).await;
+            let body = claim_reply(&ClaimReply::Released {
+                key: key_elsewhere(1),
+                held,
+            });
+            other
+                .publish(claim.reply.expect("a request"), body.into())
+                .await
+                .expect("answer");
+            devgate_tests::nats::processed(&other).await;
+        };
+        let ((_dev, _), ()) = tokio::join!(device(&gw, id), answer);
+        metric_reaches(&gw, &format!("devgate_gateway_takeovers_total {takeovers}")).await;
+    }
 }
