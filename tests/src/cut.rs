@@ -125,10 +125,15 @@ async fn forward(
     };
     let (mut client_read, client_write) = client.into_split();
     let (server_read, mut server_write) = server.into_split();
+    // Each direction ends on its own (passing the close on), as copy_bidirectional does: a
+    // side that closes does not cut off what the other side is still sending.
+    let requests = async {
+        let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+        let _ = server_write.shutdown().await;
+    };
     tokio::select! {
         () = period.cancelled() => {}
-        _ = tokio::io::copy(&mut client_read, &mut server_write) => {}
-        () = forward_replies(server_read, client_write, replies) => {}
+        _ = async { tokio::join!(requests, forward_replies(server_read, client_write, replies)) } => {}
     }
 }
 
@@ -142,7 +147,10 @@ async fn forward_replies(
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => {
+                let _ = to.shutdown().await;
+                return;
+            }
             Ok(n) => n,
         };
         if flowing.wait_for(|open| *open).await.is_err() {
