@@ -185,7 +185,7 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
-            tls_verify_depth: 3,
+            tls_verify_depth: DEFAULT_VERIFY_DEPTH,
             tls_protocols: TLS_PROTOCOLS.iter().map(|p| (*p).to_owned()).collect(),
             tls_handshake_timeout_s: 15,
             tls_session_cache: "10m".into(),
@@ -217,6 +217,10 @@ fn nginx_size_bytes(s: &str) -> Option<u64> {
 fn is_nginx_size(s: &str) -> bool {
     nginx_size_bytes(s).is_some()
 }
+
+/// CAs allowed between a device certificate and the client CA unless told otherwise: nginx's own
+/// default of 1 refuses a certificate two CAs below the trusted one (tested).
+const DEFAULT_VERIFY_DEPTH: u32 = 3;
 
 /// nginx refuses a shared SSL session cache under 8 pages ("too small"): 32k with 4k pages.
 const MIN_SESSION_CACHE: u64 = 32 * 1024;
@@ -444,6 +448,12 @@ impl Config {
         if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
             problems
                 .push("tls_client_ca needs tls_cert and tls_key (mutual TLS is TLS)".to_owned());
+        }
+        if self.tls_client_ca.is_none() && self.tls_verify_depth != DEFAULT_VERIFY_DEPTH {
+            problems.push(format!(
+                "tls_verify_depth {} only applies to device certificates: give tls_client_ca",
+                self.tls_verify_depth
+            ));
         }
         if self.tls_protocols.is_empty() {
             problems.push(format!(
@@ -997,6 +1007,10 @@ mod tests {
             (
                 vec!["--kubeconfig", "/etc/devgate/kubeconfig"],
                 "only used with --source kube or --sink configmap",
+            ),
+            (
+                vec!["--tls-verify-depth", "5"],
+                "tls_verify_depth 5 only applies to device certificates",
             ),
         ];
         for (mut args, expected) in cases {
