@@ -92,6 +92,12 @@ async fn announce(shared: &Shared) {
     }
 }
 
+/// The page size a session-list request gets: what it asked for within 1..=1000, and 1000
+/// when it did not say (docs/nats-subjects.md), so no caller can make one reply unbounded.
+fn page_limit(asked: Option<usize>) -> usize {
+    asked.unwrap_or(MAX_SESSION_PAGE).clamp(1, MAX_SESSION_PAGE)
+}
+
 fn session_page(shared: &Shared, payload: &[u8]) -> Bytes {
     let request = if payload.is_empty() {
         Ok(SessionListRequest::default())
@@ -108,11 +114,9 @@ fn session_page(shared: &Shared, payload: &[u8]) -> Bytes {
     });
     match request {
         Ok(req) => {
-            let limit = req
-                .limit
-                .unwrap_or(MAX_SESSION_PAGE)
-                .clamp(1, MAX_SESSION_PAGE);
-            let (page, next_after) = shared.registry.page(req.after.as_deref(), limit);
+            let (page, next_after) = shared
+                .registry
+                .page(req.after.as_deref(), page_limit(req.limit));
             json(&SessionList {
                 instance: shared.instance.clone(),
                 total: shared.metrics.sessions.get().max(0) as u64,
@@ -124,5 +128,18 @@ fn session_page(shared: &Shared, payload: &[u8]) -> Bytes {
             error: "bad_request".into(),
             message: format!("expected {{\"after\": device id?, \"limit\": number?}}: {e}"),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_page_is_1_to_1000_and_1000_by_default() {
+        assert_eq!(page_limit(None), 1000);
+        assert_eq!(page_limit(Some(0)), 1);
+        assert_eq!(page_limit(Some(250)), 250);
+        assert_eq!(page_limit(Some(5000)), 1000);
     }
 }
