@@ -211,14 +211,9 @@ def plot_sweep(res, out_dir):
         for q, style in (("p50_us", "-o"), ("p99_us", "--s")):
             ax.plot(xs, [max(t[q] / 1000, 1e-3) for t in rows], style, label=f"{name} {q[:-3]}")
     ax.axhline(2, color="grey", linestyle=":", label="2 ms")
-    ax.set_xlabel("offered msgs/s (32 B, random devices)")
-    ax.set_ylabel("ms (log)")
     ax.set_yscale("log")
-    ax.set_title("Downlink latency vs offered rate")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "sweep.png", dpi=110)
+    finish(fig, ax, "offered msgs/s (32 B, random devices)", "ms (log)",
+           "Downlink latency vs offered rate", out_dir / "sweep.png")
 
 
 def plot_rss(res, out_dir):
@@ -230,13 +225,19 @@ def plot_rss(res, out_dir):
     limit = [p["sessions"] for p in res["systems"][0]["idle"]]
     base = res["systems"][0]["idle"][0]["rss"] / 2**20
     ax.plot(limit, [base + n * 4096 / 2**20 for n in limit], "--", color="grey", label="target: 4 KiB/session")
-    ax.set_xlabel("connected idle sessions")
-    ax.set_ylabel("server RSS (MiB)")
-    ax.set_title("Server memory vs sessions")
+    finish(fig, ax, "connected idle sessions", "server RSS (MiB)", "Server memory vs sessions",
+           out_dir / "rss.png")
+
+
+def finish(fig, ax, xlabel, ylabel, title, path):
+    """Labels, legend and grid of a one-axis plot, saved as `path`."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_dir / "rss.png", dpi=110)
+    fig.savefig(path, dpi=110)
 
 
 def main():
