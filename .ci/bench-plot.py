@@ -123,6 +123,19 @@ def write_table(res, out_dir):
         l = by_payload(res["nats_floor"]["latency"], t["payload"])
         lines.append(f"| {t['payload']} B | {fmt(t['per_s'])} | {fmt(l['p50_us'], ' µs')} | "
                      f"{fmt(l['p99_us'], ' µs')} | {fmt(l['p999_us'], ' µs')} |")
+    spread = res["nats_floor"].get("spread", [])
+    if spread:
+        n = res["nats_floor"]["spread_subjects"]
+        lines += ["", f"NATS alone in the downlink's shape: full speed to {n:,} subjects picked at random, one "
+                      "subscription each on one subscriber connection (nats-server's subject cache cannot hold "
+                      "them), against devgate delivering to as many devices:", "",
+                  "| payload | publisher connections | NATS alone, msgs/s | devgate, msgs/s | devgate / NATS alone |",
+                  "|---:|---:|---:|---:|---:|"]
+        for t in spread:
+            runs = dg["downlink_max"] if t["conns"] == 1 else dg["fanin"]
+            d = next((x for x in runs if x["payload"] == t["payload"] and x["conns"] == t["conns"]), None)
+            dv = d["per_s"] if d else None
+            lines.append(f"| {t['payload']} B | {t['conns']} | {fmt(t['per_s'])} | {fmt(dv)} | {ratio(dv, t['per_s'])} |")
     sweeps = [(s["name"], s.get("latency_sweep", [])) for s in res["systems"]]
     if any(rows for _, rows in sweeps):
         lines += ["", "Latency sweep, 32 B downlink (each system up to the first rate it did not sustain, "

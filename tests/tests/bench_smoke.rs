@@ -105,3 +105,32 @@ async fn devgate_bench_suite_rejects_a_bad_configuration_before_starting_anythin
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn the_spread_floor_sink_receives_every_subject_it_subscribed() {
+    use devgate_gateway::bench::{fleet::stamped, load};
+    let nats = NatsServer::start();
+    let subjects: Vec<async_nats::Subject> = (0..300)
+        .map(|n| format!("device.floor-{n}.down").into())
+        .collect();
+    let sink = load::nats_spread_sink(&nats.url(), &subjects)
+        .await
+        .expect("sink subscribes");
+    let publisher = async_nats::connect(nats.url()).await.expect("publisher");
+    for subject in &subjects {
+        publisher
+            .publish(subject.clone(), stamped(32))
+            .await
+            .expect("publish");
+    }
+    publisher.flush().await.expect("flush");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while sink.count() < 300 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(sink.count(), 300, "one message per subscribed subject");
+    assert!(
+        sink.latency(false).quantile(0.5) > 0,
+        "latency is recorded from the stamp"
+    );
+}

@@ -295,6 +295,61 @@ pub async fn nats_sink(url: &str, subject: &str) -> Result<Sink, BenchError> {
     })
 }
 
+/// One NATS connection subscribed to every subject in `subjects`, one subscription each,
+/// registered with the server when this returns: what a gateway holding those devices presents
+/// to NATS, without the gateway. It uses the gateway's own link, so the difference between this
+/// floor and devgate's downlink is the gateway's device side, not a different NATS client.
+pub async fn nats_spread_sink(url: &str, subjects: &[Subject]) -> Result<Sink, BenchError> {
+    use crate::bus::link::{Link, LinkOptions, parse_servers};
+    let nats = |e: &dyn std::fmt::Display| BenchError::Nats(e.to_string());
+    let options = LinkOptions {
+        servers: parse_servers(url).map_err(|e| nats(&e))?,
+        name: "bench-spread-sink".into(),
+        user: None,
+        tls: None,
+    };
+    let link = Link::start(
+        options,
+        crate::metrics::Metrics::new(&mut prometheus_client::registry::Registry::default()),
+    );
+    let mut up = link.connected_watch();
+    tokio::time::timeout(Duration::from_secs(10), up.wait_for(|c| *c))
+        .await
+        .map_err(|_| BenchError::Nats(format!("{url}: not connected within 10 s")))?
+        .map_err(|e| nats(&e))?;
+    let count = Arc::new(AtomicU64::new(0));
+    let latency = Arc::new(Histogram::default());
+    let mut readers = tokio::task::JoinSet::new();
+    for subject in subjects.iter() {
+        let mut sub = link.subscribe(subject.as_str());
+        let (c, l) = (count.clone(), latency.clone());
+        readers.spawn(async move {
+            while let Some(msg) = sub.next().await {
+                record(&c, &l, &msg.payload);
+            }
+        });
+    }
+    link.flush(Duration::from_secs(10))
+        .await
+        .map_err(|e| nats(&e))?;
+    /// The link runs until closed; the sink's task owns it, so aborting the task closes it.
+    struct Closing(Link);
+    impl Drop for Closing {
+        fn drop(&mut self) {
+            self.0.close();
+        }
+    }
+    let task = tokio::spawn(async move {
+        let _link = Closing(link);
+        while readers.join_next().await.is_some() {}
+    });
+    Ok(Sink {
+        count,
+        latency,
+        task,
+    })
+}
+
 /// An MQTT subscriber on `filter` (QoS 0), registered (SUBACK) when this returns.
 pub async fn mqtt_sink(addr: SocketAddr, filter: &str) -> Result<Sink, BenchError> {
     let mut stream = mqtt_client(addr, "bench-sink").await?;

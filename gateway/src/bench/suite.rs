@@ -297,6 +297,16 @@ pub struct Floor {
     pub max: Vec<Throughput>,
     /// Fixed-rate latency, per payload.
     pub latency: Vec<Throughput>,
+    /// Full speed to subjects picked at random among `spread_subjects`, all subscribed on one
+    /// connection (one subscription each): the shape of devgate's downlink with NATS's side
+    /// only, per payload with one publisher, then 32 B with each fan-in count. One subject
+    /// (`max`) lets nats-server answer every lookup from its subject cache; thousands of
+    /// subjects in random order do not, so this is the floor the downlink figures compare to.
+    #[serde(default)]
+    pub spread: Vec<Throughput>,
+    /// Subjects in the spread runs (the largest session step).
+    #[serde(default)]
+    pub spread_subjects: usize,
 }
 
 /// The results file.
@@ -571,7 +581,54 @@ async fn floor(config: &SuiteConfig, nats_url: &str) -> Result<Floor, BenchError
         percentiles(&mut t, &sink.latency(false));
         f.latency.push(t);
     }
+    spread_floor(config, nats_url, &mut f).await?;
     Ok(f)
+}
+
+/// The spread runs of the floor (see [`Floor::spread`]).
+async fn spread_floor(
+    config: &SuiteConfig,
+    nats_url: &str,
+    f: &mut Floor,
+) -> Result<(), BenchError> {
+    f.spread_subjects = config.sessions.last().copied().unwrap_or(0);
+    if f.spread_subjects == 0 {
+        return Ok(());
+    }
+    let subjects: Arc<Vec<Subject>> = Arc::new(
+        (0..f.spread_subjects)
+            .map(|n| Subject::from(format!("device.floor-{n}.down")))
+            .collect(),
+    );
+    let sink = load::nats_spread_sink(nats_url, &subjects).await?;
+    let runs = config.payloads.iter().map(|&p| (p, 1)).chain(
+        config
+            .fanin
+            .iter()
+            .filter(|&&c| c > 1)
+            .map(|&c| (SWEEP_PAYLOAD, c)),
+    );
+    for (payload, conns) in runs {
+        let before = sink.count();
+        let pace = Pace {
+            rate: None,
+            duration: Duration::from_millis(config.duration_ms),
+            payload_len: payload,
+        };
+        let start = Instant::now();
+        let published = load::nats_publish(nats_url, subjects.clone(), conns, pace).await?;
+        let (arrived, secs) = settle(start, || async { Ok(sink.count()) }).await?;
+        let delivered = arrived - before;
+        f.spread.push(Throughput {
+            payload,
+            conns,
+            sent: published.sent,
+            delivered,
+            per_s: delivered as f64 / secs,
+            ..Throughput::default()
+        });
+    }
+    Ok(())
 }
 
 /// Polls a counter until it stops moving; returns its final value and the seconds from `start`
