@@ -896,5 +896,26 @@ async fn the_real_bridge_api_works_under_its_nats_user() {
         .expect("in time")
         .expect("down");
     assert_eq!(&payload[..], b"over http");
+
+    // The uplink tail answers only once its subscription is live, proven by a request on
+    // `devgate.barrier.bridge-api`; a user not allowed to publish there gets every tail
+    // refused with 504 after the timeout.
+    let mut tail = reqwest::Client::new()
+        .get(format!("{}/v1/devices/dev-1/messages", api.base))
+        .bearer_auth(BridgeApi::TOKEN)
+        .send()
+        .await
+        .expect("GET the uplink tail");
+    assert_eq!(tail.status().as_u16(), 200, "the tail starts");
+    dev.send_up(1, "over tcp").await.expect("up");
+    let mut stream = String::new();
+    while !stream.contains(r#""payload":"over tcp""#) {
+        let chunk = tokio::time::timeout(WAIT, tail.chunk())
+            .await
+            .unwrap_or_else(|_| panic!("the UP reaches the tail in time; so far: {stream}"))
+            .expect("tail readable")
+            .unwrap_or_else(|| panic!("the tail ended early: {stream}"));
+        stream.push_str(&String::from_utf8_lossy(&chunk));
+    }
     gw.shutdown().await.expect("gateway stops");
 }
