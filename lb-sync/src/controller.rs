@@ -215,7 +215,14 @@ pub async fn reconcile(snapshot: &Snapshot, ctx: &mut Context) -> Result<Outcome
         Some((old, _)) => set.diff(old),
         None => set.diff(&DesiredSet::default()),
     };
-    ctx.sink.apply(&text).await?;
+    if let Err(error) = ctx.sink.apply(&text).await {
+        // What the sink holds is unknown now: the file may be valid and in place with the
+        // reload failed (nginx loads it at its next start), or an apply may have reached the
+        // API server before the client gave up. Forget the last apply, so the next reconcile
+        // writes whatever is desired even if it equals that one.
+        ctx.applied = None;
+        return Err(error.into());
+    }
     ctx.metrics.applies.inc();
     if ctx.sink.reloads() {
         ctx.metrics.reloads.inc();
@@ -478,6 +485,52 @@ mod tests {
             "# what nginx accepted last\n",
             "the unchecked render is not left for nginx's next reload"
         );
+    }
+
+    #[tokio::test]
+    async fn after_a_failed_apply_the_next_reconcile_writes_even_an_unchanged_set() {
+        use crate::endpoints::Endpoint;
+        use crate::sink::file::FileSink;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let output = dir.path().join("upstream.conf");
+        let broken = dir.path().join("nginx-down");
+        // The reload fails while `broken` exists (an nginx master that is restarting).
+        let reload = format!("test ! -e {}", broken.display());
+        let sink = Sink::File(FileSink::new(
+            output.clone(),
+            "true",
+            &reload,
+            Duration::from_secs(5),
+        ));
+        let mut ctx = Context::new(
+            RenderSettings::default(),
+            sink,
+            Metrics::default(),
+            Arc::new(Status::default()),
+        );
+        let a = Snapshot::now(vec![
+            Endpoint::ready(([10, 0, 0, 1], 7000).into()),
+            Endpoint::ready(([10, 0, 0, 2], 7000).into()),
+        ]);
+        let b = Snapshot::now(vec![Endpoint::ready(([10, 0, 0, 1], 7000).into())]);
+        let read = || std::fs::read_to_string(&output).expect("upstream file");
+
+        assert_eq!(reconcile(&a, &mut ctx).await.expect("A"), Outcome::Applied);
+        std::fs::write(&broken, "").expect("flag");
+        let error = reconcile(&b, &mut ctx).await.expect_err("the reload fails");
+        assert!(error.to_string().contains("reload failed"), "{error}");
+        assert!(
+            !read().contains("10.0.0.2:7000"),
+            "the valid B stays in the file, and nginx loads it when it comes back"
+        );
+        // The set returns to A: it must be written again, not skipped as unchanged.
+        std::fs::remove_file(&broken).expect("nginx back");
+        assert_eq!(
+            reconcile(&a, &mut ctx).await.expect("A again"),
+            Outcome::Applied
+        );
+        assert!(read().contains("server 10.0.0.2:7000 "), "{}", read());
     }
 
     #[tokio::test]

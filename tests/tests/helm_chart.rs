@@ -618,12 +618,14 @@ fn the_rendered_nginx_config_passes_nginx_t_through_lb_syncs_own_command() {
         let reload = env_value(lb, "DEVGATE_RELOAD_CMD");
         let output = env_value(lb, "DEVGATE_OUTPUT");
 
-        // Both containers mount the config, the upstream directory and the pid directory.
+        // Both containers mount the config, the upstream directory and the pid directory
+        // (lb-sync also its API token, checked in `lb_sync_rbac_is_exactly_what_its_code_calls`).
         let mounts = |c: &Value| -> BTreeSet<String> {
             c["volumeMounts"]
                 .as_array()
                 .expect("mounts")
                 .iter()
+                .filter(|m| m["name"] != "kube-api-access")
                 .map(|m| {
                     format!(
                         "{}={}",
@@ -831,6 +833,7 @@ fn lb_sync_rbac_is_exactly_what_its_code_calls() {
                 .any(|c| c["name"] == "lb-sync");
             if has_lb_sync {
                 assert_eq!(spec["serviceAccountName"], sa.as_str());
+                check_api_token_only_in_lb_sync(workload, spec);
                 let lb = container(workload, "lb-sync");
                 assert_eq!(env_value(lb, "DEVGATE_KUBE_NAMESPACE"), NAMESPACE);
                 if let Some(cm) = configmap {
@@ -850,6 +853,58 @@ fn lb_sync_rbac_is_exactly_what_its_code_calls() {
                     workload["metadata"]["name"]
                 );
             }
+        }
+    }
+}
+
+/// In a pod lb-sync shares (with nginx, which faces the devices), the API token is mounted
+/// into lb-sync alone: no automount, and the projected token only in lb-sync's mounts.
+fn check_api_token_only_in_lb_sync(workload: &Value, spec: &Value) {
+    const TOKEN_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+    let containers = spec["containers"].as_array().expect("containers");
+    if containers.len() == 1 {
+        return;
+    }
+    let name = &workload["metadata"]["name"];
+    assert_eq!(
+        spec["automountServiceAccountToken"], false,
+        "{name}: the token is mounted per container, not into every one"
+    );
+    let token_volumes: Vec<&str> = spec["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .filter(|v| {
+            v["projected"]["sources"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s.get("serviceAccountToken").is_some()))
+        })
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    assert_eq!(token_volumes.len(), 1, "{name}: one token volume");
+    for c in containers {
+        let mounts: Vec<&Value> = c["volumeMounts"]
+            .as_array()
+            .map(|m| m.iter().collect())
+            .unwrap_or_default();
+        let token_mounts: Vec<&Value> = mounts
+            .iter()
+            .copied()
+            .filter(|m| m["name"] == token_volumes[0])
+            .collect();
+        if c["name"] == "lb-sync" {
+            assert_eq!(token_mounts.len(), 1, "{name}: lb-sync mounts the token");
+            assert_eq!(
+                token_mounts[0]["mountPath"], TOKEN_DIR,
+                "where kube-rs reads it"
+            );
+            assert_eq!(token_mounts[0]["readOnly"], true);
+        } else {
+            assert!(
+                token_mounts.is_empty() && mounts.iter().all(|m| m["mountPath"] != TOKEN_DIR),
+                "{name}: container {} must not see the API token",
+                c["name"]
+            );
         }
     }
 }

@@ -11,7 +11,8 @@ use kube::api::{Api, Patch, PatchParams};
 
 use super::SinkError;
 
-/// The field manager of every apply; RBAC needs only `get`/`patch` on the one ConfigMap.
+/// The field manager of every apply; RBAC needs only `patch` on the one ConfigMap (server-side
+/// apply is a single PATCH; nothing is read first).
 pub const FIELD_MANAGER: &str = "devgate-lb-sync";
 
 /// A configured ConfigMap sink.
