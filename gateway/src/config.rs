@@ -116,6 +116,11 @@ impl Default for Config {
 /// default 1 MiB `max_payload` so every accepted frame can be published.
 const FRAME_LEN_RANGE: std::ops::RangeInclusive<usize> = 64..=(1 << 20) - 4096;
 
+/// Longest timer setting in seconds (see `Config::validate`).
+const DAY_S: u64 = 24 * 60 * 60;
+/// Longest timer setting in milliseconds.
+const DAY_MS: u64 = DAY_S * 1000;
+
 crate::impl_nats_tls_settings!(Config);
 
 impl Validate for Config {
@@ -164,6 +169,26 @@ impl Validate for Config {
         ] {
             if value == 0 {
                 problems.push(format!("{name} must be greater than 0"));
+            }
+        }
+        // Timers are deadlines `now + value` (the idle timeout is three heartbeats): a value
+        // beyond a day is a typo, and an astronomically large one would overflow the clock.
+        for (name, value, limit) in [
+            ("heartbeat_s", self.heartbeat_s, DAY_S),
+            ("hello_timeout_ms", self.hello_timeout_ms, DAY_MS),
+            ("ack_timeout_ms", self.ack_timeout_ms, DAY_MS),
+            ("write_timeout_ms", self.write_timeout_ms, DAY_MS),
+            ("drain_window_ms", self.drain_window_ms, DAY_MS),
+            (
+                "drain_reconnect_jitter_ms",
+                self.drain_reconnect_jitter_ms,
+                DAY_MS,
+            ),
+            ("announce_interval_ms", self.announce_interval_ms, DAY_MS),
+            ("claim_timeout_ms", self.claim_timeout_ms, DAY_MS),
+        ] {
+            if value > limit {
+                problems.push(format!("{name} {value} is over one day ({limit})"));
             }
         }
         if let Some(id) = &self.instance_id
@@ -415,6 +440,31 @@ mod tests {
         ] {
             assert!(msg.contains(needle), "{needle} missing from {msg}");
         }
+    }
+
+    #[test]
+    fn timers_beyond_a_day_are_refused_before_they_can_overflow() {
+        let err = cli(&[
+            "--insecure-no-auth",
+            "--heartbeat-s",
+            &u64::MAX.to_string(),
+            "--write-timeout-ms",
+            "86400001",
+        ])
+        .into_config()
+        .expect_err("invalid");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("heartbeat_s 18446744073709551615 is over one day"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("write_timeout_ms 86400001 is over one day"),
+            "{msg}"
+        );
+        cli(&["--insecure-no-auth", "--heartbeat-s", "86400"])
+            .into_config()
+            .expect("a day is allowed");
     }
 
     #[test]

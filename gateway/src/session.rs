@@ -187,6 +187,18 @@ async fn refuse(
     conn.close_with(Some(frame), LAST_WORDS).await;
 }
 
+/// Longest part of a refused id quoted back in an ERROR: enough to recognise it, while the
+/// ERROR stays far inside any frame limit however the id is escaped.
+const QUOTED_ID_CHARS: usize = 64;
+
+/// `s` quoted for an error message, cut after [`QUOTED_ID_CHARS`] characters.
+fn quoted_prefix(s: &str) -> String {
+    match s.char_indices().nth(QUOTED_ID_CHARS) {
+        Some((cut, _)) => format!("{:?}... ({} bytes)", &s[..cut], s.len()),
+        None => format!("{s:?}"),
+    }
+}
+
 /// Sends GOAWAY and closes.
 async fn goodbye(shared: &Shared, conn: &mut Conn, reason: GoAwayReason) {
     let frame = goaway_frame(shared, reason);
@@ -249,7 +261,7 @@ async fn handshake(
     let id = DeviceId::parse(&hello.device_id).map_err(|e| {
         Some(Refusal::new(
             ErrorCode::BadDeviceId,
-            format!("device id {:?}: {e}", hello.device_id),
+            format!("device id {}: {e}", quoted_prefix(&hello.device_id)),
         ))
     })?;
     if !shared.auth.verify(id.as_str(), &hello.token) {
@@ -1360,7 +1372,13 @@ impl Session {
             self.conn.close_with(Some(frame), LAST_WORDS).await;
             self.resolve_sent();
         }
-        self.sub.unsubscribe();
+        // Drained, not just unsubscribed: messages NATS routed here before it saw the UNSUB
+        // are still on their way, and each request among them must hear `session_closed`
+        // below instead of waiting out its timeout. (After a release this is already done.)
+        let limit = Duration::from_millis(self.shared.config.claim_timeout_ms);
+        if let Err(e) = self.sub.drain(limit).await {
+            tracing::debug!(device_id = %self.id, error = %e, "could not confirm the unsubscription");
+        }
         let reason = end.reason();
         if let End::Io(error) = &end {
             tracing::debug!(device_id = %self.id, %error, "device socket failed");
@@ -1446,6 +1464,18 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_id_is_quoted_back_only_in_part() {
+        assert_eq!(quoted_prefix("a.b"), r#""a.b""#);
+        let long = "é".repeat(100);
+        let shown = quoted_prefix(&long);
+        assert!(
+            shown.starts_with(&format!("{:?}", "é".repeat(64))),
+            "{shown}"
+        );
+        assert!(shown.ends_with("... (200 bytes)"), "{shown}");
+    }
 
     fn size3<A, B, C, F: Future>(_: impl FnOnce(A, B, C) -> F) -> usize {
         std::mem::size_of::<F>()

@@ -128,6 +128,13 @@ async fn malformed_frames_are_refused_with_specific_codes_and_bystanders_are_una
             ErrorCode::BadDeviceId,
         ),
         (
+            // 20,000 quotes: 40 kB escaped in the HELLO, and twice that if the ERROR quoted
+            // the whole id back (over the frame limit, so no ERROR at all).
+            "an id of 20,000 quotes",
+            hello(&r#"\""#.repeat(20_000), "x"),
+            ErrorCode::BadDeviceId,
+        ),
+        (
             "wrong token",
             hello("dev-1", &token("dev-2")),
             ErrorCode::Unauthorized,

@@ -176,3 +176,97 @@ async fn uplink_reaches_services_with_headers_and_is_acked_after_nats_accepts_it
         .expect("ack");
     assert_eq!(acked, 41, "only the seq != 0 frame is acknowledged");
 }
+
+#[tokio::test]
+async fn every_request_in_flight_when_a_device_hangs_up_is_answered() {
+    let nats = NatsServer::start();
+    let gw = start(&nats, "gw-1").await;
+    let (mut dev, _) = device(&gw, "dev-1").await;
+    let service = async_nats::ConnectOptions::new()
+        .request_timeout(Some(Duration::from_secs(3)))
+        .connect(nats.url())
+        .await
+        .expect("service");
+    let mut presence = service
+        .subscribe(subjects::presence_events(&id("dev-1")))
+        .await
+        .expect("presence");
+    service.flush().await.expect("flush");
+    // A service keeps sending requests while the device hangs up, so some are on their way
+    // to the gateway at the moment the session stops its subscription.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sender = tokio::spawn({
+        let (service, stop) = (service.clone(), stop.clone());
+        async move {
+            let mut requests = tokio::task::JoinSet::new();
+            while !stop.is_cancelled() {
+                let service = service.clone();
+                requests.spawn(async move {
+                    service
+                        .request(subjects::down(&id("dev-1")), Bytes::from_static(b"r"))
+                        .await
+                });
+                tokio::task::yield_now().await;
+            }
+            requests.join_all().await
+        }
+    });
+    for _ in 0..20 {
+        tokio::time::timeout(WAIT, dev.recv_down())
+            .await
+            .expect("in time")
+            .expect("down");
+    }
+    drop(dev);
+    let event = tokio::time::timeout(WAIT, presence.next())
+        .await
+        .expect("disconnect in time")
+        .expect("event");
+    assert!(
+        String::from_utf8_lossy(&event.payload).contains("disconnected"),
+        "{event:?}"
+    );
+    // Requests published after the server dropped the interest hear "no responders".
+    let mut no_responders = 0;
+    while no_responders < 20 {
+        let late = service
+            .request(subjects::down(&id("dev-1")), Bytes::from_static(b"late"))
+            .await;
+        if matches!(&late, Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders)
+        {
+            no_responders += 1;
+        }
+    }
+    stop.cancel();
+    let results = sender.await.expect("sender");
+    let (mut sent, mut failed, mut unrouted, mut timed_out) = (0, 0, 0, 0);
+    for result in &results {
+        match result {
+            Ok(reply) => {
+                let reply: DeliveryReply =
+                    serde_json::from_slice(&reply.payload).expect("json reply");
+                match reply.status {
+                    DeliveryStatus::Sent => sent += 1,
+                    DeliveryStatus::Failed => {
+                        assert_eq!(reply.reason.as_deref(), Some("session_closed"), "{reply:?}");
+                        failed += 1;
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {
+                unrouted += 1
+            }
+            Err(e) if e.kind() == async_nats::client::RequestErrorKind::TimedOut => timed_out += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(sent >= 20, "{sent} sent");
+    assert_eq!(
+        timed_out,
+        0,
+        "every request routed to the session is answered ({sent} sent, {failed} failed, \
+         {unrouted} unrouted, of {})",
+        results.len()
+    );
+}
