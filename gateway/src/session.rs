@@ -451,6 +451,16 @@ async fn welcome(
         () = shared.hard_stop.cancelled() => LoginOutcome::Lost(GoAwayReason::Draining),
     };
     let (sub, early) = match outcome {
+        // The drain began while this login was deciding: a draining gateway welcomes nobody
+        // (its own moment in the drain schedule may be seconds away). What reached the
+        // subscription goes back to NATS, like a lost login's; the device reconnects elsewhere.
+        LoginOutcome::Won { mut sub, early, .. } if shared.draining.is_cancelled() => {
+            hand_off(&shared, &mut sub, early).await;
+            shared.registry.remove(&id, &session);
+            tracing::info!(device_id = %id, session = %session, "login completed while draining; sent elsewhere");
+            goodbye(&shared, &mut conn, GoAwayReason::Draining).await;
+            return None;
+        }
         LoginOutcome::Won {
             sub,
             early,

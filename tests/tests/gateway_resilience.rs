@@ -441,3 +441,48 @@ async fn at_max_inflight_unconfirmed_ups_the_gateway_stops_reading_until_nats_co
     }
     assert_eq!(acks, [1, 2, 3, 4]);
 }
+
+#[tokio::test]
+async fn a_login_under_way_when_the_drain_starts_is_sent_elsewhere_not_welcomed() {
+    let nats = NatsServer::start();
+    // A long window: the login ends (two unanswered claim rounds, 0.6 s) long before this
+    // device's moment to hear GOAWAY comes, almost surely.
+    let gw = start_with(Config {
+        claim_timeout_ms: 300,
+        drain_window_ms: 60_000,
+        ..config(&nats, "gw-drain-login")
+    })
+    .await;
+    // A stand-in holder that never answers keeps the login in its claim rounds for
+    // claim_timeout_ms each.
+    let holder = nats.client().await;
+    let mut claims = holder
+        .subscribe(subjects::down(&DeviceId::parse("dev-1").expect("id")))
+        .await
+        .expect("sub");
+    devgate_tests::nats::processed(&holder).await;
+    let addr = gw.device_addr();
+    let login = tokio::spawn(async move {
+        DeviceClient::connect(addr, "dev-1", &devgate_tests::gateway::token("dev-1")).await
+    });
+    tokio::time::timeout(WAIT, claims.next())
+        .await
+        .expect("the login claims the device")
+        .expect("claim");
+    // The drain starts while the login waits for its claim.
+    let stopping = tokio::spawn(gw.shutdown());
+    match tokio::time::timeout(WAIT, login)
+        .await
+        .expect("the login ends in time")
+        .expect("login task")
+    {
+        Err(ClientError::GoAway(g)) => assert_eq!(g.reason, GoAwayReason::Draining),
+        Ok((_, welcome)) => panic!("a draining gateway welcomed {welcome:?}"),
+        Err(other) => panic!("expected GOAWAY draining, got {other}"),
+    }
+    tokio::time::timeout(WAIT, stopping)
+        .await
+        .expect("the gateway stops in time")
+        .expect("shutdown task")
+        .expect("gateway stops");
+}
