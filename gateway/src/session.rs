@@ -542,8 +542,19 @@ async fn welcome(
 #[allow(clippy::manual_async_fn)] // deliberate: see above
 fn live(mut s: Session, early: Vec<Msg>) -> impl Future<Output = ()> {
     async move {
-        for msg in early {
-            if let Err(end) = Box::pin(s.on_bus_message(msg)).await {
+        // What arrived during the login, handled like a burst from the subscription: written
+        // as it goes, so a long login's backlog is not mistaken for a device that does not read.
+        let mut early = early.into_iter();
+        while let Some(msg) = early.next() {
+            let handled = match s.write_when_due() {
+                Ok(()) => Box::pin(s.on_bus_message(msg)).await,
+                Err(end) => {
+                    s.undeliverable(msg);
+                    Err(end)
+                }
+            };
+            if let Err(end) = handled {
+                early.for_each(|msg| s.undeliverable(msg));
                 Box::pin(s.finish(end)).await;
                 return;
             }
@@ -963,16 +974,23 @@ impl Session {
     /// queue full must mean the device is not reading, not that this loop has not written yet.
     async fn on_bus_messages(&mut self, first: Msg) -> Result<(), End> {
         const BATCH: usize = 64;
-        let write_at = (self.shared.config.session_queue_bytes / 4).min(16 * 1024);
         self.on_bus_message(first).await?;
         for _ in 1..BATCH {
             let Some(msg) = self.sub.try_next() else {
                 break;
             };
-            if self.conn.writer.pending() >= write_at {
-                self.write_now()?;
-            }
+            self.write_when_due()?;
             self.on_bus_message(msg).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the queue once a batch has filled a good part of it, so a full queue still means
+    /// "the device is not reading" and not "many messages came at once".
+    fn write_when_due(&mut self) -> Result<(), End> {
+        let write_at = (self.shared.config.session_queue_bytes / 4).min(16 * 1024);
+        if self.conn.writer.pending() >= write_at {
+            self.write_now()?;
         }
         Ok(())
     }
@@ -1395,39 +1413,7 @@ impl Session {
         }
         // Whatever was routed here and not written can no longer be delivered.
         while let Some(msg) = self.sub.try_next() {
-            let op = control_op(&msg);
-            let Some(reply) = msg.reply else {
-                if op.is_none() {
-                    self.shared.metrics.downlink(Downlink::Dropped);
-                }
-                continue;
-            };
-            // Every request gets an answer, control requests included.
-            let body = match op {
-                None => {
-                    self.shared.metrics.downlink(Downlink::Failed);
-                    delivery_reply(
-                        &self.shared,
-                        &self.session,
-                        DeliveryStatus::Failed,
-                        0,
-                        Some("session_closed"),
-                    )
-                }
-                Some(Ok(ControlOp::Claim | ControlOp::Reclaim)) => {
-                    json_bytes(&self.released(false))
-                }
-                Some(Ok(ControlOp::Kick)) => json_bytes(&self.kicked()),
-                Some(Ok(ControlOp::Presence)) | Some(Err(_)) => {
-                    json_bytes(&crate::contract::ControlError {
-                        error: "session_closed".into(),
-                        message:
-                            "the session ended while the request was queued; the device is offline"
-                                .into(),
-                    })
-                }
-            };
-            self.reply(reply, body);
+            self.undeliverable(msg);
         }
         for (_, reply) in std::mem::take(&mut self.sent_waiters) {
             self.shared.metrics.downlink(Downlink::Failed);
@@ -1446,6 +1432,43 @@ impl Session {
         self.shared.metrics.sessions.dec();
         self.presence(PresenceEventKind::Disconnected, Some(reason.clone()));
         tracing::info!(device_id = %self.id, session = %self.session, reason = %reason, "device disconnected");
+    }
+
+    /// Answers a message routed here that the session ends without writing: a request hears
+    /// `session_closed` (control requests the answer their operation expects); a plain
+    /// publish is counted as dropped.
+    fn undeliverable(&self, msg: Msg) {
+        let op = control_op(&msg);
+        let Some(reply) = msg.reply else {
+            if op.is_none() {
+                self.shared.metrics.downlink(Downlink::Dropped);
+            }
+            return;
+        };
+        // Every request gets an answer, control requests included.
+        let body = match op {
+            None => {
+                self.shared.metrics.downlink(Downlink::Failed);
+                delivery_reply(
+                    &self.shared,
+                    &self.session,
+                    DeliveryStatus::Failed,
+                    0,
+                    Some("session_closed"),
+                )
+            }
+            Some(Ok(ControlOp::Claim | ControlOp::Reclaim)) => json_bytes(&self.released(false)),
+            Some(Ok(ControlOp::Kick)) => json_bytes(&self.kicked()),
+            Some(Ok(ControlOp::Presence)) | Some(Err(_)) => {
+                json_bytes(&crate::contract::ControlError {
+                    error: "session_closed".into(),
+                    message:
+                        "the session ended while the request was queued; the device is offline"
+                            .into(),
+                })
+            }
+        };
+        self.reply(reply, body);
     }
 
     fn presence(&self, event: PresenceEventKind, reason: Option<String>) {

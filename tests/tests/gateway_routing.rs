@@ -270,3 +270,128 @@ async fn every_request_in_flight_when_a_device_hangs_up_is_answered() {
         results.len()
     );
 }
+
+#[tokio::test]
+async fn a_backlog_bigger_than_the_session_queue_routed_during_a_login_is_all_delivered() {
+    use devgate_gateway::client::DeviceClient;
+    use devgate_gateway::config::Config;
+    use devgate_tests::gateway::{config, start_with, token};
+
+    let nats = NatsServer::start();
+    let settings = Config {
+        claim_timeout_ms: 500,
+        ..config(&nats, "gw-1")
+    };
+    let queue_bytes = settings.session_queue_bytes;
+    let gw = start_with(settings).await;
+    // A stand-in holder that never answers keeps the login in each claim round for
+    // claim_timeout_ms; its second claim comes once the login has subscribed.
+    let service = nats.client().await;
+    let mut claims = service
+        .subscribe(subjects::down(&id("dev-1")))
+        .await
+        .expect("sub");
+    devgate_tests::nats::processed(&service).await;
+    let addr = gw.device_addr();
+    let login =
+        tokio::spawn(async move { DeviceClient::connect(addr, "dev-1", &token("dev-1")).await });
+    for _ in 0..2 {
+        tokio::time::timeout(WAIT, claims.next())
+            .await
+            .expect("a claim round")
+            .expect("claim");
+    }
+    // Twice the session queue, routed while the login decides.
+    let count = 2 * queue_bytes / 1024;
+    for n in 0..count {
+        let mut payload = format!("{n:06}").into_bytes();
+        payload.resize(1024, b'.');
+        service
+            .publish(subjects::down(&id("dev-1")), payload.into())
+            .await
+            .expect("publish");
+    }
+    devgate_tests::nats::processed(&service).await;
+    let (mut dev, _) = tokio::time::timeout(WAIT, login)
+        .await
+        .expect("login in time")
+        .expect("login task")
+        .expect("welcomed");
+    for n in 0..count {
+        let (_, payload) = tokio::time::timeout(WAIT, dev.recv_down())
+            .await
+            .unwrap_or_else(|_| panic!("message {n} of {count} in time"))
+            .unwrap_or_else(|e| panic!("message {n} of {count}: {e}"));
+        assert_eq!(&payload[..6], format!("{n:06}").as_bytes(), "in order");
+    }
+}
+
+#[tokio::test]
+async fn requests_queued_behind_a_kick_during_a_login_are_answered_session_closed() {
+    use devgate_gateway::client::DeviceClient;
+    use devgate_gateway::config::Config;
+    use devgate_tests::gateway::{config, start_with, token};
+
+    let nats = NatsServer::start();
+    let gw = start_with(Config {
+        claim_timeout_ms: 500,
+        ..config(&nats, "gw-1")
+    })
+    .await;
+    let service = async_nats::ConnectOptions::new()
+        .request_timeout(Some(Duration::from_secs(3)))
+        .connect(nats.url())
+        .await
+        .expect("service");
+    let mut claims = service
+        .subscribe(subjects::down(&id("dev-1")))
+        .await
+        .expect("sub");
+    devgate_tests::nats::processed(&service).await;
+    let addr = gw.device_addr();
+    let login =
+        tokio::spawn(async move { DeviceClient::connect(addr, "dev-1", &token("dev-1")).await });
+    for _ in 0..2 {
+        tokio::time::timeout(WAIT, claims.next())
+            .await
+            .expect("a claim round")
+            .expect("claim");
+    }
+    // While the login decides: a request, a kick, and a request behind the kick.
+    let request = |payload: &'static str, headers: HeaderMap| {
+        let service = service.clone();
+        tokio::spawn(async move {
+            service
+                .request_with_headers(subjects::down(&id("dev-1")), headers, payload.into())
+                .await
+        })
+    };
+    let before = request("before", HeaderMap::new());
+    devgate_tests::nats::processed(&service).await;
+    let kick = request("", headers::control(subjects::ControlOp::Kick));
+    devgate_tests::nats::processed(&service).await;
+    let after = request("after", HeaderMap::new());
+    devgate_tests::nats::processed(&service).await;
+    let _dev = tokio::time::timeout(WAIT, login)
+        .await
+        .expect("login in time")
+        .expect("login task")
+        .expect("welcomed");
+    let status = |reply: async_nats::Message| -> DeliveryReply {
+        serde_json::from_slice(&reply.payload).expect("delivery reply")
+    };
+    let before = status(before.await.expect("task").expect("answered"));
+    assert_eq!(before.status, DeliveryStatus::Sent, "{before:?}");
+    kick.await.expect("task").expect("the kick is answered");
+    let after = status(
+        after
+            .await
+            .expect("task")
+            .expect("answered, not left to time out"),
+    );
+    assert_eq!(
+        (after.status, after.reason.as_deref()),
+        (DeliveryStatus::Failed, Some("session_closed")),
+        "{after:?}"
+    );
+}
