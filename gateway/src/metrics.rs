@@ -63,7 +63,9 @@ const ERROR_CODES: [ErrorCode; 13] = [
 /// What happened to one downlink message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Downlink {
-    /// Written to the device socket.
+    /// A request: written to the device socket. A plain publish: queued for it (nobody waits
+    /// on it, so it is not tracked further; one still queued when the session ends is not
+    /// counted again as `Dropped`).
     Sent,
     /// Confirmed by the device.
     Acked,

@@ -425,6 +425,9 @@ async fn welcome(
             summary: None,
         },
     );
+    // A takeover only when the session displaced here had been welcomed; a rival login that
+    // never was replaced nothing (as `held` says for one on another gateway).
+    let replaced_here = displaced.as_ref().is_some_and(|old| old.summary.is_some());
     // An older session of the device here: tell it to release, or, if it was already told
     // (a reclaim found a newer session elsewhere), wait for that release all the same.
     let released = displaced.and_then(|old| match old.commands {
@@ -437,7 +440,6 @@ async fn welcome(
         }
         None => old.releasing,
     });
-    let replaced_here = released.is_some();
     if let Some(released) = released {
         let _ = tokio::time::timeout(
             Duration::from_millis(shared.config.claim_timeout_ms),
@@ -1358,7 +1360,8 @@ impl Session {
                         self.reply(reply, json_bytes(&self.presence_info()));
                     }
                 }
-                Some(Err(_)) => {}
+                // An unknown operation hears what any request left behind hears.
+                Some(Err(_)) => self.undeliverable(msg),
                 None => {
                     // Overflow here ends the session anyway; what matters is every request
                     // still gets its answer, which `on_downlink` guarantees.

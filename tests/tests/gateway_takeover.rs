@@ -16,7 +16,7 @@ use devgate_gateway::server::Gateway;
 use devgate_tests::NatsServer;
 use devgate_tests::cut::CuttableLink;
 use devgate_tests::gateway::{
-    config, device, downs_until_goaway, metric_reaches, start, start_with, try_device,
+    config, device, downs_until_goaway, metric_reaches, start, start_with, token, try_device,
 };
 use futures::StreamExt;
 
@@ -620,4 +620,38 @@ async fn a_takeover_is_counted_only_when_a_live_session_let_go() {
         let ((_dev, _), ()) = tokio::join!(device(&gw, id), answer);
         metric_reaches(&gw, &format!("devgate_gateway_takeovers_total {takeovers}")).await;
     }
+}
+
+#[tokio::test]
+async fn a_login_displacing_a_local_login_that_was_never_welcomed_is_no_takeover() {
+    let nats = NatsServer::start();
+    let gw = start_with(Config {
+        claim_timeout_ms: 300,
+        ..config(&nats, "gw-1")
+    })
+    .await;
+    // A silent stand-in keeps the first login in its claim round.
+    let other = nats.client().await;
+    let mut claims = other.subscribe(down("dev-1")).await.expect("subscribe");
+    devgate_tests::nats::processed(&other).await;
+    let addr = gw.device_addr();
+    let first =
+        tokio::spawn(async move { DeviceClient::connect(addr, "dev-1", &token("dev-1")).await });
+    tokio::time::timeout(WAIT, claims.next())
+        .await
+        .expect("the first login claims")
+        .expect("claim");
+    // A second login of the device on the same gateway displaces it before its WELCOME.
+    let (_dev, _) = device(&gw, "dev-1").await;
+    match tokio::time::timeout(WAIT, first)
+        .await
+        .expect("the first login ends")
+        .expect("task")
+    {
+        Err(ClientError::GoAway(g)) => assert_eq!(g.reason, GoAwayReason::Replaced),
+        Ok((_, welcome)) => panic!("both logins welcomed: {welcome:?}"),
+        Err(other) => panic!("expected GOAWAY replaced, got {other}"),
+    }
+    metric_reaches(&gw, "devgate_gateway_logins_total 1").await;
+    metric_reaches(&gw, "devgate_gateway_takeovers_total 0").await;
 }
