@@ -54,7 +54,9 @@ pub struct Config {
     /// How long a scatter request (`devgate.gateways.stats`) collects answers when not every
     /// announced instance has answered yet.
     pub scatter_window_ms: u64,
-    /// Events buffered per SSE client before the oldest-first drop policy kicks in.
+    /// Events buffered per SSE client. Once the buffer is full, further (newest) events are
+    /// dropped and counted, never the buffered ones, and the client is told with a `lagged`
+    /// event: NATS must never wait for a slow HTTP reader.
     pub sse_buffer: usize,
     /// Log format.
     pub log_format: LogFormat,
@@ -116,6 +118,20 @@ impl Validate for Config {
             problems.push(format!(
                 "every --api-token must be at least {MIN_TOKEN_LEN} characters"
             ));
+        }
+        // A presented token is read without surrounding whitespace (HTTP strips it anyway), so a
+        // configured one with such whitespace could never match. Refused rather than trimmed: a
+        // secret is used exactly as given, or not at all.
+        if self
+            .api_tokens
+            .iter()
+            .any(|t| t.expose().trim() != t.expose())
+        {
+            problems.push(
+                "an --api-token begins or ends with whitespace (a stray newline or a space after \
+                 a comma?), so no caller could ever present it; remove the whitespace"
+                    .to_owned(),
+            );
         }
         if !FRAME_LEN_RANGE.contains(&self.max_frame_len) {
             problems.push(format!(
@@ -180,7 +196,25 @@ impl Config {
     pub fn scatter_window(&self) -> Duration {
         Duration::from_millis(self.scatter_window_ms)
     }
+
+    /// How long before the request cap a bulk send stops waiting for deliveries: enough time
+    /// left to flush and answer 200 with every device's outcome, instead of being cut off with a
+    /// bare 504 that hides what was delivered. A fifth of the cap, at most one second.
+    pub fn bulk_answer_margin(&self) -> Duration {
+        (self.request_timeout() / 5).min(Duration::from_secs(1))
+    }
+
+    /// Largest `POST /v1/messages` body: the base64 of the largest payload plus
+    /// `bulk_max_devices` ids, and some slack for the JSON around them.
+    pub fn bulk_body_limit(&self) -> usize {
+        self.max_payload_len().div_ceil(3) * 4
+            + self.bulk_max_devices * (devgate_gateway::contract::MAX_DEVICE_ID_LEN + 4)
+            + BULK_BODY_SLACK
+    }
 }
+
+/// Slack on top of the payload and ids for the JSON around a bulk request's payload and ids.
+const BULK_BODY_SLACK: usize = 64 * 1024;
 
 /// Command line of `devgate-bridge-api`. Every flag is optional and also read from its
 /// `DEVGATE_*` env var; whatever is given overrides the config file.
@@ -333,6 +367,44 @@ mod tests {
         ] {
             assert!(msg.contains(needle), "{needle} missing from {msg}");
         }
+    }
+
+    #[test]
+    fn tokens_with_surrounding_whitespace_are_refused_not_trimmed() {
+        for bad in [
+            format!(" {TOKEN}"),
+            format!("{TOKEN}\n"),
+            format!("{TOKEN}\t"),
+            format!("\r\n{TOKEN}"),
+        ] {
+            let err = cli(&["--api-token", &bad])
+                .into_config()
+                .expect_err("a token with surrounding whitespace can never match");
+            let msg = err.to_string();
+            assert!(msg.contains("whitespace"), "{msg}");
+            assert!(!msg.contains(TOKEN), "the token must not be printed: {msg}");
+        }
+        // The comma-separated env form with a space after the comma is the likely way to get one.
+        let err = cli(&["--api-token", &format!("{TOKEN}, fedcba9876543210")])
+            .into_config()
+            .expect_err("space after the comma");
+        assert!(err.to_string().contains("whitespace"), "{err}");
+        // Whitespace inside a token is presented unchanged, so it stays allowed.
+        let c = cli(&["--api-token", "0123456789 abcdef"])
+            .into_config()
+            .expect("inner space");
+        assert_eq!(c.api_tokens.len(), 1);
+    }
+
+    #[test]
+    fn the_bulk_answer_margin_stays_inside_the_request_cap() {
+        let c = Config::default();
+        assert_eq!(c.bulk_answer_margin(), Duration::from_secs(1));
+        let short = Config {
+            request_timeout_ms: 500,
+            ..Config::default()
+        };
+        assert_eq!(short.bulk_answer_margin(), Duration::from_millis(100));
     }
 
     #[test]

@@ -48,6 +48,13 @@ pub enum ApiError {
         /// Largest accepted payload.
         max: usize,
     },
+    /// A bulk request body exceeds its length limit (the base64 of the largest payload plus the
+    /// most ids): the same `payload_too_large` a single send's oversized body gets.
+    #[error(
+        "request body exceeds the {0}-byte limit of a bulk send (the base64 of a max_frame_len - 5 \
+         payload plus bulk_max_devices ids)"
+    )]
+    BodyTooLarge(usize),
     /// No gateway holds the device (NATS answered "no responders").
     #[error("device {0} is not connected to any gateway")]
     DeviceOffline(String),
@@ -81,6 +88,21 @@ pub enum ApiError {
     /// The whole request took longer than the server's request timeout.
     #[error("request exceeded the server's {0} ms limit")]
     RequestTimeout(u64),
+    /// One device of a bulk send was still waiting for its answer when the bulk send had to
+    /// stop to answer within the request cap. Code `timeout`, as a single send whose wait ran
+    /// out: the message may have been delivered.
+    #[error(
+        "no answer before the bulk send's deadline (kept inside the server's {0} ms request \
+         limit); the message may have been delivered"
+    )]
+    BulkInFlight(u64),
+    /// One device of a bulk send had not had its turn when the bulk send had to stop to answer
+    /// within the request cap. Code `request_timeout`; nothing was sent, so a retry is safe.
+    #[error(
+        "not sent: the bulk send reached its deadline (kept inside the server's {0} ms request \
+         limit) before this device's turn; retrying it is safe"
+    )]
+    BulkNotSent(u64),
     /// No such route.
     #[error("no route for {0}")]
     NotFound(String),
@@ -98,12 +120,16 @@ impl ApiError {
         match self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::BadDeviceId { .. } | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::PayloadTooLarge { .. } | ApiError::BodyTooLarge(_) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             ApiError::DeviceOffline(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::DeviceBusy { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::DeviceTimeout { .. } | ApiError::Timeout(_) | ApiError::RequestTimeout(_) => {
-                StatusCode::GATEWAY_TIMEOUT
-            }
+            ApiError::DeviceTimeout { .. }
+            | ApiError::Timeout(_)
+            | ApiError::RequestTimeout(_)
+            | ApiError::BulkInFlight(_)
+            | ApiError::BulkNotSent(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::DeliveryFailed { .. } | ApiError::BadGatewayReply(_) => {
                 StatusCode::BAD_GATEWAY
             }
@@ -119,15 +145,15 @@ impl ApiError {
             ApiError::Unauthorized => "unauthorized",
             ApiError::BadDeviceId { .. } => "bad_device_id",
             ApiError::BadRequest(_) => "bad_request",
-            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::PayloadTooLarge { .. } | ApiError::BodyTooLarge(_) => "payload_too_large",
             ApiError::DeviceOffline(_) => "device_offline",
             ApiError::DeviceBusy { .. } => "device_busy",
             ApiError::DeviceTimeout { .. } => "device_timeout",
-            ApiError::Timeout(_) => "timeout",
+            ApiError::Timeout(_) | ApiError::BulkInFlight(_) => "timeout",
             ApiError::DeliveryFailed { .. } => "delivery_failed",
             ApiError::BadGatewayReply(_) => "bad_gateway_reply",
             ApiError::NatsUnavailable(_) => "nats_unavailable",
-            ApiError::RequestTimeout(_) => "request_timeout",
+            ApiError::RequestTimeout(_) | ApiError::BulkNotSent(_) => "request_timeout",
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::Internal(_) => "internal",
@@ -174,14 +200,12 @@ impl From<QueryRejection> for ApiError {
     }
 }
 
-impl From<JsonRejection> for ApiError {
-    fn from(r: JsonRejection) -> Self {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            return ApiError::BadRequest(format!(
-                "request body too large for a bulk send: {}",
-                r.body_text()
-            ));
-        }
+/// Turns a JSON body failure into an error; `max` is the body limit reported on 413 (an
+/// oversized body is `payload_too_large`, as documented, not a malformed request).
+pub fn json_error(r: JsonRejection, max: usize) -> ApiError {
+    if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::BodyTooLarge(max)
+    } else {
         ApiError::BadRequest(format!("bad JSON body: {}", r.body_text()))
     }
 }
@@ -241,6 +265,10 @@ mod tests {
                 413,
                 "payload_too_large",
             ),
+            (ApiError::BodyTooLarge(1), 413, "payload_too_large"),
+            (ApiError::RequestTimeout(5), 504, "request_timeout"),
+            (ApiError::BulkInFlight(5), 504, "timeout"),
+            (ApiError::BulkNotSent(5), 504, "request_timeout"),
         ];
         for (e, status, code) in cases {
             assert_eq!(e.status().as_u16(), status, "{e}");

@@ -73,17 +73,12 @@ impl std::ops::Deref for AppState {
     }
 }
 
-/// Slack on top of the payload limits for the JSON around a bulk request's payload and ids.
-const BULK_BODY_SLACK: usize = 64 * 1024;
-
 /// The documented `/v1` API, before state and cross-cutting layers: the single source of both
 /// the routes and the OpenAPI document, so the two cannot disagree.
 fn api_routes(config: &Config) -> OpenApiRouter<AppState> {
     let payload = config.max_payload_len();
     // A bulk body carries the payload (base64 grows it by 4/3) plus the ids.
-    let bulk_body = payload.div_ceil(3) * 4
-        + config.bulk_max_devices * (devgate_gateway::contract::MAX_DEVICE_ID_LEN + 4)
-        + BULK_BODY_SLACK;
+    let bulk_body = config.bulk_body_limit();
     let single = OpenApiRouter::new()
         .routes(routes!(
             routes::messages::send_to_device,
@@ -153,11 +148,22 @@ async fn not_found(request: Request) -> ApiError {
     ApiError::NotFound(request.uri().path().to_owned())
 }
 
+/// When the current request's time cap runs out, as a request extension: a handler that works
+/// in parts (the bulk send) stops in time to answer with what it has, instead of being cut off
+/// with a bare 504 after part of the work was done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestDeadline(pub tokio::time::Instant);
+
 /// Caps the time to a response head, so no request can hold a connection for ever whatever its
 /// `timeout_ms` (SSE bodies stream on after the head and are not cut).
-async fn request_timeout(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let limit = state.config.request_timeout();
-    match tokio::time::timeout(limit, next.run(request)).await {
+async fn request_timeout(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let deadline = tokio::time::Instant::now() + state.config.request_timeout();
+    request.extensions_mut().insert(RequestDeadline(deadline));
+    match tokio::time::timeout_at(deadline, next.run(request)).await {
         Ok(response) => response,
         Err(_) => ApiError::RequestTimeout(state.config.request_timeout_ms).into_response(),
     }

@@ -572,6 +572,186 @@ async fn bulk_send_reports_each_device() {
 }
 
 #[tokio::test]
+async fn a_bulk_send_answers_inside_the_request_cap_with_every_device() {
+    let nats = NatsServer::start();
+    let gw = start(&nats, "gw-1").await;
+    let bridge = Bridge::start_with(devgate_bridge_api::config::Config {
+        default_timeout_ms: 100,
+        request_timeout_ms: 2_000,
+        bulk_concurrency: 2,
+        ..bridge_config(&nats)
+    })
+    .await;
+    // mute-1 and mute-2 never ACK; a, b and c ACK every DOWN at once.
+    let (mut mute_1, _) = device(&gw, "mute-1").await;
+    let (mut mute_2, _) = device(&gw, "mute-2").await;
+    let mut ackers = Vec::new();
+    for id in ["a", "b", "c"] {
+        let (mut dev, _) = device(&gw, id).await;
+        ackers.push(tokio::spawn(async move {
+            while let Ok((seq, _)) = dev.recv_down().await {
+                if dev.ack(seq).await.is_err() {
+                    break;
+                }
+            }
+        }));
+    }
+    let (mut d, _) = device(&gw, "d").await;
+    let (mut e, _) = device(&gw, "e").await;
+
+    // Two slots: mute-1 holds one while a, b and c pass through the other, until mute-2 holds it
+    // too. d and e never get their turn. Each device may wait 30 s, far beyond the 2 s cap.
+    let ids = ["mute-1", "a", "b", "c", "mute-2", "d", "e"];
+    let got = send(
+        bridge
+            .req(Method::POST, "/v1/messages?ack=device&timeout_ms=30000")
+            .json(&json!({"device_ids": ids, "payload": "bulk"})),
+    )
+    .await;
+    // A 200 at all means it came before the cap, which would have answered 504.
+    assert_eq!(
+        got.0, 200,
+        "a bulk send must answer inside the cap: {}",
+        got.1
+    );
+    let results = got.1["results"].as_array().expect("results");
+    let order: Vec<&str> = results
+        .iter()
+        .map(|r| r["device_id"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(order, ids, "results in request order: {}", got.1);
+    for r in &results[1..4] {
+        assert_eq!(
+            (r["http_status"].as_u64(), r["status"].as_str()),
+            (Some(200), Some("acked")),
+            "{r}"
+        );
+    }
+    for r in [&results[0], &results[4]] {
+        assert_eq!(
+            (r["http_status"].as_u64(), r["error"].as_str()),
+            (Some(504), Some("timeout")),
+            "{r}"
+        );
+        assert!(
+            r["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("may have been delivered"),
+            "{r}"
+        );
+    }
+    for r in &results[5..] {
+        assert_eq!(
+            (r["http_status"].as_u64(), r["error"].as_str()),
+            (Some(504), Some("request_timeout")),
+            "{r}"
+        );
+        assert!(
+            r["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("not sent"),
+            "{r}"
+        );
+    }
+    assert_eq!(
+        (got.1["succeeded"].as_u64(), got.1["failed"].as_u64()),
+        (Some(3), Some(4))
+    );
+    // The muted devices hold the frame: it was in flight, as reported.
+    for m in [&mut mute_1, &mut mute_2] {
+        let (_, p) = tokio::time::timeout(WAIT, m.recv_down())
+            .await
+            .expect("in time")
+            .expect("DOWN");
+        assert_eq!(p.as_ref(), b"bulk");
+    }
+    // d and e really got nothing: the first DOWN they see is a later message.
+    for (id, dev) in [("d", &mut d), ("e", &mut e)] {
+        let got = bridge
+            .post(&format!("/v1/devices/{id}/messages"), "later")
+            .await;
+        assert_eq!(got.0, 200, "{}", got.1);
+        let (_, p) = tokio::time::timeout(WAIT, dev.recv_down())
+            .await
+            .expect("in time")
+            .expect("DOWN");
+        assert_eq!(p.as_ref(), b"later", "{id} was reported not sent");
+    }
+    for a in ackers {
+        a.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_bulk_content_type_with_cr_or_lf_is_400_and_the_server_keeps_serving() {
+    let nats = NatsServer::start();
+    let gw = start(&nats, "gw-1").await;
+    let bridge = Bridge::start(&nats).await;
+    let (mut dev, _) = device(&gw, "dev-1").await;
+    for bad in [
+        "text/plain\r\nX-Injected: 1",
+        "text/plain\n",
+        "a\rb",
+        "caf\u{e9}",
+        "a\u{7f}",
+    ] {
+        let got = send(bridge.req(Method::POST, "/v1/messages").json(&json!({
+            "device_ids": ["dev-1"],
+            "payload": "x",
+            "content_type": bad,
+        })))
+        .await;
+        assert_error(&got, 400, "bad_request");
+        assert!(
+            got.1["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("content_type"),
+            "{}",
+            got.1
+        );
+    }
+    // Nothing reached the device, and the next request is served as usual.
+    let got = send(bridge.req(Method::POST, "/v1/messages").json(&json!({
+        "device_ids": ["dev-1"],
+        "payload": "fine",
+        "content_type": "text/plain; charset=utf-8",
+    })))
+    .await;
+    assert_eq!(got.0, 200, "{}", got.1);
+    assert_eq!(got.1["results"][0]["status"], "sent", "{}", got.1);
+    let (_, p) = tokio::time::timeout(WAIT, dev.recv_down())
+        .await
+        .expect("in time")
+        .expect("DOWN");
+    assert_eq!(p.as_ref(), b"fine");
+}
+
+#[tokio::test]
+async fn an_oversized_bulk_body_is_413_payload_too_large() {
+    let nats = NatsServer::start();
+    let bridge = Bridge::start(&nats).await;
+    let limit = devgate_bridge_api::config::Config::default().bulk_body_limit();
+    let got = send(
+        bridge
+            .req(Method::POST, "/v1/messages")
+            .json(&json!({"device_ids": ["a"], "payload": "x".repeat(limit + 1)})),
+    )
+    .await;
+    assert_error(&got, 413, "payload_too_large");
+    assert!(
+        got.1["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&limit.to_string()),
+        "{}",
+        got.1
+    );
+}
+
+#[tokio::test]
 async fn presence_comes_from_the_holder() {
     let nats = NatsServer::start();
     let gw = start(&nats, "gw-7").await;

@@ -40,3 +40,45 @@ fn document_lists_every_endpoint_with_bearer_security() {
     );
     assert!(doc["security"][0]["bearer"].is_array());
 }
+
+#[test]
+fn document_lists_the_error_statuses_handlers_can_return() {
+    let doc = serde_json::to_value(devgate_bridge_api::openapi_document()).expect("json");
+    // (path, method, statuses the handler can answer besides 200/202, 401 and 503)
+    let cases: [(&str, &str, &[&str]); 7] = [
+        (
+            "/v1/devices/{id}/messages",
+            "post",
+            &["404", "413", "429", "500", "502", "504"],
+        ),
+        ("/v1/messages", "post", &["413", "504"]),
+        ("/v1/devices/{id}/messages", "get", &["500", "504"]),
+        ("/v1/devices/{id}", "get", &["500", "502", "504"]),
+        (
+            "/v1/devices/{id}/session",
+            "delete",
+            &["404", "500", "502", "504"],
+        ),
+        ("/v1/devices", "get", &["500", "504"]),
+        ("/v1/gateways", "get", &["500", "504"]),
+    ];
+    for (path, method, statuses) in cases {
+        let responses = &doc["paths"][path][method]["responses"];
+        for status in statuses.iter().chain(&["401", "503"]) {
+            assert!(
+                responses[*status].is_object(),
+                "{method} {path} does not document {status}"
+            );
+        }
+        // Every operation sits behind the request cap.
+        let timeout = responses["504"]["description"].as_str().unwrap_or_default();
+        assert!(
+            timeout.contains("request_timeout"),
+            "{method} {path}: 504 does not mention request_timeout: {timeout:?}"
+        );
+    }
+    let bulk_200 = doc["paths"]["/v1/messages"]["post"]["responses"]["200"]["description"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(bulk_200.contains("deadline"), "{bulk_200}");
+}

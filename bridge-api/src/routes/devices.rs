@@ -59,8 +59,10 @@ pub struct Presence {
         (status = 200, description = "Presence (`online: false` when no gateway holds the device)", body = Presence),
         (status = 400, description = "Bad device id", body = ErrorBody),
         (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 500, description = "`internal`: an unexpected NATS failure", body = ErrorBody),
+        (status = 502, description = "`bad_gateway_reply`: the holder's answer does not follow the contract", body = ErrorBody),
         (status = 503, description = "`nats_unavailable`", body = ErrorBody),
-        (status = 504, description = "`timeout`: the holder did not answer", body = ErrorBody),
+        (status = 504, description = "`timeout`: the holder did not answer, or `request_timeout`: the request exceeded --request-timeout-ms", body = ErrorBody),
     )
 )]
 pub async fn presence(
@@ -124,8 +126,10 @@ pub struct Kicked {
         (status = 400, description = "Bad device id", body = ErrorBody),
         (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
         (status = 404, description = "`device_offline`", body = ErrorBody),
+        (status = 500, description = "`internal`: an unexpected NATS failure", body = ErrorBody),
+        (status = 502, description = "`bad_gateway_reply`: the holder's answer does not follow the contract", body = ErrorBody),
         (status = 503, description = "`nats_unavailable`", body = ErrorBody),
-        (status = 504, description = "`timeout`", body = ErrorBody),
+        (status = 504, description = "`timeout`: the holder did not answer, or `request_timeout`: the request exceeded --request-timeout-ms", body = ErrorBody),
     )
 )]
 pub async fn kick(
@@ -219,7 +223,9 @@ fn decode_cursor(cursor: &str) -> Result<DeviceId, ApiError> {
         (status = 200, description = "One page of online devices", body = DeviceList),
         (status = 400, description = "Bad limit or cursor", body = ErrorBody),
         (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 500, description = "`internal`: an unexpected NATS failure", body = ErrorBody),
         (status = 503, description = "`nats_unavailable`", body = ErrorBody),
+        (status = 504, description = "`request_timeout`: the request exceeded --request-timeout-ms", body = ErrorBody),
     )
 )]
 pub async fn list_devices(

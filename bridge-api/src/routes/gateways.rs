@@ -60,7 +60,9 @@ pub struct GatewayList {
     responses(
         (status = 200, description = "Instances that answered within the scatter window", body = GatewayList),
         (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 500, description = "`internal`: an unexpected NATS failure", body = ErrorBody),
         (status = 503, description = "`nats_unavailable`", body = ErrorBody),
+        (status = 504, description = "`request_timeout`: the request exceeded --request-timeout-ms", body = ErrorBody),
     )
 )]
 pub async fn list_gateways(State(state): State<AppState>) -> Result<Json<GatewayList>, ApiError> {

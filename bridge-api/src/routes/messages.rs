@@ -5,12 +5,13 @@
 //! accepted request ends in exactly one of the documented statuses, never silently.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use async_nats::HeaderMap;
+use async_nats::{HeaderMap, HeaderValue};
 use axum::Json;
 use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap as HttpHeaders, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
@@ -20,10 +21,10 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::AppState;
 use crate::config::MAX_TIMEOUT_MS;
-use crate::error::{ApiError, ErrorBody, body_error};
+use crate::error::{ApiError, ErrorBody, body_error, json_error};
 use crate::routes::{device_error, device_id};
+use crate::{AppState, RequestDeadline};
 
 /// How far a caller wants delivery confirmed before being answered.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, ToSchema)]
@@ -96,9 +97,28 @@ impl SendResult {
 struct Delivery<'a> {
     device: &'a DeviceId,
     payload: Bytes,
-    content_type: Option<&'a str>,
+    content_type: Option<&'a HeaderValue>,
     ack: AckMode,
     timeout: Duration,
+}
+
+/// A content type as the NATS `Content-Type` header value. Checked here rather than left to
+/// async-nats, whose `&str` conversion panics on CR/LF (a header injection as well): only visible
+/// ASCII, spaces and tabs pass, as in an HTTP header.
+fn nats_content_type(raw: &str) -> Result<HeaderValue, ApiError> {
+    let bad = || {
+        ApiError::BadRequest(format!(
+            "content_type {raw:?} is not a valid header value: only visible ASCII characters, \
+             spaces and tabs are allowed"
+        ))
+    };
+    if !raw
+        .chars()
+        .all(|c| c == ' ' || c == '\t' || c.is_ascii_graphic())
+    {
+        return Err(bad());
+    }
+    raw.parse().map_err(|_| bad())
 }
 
 /// Delivers one message and interprets the gateway's answer. With `ack=none` the message is only
@@ -106,7 +126,7 @@ struct Delivery<'a> {
 async fn deliver(state: &AppState, d: Delivery<'_>) -> Result<(StatusCode, SendResult), ApiError> {
     let mut nats_headers = HeaderMap::new();
     if let Some(ct) = d.content_type {
-        nats_headers.insert(devgate_gateway::contract::headers::CONTENT_TYPE, ct);
+        nats_headers.insert(devgate_gateway::contract::headers::CONTENT_TYPE, ct.clone());
     }
     let subject = subjects::down(d.device);
     let len = d.payload.len();
@@ -190,9 +210,10 @@ async fn flush(state: &AppState, timeout: Duration) -> Result<(), ApiError> {
         (status = 404, description = "`device_offline`: no gateway holds the device", body = ErrorBody),
         (status = 413, description = "Payload does not fit one DOWN frame", body = ErrorBody),
         (status = 429, description = "`device_busy`: the device's queue is full; see Retry-After", body = ErrorBody),
-        (status = 502, description = "`delivery_failed`: the gateway could not deliver", body = ErrorBody),
+        (status = 500, description = "`internal`: an unexpected NATS failure", body = ErrorBody),
+        (status = 502, description = "`delivery_failed`: the gateway could not deliver, or `bad_gateway_reply`: its answer does not follow the contract", body = ErrorBody),
         (status = 503, description = "`nats_unavailable`: NATS unreachable or lost mid-request", body = ErrorBody),
-        (status = 504, description = "`timeout` (no answer within timeout_ms) or `device_timeout` (no device ACK)", body = ErrorBody),
+        (status = 504, description = "`timeout` (no answer within timeout_ms), `device_timeout` (no device ACK) or `request_timeout` (the request exceeded --request-timeout-ms)", body = ErrorBody),
     )
 )]
 pub async fn send_to_device(
@@ -210,14 +231,16 @@ pub async fn send_to_device(
     check_payload(&state, payload.len())?;
     let content_type = http_headers
         .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok());
+        .and_then(|v| v.to_str().ok())
+        .map(nats_content_type)
+        .transpose()?;
     let ack = query.ack.unwrap_or_default();
     let (status, result) = deliver(
         &state,
         Delivery {
             device: &device,
             payload,
-            content_type,
+            content_type: content_type.as_ref(),
             ack,
             timeout,
         },
@@ -242,12 +265,16 @@ pub struct BulkRequest {
     /// Payload as standard base64, for bytes.
     #[serde(default)]
     pub payload_base64: Option<String>,
-    /// Passed on as the NATS `Content-Type` header.
+    /// Passed on as the NATS `Content-Type` header: visible ASCII, spaces and tabs only.
     #[serde(default)]
     pub content_type: Option<String>,
 }
 
 /// The outcome for one device of a bulk send.
+///
+/// When the bulk send reaches its deadline (shortly before `--request-timeout-ms`), devices still
+/// waiting for an answer get `http_status` 504 and `error` `timeout` (the message may have been
+/// delivered), and devices whose turn had not come get 504 `request_timeout` (nothing was sent).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct BulkItem {
     /// The device.
@@ -324,6 +351,11 @@ impl BulkRequest {
 /// Sends one payload to many devices. The request as a whole answers 200 whenever it was
 /// processed; each device's outcome (with the status a single send would have given) is in
 /// `results`.
+///
+/// The deliveries run at most `bulk_concurrency` at a time, each finishing on its own (a slow
+/// device holds one slot, not the devices behind it), and all of them stop at a deadline safely
+/// inside the request cap: the caller always learns what was delivered, where a bare 504 would
+/// make it retry (and duplicate) every message.
 #[utoipa::path(
     post,
     path = "/v1/messages",
@@ -331,39 +363,64 @@ impl BulkRequest {
     params(SendQuery),
     request_body = BulkRequest,
     responses(
-        (status = 200, description = "Processed; per-device outcomes inside", body = BulkResult),
-        (status = 400, description = "Bad JSON, bad or duplicate device id, too many ids, bad query", body = ErrorBody),
+        (status = 200, description = "Processed; per-device outcomes inside, in request order. Devices not finished when the bulk send reached its deadline (just inside --request-timeout-ms) are reported with http_status 504: `timeout` (in flight, may have been delivered) or `request_timeout` (not sent)", body = BulkResult),
+        (status = 400, description = "Bad JSON, bad or duplicate device id, too many ids, bad content_type, bad query", body = ErrorBody),
         (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
-        (status = 413, description = "Payload does not fit one DOWN frame", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the payload does not fit one DOWN frame, or the body exceeds the bulk body limit", body = ErrorBody),
         (status = 503, description = "`nats_unavailable` before anything was sent", body = ErrorBody),
+        (status = 504, description = "`request_timeout`: the request exceeded --request-timeout-ms before the deliveries began (e.g. a slow upload)", body = ErrorBody),
     )
 )]
 pub async fn send_bulk(
     State(state): State<AppState>,
+    request_deadline: Option<Extension<RequestDeadline>>,
     query: Result<Query<SendQuery>, QueryRejection>,
     body: Result<Json<BulkRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    // Without the request-timeout layer (not in this app, but a router built differently), the
+    // cap counts from here.
+    let request_deadline = request_deadline.map_or_else(
+        || tokio::time::Instant::now() + state.config.request_timeout(),
+        |Extension(RequestDeadline(d))| d,
+    );
+    let margin = state.config.bulk_answer_margin();
+    // Deliveries stop here; the flush (ack=none) may use half the margin left after it.
+    let deadline = request_deadline - margin;
+    let flush_deadline = request_deadline - margin / 2;
     let Query(query) = query?;
     let timeout = query.timeout(state.config.default_timeout())?;
-    let Json(request) = body?;
+    let Json(request) = body.map_err(|r| json_error(r, state.config.bulk_body_limit()))?;
     let devices = request.devices(state.config.bulk_max_devices)?;
     let payload = request.decode_payload()?;
     check_payload(&state, payload.len())?;
+    let content_type = request
+        .content_type
+        .as_deref()
+        .map(nats_content_type)
+        .transpose()?;
     state
         .bus
         .ensure_connected()
         .map_err(crate::routes::bus_error)?;
     let ack = query.ack.unwrap_or_default();
-    let content_type = request.content_type.as_deref();
+    let content_type = content_type.as_ref();
     let state = &state;
-    let mut results: Vec<BulkItem> = futures::stream::iter(devices)
-        .map(|device: DeviceId| {
+    let count = devices.len();
+    // How many devices have had their turn (were handed to `deliver`), in request order.
+    let dispatched = AtomicUsize::new(0);
+    let dispatched = &dispatched;
+    let mut results: Vec<Option<BulkItem>> = vec![None; count];
+    let devices = &devices;
+    let mut deliveries = futures::stream::iter(0..count)
+        .map(|index| {
+            dispatched.fetch_add(1, Ordering::Relaxed);
+            let device = &devices[index];
             let payload = payload.clone();
             async move {
                 let outcome = deliver(
                     state,
                     Delivery {
-                        device: &device,
+                        device,
                         payload,
                         content_type,
                         ack,
@@ -371,14 +428,55 @@ pub async fn send_bulk(
                     },
                 )
                 .await;
-                bulk_item(&device, outcome)
+                (index, bulk_item(device, outcome))
             }
         })
-        .buffered(state.config.bulk_concurrency)
-        .collect()
-        .await;
+        .buffer_unordered(state.config.bulk_concurrency);
+    let cut_off = tokio::time::sleep_until(deadline);
+    tokio::pin!(cut_off);
+    loop {
+        tokio::select! {
+            // The deadline first: past it, no further device is handed to `deliver`.
+            biased;
+            () = &mut cut_off => break,
+            next = deliveries.next() => match next {
+                Some((index, item)) => results[index] = Some(item),
+                None => break,
+            },
+        }
+    }
+    // Dropping the stream abandons the deliveries still waiting for their answer.
+    drop(deliveries);
+    let started = dispatched.load(Ordering::Relaxed);
+    let limit_ms = state.config.request_timeout_ms;
+    let mut unfinished = 0usize;
+    let mut results: Vec<BulkItem> = results
+        .into_iter()
+        .zip(devices)
+        .enumerate()
+        .map(|(index, (item, device))| {
+            item.unwrap_or_else(|| {
+                unfinished += 1;
+                let e = if index < started {
+                    ApiError::BulkInFlight(limit_ms)
+                } else {
+                    ApiError::BulkNotSent(limit_ms)
+                };
+                bulk_error(device.as_str(), &e)
+            })
+        })
+        .collect();
+    if unfinished > 0 {
+        tracing::warn!(
+            devices = count,
+            unfinished,
+            "bulk send reached its deadline inside the request cap; unfinished devices are reported as such"
+        );
+    }
+    let flush_timeout =
+        timeout.min(flush_deadline.saturating_duration_since(tokio::time::Instant::now()));
     if ack == AckMode::None
-        && let Err(e) = flush(state, timeout).await
+        && let Err(e) = flush(state, flush_timeout).await
     {
         // Nothing is known to have left: every "published" becomes the flush error.
         for item in results.iter_mut().filter(|i| i.error.is_none()) {

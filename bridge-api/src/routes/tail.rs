@@ -74,7 +74,9 @@ pub struct Lagged {
         (status = 200, description = "An endless SSE stream of uplink events", content_type = "text/event-stream", body = UplinkEvent),
         (status = 400, description = "Bad device id", body = ErrorBody),
         (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 500, description = "`internal`: the subscription could not be made", body = ErrorBody),
         (status = 503, description = "`nats_unavailable`", body = ErrorBody),
+        (status = 504, description = "`timeout`: NATS did not confirm the subscription within the default timeout, or `request_timeout`: no response head within --request-timeout-ms", body = ErrorBody),
     )
 )]
 pub async fn tail_device(
