@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::http::{StatusCode, header};
@@ -201,28 +202,94 @@ fn render_metrics(registry: &Registry) -> axum::response::Response {
     }
 }
 
-/// Serves `router` on `listener` until `shutdown`, letting in-flight requests finish.
-///
-/// `TCP_NODELAY` is set on every connection: a small response written in two segments would
-/// otherwise wait for the client's delayed ACK (~40 ms per request).
+/// Longest a client may take to send a request's headers, counted from when the server starts
+/// waiting for a request (on a new connection, and on a keep-alive connection between two):
+/// what stops slow or silent clients from holding connections, and file descriptors, before
+/// any authentication can run. hyper's own default, which it applies only when given a timer.
+pub const HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves `router` on `listener` until `shutdown`, letting in-flight requests finish, with
+/// [`HTTP_HEADER_TIMEOUT`].
 pub async fn serve_http(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
+    serve_http_with(listener, router, shutdown, HTTP_HEADER_TIMEOUT).await
+}
+
+/// [`serve_http`] with a given header timeout.
+///
+/// HTTP/1.1 through hyper directly rather than `axum::serve`, which gives hyper no timer, so
+/// hyper's header read timeout never fires there. `TCP_NODELAY` is set on every connection: a
+/// small response written in two segments would otherwise wait for the client's delayed ACK
+/// (~40 ms per request). On `shutdown` the listener closes, each connection finishes the
+/// request it is serving (an SSE stream ends on the same signal) and closes.
+pub async fn serve_http_with(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+    header_timeout: Duration,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::{Service, ServiceExt};
+
+    let mut make_service = router.into_make_service_with_connect_info::<SocketAddr>();
+    let connections = tokio_util::task::TaskTracker::new();
+    loop {
+        let (stream, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors, say: back off instead of spinning, as axum does.
+                    tracing::warn!(%error, "accepting an HTTP connection failed");
+                    tokio::select! {
+                        () = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                        () = shutdown.cancelled() => break,
+                    }
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "cannot set TCP_NODELAY on an HTTP connection");
         }
-    });
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-    .await
+        let Ok(service) = make_service.call(remote).await;
+        let service = hyper_util::service::TowerToHyperService::new(service.map_request(
+            |request: axum::extract::Request<hyper::body::Incoming>| {
+                request.map(axum::body::Body::new)
+            },
+        ));
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let connection = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(error) = result {
+                tracing::debug!(%remote, %error, "HTTP connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+    Ok(())
 }
+
+/// Pause after a failed `accept` (e.g. out of file descriptors) before the next.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// An error followed by each of its causes, for logs: "client error (Connect): invalid peer
 /// certificate: UnknownIssuer". Client libraries (kube, hyper) keep what an operator needs, a
@@ -264,6 +331,61 @@ pub fn unix_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Reads until the server closes; what was read.
+    async fn until_closed(stream: &mut tokio::net::TcpStream) -> String {
+        let mut text = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut text));
+        match read.await {
+            Ok(Ok(_)) | Ok(Err(_)) => {}
+            Err(_) => panic!("the server kept the connection open for 5 s"),
+        }
+        String::from_utf8_lossy(&text).into_owned()
+    }
+
+    #[tokio::test]
+    async fn slow_or_silent_http_clients_are_cut_at_the_header_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let router = Router::new().route("/ok", get(|| async { "ok" }));
+        let shutdown = CancellationToken::new();
+        let timeout = Duration::from_millis(300);
+        let server = tokio::spawn(serve_http_with(listener, router, shutdown.clone(), timeout));
+
+        // Headers that never end (slowloris), and a connection that says nothing.
+        let start = tokio::time::Instant::now();
+        let mut slow = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        slow.write_all(b"GET /ok HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n")
+            .await
+            .expect("write");
+        let mut silent = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        // A normal request on a keep-alive connection is served, then the idle wait for the
+        // next request is bounded the same way.
+        let mut normal = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        normal
+            .write_all(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        for (what, stream) in [("slow", &mut slow), ("silent", &mut silent)] {
+            let text = until_closed(stream).await;
+            let waited = start.elapsed();
+            assert!(waited >= timeout, "{what}: closed after {waited:?}");
+            assert!(!text.contains("200 OK"), "{what}: {text}");
+        }
+        let text = until_closed(&mut normal).await;
+        assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+        assert!(text.ends_with("ok"), "{text}");
+
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the server stops")
+            .expect("task")
+            .expect("serve");
+    }
 
     #[derive(Debug, thiserror::Error)]
     enum Layer {
