@@ -322,6 +322,11 @@ pub struct ClaimKey {
 pub struct ClaimRequest {
     /// Who is claiming.
     pub key: ClaimKey,
+    /// The claimant already subscribed to `device.<id>.down` (a login's confirm round, a
+    /// reclaim): a login that yields to it need not hand back what reaches it after this claim,
+    /// since the claimant receives that too. Absent (older gateways): `false`, hand back all.
+    #[serde(default)]
+    pub subscribed: bool,
 }
 
 /// Answer of the current holder (or a competing claimant) to a [`ClaimRequest`].

@@ -116,7 +116,7 @@ async fn reclaim(
         if shared.registry.login_ns(&id, &key.session) != Some(key.login_ns) {
             return Ok(Reclaim::Ended);
         }
-        match claim_request(shared, ControlOp::Reclaim, &down, &key).await? {
+        match claim_request(shared, ControlOp::Reclaim, &down, &key, true).await? {
             // Nobody else holds it.
             Some(ClaimRound::Clear) => return Ok(settled(took_back)),
             // An older session let go; another may remain.

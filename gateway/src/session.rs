@@ -346,10 +346,14 @@ pub(crate) async fn claim_request(
     op: ControlOp,
     down: &str,
     key: &ClaimKey,
+    subscribed: bool,
 ) -> Result<Option<ClaimRound>, RequestError> {
     let timeout = Duration::from_millis(shared.config.claim_timeout_ms);
     let control = [(headers::CONTROL, op.token())];
-    let body = json_bytes(&ClaimRequest { key: key.clone() });
+    let body = json_bytes(&ClaimRequest {
+        key: key.clone(),
+        subscribed,
+    });
     let request = shared
         .bus
         .link()
@@ -366,8 +370,13 @@ pub(crate) async fn claim_request(
 }
 
 /// One claim round of a login.
-async fn claim_round(shared: &Shared, down: &str, key: &ClaimKey) -> Result<ClaimRound, Refusal> {
-    match claim_request(shared, ControlOp::Claim, down, key).await {
+async fn claim_round(
+    shared: &Shared,
+    down: &str,
+    key: &ClaimKey,
+    subscribed: bool,
+) -> Result<ClaimRound, Refusal> {
+    match claim_request(shared, ControlOp::Claim, down, key, subscribed).await {
         Ok(Some(round)) => Ok(round),
         Ok(None) => {
             tracing::warn!(device_id = %key_device(down), "unreadable claim reply; treating it as released");
@@ -395,8 +404,9 @@ fn key_device(down: &str) -> &str {
 enum Pending {
     /// Keep going.
     Continue,
-    /// A newer claim arrived: give up, then answer it.
-    Yield(Bytes),
+    /// A newer claim arrived: give up, then answer it (at this reply subject). `subscribed`:
+    /// the claimant said it already subscribed.
+    Yield { reply: Bytes, subscribed: bool },
 }
 
 /// Login: settle local and cluster-wide ownership of the device and welcome it. `None` when
@@ -577,7 +587,7 @@ async fn login(
     let mut took_over = false;
     // Phase 1: make every current holder let go.
     for _ in 0..MAX_CLAIM_ROUNDS {
-        match claim_round(shared, &down, key).await {
+        match claim_round(shared, &down, key, false).await {
             Ok(ClaimRound::Clear) => break,
             Ok(ClaimRound::Released { held }) => took_over |= held,
             Ok(ClaimRound::Superseded) => return LoginOutcome::Lost(GoAwayReason::Replaced),
@@ -590,7 +600,7 @@ async fn login(
     let mut rounds = 0;
     loop {
         rounds += 1;
-        let round = claim_round(shared, &down, key);
+        let round = claim_round(shared, &down, key, true);
         tokio::pin!(round);
         let decided = loop {
             tokio::select! {
@@ -598,8 +608,15 @@ async fn login(
                 msg = sub.next() => match msg {
                     Some(msg) => match pending_message(shared, key, msg, &mut early).await {
                         Pending::Continue => {}
-                        Pending::Yield(reply) => {
-                            hand_off(shared, &mut sub, early).await;
+                        Pending::Yield { reply, subscribed } => {
+                            // A claimant that subscribed before it claimed also gets whatever
+                            // reaches this subscription after its claim.
+                            let winner = if subscribed {
+                                Winner::Subscribed
+                            } else {
+                                Winner::Unknown
+                            };
+                            hand_off_until(shared, &mut sub, early, winner).await;
                             let reply_body = json_bytes(&ClaimReply::Released {
                                 key: key.clone(),
                                 held: false,
@@ -673,7 +690,10 @@ async fn pending_message(
                 return Pending::Continue;
             };
             match serde_json::from_slice::<ClaimRequest>(&msg.payload) {
-                Ok(req) if req.key > *key => Pending::Yield(reply),
+                Ok(req) if req.key > *key => Pending::Yield {
+                    reply,
+                    subscribed: req.subscribed,
+                },
                 Ok(_) => {
                     let body = json_bytes(&ClaimReply::Superseded { key: key.clone() });
                     publish_reply(shared, &reply, &body);
@@ -703,14 +723,37 @@ fn unreadable_claim(error: &serde_json::Error) -> Bytes {
 /// Gives up a subscription taken during a lost login: drain it, and republish everything it
 /// received so the winning session (subscribed by now) gets it. Nothing is answered twice: only
 /// the winner replies.
-async fn hand_off(shared: &Shared, sub: &mut Subscription, mut early: Vec<Msg>) {
+async fn hand_off(shared: &Shared, sub: &mut Subscription, early: Vec<Msg>) {
+    hand_off_until(shared, sub, early, Winner::Unknown).await;
+}
+
+/// What a yielding login knows about the session it yields to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Winner {
+    /// Its claim reached this subscription, and it subscribed before claiming: NATS routes
+    /// everything after that claim to it too.
+    Subscribed,
+    /// It may not have subscribed yet (or there is none): every message goes back to NATS.
+    Unknown,
+}
+
+/// [`hand_off`], where messages that came after the winner's claim are not republished when
+/// the winner has them already (republishing those would deliver them twice).
+async fn hand_off_until(
+    shared: &Shared,
+    sub: &mut Subscription,
+    mut early: Vec<Msg>,
+    winner: Winner,
+) {
     let limit = Duration::from_millis(shared.config.claim_timeout_ms);
     let _ = sub.drain(limit).await;
+    let before_winner = early.len();
     while let Some(msg) = sub.try_next() {
         early.push(msg);
     }
     let link = shared.bus.link();
-    for msg in early {
+    for (index, msg) in early.into_iter().enumerate() {
+        let winner_has_it = winner == Winner::Subscribed && index >= before_winner;
         if matches!(
             control_op(&msg),
             Some(Ok(ControlOp::Claim | ControlOp::Reclaim))
@@ -727,6 +770,9 @@ async fn hand_off(shared: &Shared, sub: &mut Subscription, mut early: Vec<Msg>) 
                 });
                 publish_reply(shared, &reply, &body);
             }
+            continue;
+        }
+        if winner_has_it {
             continue;
         }
         let headers = msg.raw_headers().map_or(Headers::None, Headers::Raw);

@@ -281,6 +281,7 @@ fn reclaim_body(login_ns: u64, gateway: &str, session: &str) -> Vec<u8> {
             gateway: gateway.into(),
             session: session.into(),
         },
+        subscribed: true,
     })
     .expect("json")
 }
@@ -654,4 +655,83 @@ async fn a_login_displacing_a_local_login_that_was_never_welcomed_is_no_takeover
     }
     metric_reaches(&gw, "devgate_gateway_logins_total 1").await;
     metric_reaches(&gw, "devgate_gateway_takeovers_total 0").await;
+}
+
+#[tokio::test]
+async fn a_login_yielding_to_a_subscribed_claimant_hands_back_only_what_the_claimant_lacks() {
+    use futures::FutureExt;
+
+    let nats = NatsServer::start();
+    let gw = start_with(Config {
+        claim_timeout_ms: 1_000,
+        ..config(&nats, "gw-1")
+    })
+    .await;
+    // A silent holder keeps the login in each claim round for claim_timeout_ms; its second
+    // claim (the confirm round) comes once the login has subscribed.
+    let silent = nats.client().await;
+    let mut claims = silent.subscribe(down("dev-1")).await.expect("subscribe");
+    devgate_tests::nats::processed(&silent).await;
+    let addr = gw.device_addr();
+    let login =
+        tokio::spawn(async move { DeviceClient::connect(addr, "dev-1", &token("dev-1")).await });
+    for _ in 0..2 {
+        tokio::time::timeout(WAIT, claims.next())
+            .await
+            .expect("a claim round")
+            .expect("claim");
+    }
+    // A rival login elsewhere (newer key) subscribes, claims, and right behind its claim a
+    // service's messages arrive: the rival has them, so the yielding login must not hand
+    // them back a second time.
+    let rival = nats.client().await;
+    let mut rival_down = rival.subscribe(down("dev-1")).await.expect("subscribe");
+    let inbox = rival.new_inbox();
+    let mut answers = rival.subscribe(inbox.clone()).await.expect("inbox");
+    devgate_tests::nats::processed(&rival).await;
+    let claim = serde_json::to_vec(&ClaimRequest {
+        key: key_elsewhere(u64::MAX),
+        subscribed: true,
+    })
+    .expect("json");
+    rival
+        .publish_with_reply_and_headers(
+            down("dev-1"),
+            inbox,
+            headers::control(ControlOp::Claim),
+            claim.into(),
+        )
+        .await
+        .expect("claim");
+    for n in 0..5 {
+        rival
+            .publish(down("dev-1"), Bytes::from(format!("m{n}")))
+            .await
+            .expect("publish");
+    }
+    rival.flush().await.expect("flush");
+    let answer = tokio::time::timeout(WAIT, answers.next())
+        .await
+        .expect("the yielding login answers")
+        .expect("answer");
+    let answer: ClaimReply = serde_json::from_slice(&answer.payload).expect("claim reply");
+    assert!(matches!(answer, ClaimReply::Released { .. }), "{answer:?}");
+    match tokio::time::timeout(WAIT, login)
+        .await
+        .expect("the login ends")
+        .expect("task")
+    {
+        Err(ClientError::GoAway(g)) => assert_eq!(g.reason, GoAwayReason::Replaced),
+        Ok((_, welcome)) => panic!("the older login was welcomed: {welcome:?}"),
+        Err(other) => panic!("expected GOAWAY replaced, got {other}"),
+    }
+    // The hand-off was published before the answer, on the same connection: it is here now.
+    devgate_tests::nats::processed(&rival).await;
+    let mut data = Vec::new();
+    while let Some(Some(msg)) = rival_down.next().now_or_never() {
+        if msg.payload.starts_with(b"m") {
+            data.push(String::from_utf8_lossy(&msg.payload).into_owned());
+        }
+    }
+    assert_eq!(data, ["m0", "m1", "m2", "m3", "m4"], "each exactly once");
 }
