@@ -1003,7 +1003,7 @@ impl Session {
                     tracing::debug!(device_id = %self.id, seq, "uplink not confirmed by NATS; not acknowledged");
                     Ok(())
                 }
-                Event::Timer => self.on_timer(),
+                Event::Timer => self.on_timer(bus_up),
                 Event::BusState(true) => Ok(()),
                 Event::BusState(false) => Err(End::Shutdown),
             };
@@ -1344,7 +1344,10 @@ impl Session {
         }
     }
 
-    fn on_timer(&mut self) -> Result<(), End> {
+    /// Due deadlines. `bus_up`: NATS as this turn of the loop saw it. The idle check needs NATS
+    /// up then and now: NATS coming back while the loop waited has not restarted the idle clock
+    /// yet (the next turn does), so the outage must not count against the device.
+    fn on_timer(&mut self, bus_up: bool) -> Result<(), End> {
         let now = Instant::now();
         while let Some(&(seq, deadline)) = self.ack_deadlines.front() {
             if deadline > now {
@@ -1361,7 +1364,7 @@ impl Session {
                 );
             }
         }
-        if now >= self.last_frame + self.idle_limit() && self.shared.bus.is_connected() {
+        if bus_up && self.shared.bus.is_connected() && now >= self.last_frame + self.idle_limit() {
             return Err(End::Error(Refusal::new(
                 ErrorCode::IdleTimeout,
                 format!("no frame for {} s", self.idle_limit().as_secs()),
