@@ -126,3 +126,61 @@ pub async fn next_frame(dev: &mut DeviceClient) -> devgate_gateway::codec::Frame
         .expect("readable")
         .expect("connection open")
 }
+
+/// A login kept deciding: a stand-in holder subscribed to the device's down subject never
+/// answers, so each claim round waits the gateway's `claim_timeout_ms`.
+pub struct HeldLogin {
+    /// The login (`DeviceClient::connect`) running in its own task.
+    pub login: tokio::task::JoinHandle<Result<(DeviceClient, Welcome), ClientError>>,
+    /// The stand-in holder's connection (it sees every message on the down subject).
+    pub holder: async_nats::Client,
+    claims: async_nats::Subscriber,
+}
+
+impl HeldLogin {
+    /// Starts a login of `device_id` on `gw` and returns once it has sent `rounds` claims.
+    /// With `rounds = 2` the login has subscribed (its second claim is the confirm round)
+    /// and waits `claim_timeout_ms` for an answer that never comes.
+    pub async fn start(nats: &NatsServer, gw: &Gateway, device_id: &str, rounds: usize) -> Self {
+        use futures::StreamExt;
+        let holder = nats.client().await;
+        let id = devgate_gateway::contract::DeviceId::parse(device_id).expect("device id");
+        let mut claims = holder
+            .subscribe(devgate_gateway::contract::subjects::down(&id))
+            .await
+            .expect("subscribe");
+        crate::nats::processed(&holder).await;
+        let (addr, token) = (gw.device_addr(), token(device_id));
+        let device_id = device_id.to_owned();
+        let login =
+            tokio::spawn(async move { DeviceClient::connect(addr, &device_id, &token).await });
+        for round in 0..rounds {
+            tokio::time::timeout(Duration::from_secs(5), claims.next())
+                .await
+                .unwrap_or_else(|_| panic!("claim round {round} in time"))
+                .expect("claim");
+        }
+        HeldLogin {
+            login,
+            holder,
+            claims,
+        }
+    }
+
+    /// The next claim the login sends (e.g. the confirm round, after the first).
+    pub async fn next_claim(&mut self) -> async_nats::Message {
+        use futures::StreamExt;
+        tokio::time::timeout(Duration::from_secs(5), self.claims.next())
+            .await
+            .expect("a claim in time")
+            .expect("claim")
+    }
+
+    /// How the login ended.
+    pub async fn outcome(self) -> Result<(DeviceClient, Welcome), ClientError> {
+        tokio::time::timeout(Duration::from_secs(10), self.login)
+            .await
+            .expect("the login ends in time")
+            .expect("login task")
+    }
+}

@@ -14,8 +14,8 @@ use devgate_gateway::contract::{Announce, DeviceId, subjects};
 use devgate_tests::NatsServer;
 use devgate_tests::bins::workspace_bin;
 use devgate_tests::gateway::{
-    SECRET, config, device, downs_until_goaway, metric_reaches, next_frame, start, start_with,
-    token,
+    HeldLogin, SECRET, config, device, downs_until_goaway, metric_reaches, next_frame, start,
+    start_with, token,
 };
 use futures::StreamExt;
 use tokio_util::codec::FramedRead;
@@ -455,27 +455,10 @@ async fn a_login_under_way_when_the_drain_starts_is_sent_elsewhere_not_welcomed(
     .await;
     // A stand-in holder that never answers keeps the login in its claim rounds for
     // claim_timeout_ms each.
-    let holder = nats.client().await;
-    let mut claims = holder
-        .subscribe(subjects::down(&DeviceId::parse("dev-1").expect("id")))
-        .await
-        .expect("sub");
-    devgate_tests::nats::processed(&holder).await;
-    let addr = gw.device_addr();
-    let login = tokio::spawn(async move {
-        DeviceClient::connect(addr, "dev-1", &devgate_tests::gateway::token("dev-1")).await
-    });
-    tokio::time::timeout(WAIT, claims.next())
-        .await
-        .expect("the login claims the device")
-        .expect("claim");
+    let held = HeldLogin::start(&nats, &gw, "dev-1", 1).await;
     // The drain starts while the login waits for its claim.
     let stopping = tokio::spawn(gw.shutdown());
-    match tokio::time::timeout(WAIT, login)
-        .await
-        .expect("the login ends in time")
-        .expect("login task")
-    {
+    match held.outcome().await {
         Err(ClientError::GoAway(g)) => assert_eq!(g.reason, GoAwayReason::Draining),
         Ok((_, welcome)) => panic!("a draining gateway welcomed {welcome:?}"),
         Err(other) => panic!("expected GOAWAY draining, got {other}"),

@@ -273,9 +273,8 @@ async fn every_request_in_flight_when_a_device_hangs_up_is_answered() {
 
 #[tokio::test]
 async fn a_backlog_bigger_than_the_session_queue_routed_during_a_login_is_all_delivered() {
-    use devgate_gateway::client::DeviceClient;
     use devgate_gateway::config::Config;
-    use devgate_tests::gateway::{config, start_with, token};
+    use devgate_tests::gateway::{HeldLogin, config, start_with};
 
     let nats = NatsServer::start();
     let settings = Config {
@@ -284,23 +283,9 @@ async fn a_backlog_bigger_than_the_session_queue_routed_during_a_login_is_all_de
     };
     let queue_bytes = settings.session_queue_bytes;
     let gw = start_with(settings).await;
-    // A stand-in holder that never answers keeps the login in each claim round for
-    // claim_timeout_ms; its second claim comes once the login has subscribed.
-    let service = nats.client().await;
-    let mut claims = service
-        .subscribe(subjects::down(&id("dev-1")))
-        .await
-        .expect("sub");
-    devgate_tests::nats::processed(&service).await;
-    let addr = gw.device_addr();
-    let login =
-        tokio::spawn(async move { DeviceClient::connect(addr, "dev-1", &token("dev-1")).await });
-    for _ in 0..2 {
-        tokio::time::timeout(WAIT, claims.next())
-            .await
-            .expect("a claim round")
-            .expect("claim");
-    }
+    // Held in its confirm round (subscribed) by a holder that never answers.
+    let held = HeldLogin::start(&nats, &gw, "dev-1", 2).await;
+    let service = held.holder.clone();
     // Twice the session queue, routed while the login decides.
     let count = 2 * queue_bytes / 1024;
     for n in 0..count {
@@ -312,11 +297,7 @@ async fn a_backlog_bigger_than_the_session_queue_routed_during_a_login_is_all_de
             .expect("publish");
     }
     devgate_tests::nats::processed(&service).await;
-    let (mut dev, _) = tokio::time::timeout(WAIT, login)
-        .await
-        .expect("login in time")
-        .expect("login task")
-        .expect("welcomed");
+    let (mut dev, _) = held.outcome().await.expect("welcomed");
     for n in 0..count {
         let (_, payload) = tokio::time::timeout(WAIT, dev.recv_down())
             .await
@@ -328,9 +309,8 @@ async fn a_backlog_bigger_than_the_session_queue_routed_during_a_login_is_all_de
 
 #[tokio::test]
 async fn requests_queued_behind_a_kick_during_a_login_are_answered_session_closed() {
-    use devgate_gateway::client::DeviceClient;
     use devgate_gateway::config::Config;
-    use devgate_tests::gateway::{config, start_with, token};
+    use devgate_tests::gateway::{HeldLogin, config, start_with};
 
     let nats = NatsServer::start();
     let gw = start_with(Config {
@@ -343,20 +323,7 @@ async fn requests_queued_behind_a_kick_during_a_login_are_answered_session_close
         .connect(nats.url())
         .await
         .expect("service");
-    let mut claims = service
-        .subscribe(subjects::down(&id("dev-1")))
-        .await
-        .expect("sub");
-    devgate_tests::nats::processed(&service).await;
-    let addr = gw.device_addr();
-    let login =
-        tokio::spawn(async move { DeviceClient::connect(addr, "dev-1", &token("dev-1")).await });
-    for _ in 0..2 {
-        tokio::time::timeout(WAIT, claims.next())
-            .await
-            .expect("a claim round")
-            .expect("claim");
-    }
+    let held = HeldLogin::start(&nats, &gw, "dev-1", 2).await;
     // While the login decides: a request, a kick, and a request behind the kick.
     let request = |payload: &'static str, headers: HeaderMap| {
         let service = service.clone();
@@ -372,11 +339,7 @@ async fn requests_queued_behind_a_kick_during_a_login_are_answered_session_close
     devgate_tests::nats::processed(&service).await;
     let after = request("after", HeaderMap::new());
     devgate_tests::nats::processed(&service).await;
-    let _dev = tokio::time::timeout(WAIT, login)
-        .await
-        .expect("login in time")
-        .expect("login task")
-        .expect("welcomed");
+    let _dev = held.outcome().await.expect("welcomed");
     let status = |reply: async_nats::Message| -> DeliveryReply {
         serde_json::from_slice(&reply.payload).expect("delivery reply")
     };

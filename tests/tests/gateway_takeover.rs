@@ -16,7 +16,7 @@ use devgate_gateway::server::Gateway;
 use devgate_tests::NatsServer;
 use devgate_tests::cut::CuttableLink;
 use devgate_tests::gateway::{
-    config, device, downs_until_goaway, metric_reaches, start, start_with, token, try_device,
+    HeldLogin, config, device, downs_until_goaway, metric_reaches, start, start_with, try_device,
 };
 use futures::StreamExt;
 
@@ -632,23 +632,10 @@ async fn a_login_displacing_a_local_login_that_was_never_welcomed_is_no_takeover
     })
     .await;
     // A silent stand-in keeps the first login in its claim round.
-    let other = nats.client().await;
-    let mut claims = other.subscribe(down("dev-1")).await.expect("subscribe");
-    devgate_tests::nats::processed(&other).await;
-    let addr = gw.device_addr();
-    let first =
-        tokio::spawn(async move { DeviceClient::connect(addr, "dev-1", &token("dev-1")).await });
-    tokio::time::timeout(WAIT, claims.next())
-        .await
-        .expect("the first login claims")
-        .expect("claim");
+    let first = HeldLogin::start(&nats, &gw, "dev-1", 1).await;
     // A second login of the device on the same gateway displaces it before its WELCOME.
     let (_dev, _) = device(&gw, "dev-1").await;
-    match tokio::time::timeout(WAIT, first)
-        .await
-        .expect("the first login ends")
-        .expect("task")
-    {
+    match first.outcome().await {
         Err(ClientError::GoAway(g)) => assert_eq!(g.reason, GoAwayReason::Replaced),
         Ok((_, welcome)) => panic!("both logins welcomed: {welcome:?}"),
         Err(other) => panic!("expected GOAWAY replaced, got {other}"),
@@ -667,20 +654,8 @@ async fn a_login_yielding_to_a_subscribed_claimant_hands_back_only_what_the_clai
         ..config(&nats, "gw-1")
     })
     .await;
-    // A silent holder keeps the login in each claim round for claim_timeout_ms; its second
-    // claim (the confirm round) comes once the login has subscribed.
-    let silent = nats.client().await;
-    let mut claims = silent.subscribe(down("dev-1")).await.expect("subscribe");
-    devgate_tests::nats::processed(&silent).await;
-    let addr = gw.device_addr();
-    let login =
-        tokio::spawn(async move { DeviceClient::connect(addr, "dev-1", &token("dev-1")).await });
-    for _ in 0..2 {
-        tokio::time::timeout(WAIT, claims.next())
-            .await
-            .expect("a claim round")
-            .expect("claim");
-    }
+    // Held in its confirm round (subscribed) by a holder that never answers.
+    let held = HeldLogin::start(&nats, &gw, "dev-1", 2).await;
     // A rival login elsewhere (newer key) subscribes, claims, and right behind its claim a
     // service's messages arrive: the rival has them, so the yielding login must not hand
     // them back a second time.
@@ -716,11 +691,7 @@ async fn a_login_yielding_to_a_subscribed_claimant_hands_back_only_what_the_clai
         .expect("answer");
     let answer: ClaimReply = serde_json::from_slice(&answer.payload).expect("claim reply");
     assert!(matches!(answer, ClaimReply::Released { .. }), "{answer:?}");
-    match tokio::time::timeout(WAIT, login)
-        .await
-        .expect("the login ends")
-        .expect("task")
-    {
+    match held.outcome().await {
         Err(ClientError::GoAway(g)) => assert_eq!(g.reason, GoAwayReason::Replaced),
         Ok((_, welcome)) => panic!("the older login was welcomed: {welcome:?}"),
         Err(other) => panic!("expected GOAWAY replaced, got {other}"),
