@@ -2,11 +2,11 @@
 //!
 //! bridge-api keeps no registry of its own. Every answer comes from the gateways over NATS at
 //! request time, which is what lets any number of replicas run side by side. The one thing
-//! remembered is which gateway instances announced themselves recently, and only as a hint for
-//! when a scatter request may stop waiting early.
+//! remembered is which gateway instances announced themselves recently: a hint for when a
+//! scatter request may stop waiting early, and for naming the instances that did not answer.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
@@ -67,20 +67,28 @@ impl Bus {
         devgate_gateway::bus::tls::ensure_crypto_provider();
         let (tx, connected) = watch::channel(false);
         let tx = Arc::new(tx);
+        let instances = Arc::new(Instances::default());
+        let on_event = instances.clone();
         let mut options = ConnectOptions::new()
             .name("devgate-bridge-api")
             .retry_on_initial_connect()
             .max_reconnects(None)
             .event_callback(move |event| {
                 let tx = tx.clone();
+                let instances = on_event.clone();
                 async move {
                     match event {
                         Event::Connected => {
                             tracing::info!("connected to NATS");
+                            // Announces reach us only from now on (the client connects in the
+                            // background, and resubscribes after an outage): the instance set
+                            // is incomplete again until every gateway has had time to announce.
+                            instances.connected(Instant::now());
                             tx.send_replace(true);
                         }
                         Event::Disconnected | Event::Closed => {
                             tracing::warn!(%event, "NATS connection lost");
+                            instances.disconnected();
                             tx.send_replace(false);
                         }
                         other => tracing::info!(event = %other, "NATS event"),
@@ -97,7 +105,6 @@ impl Bus {
             .connect(config.nats_url.as_str())
             .await
             .map_err(|e| BusError::Other(e.to_string()))?;
-        let instances = Arc::new(Instances::default());
         let announces = client
             .subscribe(subjects::ANNOUNCE)
             .await
@@ -239,8 +246,10 @@ impl Bus {
     /// `devgate.gateways.stats`) and gathers the answers, sorted by instance id.
     ///
     /// Collection stops as soon as every recently announced instance has answered, when NATS
-    /// reports that nobody listens, or after `window`, whichever comes first.
-    pub async fn gateway_stats(&self, window: Duration) -> Result<Vec<GatewayStats>, BusError> {
+    /// reports that nobody listens, or after `window`, whichever comes first. Announced instances
+    /// that did not answer are returned too, because a list built from the answers alone looks
+    /// complete when it is not.
+    pub async fn gateway_stats(&self, window: Duration) -> Result<StatsScatter, BusError> {
         self.ensure_connected()?;
         let lost = self.connection_lost();
         tokio::pin!(lost);
@@ -254,14 +263,15 @@ impl Bus {
             .publish_with_reply(subjects::STATS, inbox, Bytes::new())
             .await
             .map_err(|e| BusError::Other(e.to_string()))?;
-        // Known instances allow an early stop; an unknown or empty set means waiting the window.
-        let expected = self.instances.live().filter(|e| !e.is_empty());
+        // Taken when the request has left: an instance first announced later may have missed it,
+        // and must not be named as silent.
+        let known = self.instances.known(Instant::now());
+        // A complete known set allows an early stop; an incomplete or empty one means waiting
+        // the window.
+        let early_stop = known.complete && !known.announced.is_empty();
         let deadline = tokio::time::Instant::now() + window;
         let mut seen: BTreeMap<String, GatewayStats> = BTreeMap::new();
-        while !expected
-            .as_ref()
-            .is_some_and(|e| e.iter().all(|i| seen.contains_key(i)))
-        {
+        while !(early_stop && known.announced.iter().all(|i| seen.contains_key(i))) {
             let next = tokio::select! {
                 next = tokio::time::timeout_at(deadline, replies.next()) => next,
                 () = &mut lost => return Err(BusError::LostMidRequest),
@@ -281,8 +291,33 @@ impl Bus {
             }
         }
         let _ = replies.unsubscribe().await;
-        Ok(seen.into_values().collect())
+        let silent: Vec<String> = known
+            .announced
+            .into_iter()
+            .filter(|i| !seen.contains_key(i))
+            .collect();
+        if !silent.is_empty() {
+            tracing::warn!(
+                ?silent,
+                "announced gateway instances did not answer the stats request"
+            );
+        }
+        Ok(StatsScatter {
+            answered: seen.into_values().collect(),
+            silent,
+        })
     }
+}
+
+/// The outcome of a [`Bus::gateway_stats`] scatter request.
+#[derive(Debug, Clone, Default)]
+pub struct StatsScatter {
+    /// The answers, sorted by instance id.
+    pub answered: Vec<GatewayStats>,
+    /// Instances that announced themselves recently but did not answer within the window (hung,
+    /// overloaded, cut off, or shut down less than a few announce periods ago), sorted. Their
+    /// devices are unknown, so a caller must not present the answers as the whole fleet.
+    pub silent: Vec<String>,
 }
 
 fn map_request_error(e: &async_nats::RequestError, timeout: Duration) -> BusError {
@@ -296,57 +331,90 @@ fn map_request_error(e: &async_nats::RequestError, timeout: Duration) -> BusErro
 }
 
 /// Instances seen on `devgate.gateway.announce`, each with the time it expires.
+///
+/// Methods take the current time as an argument so that the logic can be tested without
+/// waiting for real time to pass.
+#[derive(Default)]
 struct Instances {
-    /// When listening started: until every instance has had time to announce itself once, the
-    /// set is incomplete and must not cut a scatter request short.
-    started: Instant,
     state: Mutex<InstancesState>,
 }
 
-#[derive(Default)]
 struct InstancesState {
+    /// The latest (re)connection to NATS, `None` while not connected. Announces can only have
+    /// reached us since then, so until every instance has had time to announce itself once
+    /// after it, the set may miss some and must not cut a scatter request short. Counting from
+    /// process start instead would trust the first instance heard after a late connection or an
+    /// outage as the whole fleet.
+    connected_since: Option<Instant>,
     expiry: HashMap<String, Instant>,
     /// Longest announce period seen, which bounds how long an unseen instance can stay unseen.
     max_heartbeat: Duration,
 }
 
-/// Announce period assumed before any announce was seen (the gateway's default).
-const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(1_000);
-
-impl Default for Instances {
+impl Default for InstancesState {
     fn default() -> Self {
-        Instances {
-            started: Instant::now(),
-            state: Mutex::new(InstancesState {
-                expiry: HashMap::new(),
-                max_heartbeat: DEFAULT_HEARTBEAT,
-            }),
+        InstancesState {
+            connected_since: None,
+            expiry: HashMap::new(),
+            max_heartbeat: DEFAULT_HEARTBEAT,
         }
     }
 }
 
+/// Announce period assumed before any announce was seen (the gateway's default).
+const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(1_000);
+
+/// The instance set at one moment.
+#[derive(Debug, PartialEq, Eq)]
+struct Known {
+    /// Instances whose last announce is recent enough.
+    announced: BTreeSet<String>,
+    /// Whether we have been connected long enough for every live instance to have announced
+    /// itself, so that `announced` can be taken as all of them.
+    complete: bool,
+}
+
 impl Instances {
-    fn record(&self, announce: &Announce) {
-        let beat = Duration::from_millis(announce.heartbeat_ms.max(1));
-        if let Ok(mut state) = self.state.lock() {
-            state.expiry.insert(
-                announce.instance.clone(),
-                Instant::now() + beat * MISSED_BEATS,
-            );
-            state.max_heartbeat = state.max_heartbeat.max(beat);
-        }
+    fn lock(&self) -> MutexGuard<'_, InstancesState> {
+        // Every update leaves the state consistent, so a panic elsewhere cannot corrupt it.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Instances whose last announce is recent enough, forgetting the others; `None` while
-    /// listening has not lasted long enough for every live instance to have announced itself.
-    fn live(&self) -> Option<HashSet<String>> {
-        let now = Instant::now();
-        let mut state = self.state.lock().ok()?;
-        if now.duration_since(self.started) < state.max_heartbeat * 2 {
-            return None;
-        }
+    /// The connection to NATS is (re)established at `now`: the announce clock starts again.
+    ///
+    /// Known instances are kept: each expires on its own after missing a few beats, and an
+    /// announce that arrived on the resubscribed subscription before this event must not be
+    /// lost.
+    fn connected(&self, now: Instant) {
+        self.lock().connected_since = Some(now);
+    }
+
+    /// The connection to NATS is lost: announces may be missed from now on.
+    fn disconnected(&self) {
+        self.lock().connected_since = None;
+    }
+
+    fn record(&self, announce: &Announce, now: Instant) {
+        let beat = Duration::from_millis(announce.heartbeat_ms.max(1));
+        let mut state = self.lock();
+        state
+            .expiry
+            .insert(announce.instance.clone(), now + beat * MISSED_BEATS);
+        state.max_heartbeat = state.max_heartbeat.max(beat);
+    }
+
+    /// Instances whose last announce is recent enough at `now`, forgetting the others.
+    fn known(&self, now: Instant) -> Known {
+        let mut state = self.lock();
         state.expiry.retain(|_, expires| *expires > now);
-        Some(state.expiry.keys().cloned().collect())
+        let warm_up = state.max_heartbeat * 2;
+        let complete = state
+            .connected_since
+            .is_some_and(|since| now.saturating_duration_since(since) >= warm_up);
+        Known {
+            announced: state.expiry.keys().cloned().collect(),
+            complete,
+        }
     }
 }
 
@@ -362,7 +430,7 @@ async fn track_announces(
         };
         let Some(message) = message else { break };
         match serde_json::from_slice::<Announce>(&message.payload) {
-            Ok(announce) => instances.record(&announce),
+            Ok(announce) => instances.record(&announce, Instant::now()),
             Err(error) => tracing::debug!(%error, "ignoring unreadable announce"),
         }
     }
@@ -385,27 +453,83 @@ mod tests {
         }
     }
 
+    fn names(known: &Known) -> Vec<&str> {
+        known.announced.iter().map(String::as_str).collect()
+    }
+
     #[test]
-    fn the_instance_set_is_trusted_only_after_two_heartbeats_of_listening() {
-        let fresh = Instances::default();
-        fresh.record(&announce("gw-1", 10));
-        assert_eq!(
-            fresh.live(),
-            None,
+    fn the_instance_set_is_trusted_only_after_two_heartbeats_of_connection() {
+        let t0 = Instant::now();
+        let instances = Instances::default();
+        instances.connected(t0);
+        instances.record(&announce("gw-1", 10), t0);
+        let known = instances.known(t0 + Duration::from_millis(5));
+        assert_eq!(names(&known), ["gw-1"]);
+        assert!(
+            !known.complete,
             "another instance may not have announced yet"
         );
 
-        let warm = Instances {
-            started: Instant::now() - Duration::from_secs(5),
-            ..Instances::default()
-        };
-        warm.record(&announce("gw-1", 10));
-        warm.record(&announce("gw-2", 1_000));
-        let live = warm.live().expect("listened long enough");
-        assert_eq!(live.len(), 2);
-        std::thread::sleep(Duration::from_millis(40));
-        let live = warm.live().expect("still warm");
-        assert!(!live.contains("gw-1"), "gw-1 missed three beats");
-        assert!(live.contains("gw-2"));
+        let t1 = t0 + Duration::from_secs(5);
+        instances.record(&announce("gw-1", 10), t1);
+        instances.record(&announce("gw-2", 1_000), t1);
+        let known = instances.known(t1);
+        assert!(known.complete, "connected long enough");
+        assert_eq!(names(&known), ["gw-1", "gw-2"]);
+        let known = instances.known(t1 + Duration::from_millis(40));
+        assert_eq!(names(&known), ["gw-2"], "gw-1 missed three beats");
+        assert!(known.complete);
+    }
+
+    #[test]
+    fn nothing_is_trusted_before_the_first_connection() {
+        let t0 = Instant::now();
+        let instances = Instances::default();
+        instances.record(&announce("gw-1", 10), t0 + Duration::from_secs(5));
+        assert!(!instances.known(t0 + Duration::from_secs(6)).complete);
+    }
+
+    #[test]
+    fn a_late_connection_or_a_reconnection_starts_the_announce_clock_again() {
+        let t0 = Instant::now();
+        let instances = Instances::default();
+        // NATS becomes reachable long after the process started: the first instance heard is
+        // not the whole fleet.
+        let connected = t0 + Duration::from_secs(10);
+        instances.connected(connected);
+        instances.record(&announce("gw-1", 1_000), connected);
+        let known = instances.known(connected + Duration::from_millis(100));
+        assert!(!known.complete, "gw-2 may announce up to a beat later");
+        assert!(
+            instances
+                .known(connected + Duration::from_millis(2_000))
+                .complete
+        );
+
+        // An outage: nothing is trusted while it lasts, nor for two beats after it.
+        let lost = connected + Duration::from_secs(5);
+        instances.record(&announce("gw-1", 1_000), lost);
+        instances.disconnected();
+        assert!(!instances.known(lost + Duration::from_millis(500)).complete);
+        let back = lost + Duration::from_secs(10);
+        instances.connected(back);
+        instances.record(&announce("gw-2", 1_000), back);
+        let known = instances.known(back + Duration::from_millis(100));
+        assert_eq!(names(&known), ["gw-2"], "gw-1 expired during the outage");
+        assert!(!known.complete, "gw-1 may still announce");
+        let known = instances.known(back + Duration::from_millis(2_000));
+        assert!(known.complete);
+    }
+
+    #[test]
+    fn an_announce_received_just_before_the_connected_event_is_kept() {
+        let t0 = Instant::now();
+        let instances = Instances::default();
+        instances.record(&announce("gw-1", 1_000), t0);
+        instances.connected(t0 + Duration::from_millis(1));
+        assert_eq!(
+            names(&instances.known(t0 + Duration::from_millis(2))),
+            ["gw-1"]
+        );
     }
 }

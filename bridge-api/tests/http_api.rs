@@ -862,6 +862,65 @@ async fn an_instance_that_does_not_list_its_sessions_is_named_unavailable() {
 }
 
 #[tokio::test]
+async fn an_announced_instance_that_does_not_answer_stats_is_named_unavailable() {
+    let nats = NatsServer::start();
+    let gw = start(&nats, "gw-1").await;
+    let (_dev, _) = device(&gw, "dev-1").await;
+    // "gw-mute" announces itself like a gateway but never answers the stats scatter (hung, or
+    // its reply is lost): it holds devices as far as anyone knows.
+    let mute = nats.client().await;
+    let announcer = tokio::spawn(async move {
+        let announce = devgate_gateway::contract::Announce {
+            instance: "gw-mute".into(),
+            advertise_addr: "127.0.0.1:9".into(),
+            ready: true,
+            draining: false,
+            sessions: 3,
+            heartbeat_ms: 200,
+            started_ms: 1,
+        };
+        let body = bytes::Bytes::from(serde_json::to_vec(&announce).expect("json"));
+        let mut beat = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            beat.tick().await;
+            let _ = mute.publish(subjects::ANNOUNCE, body.clone()).await;
+        }
+    });
+    let bridge = Bridge::start_with(devgate_bridge_api::config::Config {
+        // Every answer naming gw-mute waits the whole window for it.
+        scatter_window_ms: 500,
+        ..bridge_config(&nats)
+    })
+    .await;
+
+    // bridge-api learns of gw-mute from its next announce; there is no event to await from
+    // outside the process, so poll the list until it names it, with a deadline.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, body) = bridge.get("/v1/devices").await;
+        assert_eq!(status, 200, "{body}");
+        // What the instance that answered holds is always listed.
+        assert_eq!(body["devices"][0]["device_id"], "dev-1", "{body}");
+        assert_eq!(body["devices"][0]["gateway"], "gw-1", "{body}");
+        assert_eq!(body["count"], 1, "{body}");
+        if body.get("unavailable_gateways").is_some() {
+            assert_eq!(body["unavailable_gateways"], json!(["gw-mute"]), "{body}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "GET /v1/devices never named the announced, silent gw-mute: {body}"
+        );
+    }
+    let (status, body) = bridge.get("/v1/gateways").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["count"], 1, "{body}");
+    assert_eq!(body["gateways"][0]["instance"], "gw-1", "{body}");
+    assert_eq!(body["unavailable_gateways"], json!(["gw-mute"]), "{body}");
+    announcer.abort();
+}
+
+#[tokio::test]
 async fn gateways_list_shows_every_instance() {
     let nats = NatsServer::start();
     let bridge = Bridge::start(&nats).await;

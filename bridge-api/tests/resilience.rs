@@ -6,8 +6,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Bridge, SseReader, WAIT, assert_error, bridge_config, send};
+use devgate_gateway::contract::{GatewayStats, subjects};
 use devgate_tests::NatsServer;
 use devgate_tests::gateway::{config as gw_config, device, start, start_with};
+use futures::StreamExt;
 use reqwest::Method;
 
 #[tokio::test]
@@ -297,4 +299,66 @@ async fn a_slow_sse_client_gets_a_lagged_event_instead_of_blocking_nats() {
         }
         assert_eq!(name, "up");
     }
+}
+
+#[tokio::test]
+async fn after_a_late_nats_connection_gateway_lists_wait_for_instances_not_yet_announced() {
+    let mut nats = NatsServer::start();
+    nats.stop();
+    let bridge = Bridge::launch(devgate_bridge_api::config::Config {
+        scatter_window_ms: 600,
+        ..bridge_config(&nats)
+    })
+    .await;
+    // The scenario itself, not synchronisation: NATS becomes reachable only after bridge-api
+    // has run longer than its announce warm-up (two default announce periods, 2 s).
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    nats.restart();
+    bridge.wait_ready(true).await;
+    let connected = Instant::now();
+
+    let _gw = start(&nats, "gw-1").await;
+    // "gw-2" connected a moment later: its first announce is not out yet, and it answers the
+    // stats scatter 150 ms late (well inside the window).
+    let late = nats.client().await;
+    let mut stats = late.subscribe(subjects::STATS).await.expect("subscribe");
+    devgate_tests::nats::processed(&late).await;
+    let responder = tokio::spawn(async move {
+        let body = serde_json::to_vec(&GatewayStats {
+            instance: "gw-2".into(),
+            advertise_addr: "127.0.0.1:9".into(),
+            ready: true,
+            draining: false,
+            sessions: 0,
+            started_ms: 1,
+        })
+        .expect("json");
+        while let Some(msg) = stats.next().await {
+            let Some(reply) = msg.reply else { continue };
+            let client = late.clone();
+            let body = bytes::Bytes::from(body.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                let _ = client.publish(reply, body).await;
+            });
+        }
+    });
+
+    // gw-1 announces every 200 ms, so by the second request bridge-api knows it. Both requests
+    // start within the 2 s after the connection, while gw-2 could still announce: bridge-api
+    // must wait for it rather than take gw-1 for the whole fleet.
+    for attempt in 0..2 {
+        assert!(
+            connected.elapsed() < Duration::from_millis(1_800),
+            "request {attempt} starts {:?} after the connection, past the warm-up: too slow to \
+             test anything",
+            connected.elapsed()
+        );
+        let (status, body) = bridge.get("/v1/gateways").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["count"], 2, "request {attempt} stopped early: {body}");
+        assert_eq!(body["gateways"][0]["instance"], "gw-1", "{body}");
+        assert_eq!(body["gateways"][1]["instance"], "gw-2", "{body}");
+    }
+    responder.abort();
 }

@@ -195,7 +195,8 @@ pub struct DeviceList {
     /// Pass as `cursor` for the next page; absent on the last page.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_cursor: Option<String>,
-    /// Instances that were announced but did not answer: the list may miss their devices.
+    /// Instances that were announced but did not answer (the stats request or the session
+    /// list request), sorted: the list may miss their devices.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unavailable_gateways: Vec<String>,
 }
@@ -240,11 +241,12 @@ pub async fn list_devices(
         )));
     }
     let after = query.cursor.as_deref().map(decode_cursor).transpose()?;
-    let instances = state
+    let scatter = state
         .bus
         .gateway_stats(state.config.scatter_window())
         .await
         .map_err(bus_error)?;
+    let instances = scatter.answered;
     let page_request = SessionListRequest {
         after: after.map(|a| a.to_string()),
         limit: Some(limit),
@@ -264,7 +266,9 @@ pub async fn list_devices(
 
     let mut count = 0;
     let mut more = false;
-    let mut unavailable = Vec::new();
+    // Announced instances that did not even answer the stats request hold devices too, as far
+    // as anyone knows: name them, or the page would look complete.
+    let mut unavailable = scatter.silent;
     // Keyed by device id: sorted, and a device caught mid-takeover on two instances appears once
     // (the newer session wins).
     let mut merged: BTreeMap<DeviceId, DeviceEntry> = BTreeMap::new();
@@ -301,6 +305,8 @@ pub async fn list_devices(
     if merged.len() > limit {
         more = true;
     }
+    unavailable.sort_unstable();
+    unavailable.dedup();
     let devices: Vec<DeviceEntry> = merged.into_values().take(limit).collect();
     let next_cursor = if more {
         devices.last().map(|d| encode_cursor(&d.device_id))

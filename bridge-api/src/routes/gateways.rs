@@ -50,6 +50,10 @@ pub struct GatewayList {
     pub sessions: u64,
     /// The instances.
     pub gateways: Vec<GatewayInfo>,
+    /// Instances that announced themselves recently but did not answer within the scatter
+    /// window, sorted: without them the list would pass for the whole fleet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unavailable_gateways: Vec<String>,
 }
 
 /// Lists the live gateway instances with their session counts.
@@ -58,7 +62,7 @@ pub struct GatewayList {
     path = "/v1/gateways",
     tag = "gateways",
     responses(
-        (status = 200, description = "Instances that answered within the scatter window", body = GatewayList),
+        (status = 200, description = "Instances that answered within the scatter window, and those announced that did not", body = GatewayList),
         (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
         (status = 500, description = "`internal`: an unexpected NATS failure", body = ErrorBody),
         (status = 503, description = "`nats_unavailable`", body = ErrorBody),
@@ -66,15 +70,20 @@ pub struct GatewayList {
     )
 )]
 pub async fn list_gateways(State(state): State<AppState>) -> Result<Json<GatewayList>, ApiError> {
-    let stats = state
+    let scatter = state
         .bus
         .gateway_stats(state.config.scatter_window())
         .await
         .map_err(bus_error)?;
-    let gateways: Vec<GatewayInfo> = stats.into_iter().map(GatewayInfo::from).collect();
+    let gateways: Vec<GatewayInfo> = scatter
+        .answered
+        .into_iter()
+        .map(GatewayInfo::from)
+        .collect();
     Ok(Json(GatewayList {
         count: gateways.len(),
         sessions: gateways.iter().map(|g| g.sessions).sum(),
         gateways,
+        unavailable_gateways: scatter.silent,
     }))
 }

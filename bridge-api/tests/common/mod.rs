@@ -42,12 +42,19 @@ pub fn bridge_config(nats: &NatsServer) -> Config {
 impl Bridge {
     /// Starts bridge-api with `config` and waits until it is connected to NATS.
     pub async fn start_with(config: Config) -> Bridge {
+        let bridge = Self::launch(config).await;
+        bridge.wait_ready(true).await;
+        bridge
+    }
+
+    /// Starts bridge-api with `config` without waiting for NATS (which may be down).
+    pub async fn launch(config: Config) -> Bridge {
         config.validate().expect("test config valid");
         let shutdown = CancellationToken::new();
         let server = BridgeApi::start(config, shutdown.clone())
             .await
             .expect("bridge-api starts");
-        let bridge = Bridge {
+        Bridge {
             base: format!("http://{}", server.addr()),
             shutdown,
             server: Some(server),
@@ -55,9 +62,7 @@ impl Bridge {
                 .timeout(Duration::from_secs(30))
                 .build()
                 .expect("http client"),
-        };
-        bridge.wait_ready(true).await;
-        bridge
+        }
     }
 
     /// Starts bridge-api in front of `nats` with the default test config.
