@@ -79,6 +79,17 @@ pub struct Entry {
     pub releasing: Option<oneshot::Receiver<()>>,
     /// Set once the session is welcomed; listed only then.
     pub summary: Option<SessionSummary>,
+    /// This login displaced a welcomed session here, directly or through logins it displaced
+    /// in turn (set by [`Registry::insert`]): winning it is a takeover even when the session it
+    /// displaced itself never got WELCOME.
+    pub replaces_welcomed: bool,
+}
+
+impl Entry {
+    /// Whether displacing this entry takes a welcomed session's place.
+    pub fn holds_welcomed(&self) -> bool {
+        self.summary.is_some() || self.replaces_welcomed
+    }
 }
 
 /// The local session table.
@@ -97,8 +108,10 @@ impl Registry {
     /// Registers a login in progress and returns the entry it displaces (an older session of
     /// the same device on this gateway, welcomed or still logging in), which the caller must
     /// tell to release.
-    pub fn insert(&self, id: DeviceId, entry: Entry) -> Option<Entry> {
-        self.lock().insert(id, entry)
+    pub fn insert(&self, id: DeviceId, mut entry: Entry) -> Option<Entry> {
+        let mut map = self.lock();
+        entry.replaces_welcomed = map.get(&id).is_some_and(Entry::holds_welcomed);
+        map.insert(id, entry)
     }
 
     /// Marks the session welcomed so it is listed.
@@ -204,6 +217,7 @@ mod tests {
                 since_ms: 0,
                 remote_addr: String::new(),
             }),
+            replaces_welcomed: false,
         }
     }
 
@@ -225,6 +239,20 @@ mod tests {
         assert!(r.take_all_commands().is_empty(), "a slot is taken once");
         r.remove(&id("d"), "s2");
         assert_eq!(r.welcomed(), 0);
+    }
+
+    #[test]
+    fn a_login_displacing_a_login_that_displaced_a_welcomed_session_inherits_it() {
+        let r = Registry::default();
+        r.insert(id("d"), entry("s0", true, "d"));
+        let s0 = r.insert(id("d"), entry("l1", false, "d")).expect("s0");
+        assert!(s0.holds_welcomed(), "s0 was welcomed");
+        let l1 = r.insert(id("d"), entry("l2", false, "d")).expect("l1");
+        assert!(l1.holds_welcomed(), "l1 had displaced the welcomed s0");
+        r.remove(&id("d"), "l2");
+        r.insert(id("d"), entry("l3", false, "d"));
+        let l3 = r.insert(id("d"), entry("l4", false, "d")).expect("l3");
+        assert!(!l3.holds_welcomed(), "l3 displaced nothing");
     }
 
     #[test]
@@ -253,6 +281,7 @@ mod tests {
                 commands: Some(tx),
                 releasing: None,
                 summary: None,
+                replaces_welcomed: false,
             },
         );
         assert!(

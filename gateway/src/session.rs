@@ -329,6 +329,63 @@ fn control_op(msg: &Msg) -> Option<Result<ControlOp, String>> {
     Some(ControlOp::from_token(value).ok_or_else(|| value.to_owned()))
 }
 
+fn kicked(shared: &Shared, session: &str) -> KickReply {
+    KickReply {
+        status: "kicked".into(),
+        gateway: shared.instance.clone(),
+        session: session.to_owned(),
+    }
+}
+
+fn released(shared: &Shared, session: &str, held: bool) -> ClaimReply {
+    ClaimReply::Released {
+        key: ClaimKey {
+            login_ns: 0,
+            gateway: shared.instance.clone(),
+            session: session.to_owned(),
+        },
+        held,
+    }
+}
+
+/// Answers a message routed to `session` that will never be written to its device: a request
+/// hears `session_closed` (control requests the answer their operation expects); a plain
+/// publish is counted as dropped.
+fn undeliverable(shared: &Shared, session: &str, msg: Msg) {
+    let op = control_op(&msg);
+    let Some(reply) = msg.reply else {
+        if op.is_none() {
+            shared.metrics.downlink(Downlink::Dropped);
+        }
+        return;
+    };
+    // Every request gets an answer, control requests included.
+    let body = match op {
+        None => {
+            shared.metrics.downlink(Downlink::Failed);
+            delivery_reply(
+                shared,
+                session,
+                DeliveryStatus::Failed,
+                0,
+                Some("session_closed"),
+            )
+        }
+        Some(Ok(ControlOp::Claim | ControlOp::Reclaim)) => {
+            json_bytes(&released(shared, session, false))
+        }
+        Some(Ok(ControlOp::Kick)) => json_bytes(&kicked(shared, session)),
+        Some(Ok(ControlOp::Presence)) | Some(Err(_)) => {
+            json_bytes(&crate::contract::ControlError {
+                error: "session_closed".into(),
+                message: "the session ended while the request was queued; the device is offline"
+                    .into(),
+            })
+        }
+    };
+    publish_reply(shared, &reply, &body);
+}
+
 /// Publishes a reply (or any plain message). Failures are logged, not raised: the requester
 /// times out, which is what it would see if the reply were lost on the way.
 fn publish_reply(shared: &Shared, to: &[u8], body: &[u8]) {
@@ -433,11 +490,13 @@ async fn welcome(
             commands: Some(commands_tx),
             releasing: None,
             summary: None,
+            replaces_welcomed: false,
         },
     );
-    // A takeover only when the session displaced here had been welcomed; a rival login that
-    // never was replaced nothing (as `held` says for one on another gateway).
-    let replaced_here = displaced.as_ref().is_some_and(|old| old.summary.is_some());
+    // A takeover only when the session displaced here had been welcomed (or had itself
+    // displaced one); a rival login that never was replaced nothing (as `held` says for one on
+    // another gateway).
+    let replaced_here = displaced.as_ref().is_some_and(Entry::holds_welcomed);
     // An older session of the device here: tell it to release, or, if it was already told
     // (a reclaim found a newer session elsewhere), wait for that release all the same.
     let released = displaced.and_then(|old| match old.commands {
@@ -464,10 +523,12 @@ async fn welcome(
     };
     let (sub, early) = match outcome {
         // The drain began while this login was deciding: a draining gateway welcomes nobody
-        // (its own moment in the drain schedule may be seconds away). What reached the
-        // subscription goes back to NATS, like a lost login's; the device reconnects elsewhere.
+        // (its own moment in the drain schedule may be seconds away); the device reconnects
+        // elsewhere. Nobody else holds the device (this login won), so what reached the
+        // subscription is answered here: handed back to NATS, requests would wait out their
+        // timeout (NATS tells only the republisher there are no responders).
         LoginOutcome::Won { mut sub, early, .. } if shared.draining.is_cancelled() => {
-            hand_off(&shared, &mut sub, early).await;
+            give_up(&shared, &mut sub, early, &session).await;
             shared.registry.remove(&id, &session);
             tracing::info!(device_id = %id, session = %session, "login completed while draining; sent elsewhere");
             goodbye(&shared, &mut conn, GoAwayReason::Draining).await;
@@ -554,23 +615,11 @@ async fn welcome(
 #[allow(clippy::manual_async_fn)] // deliberate: see above
 fn live(mut s: Session, early: Vec<Msg>) -> impl Future<Output = ()> {
     async move {
-        // What arrived during the login, handled like a burst from the subscription: written
-        // as it goes, so a long login's backlog is not mistaken for a device that does not read.
-        let mut early = early.into_iter();
-        while let Some(msg) = early.next() {
-            let handled = match s.write_when_due() {
-                Ok(()) => Box::pin(s.on_bus_message(msg)).await,
-                Err(end) => {
-                    s.undeliverable(msg);
-                    Err(end)
-                }
-            };
-            if let Err(end) = handled {
-                early.for_each(|msg| s.undeliverable(msg));
-                Box::pin(s.finish(end)).await;
-                return;
-            }
-        }
+        // What arrived during the login goes back in front of the subscription's queue, so the
+        // loop handles it like any burst, in order (written as it goes, so a long login's
+        // backlog is not taken for a device that does not read) and a release or the end of the
+        // session treats it like everything routed after it.
+        s.sub.requeue_front(early);
         let end = s.run().await;
         Box::pin(s.finish(end)).await;
     }
@@ -628,7 +677,10 @@ async fn login(
                     None => break None,
                 },
                 cmd = commands.recv() => {
-                    hand_off(shared, &mut sub, early).await;
+                    // A newer login here (which subscribes only once this one let go) or the
+                    // drain: no other session holds the device, and a hand-back could not reach
+                    // one on this gateway anyway (no_echo). Answer instead.
+                    give_up(shared, &mut sub, early, &key.session).await;
                     return match cmd {
                         SessionCommand::Release { done } => {
                             let _ = done.send(());
@@ -718,6 +770,20 @@ fn unreadable_claim(error: &serde_json::Error) -> Bytes {
         error: "bad_request".into(),
         message: format!("unreadable claim body: {error}"),
     })
+}
+
+/// Gives up a subscription taken during a login that nobody else will take over from (it won
+/// while draining, or a newer login on this gateway waits for it): drain it, and answer what
+/// reached it as [`undeliverable`], so requests fail at once instead of timing out.
+async fn give_up(shared: &Shared, sub: &mut Subscription, early: Vec<Msg>, session: &str) {
+    let limit = Duration::from_millis(shared.config.claim_timeout_ms);
+    let _ = sub.drain(limit).await;
+    for msg in early
+        .into_iter()
+        .chain(std::iter::from_fn(|| sub.try_next()))
+    {
+        undeliverable(shared, session, msg);
+    }
 }
 
 /// Gives up a subscription taken during a lost login: drain it, and republish everything it
@@ -875,24 +941,13 @@ impl Session {
     }
 
     fn kicked(&self) -> KickReply {
-        KickReply {
-            status: "kicked".into(),
-            gateway: self.shared.instance.clone(),
-            session: self.session.clone(),
-        }
+        kicked(&self.shared, &self.session)
     }
 
     /// What this session answers a claim with once it has let go; `held`: this claim is the
     /// one that made a live session yield (later ones replaced nothing).
     fn released(&self, held: bool) -> ClaimReply {
-        ClaimReply::Released {
-            key: ClaimKey {
-                login_ns: 0,
-                gateway: self.shared.instance.clone(),
-                session: self.session.clone(),
-            },
-            held,
-        }
+        released(&self.shared, &self.session, held)
     }
 
     fn idle_limit(&self) -> Duration {
@@ -1486,41 +1541,9 @@ impl Session {
         tracing::info!(device_id = %self.id, session = %self.session, reason = %reason, "device disconnected");
     }
 
-    /// Answers a message routed here that the session ends without writing: a request hears
-    /// `session_closed` (control requests the answer their operation expects); a plain
-    /// publish is counted as dropped.
+    /// See [`undeliverable`].
     fn undeliverable(&self, msg: Msg) {
-        let op = control_op(&msg);
-        let Some(reply) = msg.reply else {
-            if op.is_none() {
-                self.shared.metrics.downlink(Downlink::Dropped);
-            }
-            return;
-        };
-        // Every request gets an answer, control requests included.
-        let body = match op {
-            None => {
-                self.shared.metrics.downlink(Downlink::Failed);
-                delivery_reply(
-                    &self.shared,
-                    &self.session,
-                    DeliveryStatus::Failed,
-                    0,
-                    Some("session_closed"),
-                )
-            }
-            Some(Ok(ControlOp::Claim | ControlOp::Reclaim)) => json_bytes(&self.released(false)),
-            Some(Ok(ControlOp::Kick)) => json_bytes(&self.kicked()),
-            Some(Ok(ControlOp::Presence)) | Some(Err(_)) => {
-                json_bytes(&crate::contract::ControlError {
-                    error: "session_closed".into(),
-                    message:
-                        "the session ended while the request was queued; the device is offline"
-                            .into(),
-                })
-            }
-        };
-        self.reply(reply, body);
+        undeliverable(&self.shared, &self.session, msg);
     }
 
     fn presence(&self, event: PresenceEventKind, reason: Option<String>) {

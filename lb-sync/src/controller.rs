@@ -216,11 +216,14 @@ pub async fn reconcile(snapshot: &Snapshot, ctx: &mut Context) -> Result<Outcome
         None => set.diff(&DesiredSet::default()),
     };
     if let Err(error) = ctx.sink.apply(&text).await {
-        // What the sink holds is unknown now: the file may be valid and in place with the
-        // reload failed (nginx loads it at its next start), or an apply may have reached the
-        // API server before the client gave up. Forget the last apply, so the next reconcile
-        // writes whatever is desired even if it equals that one.
-        ctx.applied = None;
+        // Unless nginx refused the text (the sink then put the last good file, the one applied,
+        // back), what the sink holds is unknown now: the file may be valid and in place with
+        // the reload failed (nginx loads it at its next start), or an apply may have reached
+        // the API server before the client gave up. Forget the last apply then, so the next
+        // reconcile writes whatever is desired even if it equals that one.
+        if !matches!(error, SinkError::Validate(_)) {
+            ctx.applied = None;
+        }
         return Err(error.into());
     }
     ctx.metrics.applies.inc();
@@ -531,6 +534,47 @@ mod tests {
             Outcome::Applied
         );
         assert!(read().contains("server 10.0.0.2:7000 "), "{}", read());
+    }
+
+    #[tokio::test]
+    async fn after_a_refused_render_the_last_applied_set_is_still_known() {
+        use crate::endpoints::Endpoint;
+        use crate::sink::file::FileSink;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let output = dir.path().join("upstream.conf");
+        let refusing = dir.path().join("nginx-refuses");
+        // Validation fails while `refusing` exists; the sink then puts the last good file back.
+        let validate = format!("test ! -e {}", refusing.display());
+        let sink = Sink::File(FileSink::new(
+            output.clone(),
+            &validate,
+            "true",
+            Duration::from_secs(5),
+        ));
+        let metrics = Metrics::default();
+        let mut ctx = Context::new(
+            RenderSettings::default(),
+            sink,
+            metrics.clone(),
+            Arc::new(Status::default()),
+        );
+        let a = Snapshot::now(vec![Endpoint::ready(([10, 0, 0, 1], 7000).into())]);
+        let b = Snapshot::now(vec![Endpoint::ready(([10, 0, 0, 2], 7000).into())]);
+        assert_eq!(reconcile(&a, &mut ctx).await.expect("A"), Outcome::Applied);
+        std::fs::write(&refusing, "").expect("flag");
+        let error = reconcile(&b, &mut ctx).await.expect_err("refused");
+        assert!(
+            matches!(error, ReconcileError::Sink(SinkError::Validate(_))),
+            "{error}"
+        );
+        std::fs::remove_file(&refusing).expect("flag");
+        // The file holds A again, and lb-sync knows it: no rewrite, no reload.
+        assert_eq!(
+            reconcile(&a, &mut ctx).await.expect("A again"),
+            Outcome::Unchanged
+        );
+        assert_eq!(metrics.applies.get(), 1);
     }
 
     #[tokio::test]

@@ -51,6 +51,9 @@ pub enum Error {
     /// The configuration is inconsistent (normally caught by `Config::validate`).
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A process setting could not be applied.
+    #[error("process setup: {0}")]
+    Setup(String),
 }
 
 /// A running lb-sync.
@@ -240,6 +243,16 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<LbSync
     })
 }
 
+/// Makes this process non-dumpable, which keeps other processes of the same user out of its
+/// `/proc/<pid>` (its memory, environment and root filesystem). In the chart lb-sync shares a
+/// process namespace and a user with nginx, the container that faces the devices, so that it
+/// can signal nginx's master; this keeps nginx from reading lb-sync's Kubernetes API token
+/// through `/proc/<pid>/root`. Fails only where prctl is unavailable.
+pub fn harden_process() -> Result<(), Error> {
+    nix::sys::prctl::set_dumpable(false)
+        .map_err(|e| Error::Setup(format!("prctl(PR_SET_DUMPABLE, 0): {e}")))
+}
+
 /// Runs lb-sync until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     let running = start(config, shutdown.clone()).await?;
@@ -269,4 +282,16 @@ pub async fn kube_client(config: &Config) -> Result<kube::Client, Error> {
             .map_err(|e| Error::Kube(format!("no in-cluster config or kubeconfig: {e}")))?
     };
     kube::Client::try_from(kube_config).map_err(|e| Error::Kube(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_process_is_made_non_dumpable() {
+        super::harden_process().expect("prctl");
+        assert!(
+            !nix::sys::prctl::get_dumpable().expect("prctl"),
+            "same-user processes must not read this one's /proc entries"
+        );
+    }
 }

@@ -15,6 +15,9 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     init_tracing(config.log_format);
+    if let Err(error) = devgate_lb_sync::harden_process() {
+        tracing::warn!(%error, "other processes of this user can read this one's memory and files");
+    }
     tracing::info!(config = ?config, "starting devgate-lb-sync");
     if let Err(error) = devgate_lb_sync::run(config, shutdown_on_signals()).await {
         eprintln!("devgate-lb-sync: {error}");

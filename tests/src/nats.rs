@@ -211,3 +211,33 @@ pub async fn tls_client(nats: &NatsServer) -> async_nats::Client {
         .await
         .expect("service connects over TLS")
 }
+
+/// Publishes a request on `subject` and returns the subscription its answer will arrive on.
+/// Unlike a spawned `client.request(..)`, the request is on its way (ordered before anything
+/// `client` sends after) when this returns, so a following [`processed`] covers it.
+pub async fn send_request(
+    client: &async_nats::Client,
+    subject: String,
+    headers: async_nats::HeaderMap,
+    payload: bytes::Bytes,
+) -> async_nats::Subscriber {
+    let inbox = client.new_inbox();
+    let answers = client
+        .subscribe(inbox.clone())
+        .await
+        .expect("subscribe to the reply inbox");
+    client
+        .publish_with_reply_and_headers(subject, inbox, headers, payload)
+        .await
+        .expect("publish the request");
+    answers
+}
+
+/// The answer to a request sent with [`send_request`], within `wait`.
+pub async fn answer(answers: &mut async_nats::Subscriber, wait: Duration) -> async_nats::Message {
+    use futures::StreamExt;
+    tokio::time::timeout(wait, answers.next())
+        .await
+        .expect("answered in time, not left to time out")
+        .expect("answer")
+}

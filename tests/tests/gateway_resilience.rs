@@ -10,7 +10,7 @@ use devgate_gateway::client::{ClientError, DeviceClient};
 use devgate_gateway::codec::FrameCodec;
 use devgate_gateway::codec::{ErrorCode, Frame, GoAwayReason};
 use devgate_gateway::config::Config;
-use devgate_gateway::contract::{Announce, DeviceId, subjects};
+use devgate_gateway::contract::{Announce, DeliveryReply, DeliveryStatus, DeviceId, subjects};
 use devgate_tests::NatsServer;
 use devgate_tests::bins::workspace_bin;
 use devgate_tests::gateway::{
@@ -454,8 +454,18 @@ async fn a_login_under_way_when_the_drain_starts_is_sent_elsewhere_not_welcomed(
     })
     .await;
     // A stand-in holder that never answers keeps the login in its claim rounds for
-    // claim_timeout_ms each.
-    let held = HeldLogin::start(&nats, &gw, "dev-1", 1).await;
+    // claim_timeout_ms each; in the second it has subscribed.
+    let held = HeldLogin::start(&nats, &gw, "dev-1", 2).await;
+    // A request reaches the login's subscription before the drain.
+    let service = nats.client().await;
+    let mut answers = devgate_tests::nats::send_request(
+        &service,
+        subjects::down(&DeviceId::parse("dev-1").expect("id")),
+        async_nats::HeaderMap::new(),
+        Bytes::from_static(b"during the login"),
+    )
+    .await;
+    devgate_tests::nats::processed(&service).await;
     // The drain starts while the login waits for its claim.
     let stopping = tokio::spawn(gw.shutdown());
     match held.outcome().await {
@@ -463,6 +473,14 @@ async fn a_login_under_way_when_the_drain_starts_is_sent_elsewhere_not_welcomed(
         Ok((_, welcome)) => panic!("a draining gateway welcomed {welcome:?}"),
         Err(other) => panic!("expected GOAWAY draining, got {other}"),
     }
+    // Nobody else holds the device: the request hears so at once instead of timing out.
+    let reply = devgate_tests::nats::answer(&mut answers, WAIT).await;
+    let reply: DeliveryReply = serde_json::from_slice(&reply.payload).expect("delivery reply");
+    assert_eq!(
+        (reply.status, reply.reason.as_deref()),
+        (DeliveryStatus::Failed, Some("session_closed")),
+        "{reply:?}"
+    );
     tokio::time::timeout(WAIT, stopping)
         .await
         .expect("the gateway stops in time")

@@ -308,9 +308,11 @@ async fn a_backlog_bigger_than_the_session_queue_routed_during_a_login_is_all_de
 }
 
 #[tokio::test]
-async fn requests_queued_behind_a_kick_during_a_login_are_answered_session_closed() {
+async fn a_kick_among_messages_routed_during_a_login_is_handled_in_order() {
+    use devgate_gateway::codec::GoAwayReason;
     use devgate_gateway::config::Config;
-    use devgate_tests::gateway::{HeldLogin, config, start_with};
+    use devgate_tests::gateway::{HeldLogin, config, downs_until_goaway, start_with};
+    use devgate_tests::nats::{answer, processed, send_request};
 
     let nats = NatsServer::start();
     let gw = start_with(Config {
@@ -318,43 +320,34 @@ async fn requests_queued_behind_a_kick_during_a_login_are_answered_session_close
         ..config(&nats, "gw-1")
     })
     .await;
-    let service = async_nats::ConnectOptions::new()
-        .request_timeout(Some(Duration::from_secs(3)))
-        .connect(nats.url())
-        .await
-        .expect("service");
+    let service = nats.client().await;
     let held = HeldLogin::start(&nats, &gw, "dev-1", 2).await;
     // While the login decides: a request, a kick, and a request behind the kick.
-    let request = |payload: &'static str, headers: HeaderMap| {
-        let service = service.clone();
-        tokio::spawn(async move {
-            service
-                .request_with_headers(subjects::down(&id("dev-1")), headers, payload.into())
-                .await
-        })
-    };
-    let before = request("before", HeaderMap::new());
-    devgate_tests::nats::processed(&service).await;
-    let kick = request("", headers::control(subjects::ControlOp::Kick));
-    devgate_tests::nats::processed(&service).await;
-    let after = request("after", HeaderMap::new());
-    devgate_tests::nats::processed(&service).await;
-    let _dev = held.outcome().await.expect("welcomed");
-    let status = |reply: async_nats::Message| -> DeliveryReply {
-        serde_json::from_slice(&reply.payload).expect("delivery reply")
-    };
-    let before = status(before.await.expect("task").expect("answered"));
-    assert_eq!(before.status, DeliveryStatus::Sent, "{before:?}");
-    kick.await.expect("task").expect("the kick is answered");
-    let after = status(
-        after
-            .await
-            .expect("task")
-            .expect("answered, not left to time out"),
-    );
-    assert_eq!(
-        (after.status, after.reason.as_deref()),
-        (DeliveryStatus::Failed, Some("session_closed")),
-        "{after:?}"
+    let down = || subjects::down(&id("dev-1"));
+    let mut before = send_request(&service, down(), HeaderMap::new(), "before".into()).await;
+    let mut kick = send_request(
+        &service,
+        down(),
+        headers::control(subjects::ControlOp::Kick),
+        Bytes::new(),
+    )
+    .await;
+    let mut after = send_request(&service, down(), HeaderMap::new(), "after".into()).await;
+    processed(&service).await;
+    let (mut dev, _) = held.outcome().await.expect("welcomed");
+    // As in a live session: the kick's release still writes what was routed before it let go,
+    // in order, then GOAWAY kicked; every request is answered.
+    let (downs, reason) = downs_until_goaway(&mut dev).await;
+    assert_eq!(downs, ["before", "after"]);
+    assert_eq!(reason, GoAwayReason::Kicked);
+    for (what, answers) in [("before", &mut before), ("after", &mut after)] {
+        let reply: DeliveryReply =
+            serde_json::from_slice(&answer(answers, WAIT).await.payload).expect("delivery reply");
+        assert_eq!(reply.status, DeliveryStatus::Sent, "{what}: {reply:?}");
+    }
+    let kicked = answer(&mut kick, WAIT).await;
+    assert!(
+        String::from_utf8_lossy(&kicked.payload).contains("kicked"),
+        "{kicked:?}"
     );
 }

@@ -631,8 +631,18 @@ async fn a_login_displacing_a_local_login_that_was_never_welcomed_is_no_takeover
         ..config(&nats, "gw-1")
     })
     .await;
-    // A silent stand-in keeps the first login in its claim round.
-    let first = HeldLogin::start(&nats, &gw, "dev-1", 1).await;
+    // A silent stand-in keeps the first login in its claim rounds; in the second it has
+    // subscribed, and a request reaches it.
+    let first = HeldLogin::start(&nats, &gw, "dev-1", 2).await;
+    let service = nats.client().await;
+    let mut answers = devgate_tests::nats::send_request(
+        &service,
+        down("dev-1"),
+        async_nats::HeaderMap::new(),
+        Bytes::from_static(b"to the first login"),
+    )
+    .await;
+    devgate_tests::nats::processed(&service).await;
     // A second login of the device on the same gateway displaces it before its WELCOME.
     let (_dev, _) = device(&gw, "dev-1").await;
     match first.outcome().await {
@@ -642,6 +652,15 @@ async fn a_login_displacing_a_local_login_that_was_never_welcomed_is_no_takeover
     }
     metric_reaches(&gw, "devgate_gateway_logins_total 1").await;
     metric_reaches(&gw, "devgate_gateway_takeovers_total 0").await;
+    // The displaced login answers what reached it (a hand-back could not reach the new login
+    // on the same gateway, and it subscribes only after): no time-out.
+    let reply = devgate_tests::nats::answer(&mut answers, WAIT).await;
+    let reply: DeliveryReply = serde_json::from_slice(&reply.payload).expect("delivery reply");
+    assert_eq!(
+        (reply.status, reply.reason.as_deref()),
+        (DeliveryStatus::Failed, Some("session_closed")),
+        "{reply:?}"
+    );
 }
 
 #[tokio::test]
@@ -705,4 +724,29 @@ async fn a_login_yielding_to_a_subscribed_claimant_hands_back_only_what_the_clai
         }
     }
     assert_eq!(data, ["m0", "m1", "m2", "m3", "m4"], "each exactly once");
+}
+
+#[tokio::test]
+async fn a_login_that_displaces_a_login_which_had_replaced_a_live_session_is_a_takeover() {
+    let nats = NatsServer::start();
+    let gw = start_with(Config {
+        claim_timeout_ms: 300,
+        ..config(&nats, "gw-1")
+    })
+    .await;
+    let (mut live, _) = device(&gw, "dev-1").await;
+    // A second login displaces the live session, then is kept in its claim round...
+    let second = HeldLogin::start(&nats, &gw, "dev-1", 1).await;
+    let (_, reason) = downs_until_goaway(&mut live).await;
+    assert_eq!(reason, GoAwayReason::Replaced);
+    // ...and a third displaces it before its WELCOME: the live session was taken over all the
+    // same, once.
+    let (_third, _) = device(&gw, "dev-1").await;
+    match second.outcome().await {
+        Err(ClientError::GoAway(g)) => assert_eq!(g.reason, GoAwayReason::Replaced),
+        Ok((_, welcome)) => panic!("two logins welcomed: {welcome:?}"),
+        Err(other) => panic!("expected GOAWAY replaced, got {other}"),
+    }
+    metric_reaches(&gw, "devgate_gateway_logins_total 2").await;
+    metric_reaches(&gw, "devgate_gateway_takeovers_total 1").await;
 }

@@ -586,6 +586,19 @@ impl Subscription {
         std::future::poll_fn(|cx| self.slot.poll_next(cx)).await
     }
 
+    /// Puts `msgs` back in front of the queue, in their order, ahead of anything that arrived
+    /// since: messages taken out early (during a login) are then handled as if never taken.
+    /// Not bounded by [`SLOT_LIMIT`]: they were accepted already.
+    pub fn requeue_front(&mut self, msgs: Vec<Msg>) {
+        if msgs.is_empty() {
+            return;
+        }
+        let mut q = self.slot.lock();
+        for msg in msgs.into_iter().rev() {
+            q.msgs.push_front(msg);
+        }
+    }
+
     /// A message already queued, without waiting.
     pub fn try_next(&mut self) -> Option<Msg> {
         Slot::pop(&mut self.slot.lock())
