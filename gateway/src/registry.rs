@@ -131,12 +131,24 @@ impl Registry {
         }
     }
 
-    /// Login time of `session`, if it still holds `id` here.
+    /// Login time of `session`, if it is welcomed and still holds `id` here (not ending).
     pub fn login_ns(&self, id: &DeviceId, session: &str) -> Option<u64> {
         self.lock()
             .get(id)
-            .filter(|e| e.session == session)
+            .filter(|e| e.session == session && e.summary.is_some())
             .map(|e| e.login_ns)
+    }
+
+    /// Marks `session` as ending: it leaves the listings and is no longer re-asserted by a
+    /// reclaim, whose claim would say "subscribed" while the session is giving its
+    /// subscription up. Its entry stays until the session has let go (see [`Registry::remove`]),
+    /// so a new local login still waits for it.
+    pub fn ending(&self, id: &DeviceId, session: &str) {
+        if let Some(e) = self.lock().get_mut(id)
+            && e.session == session
+        {
+            e.summary = None;
+        }
     }
 
     /// Device, session and login time of every welcomed session: the claims to re-assert
@@ -267,6 +279,13 @@ mod tests {
         );
         assert_eq!(r.login_ns(&id("a"), "s-a"), Some(7));
         assert_eq!(r.login_ns(&id("a"), "s-old"), None);
+        assert_eq!(r.login_ns(&id("b"), "s-b"), None, "not welcomed yet");
+        r.ending(&id("a"), "s-a");
+        assert_eq!(r.login_ns(&id("a"), "s-a"), None, "ending");
+        assert!(
+            r.welcomed_claims().is_empty(),
+            "an ending session is not re-asserted"
+        );
     }
 
     #[tokio::test]

@@ -1442,6 +1442,7 @@ impl Session {
     /// Gives the device up: stop NATS routing (confirmed by the server), deliver what was
     /// already routed here, write it all with the GOAWAY, then close.
     async fn release_with(&mut self, reason: GoAwayReason, reconnect_after_ms: Option<u64>) -> End {
+        self.shared.registry.ending(&self.id, &self.session);
         let limit = Duration::from_millis(self.shared.config.claim_timeout_ms);
         if let Err(e) = self.sub.drain(limit).await {
             tracing::warn!(device_id = %self.id, error = %e, "could not confirm the unsubscription");
@@ -1507,6 +1508,7 @@ impl Session {
             self.conn.close_with(Some(frame), LAST_WORDS).await;
             self.resolve_sent();
         }
+        self.shared.registry.ending(&self.id, &self.session);
         // Drained, not just unsubscribed: messages NATS routed here before it saw the UNSUB
         // are still on their way, and each request among them must hear `session_closed`
         // below instead of waiting out its timeout. (After a release this is already done.)
