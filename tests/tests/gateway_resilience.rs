@@ -445,10 +445,11 @@ async fn at_max_inflight_unconfirmed_ups_the_gateway_stops_reading_until_nats_co
 #[tokio::test]
 async fn a_login_under_way_when_the_drain_starts_is_sent_elsewhere_not_welcomed() {
     let nats = NatsServer::start();
-    // A long window: the login ends (two unanswered claim rounds, 0.6 s) long before this
-    // device's moment to hear GOAWAY comes, almost surely.
+    // A long window: the login ends (two unanswered claim rounds, 2 s) before this device's
+    // moment to hear GOAWAY comes, almost surely (if it comes first, the login also ends with
+    // GOAWAY draining and the same answer to the request).
     let gw = start_with(Config {
-        claim_timeout_ms: 300,
+        claim_timeout_ms: 1_000,
         drain_window_ms: 60_000,
         ..config(&nats, "gw-drain-login")
     })

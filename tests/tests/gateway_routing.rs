@@ -278,7 +278,7 @@ async fn a_backlog_bigger_than_the_session_queue_routed_during_a_login_is_all_de
 
     let nats = NatsServer::start();
     let settings = Config {
-        claim_timeout_ms: 500,
+        claim_timeout_ms: 1_000,
         ..config(&nats, "gw-1")
     };
     let queue_bytes = settings.session_queue_bytes;
@@ -316,7 +316,7 @@ async fn a_kick_among_messages_routed_during_a_login_is_handled_in_order() {
 
     let nats = NatsServer::start();
     let gw = start_with(Config {
-        claim_timeout_ms: 500,
+        claim_timeout_ms: 1_000,
         ..config(&nats, "gw-1")
     })
     .await;

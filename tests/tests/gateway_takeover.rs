@@ -627,7 +627,7 @@ async fn a_takeover_is_counted_only_when_a_live_session_let_go() {
 async fn a_login_displacing_a_local_login_that_was_never_welcomed_is_no_takeover() {
     let nats = NatsServer::start();
     let gw = start_with(Config {
-        claim_timeout_ms: 300,
+        claim_timeout_ms: 1_000,
         ..config(&nats, "gw-1")
     })
     .await;
@@ -730,7 +730,7 @@ async fn a_login_yielding_to_a_subscribed_claimant_hands_back_only_what_the_clai
 async fn a_login_that_displaces_a_login_which_had_replaced_a_live_session_is_a_takeover() {
     let nats = NatsServer::start();
     let gw = start_with(Config {
-        claim_timeout_ms: 300,
+        claim_timeout_ms: 1_000,
         ..config(&nats, "gw-1")
     })
     .await;
