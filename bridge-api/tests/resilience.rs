@@ -306,7 +306,7 @@ async fn after_a_late_nats_connection_gateway_lists_wait_for_instances_not_yet_a
     let mut nats = NatsServer::start();
     nats.stop();
     let bridge = Bridge::launch(devgate_bridge_api::config::Config {
-        scatter_window_ms: 600,
+        scatter_window_ms: 400,
         ..bridge_config(&nats)
     })
     .await;
