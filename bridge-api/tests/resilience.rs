@@ -319,7 +319,7 @@ async fn after_a_late_nats_connection_gateway_lists_wait_for_instances_not_yet_a
 
     let _gw = start(&nats, "gw-1").await;
     // "gw-2" connected a moment later: its first announce is not out yet, and it answers the
-    // stats scatter 150 ms late (well inside the window).
+    // stats scatter 50 ms late (well inside the window).
     let late = nats.client().await;
     let mut stats = late.subscribe(subjects::STATS).await.expect("subscribe");
     devgate_tests::nats::processed(&late).await;
@@ -338,7 +338,7 @@ async fn after_a_late_nats_connection_gateway_lists_wait_for_instances_not_yet_a
             let client = late.clone();
             let body = bytes::Bytes::from(body.clone());
             tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(150)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 let _ = client.publish(reply, body).await;
             });
         }

@@ -120,6 +120,8 @@ impl Registry {
             && e.session == session
         {
             e.summary = Some(summary);
+            // From here `summary` says it; the takeover this login made is counted already.
+            e.replaces_welcomed = false;
         }
     }
 
@@ -148,6 +150,7 @@ impl Registry {
             && e.session == session
         {
             e.summary = None;
+            e.replaces_welcomed = false;
         }
     }
 
@@ -265,6 +268,23 @@ mod tests {
         r.insert(id("d"), entry("l3", false, "d"));
         let l3 = r.insert(id("d"), entry("l4", false, "d")).expect("l3");
         assert!(!l3.holds_welcomed(), "l3 displaced nothing");
+        // l5 displaces the welcomed l4... and once l5 itself is welcomed and then ends, a
+        // login replacing it replaces nothing live.
+        let summary = |s: &str| SessionSummary {
+            device_id: id("d"),
+            session: s.into(),
+            since_ms: 0,
+            remote_addr: String::new(),
+        };
+        r.welcome(&id("d"), "l4", summary("l4"));
+        r.insert(id("d"), entry("l5", false, "d"));
+        r.welcome(&id("d"), "l5", summary("l5"));
+        r.ending(&id("d"), "l5");
+        let l5 = r.insert(id("d"), entry("l6", false, "d")).expect("l5");
+        assert!(
+            !l5.holds_welcomed(),
+            "l5 was ending: nothing live to take over"
+        );
     }
 
     #[test]

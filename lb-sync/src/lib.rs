@@ -244,13 +244,17 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<LbSync
 }
 
 /// Makes this process non-dumpable, which keeps other processes of the same user out of its
-/// `/proc/<pid>` (its memory, environment and root filesystem). In the chart lb-sync shares a
-/// process namespace and a user with nginx, the container that faces the devices, so that it
-/// can signal nginx's master; this keeps nginx from reading lb-sync's Kubernetes API token
-/// through `/proc/<pid>/root`. Fails only where prctl is unavailable.
+/// `/proc/<pid>` (memory, environment, root filesystem). In the chart lb-sync shares a process
+/// namespace and a user with nginx, the container that faces the devices, so that it can signal
+/// nginx's master; this keeps nginx from reading lb-sync's Kubernetes API token through
+/// `/proc/<lb-sync>/root`. It narrows, but does not close, that path: the `nginx -t` and
+/// `nginx -s reload` commands lb-sync runs are dumpable again while they run. Linux only (a
+/// no-op elsewhere).
 pub fn harden_process() -> Result<(), Error> {
+    #[cfg(target_os = "linux")]
     nix::sys::prctl::set_dumpable(false)
-        .map_err(|e| Error::Setup(format!("prctl(PR_SET_DUMPABLE, 0): {e}")))
+        .map_err(|e| Error::Setup(format!("prctl(PR_SET_DUMPABLE, 0): {e}")))?;
+    Ok(())
 }
 
 /// Runs lb-sync until `shutdown` is cancelled.
@@ -284,7 +288,7 @@ pub async fn kube_client(config: &Config) -> Result<kube::Client, Error> {
     kube::Client::try_from(kube_config).map_err(|e| Error::Kube(e.to_string()))
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     #[test]
     fn the_process_is_made_non_dumpable() {

@@ -7,6 +7,8 @@ use devgate_lb_sync::config::Cli;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // First, before anything is read: see `harden_process`.
+    let hardened = devgate_lb_sync::harden_process();
     let config = match Cli::parse().into_config() {
         Ok(config) => config,
         Err(error) => {
@@ -15,7 +17,7 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     init_tracing(config.log_format);
-    if let Err(error) = devgate_lb_sync::harden_process() {
+    if let Err(error) = hardened {
         tracing::warn!(%error, "other processes of this user can read this one's memory and files");
     }
     tracing::info!(config = ?config, "starting devgate-lb-sync");
