@@ -397,6 +397,12 @@ impl Instances {
     fn record(&self, announce: &Announce, now: Instant) {
         let beat = Duration::from_millis(announce.heartbeat_ms.max(1));
         let mut state = self.lock();
+        if announce.stopped {
+            // Its last word: it answers nothing more, so it is neither waited for nor named
+            // unavailable.
+            state.expiry.remove(&announce.instance);
+            return;
+        }
         state
             .expiry
             .insert(announce.instance.clone(), now + beat * MISSED_BEATS);
@@ -450,6 +456,7 @@ mod tests {
             sessions: 0,
             heartbeat_ms,
             started_ms: 0,
+            stopped: false,
         }
     }
 
@@ -479,6 +486,27 @@ mod tests {
         let known = instances.known(t1 + Duration::from_millis(40));
         assert_eq!(names(&known), ["gw-2"], "gw-1 missed three beats");
         assert!(known.complete);
+    }
+
+    #[test]
+    fn a_stopped_instance_is_forgotten_at_once() {
+        let t0 = Instant::now();
+        let instances = Instances::default();
+        instances.connected(t0);
+        instances.record(&announce("gw-1", 1_000), t0);
+        instances.record(&announce("gw-2", 1_000), t0);
+        let last = Announce {
+            stopped: true,
+            draining: true,
+            ..announce("gw-1", 1_000)
+        };
+        instances.record(&last, t0 + Duration::from_millis(10));
+        let known = instances.known(t0 + Duration::from_millis(20));
+        assert_eq!(
+            names(&known),
+            ["gw-2"],
+            "not waited for, not named unavailable"
+        );
     }
 
     #[test]

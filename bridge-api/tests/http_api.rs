@@ -878,6 +878,7 @@ async fn an_announced_instance_that_does_not_answer_stats_is_named_unavailable()
             sessions: 3,
             heartbeat_ms: 200,
             started_ms: 1,
+            stopped: false,
         };
         let body = bytes::Bytes::from(serde_json::to_vec(&announce).expect("json"));
         let mut beat = tokio::time::interval(Duration::from_millis(200));

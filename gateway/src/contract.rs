@@ -368,6 +368,10 @@ pub struct Announce {
     pub heartbeat_ms: u64,
     /// Process start, milliseconds since the Unix epoch (tells restarts apart).
     pub started_ms: u64,
+    /// The instance's last announce: it is stopping and answers nothing more, so listeners can
+    /// forget it now rather than after missed beats. Absent (older gateways): `false`.
+    #[serde(default)]
+    pub stopped: bool,
 }
 
 /// Reply of every instance to a [`subjects::STATS`] scatter request.

@@ -36,14 +36,14 @@ async fn run(shared: Arc<Shared>) {
     loop {
         tokio::select! {
             () = shared.hard_stop.cancelled() => break,
-            _ = tick.tick() => announce(&shared).await,
+            _ = tick.tick() => announce(&shared, false).await,
             () = shared.draining.cancelled(), if !draining_announced => {
                 draining_announced = true;
-                announce(&shared).await;
+                announce(&shared, false).await;
             }
             changed = connected.changed() => {
                 if changed.is_err() { break; }
-                announce(&shared).await;
+                announce(&shared, false).await;
             }
             Some(msg) = stats.next() => {
                 if let Some(reply) = msg.reply {
@@ -58,7 +58,8 @@ async fn run(shared: Arc<Shared>) {
             }
         }
     }
-    announce(&shared).await;
+    // The last word: stats and session requests go unanswered from here on.
+    announce(&shared, true).await;
 }
 
 fn stats_of(shared: &Shared) -> GatewayStats {
@@ -72,7 +73,7 @@ fn stats_of(shared: &Shared) -> GatewayStats {
     }
 }
 
-async fn announce(shared: &Shared) {
+async fn announce(shared: &Shared, stopped: bool) {
     let s = stats_of(shared);
     let body = json(&Announce {
         instance: s.instance,
@@ -82,6 +83,7 @@ async fn announce(shared: &Shared) {
         sessions: s.sessions,
         heartbeat_ms: shared.config.announce_interval_ms,
         started_ms: s.started_ms,
+        stopped,
     });
     let published = shared
         .bus

@@ -358,6 +358,19 @@ async fn sigterm_drains_devices_with_spread_goaways_and_exits_cleanly() {
         let a: Announce = serde_json::from_slice(&m.payload).expect("json");
         if a.instance == "gw-term" && a.draining {
             assert!(!a.ready);
+            assert!(!a.stopped, "still answering while it drains");
+            break;
+        }
+    }
+    // Its last announce says it stopped, so listeners forget it at once.
+    loop {
+        let m = tokio::time::timeout(WAIT, announces.next())
+            .await
+            .expect("the last announce")
+            .expect("msg");
+        let a: Announce = serde_json::from_slice(&m.payload).expect("json");
+        if a.instance == "gw-term" && a.stopped {
+            assert!(a.draining && !a.ready, "{a:?}");
             break;
         }
     }

@@ -331,6 +331,7 @@ mod tests {
             sessions: 0,
             heartbeat_ms: 1000,
             started_ms: 1,
+            stopped: false,
         }
     }
 

@@ -227,6 +227,7 @@ impl Announcer {
                     sessions: 0,
                     heartbeat_ms,
                     started_ms: 1,
+                    stopped: false,
                 };
                 let body = serde_json::to_vec(&a).expect("announce serializes");
                 let _ = client
