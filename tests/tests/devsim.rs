@@ -1,6 +1,5 @@
 //! `devsim`, the device simulator users debug with, against a real gateway and nats-server.
 
-use std::process::Command;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -87,5 +86,60 @@ async fn devsim_logs_devices_in_sends_uplink_and_prints_downlink() {
         "{stdout}"
     );
     assert!(stdout.contains("[sim-1] ACK seq=3"), "{stdout}");
-    let _ = Command::new("true");
+}
+
+/// Two devsims with one id: the first is replaced and stops instead of logging in again, so
+/// the two do not take the id from each other for ever and messages reach the newer one.
+#[tokio::test]
+async fn a_replaced_devsim_stops_and_leaves_the_id_to_the_newer_connection() {
+    let nats = NatsServer::start();
+    let gw = start(&nats, "gw-1").await;
+    let service = nats.client().await;
+    let mut presence = devgate_tests::nats::presence_events(&service).await;
+    let spawn = || {
+        tokio::process::Command::new(workspace_bin("devsim"))
+            .args(["--gateway", &gw.device_addr().to_string()])
+            .args(["--id-prefix", "twin-", "--duration-s", "20"])
+            .env("DEVGATE_AUTH_SECRET", SECRET)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn devsim")
+    };
+    let first = spawn();
+    let online =
+        |p: &async_nats::Message| String::from_utf8_lossy(&p.payload).contains("\"connected\"");
+    let event = tokio::time::timeout(Duration::from_secs(5), presence.next())
+        .await
+        .expect("first online")
+        .expect("msg");
+    assert!(online(&event), "{event:?}");
+    let _second = spawn();
+
+    // The first exits on its own (well before its 20 s), saying why.
+    let out = tokio::time::timeout(Duration::from_secs(10), first.wait_with_output())
+        .await
+        .expect("the replaced devsim exits instead of reconnecting")
+        .expect("output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("[twin-1] GOAWAY replaced: another connection uses this id"),
+        "{stdout}"
+    );
+    assert_eq!(stdout.matches("WELCOME").count(), 1, "{stdout}");
+    // The newer connection holds the id and acknowledges a message sent to it.
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Devgate-Ack", "device");
+    let reply = service
+        .request_with_headers(
+            subjects::down(&DeviceId::parse("twin-1").expect("id")),
+            h,
+            Bytes::from_static(b"to the newer one"),
+        )
+        .await
+        .expect("answered");
+    assert!(
+        String::from_utf8_lossy(&reply.payload).contains("\"acked\""),
+        "{reply:?}"
+    );
 }

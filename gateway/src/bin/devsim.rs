@@ -14,7 +14,7 @@ use clap::Parser;
 use devgate_gateway::auth::device_token;
 use devgate_gateway::bus::tls::TlsFiles;
 use devgate_gateway::client::{ClientError, DeviceClient, DeviceTls, into_error};
-use devgate_gateway::codec::Frame;
+use devgate_gateway::codec::{Frame, GoAwayReason};
 use devgate_gateway::common::Secret;
 use tokio_util::sync::CancellationToken;
 
@@ -212,6 +212,15 @@ async fn run_device(
             }
         };
         let delay = match &outcome {
+            Err(ClientError::GoAway(g)) if g.reason == GoAwayReason::Replaced => {
+                // Another connection logged in with this id. Reconnecting would take the id
+                // back and the two would replace each other for ever (docs/protocol.md:
+                // back off on `replaced`); a simulator simply lets the newer one have it.
+                println!(
+                    "[{id}] GOAWAY replaced: another connection uses this id; not reconnecting"
+                );
+                return Ok(());
+            }
             Err(ClientError::GoAway(g)) => {
                 println!(
                     "[{id}] GOAWAY {} reconnect_after_ms={}",
