@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use async_nats::connection::State;
 use async_nats::{Client, ConnectOptions, Event, HeaderMap, Message, StatusCode, Subscriber};
 use bytes::Bytes;
-use devgate_gateway::contract::{Announce, GatewayStats, subjects};
+use devgate_gateway::contract::{Announce, ControlError, GatewayStats, subjects};
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
@@ -184,6 +184,24 @@ impl Bus {
         serde_json::from_slice(&reply.payload).map_err(|e| BusError::BadReply(e.to_string()))
     }
 
+    /// A control request on `device.<id>.down` (presence, kick) whose answer is `T`.
+    ///
+    /// A session that ends with such a request still queued answers it with the contract's
+    /// ControlError `session_closed` rather than `T`: the device went offline while the question
+    /// was on its way, a race every disconnect or takeover can produce, so it is an outcome of
+    /// its own and not a reply outside the contract. Any other ControlError is one (502).
+    pub async fn request_control<T: DeserializeOwned>(
+        &self,
+        subject: String,
+        headers: HeaderMap,
+        timeout: Duration,
+    ) -> Result<ControlReply<T>, BusError> {
+        let reply = self
+            .request(subject, headers, Bytes::new(), timeout)
+            .await?;
+        parse_control_reply(&reply.payload)
+    }
+
     /// Publishes without waiting for any answer, then flushes so the message has left this
     /// process before the caller is told `202`.
     pub async fn publish(
@@ -320,6 +338,36 @@ pub struct StatsScatter {
     pub silent: Vec<String>,
 }
 
+/// What a device's holder answered a control request with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlReply<T> {
+    /// The answer the operation expects.
+    Answered(T),
+    /// The session ended before it handled the request (ControlError `session_closed`): the
+    /// device is offline now, as if nobody had held it.
+    SessionClosed,
+}
+
+/// The ControlError code of a request caught by a session as it ended.
+const SESSION_CLOSED: &str = "session_closed";
+
+/// Reads a control reply: the expected answer, or the one ControlError the contract gives a
+/// request a session could no longer handle.
+fn parse_control_reply<T: DeserializeOwned>(payload: &[u8]) -> Result<ControlReply<T>, BusError> {
+    let expected = match serde_json::from_slice::<T>(payload) {
+        Ok(answer) => return Ok(ControlReply::Answered(answer)),
+        Err(e) => e,
+    };
+    match serde_json::from_slice::<ControlError>(payload) {
+        Ok(e) if e.error == SESSION_CLOSED => Ok(ControlReply::SessionClosed),
+        Ok(e) => Err(BusError::BadReply(format!(
+            "control error {:?}: {}",
+            e.error, e.message
+        ))),
+        Err(_) => Err(BusError::BadReply(expected.to_string())),
+    }
+}
+
 fn map_request_error(e: &async_nats::RequestError, timeout: Duration) -> BusError {
     use async_nats::RequestErrorKind as K;
     match e.kind() {
@@ -446,6 +494,30 @@ async fn track_announces(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use devgate_gateway::contract::KickReply;
+
+    #[test]
+    fn control_replies_tell_session_closed_from_other_errors() {
+        let kicked = br#"{"status":"kicked","gateway":"gw-1","session":"9b2f6c0e4d1a7735"}"#;
+        assert!(matches!(
+            parse_control_reply::<KickReply>(kicked),
+            Ok(ControlReply::Answered(KickReply { status, .. })) if status == "kicked"
+        ));
+        let closed = br#"{"error":"session_closed","message":"the device is offline"}"#;
+        assert!(matches!(
+            parse_control_reply::<KickReply>(closed),
+            Ok(ControlReply::SessionClosed)
+        ));
+        let other = br#"{"error":"bad_request","message":"no"}"#;
+        assert!(matches!(
+            parse_control_reply::<KickReply>(other),
+            Err(BusError::BadReply(why)) if why.contains("bad_request")
+        ));
+        assert!(matches!(
+            parse_control_reply::<KickReply>(b"not json"),
+            Err(BusError::BadReply(_))
+        ));
+    }
 
     fn announce(instance: &str, heartbeat_ms: u64) -> Announce {
         Announce {

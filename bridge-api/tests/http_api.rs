@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use common::{Bridge, SseReader, TOKEN, WAIT, assert_error, bridge_config, send};
 use devgate_gateway::client::ClientError;
 use devgate_gateway::codec::GoAwayReason;
-use devgate_gateway::contract::{DeviceId, subjects};
+use devgate_gateway::contract::{ControlError, DeviceId, headers, subjects};
 use devgate_tests::NatsServer;
 use devgate_tests::gateway::{config as gw_config, device, start, start_with};
 use futures::StreamExt;
@@ -1109,4 +1109,100 @@ async fn without_timeout_ms_the_configured_default_applies() {
         .expect("in time")
         .expect("DOWN");
     assert_ne!(seq, 0);
+}
+
+/// Stands in for a gateway session holding `device`: answers the next request on its down
+/// subject with `answer`, after checking it is the control request `op`. Returns once the
+/// subscription is in place, so a request sent afterwards reaches it.
+async fn fake_holder(
+    nats: &NatsServer,
+    device: &str,
+    op: subjects::ControlOp,
+    answer: Value,
+) -> tokio::task::JoinHandle<()> {
+    let fake = nats.client().await;
+    let mut held = fake
+        .subscribe(subjects::down(&DeviceId::parse(device).expect("id")))
+        .await
+        .expect("sub");
+    devgate_tests::nats::processed(&fake).await;
+    tokio::spawn(async move {
+        let msg = held.next().await.expect("the request");
+        let got = msg.headers.as_ref().and_then(|h| h.get(headers::CONTROL));
+        assert_eq!(got.map(|v| v.as_str()), Some(op.token()));
+        let reply = msg.reply.expect("a request");
+        let body = serde_json::to_vec(&answer).expect("json");
+        fake.publish(reply, body.into()).await.expect("answer");
+        fake.flush().await.expect("flush");
+    })
+}
+
+/// The reply a gateway gives a presence request that was still queued at a session as it
+/// ended (the contract's words, built from the contract's own type).
+fn session_closed() -> Value {
+    serde_json::to_value(ControlError {
+        error: "session_closed".into(),
+        message: "the session ended while the request was queued; the device is offline".into(),
+    })
+    .expect("json")
+}
+
+#[tokio::test]
+async fn presence_caught_by_a_closing_session_is_offline_not_502() {
+    let nats = NatsServer::start();
+    let bridge = Bridge::start(&nats).await;
+    let holder = fake_holder(
+        &nats,
+        "leaving",
+        subjects::ControlOp::Presence,
+        session_closed(),
+    )
+    .await;
+
+    let (status, body) = bridge.get("/v1/devices/leaving").await;
+    assert_eq!(status, 200, "{body}");
+    // The same answer as for a device nobody holds.
+    assert_eq!(body, json!({"device_id": "leaving", "online": false}));
+    holder.await.expect("the fake holder answered");
+
+    // Any other control error is still outside what presence may answer.
+    let holder = fake_holder(
+        &nats,
+        "odd",
+        subjects::ControlOp::Presence,
+        json!({"error": "bad_request", "message": "no"}),
+    )
+    .await;
+    let got = bridge.get("/v1/devices/odd").await;
+    assert_error(&got, 502, "bad_gateway_reply");
+    holder.await.expect("the fake holder answered");
+}
+
+#[tokio::test]
+async fn kick_caught_by_a_closing_session_is_device_offline_not_502() {
+    let nats = NatsServer::start();
+    let bridge = Bridge::start(&nats).await;
+    let holder = fake_holder(
+        &nats,
+        "leaving",
+        subjects::ControlOp::Kick,
+        session_closed(),
+    )
+    .await;
+
+    let got = send(bridge.req(Method::DELETE, "/v1/devices/leaving/session")).await;
+    // What a kick of a device nobody holds answers.
+    assert_error(&got, 404, "device_offline");
+    holder.await.expect("the fake holder answered");
+
+    let holder = fake_holder(
+        &nats,
+        "odd",
+        subjects::ControlOp::Kick,
+        json!({"error": "bad_request", "message": "no"}),
+    )
+    .await;
+    let got = send(bridge.req(Method::DELETE, "/v1/devices/odd/session")).await;
+    assert_error(&got, 502, "bad_gateway_reply");
+    holder.await.expect("the fake holder answered");
 }

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
-use crate::bus::BusError;
+use crate::bus::{BusError, ControlReply};
 use crate::error::{ApiError, ErrorBody};
 use crate::routes::{bus_error, device_error, device_id};
 
@@ -73,15 +73,14 @@ pub async fn presence(
     let device = device_id(&id)?;
     let reply = state
         .bus
-        .request_json::<PresenceInfo>(
+        .request_control::<PresenceInfo>(
             subjects::down(&device),
             headers::control(subjects::ControlOp::Presence),
-            Bytes::new(),
             state.config.default_timeout(),
         )
         .await;
     match reply {
-        Ok(info) => Ok(Json(Presence {
+        Ok(ControlReply::Answered(info)) => Ok(Json(Presence {
             device_id: info.device_id.to_string(),
             online: true,
             gateway: Some(info.gateway),
@@ -90,7 +89,9 @@ pub async fn presence(
             remote_addr: Some(info.remote_addr),
             metadata: Some(info.metadata),
         })),
-        Err(BusError::NoResponders) => Ok(Json(Presence {
+        // Nobody holds the device, or its session ended with this request still queued: either
+        // way no gateway holds it now, and a disconnect racing the question is not a failure.
+        Ok(ControlReply::SessionClosed) | Err(BusError::NoResponders) => Ok(Json(Presence {
             device_id: device.to_string(),
             online: false,
             gateway: None,
@@ -138,16 +139,21 @@ pub async fn kick(
 ) -> Result<Json<Kicked>, ApiError> {
     let Path(id) = id?;
     let device = device_id(&id)?;
-    let reply: KickReply = state
+    let reply = state
         .bus
-        .request_json(
+        .request_control::<KickReply>(
             subjects::down(&device),
             headers::control(subjects::ControlOp::Kick),
-            Bytes::new(),
             state.config.default_timeout(),
         )
         .await
         .map_err(|e| device_error(e, &device))?;
+    let reply = match reply {
+        ControlReply::Answered(reply) => reply,
+        // The session was gone before it could act on the kick: the device is offline, which is
+        // what a kick of a device nobody holds answers too.
+        ControlReply::SessionClosed => return Err(ApiError::DeviceOffline(device.to_string())),
+    };
     tracing::info!(device_id = %device, gateway = %reply.gateway, session = %reply.session, "device kicked");
     Ok(Json(Kicked {
         status: reply.status,
