@@ -3,7 +3,8 @@
 //! documented combination in `helm/devgate/ci/`, `kubernetes-validate` (the Kubernetes OpenAPI
 //! schemas, offline, strict) on every rendered manifest, the real `nats-server -t` on the
 //! rendered NATS configuration with the pod's environment, the real `nginx -t` on the rendered
-//! nginx configuration through lb-sync's own validate command, and lb-sync's RBAC against the
+//! nginx configuration through lb-sync's own validate command, the real nginx running it as the
+//! nginx container does (its liveness port before lb-sync's first apply), and lb-sync's RBAC against the
 //! calls its code makes. What an upgrade reads back from the cluster (`lookup`) is answered
 //! from a file standing in for it. Tools come from `bash .ci/install-tools`; a missing one fails
 //! the test.
@@ -729,6 +730,215 @@ fn the_rendered_nginx_config_passes_nginx_t_through_lb_syncs_own_command() {
     }
 }
 
+/// A container's port number by name.
+fn container_port(c: &Value, name: &str) -> u64 {
+    c["ports"]
+        .as_array()
+        .expect("ports")
+        .iter()
+        .find(|p| p["name"] == name)
+        .and_then(|p| p["containerPort"].as_u64())
+        .unwrap_or_else(|| panic!("container {} has no port {name}", c["name"]))
+}
+
+/// The port a probe's `tcpSocket` targets, resolved to a number through the container's ports.
+fn probe_port(c: &Value, probe: &str) -> u64 {
+    let port = &c[probe]["tcpSocket"]["port"];
+    port.as_u64().unwrap_or_else(|| {
+        container_port(
+            c,
+            port.as_str().unwrap_or_else(|| panic!("{probe}: {port}")),
+        )
+    })
+}
+
+/// nginx listens on the device port only once lb-sync applied its first upstream, which may be
+/// late (API unreachable, RBAC, TLS files): liveness on that port would have the kubelet restart
+/// a healthy nginx, with a growing back-off, until then. Liveness checks nginx.conf's own
+/// listener; readiness still gates traffic on the device port.
+#[test]
+fn nginx_liveness_checks_its_own_listener_and_readiness_the_device_port() {
+    for (name, sets, health) in [
+        ("default", vec![], 7001),
+        ("hostnetwork-values", vec![], 7001),
+        ("default", vec!["nginx.healthPort=7101"], 7101),
+    ] {
+        let docs = render(&combo(name), &sets);
+        let nginx = full("nginx");
+        let conf = one(&docs, "ConfigMap", &nginx)["data"]["nginx.conf"]
+            .as_str()
+            .expect("nginx.conf");
+        let deploy = one(&docs, "Deployment", &nginx);
+        let c = container(deploy, "nginx");
+        assert_eq!(c["livenessProbe"]["tcpSocket"]["port"], "health", "{name}");
+        assert_eq!(probe_port(c, "livenessProbe"), health, "{name} {sets:?}");
+        assert_eq!(c["readinessProbe"]["tcpSocket"]["port"], "device", "{name}");
+        let device = probe_port(c, "readinessProbe");
+        assert_eq!(device, 7000, "{name}");
+        // The health listener is nginx.conf's own, not lb-sync's (which renders the device one).
+        assert!(
+            conf.contains(&format!("listen {health};")) && conf.contains("return \"ok\\n\";"),
+            "{name}: no health listener on {health} in nginx.conf:\n{conf}"
+        );
+        let lb_listen = env_value(container(deploy, "lb-sync"), "DEVGATE_LISTEN");
+        assert!(lb_listen.ends_with(&format!(":{device}")), "{lb_listen}");
+        // Not for devices: the Service exposes the device port only.
+        let ports = one(&docs, "Service", &nginx)["spec"]["ports"]
+            .as_array()
+            .expect("ports");
+        assert_eq!(ports.len(), 1, "{name}: {ports:?}");
+        assert_eq!(ports[0]["targetPort"], "device");
+        assert_eq!(ports[0]["port"], 7000);
+    }
+}
+
+/// The nginx container's process, stopped (with its workers: its own process group) on drop.
+struct PodNginx {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl PodNginx {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for PodNginx {
+    fn drop(&mut self) {
+        let group = format!("-{}", self.child.id());
+        for signal in ["-TERM", "-KILL"] {
+            let _ = Command::new("kill")
+                .args([signal, "--", &group])
+                .stderr(std::process::Stdio::null())
+                .status();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// What a TCP connection to 127.0.0.1:`port` reads until the server closes it; `None` if the
+/// connection is refused.
+fn tcp_read(port: u16) -> Option<String> {
+    use std::io::Read as _;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(1)).ok()?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .expect("read timeout");
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    Some(answer)
+}
+
+/// Polls `f` for up to 10 s.
+fn wait_for(what: &str, nginx: &mut PodNginx, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !f() {
+        if let Ok(Some(status)) = nginx.child.try_wait() {
+            panic!(
+                "nginx exited with {status} waiting for {what}:\n{}",
+                nginx.log()
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}:\n{}",
+            nginx.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The real nginx, run as the chart's nginx container runs it (its command, nginx.conf and
+/// mounts, moved under a test directory), answers its liveness port before lb-sync wrote any
+/// upstream, while the device port stays closed (the pod unready); and after lb-sync's first
+/// apply (its render and reload command) both answer.
+#[test]
+fn nginx_answers_its_liveness_port_before_lb_syncs_first_apply() {
+    let health = devgate_tests::nginx::free_port();
+    let device = devgate_tests::nginx::free_port();
+    let sets = [
+        format!("nginx.loadModules={{{DEBIAN_STREAM_MODULE}}}"),
+        format!("nginx.healthPort={health}"),
+        format!("nginx.port={device}"),
+        "nginx.workerProcesses=1".to_owned(),
+    ];
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let docs = render(&combo("default"), &sets);
+    let nginx_name = full("nginx");
+    let conf = one(&docs, "ConfigMap", &nginx_name)["data"]["nginx.conf"]
+        .as_str()
+        .expect("nginx.conf");
+    let deploy = one(&docs, "Deployment", &nginx_name);
+    let c = container(deploy, "nginx");
+    assert_eq!(probe_port(c, "livenessProbe"), u64::from(health));
+    assert_eq!(probe_port(c, "readinessProbe"), u64::from(device));
+    let lb = container(deploy, "lb-sync");
+
+    let root = tempfile::tempdir().expect("tempdir");
+    for m in c["volumeMounts"].as_array().expect("mounts") {
+        let dir = relocate(m["mountPath"].as_str().expect("mountPath"), root.path());
+        std::fs::create_dir_all(dir).expect("mkdir");
+    }
+    let argv: Vec<String> = c["command"]
+        .as_array()
+        .expect("command")
+        .iter()
+        .map(|a| relocate(a.as_str().expect("arg"), root.path()))
+        .collect();
+    let conf_path = argv
+        .windows(2)
+        .find(|w| w[0] == "-c")
+        .map(|w| w[1].clone())
+        .expect("nginx -c");
+    std::fs::write(&conf_path, relocate(conf, root.path())).expect("write nginx.conf");
+    place_device_tls(&docs, root.path(), deploy);
+
+    let (program, args) = argv.split_first().expect("command");
+    assert_eq!(program, "nginx");
+    let log = root.path().join("nginx.stderr");
+    let mut nginx = PodNginx {
+        child: {
+            use std::os::unix::process::CommandExt as _;
+            Command::new(tool("nginx", "NGINX_BIN"))
+                .args(args)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(&log).expect("log file"))
+                .process_group(0)
+                .spawn()
+                .expect("spawn nginx")
+        },
+        log,
+    };
+
+    // Before lb-sync's first apply: alive (liveness passes), not ready (device port closed).
+    wait_for("the liveness port", &mut nginx, || {
+        tcp_read(health).as_deref() == Some("ok\n")
+    });
+    assert_eq!(tcp_read(device), None, "nothing may listen for devices yet");
+
+    // lb-sync's first apply: its render from the pod's settings, then its reload command.
+    let output = env_value(lb, "DEVGATE_OUTPUT");
+    std::fs::write(
+        relocate(&output, root.path()),
+        lb_sync_render(lb, root.path()),
+    )
+    .expect("write upstream");
+    let out = run_pod_command(&env_value(lb, "DEVGATE_RELOAD_CMD"), root.path());
+    assert!(out.status.success(), "reload:\n{}", text(&out));
+    wait_for("the device port", &mut nginx, || tcp_read(device).is_some());
+    assert_eq!(tcp_read(health).as_deref(), Some("ok\n"));
+}
+
 /// What lb-sync's code calls on the Kubernetes API, as RBAC rules. This table must change
 /// whenever lb-sync's Kubernetes calls change:
 ///   lb-sync/src/source/kube.rs    kube-runtime `watcher` on EndpointSlices: list, then watch
@@ -1184,10 +1394,42 @@ fn bad_values_fail_with_a_clear_message() {
             vec!["secrets.apiTokens={tooshort}"],
             "at least 16 characters",
         ),
+        // bridge-api refuses a token with surrounding whitespace (it could never match).
+        (
+            vec!["secrets.apiTokens={ 0123456789abcdef}"],
+            "must not begin or end with whitespace",
+        ),
+        (
+            vec!["secrets.apiTokens={0123456789abcdef,fedcba9876543210\n}"],
+            "must not begin or end with whitespace",
+        ),
+        (
+            vec!["secrets.apiTokens={\t0123456789abcdef}"],
+            "must not begin or end with whitespace",
+        ),
         (
             vec!["secrets.nats.routePassword=p@ss/word-0123456789"],
             "URL-safe",
         ),
+        // The in-cluster nats-server reads passwords as configuration values.
+        (
+            vec!["secrets.nats.gatewayPassword=yes"],
+            "secrets.nats.gatewayPassword must start with a letter",
+        ),
+        (
+            vec!["secrets.nats.servicePassword=10k"],
+            "secrets.nats.servicePassword must start with a letter",
+        ),
+        (
+            vec!["secrets.nats.bridgeApiPassword=a b"],
+            "secrets.nats.bridgeApiPassword must start with a letter",
+        ),
+        (
+            vec!["secrets.nats.sysPassword=p@ss;word"],
+            "secrets.nats.sysPassword must start with a letter",
+        ),
+        (vec!["nginx.healthPort=7000"], "must differ from nginx.port"),
+        (vec!["nginx.healthPort=9092"], "must differ from nginx.port"),
         (vec!["gateway.heartbeatS=60"], "proxyTimeoutS"),
         (
             vec!["nginx.tls.mode=off"],
@@ -1230,6 +1472,22 @@ fn bad_values_fail_with_a_clear_message() {
             "{sets:?}: expected {needle:?} in:\n{err}"
         );
     }
+    // Whitespace inside a token is presented unchanged, so bridge-api accepts it: so does the
+    // chart.
+    let docs = render(&default, &["secrets.apiTokens={0123456789 abcdef}"]);
+    assert_eq!(secret_data(&docs)["api-tokens"], "0123456789 abcdef");
+    // Plain passwords pass; an existing NATS reads them as strings, so anything goes there.
+    let docs = render(&default, &["secrets.nats.gatewayPassword=_Gw-pass_01"]);
+    assert_eq!(secret_data(&docs)["nats-gateway-password"], "_Gw-pass_01");
+    let external = combo("external-nats-values");
+    let docs = render(
+        &external,
+        &[
+            "secrets.existingSecret=",
+            "secrets.nats.gatewayPassword=p@ss/word 1",
+        ],
+    );
+    assert_eq!(secret_data(&docs)["nats-gateway-password"], "p@ss/word 1");
 }
 
 #[test]

@@ -240,9 +240,26 @@ here, so the chart test can stand a file in for the cluster. Call with (list $ n
 {{- if contains "," . -}}
 {{- fail "secrets.apiTokens entries must not contain commas (they are joined with commas)" -}}
 {{- end -}}
+{{- if ne (trim .) . -}}
+{{- fail "secrets.apiTokens entries must not begin or end with whitespace (a space, tab or stray newline): no caller could present such a token, so bridge-api refuses it" -}}
 {{- end -}}
-{{- if and .Values.secrets.nats.routePassword (not (regexMatch "^[A-Za-z0-9_-]+$" .Values.secrets.nats.routePassword)) -}}
+{{- end -}}
+{{- if and .Values.secrets.nats.routePassword (not (regexMatch "^[A-Za-z0-9_-]+$" (toString .Values.secrets.nats.routePassword))) -}}
 {{- fail "secrets.nats.routePassword must be URL-safe (A-Z a-z 0-9 _ -): it is part of the route URLs" -}}
+{{- end -}}
+{{- /* The in-cluster nats-server reads each password as a configuration value ($VAR), not as
+     a plain string: digits (123), sizes (10k), booleans (yes, off), dates (1-2), whitespace
+     and most punctuation either stop it from starting or make the user's logins fail. */ -}}
+{{- if .Values.nats.enabled -}}
+{{- range $key, $value := .Values.secrets.nats -}}
+{{- $pw := toString $value -}}
+{{- if and $value (or (not (regexMatch "^[A-Za-z_][A-Za-z0-9_-]*$" $pw)) (has (lower $pw) (list "true" "false" "yes" "no" "on" "off"))) -}}
+{{- fail (printf "secrets.nats.%s must start with a letter or _ and hold only A-Z a-z 0-9 _ - (and not be true/false/yes/no/on/off): the in-cluster nats-server reads it as a configuration value, and other values stop it or refuse the user's logins" $key) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if and (eq .Values.loadBalancer.mode "nginx") (has (int .Values.nginx.healthPort) (list (int .Values.nginx.port) (int .Values.lbSync.httpPort))) -}}
+{{- fail (printf "nginx.healthPort %v must differ from nginx.port and lbSync.httpPort (the nginx pod's containers share one network)" .Values.nginx.healthPort) -}}
 {{- end -}}
 {{- $idle := mul .Values.gateway.heartbeatS 3 -}}
 {{- if le (int .Values.lbSync.proxyTimeoutS) (int $idle) -}}
