@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::endpoints::{Endpoint, parse_static_endpoint};
 use crate::render::{RenderSettings, TlsSettings};
+use crate::source;
 
 /// TLS versions nginx may offer devices. Older ones are broken and not offered at all.
 pub const TLS_PROTOCOLS: [&str; 2] = ["TLSv1.2", "TLSv1.3"];
@@ -94,6 +95,11 @@ pub struct Config {
     /// NATS source: an instance leaves after this many announce periods without an
     /// announcement.
     pub announce_expiry_beats: u32,
+    /// NATS source: the longest `announce_interval_ms` any gateway is configured with. lb-sync
+    /// cannot know a gateway's interval before hearing it, and after a (re)connect it must hear
+    /// every live gateway before it publishes; an interval longer than this assumption can have
+    /// lb-sync publish a set without that gateway, or an empty upstream that refuses devices.
+    pub announce_interval_max_ms: u64,
     /// Static source: `IP:PORT` or `IP:PORT=WEIGHT` entries.
     pub static_endpoints: Vec<String>,
     /// Kubernetes namespace of the Service, and of the ConfigMap unless `configmap_namespace`
@@ -102,7 +108,8 @@ pub struct Config {
     /// Kubernetes source: the gateway Service whose EndpointSlices are watched.
     pub kube_service: String,
     /// Kubernetes source: the EndpointSlice port name of the device port. A slice with exactly
-    /// one port uses it whatever its name.
+    /// one port uses it only when that port is unnamed: a single port named otherwise (`http`,
+    /// say, when the device port could not be resolved for the pods) is not the device port.
     pub kube_port_name: String,
     /// Kubernetes API URL, overriding in-cluster/kubeconfig discovery (e.g. `kubectl proxy`).
     pub kube_api_url: Option<String>,
@@ -113,6 +120,10 @@ pub struct Config {
     pub configmap_name: Option<String>,
     /// ConfigMap sink: the data key that holds the rendered text.
     pub configmap_key: String,
+    /// ConfigMap sink: the key is applied again this often even when nothing changed, so that
+    /// a key someone else removed or edited is restored. Server-side apply of identical content
+    /// changes nothing on the server, so the ingress controller does not reload for it.
+    pub configmap_resync_ms: u64,
     /// ConfigMap sink: the ConfigMap's namespace, when it is not the Service's. An ingress
     /// controller reads its stream ConfigMap from its own namespace (often `ingress-nginx`),
     /// and the gateways usually run elsewhere [default: `kube_namespace`].
@@ -173,6 +184,7 @@ impl Default for Config {
             nats_tls_cert: None,
             nats_tls_key: None,
             announce_expiry_beats: 3,
+            announce_interval_max_ms: DEFAULT_ANNOUNCE_INTERVAL_MAX_MS,
             static_endpoints: Vec::new(),
             kube_namespace: None,
             kube_service: "devgate-gateway".into(),
@@ -181,6 +193,7 @@ impl Default for Config {
             kubeconfig: None,
             configmap_name: None,
             configmap_key: "stream-snippets".into(),
+            configmap_resync_ms: DEFAULT_CONFIGMAP_RESYNC_MS,
             configmap_namespace: None,
             tls_cert: None,
             tls_key: None,
@@ -217,6 +230,17 @@ fn nginx_size_bytes(s: &str) -> Option<u64> {
 fn is_nginx_size(s: &str) -> bool {
     nginx_size_bytes(s).is_some()
 }
+
+/// Assumed longest gateway announce interval: the gateway's default `announce_interval_ms`.
+const DEFAULT_ANNOUNCE_INTERVAL_MAX_MS: u64 = 1000;
+
+/// How often the ConfigMap key is re-applied unchanged: minutes of drift at most, at one cheap
+/// PATCH a minute.
+const DEFAULT_CONFIGMAP_RESYNC_MS: u64 = 60_000;
+
+/// One day in ms: the bound of durations that become deadlines (`now + value`), beyond which a
+/// value is a typo.
+const DAY_MS: u64 = 24 * 60 * 60 * 1000;
 
 /// CAs allowed between a device certificate and the client CA unless told otherwise: nginx's own
 /// default of 1 refuses a certificate two CAs below the trusted one (tested).
@@ -316,6 +340,17 @@ impl Validate for Config {
                 if self.nats_password.is_some() != self.nats_user.is_some() {
                     problems.push("nats_user and nats_password go together".to_owned());
                 }
+                let (min, max) = source::nats::HEARTBEAT_RANGE;
+                let range = min.as_millis() as u64..=max.as_millis() as u64;
+                if !range.contains(&self.announce_interval_max_ms) {
+                    problems.push(format!(
+                        "announce_interval_max_ms {} must be from {} to {} (announced intervals \
+                         are clamped to that range)",
+                        self.announce_interval_max_ms,
+                        range.start(),
+                        range.end()
+                    ));
+                }
             }
             SourceKind::Kube => {
                 if !is_dns_name(&self.kube_service) {
@@ -382,7 +417,30 @@ impl Validate for Config {
                         self.configmap_key
                     ));
                 }
+                if !(1..=DAY_MS).contains(&self.configmap_resync_ms) {
+                    problems.push(format!(
+                        "configmap_resync_ms {} must be from 1 to {DAY_MS} (one day)",
+                        self.configmap_resync_ms
+                    ));
+                }
             }
+        }
+        if self.sink != SinkKind::Configmap
+            && self.configmap_resync_ms != DEFAULT_CONFIGMAP_RESYNC_MS
+        {
+            problems.push(format!(
+                "configmap_resync_ms {} only applies to --sink configmap (the file sink applies \
+                 only changes: each apply is an nginx reload)",
+                self.configmap_resync_ms
+            ));
+        }
+        if self.source != SourceKind::Nats
+            && self.announce_interval_max_ms != DEFAULT_ANNOUNCE_INTERVAL_MAX_MS
+        {
+            problems.push(format!(
+                "announce_interval_max_ms {} only applies to --source nats",
+                self.announce_interval_max_ms
+            ));
         }
         if self.configmap_namespace.is_some() && self.sink != SinkKind::Configmap {
             problems.push(
@@ -573,6 +631,16 @@ impl Config {
         Duration::from_millis(self.command_timeout_ms)
     }
 
+    /// `configmap_resync_ms` as a duration.
+    pub fn configmap_resync(&self) -> Duration {
+        Duration::from_millis(self.configmap_resync_ms)
+    }
+
+    /// `announce_interval_max_ms` as a duration.
+    pub fn announce_interval_max(&self) -> Duration {
+        Duration::from_millis(self.announce_interval_max_ms)
+    }
+
     /// Whether a Kubernetes client is needed at all.
     pub fn needs_kube(&self) -> bool {
         self.source == SourceKind::Kube || self.sink == SinkKind::Configmap
@@ -680,6 +748,11 @@ pub struct Cli {
     #[arg(long, env = "DEVGATE_ANNOUNCE_EXPIRY_BEATS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub announce_expiry_beats: Option<u32>,
+    /// Longest announce_interval_ms of any gateway, ms: after a (re)connect lb-sync waits this
+    /// long (x1.25; an empty set x expiry beats) to hear every gateway [default: 1000].
+    #[arg(long, env = "DEVGATE_ANNOUNCE_INTERVAL_MAX_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub announce_interval_max_ms: Option<u64>,
     /// Static source: comma-separated IP:PORT[=WEIGHT] list.
     #[arg(long, env = "DEVGATE_STATIC_ENDPOINTS", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -693,7 +766,8 @@ pub struct Cli {
     #[arg(long, env = "DEVGATE_KUBE_SERVICE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kube_service: Option<String>,
-    /// EndpointSlice port name of the device port [default: device].
+    /// EndpointSlice port name of the device port; a slice's only port is used only when
+    /// unnamed [default: device].
     #[arg(long, env = "DEVGATE_KUBE_PORT_NAME")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kube_port_name: Option<String>,
@@ -713,6 +787,11 @@ pub struct Cli {
     #[arg(long, env = "DEVGATE_CONFIGMAP_KEY")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub configmap_key: Option<String>,
+    /// ConfigMap sink: re-apply the key this often even when unchanged, restoring it if someone
+    /// removed or edited it, ms [default: 60000].
+    #[arg(long, env = "DEVGATE_CONFIGMAP_RESYNC_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub configmap_resync_ms: Option<u64>,
     /// ConfigMap sink: the ConfigMap's namespace, e.g. the ingress controller's
     /// [default: the Service's namespace].
     #[arg(long, env = "DEVGATE_CONFIGMAP_NAMESPACE")]
@@ -904,6 +983,55 @@ mod tests {
         let err = cli(&args).into_config().expect_err("file sink");
         assert!(
             err.to_string().contains("only applies to --sink configmap"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_configmap_resync_is_bounded_and_only_for_the_configmap_sink() {
+        let c = cli(&KUBE_TO_CONFIGMAP).into_config().expect("default");
+        assert_eq!(c.configmap_resync(), Duration::from_secs(60));
+        let mut args = KUBE_TO_CONFIGMAP.to_vec();
+        args.extend(["--configmap-resync-ms", "5000"]);
+        let c = cli(&args).into_config().expect("shorter resync");
+        assert_eq!(c.configmap_resync(), Duration::from_secs(5));
+        for bad in ["0", "86400001"] {
+            let mut args = KUBE_TO_CONFIGMAP.to_vec();
+            args.extend(["--configmap-resync-ms", bad]);
+            let err = cli(&args).into_config().expect_err(bad);
+            assert!(err.to_string().contains("configmap_resync_ms"), "{err}");
+        }
+        let mut args = vec!["--configmap-resync-ms", "5000"];
+        args.extend(out_flag());
+        let err = cli(&args).into_config().expect_err("file sink");
+        assert!(
+            err.to_string().contains("only applies to --sink configmap"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_assumed_announce_interval_is_bounded_and_only_for_nats() {
+        let c = cli(&out_flag()).into_config().expect("default");
+        assert_eq!(c.announce_interval_max(), Duration::from_secs(1));
+        let mut args = vec!["--announce-interval-max-ms", "5000"];
+        args.extend(out_flag());
+        let c = cli(&args).into_config().expect("slow gateways");
+        assert_eq!(c.announce_interval_max(), Duration::from_secs(5));
+        for bad in ["0", "49", "60001"] {
+            let mut args = vec!["--announce-interval-max-ms", bad];
+            args.extend(out_flag());
+            let err = cli(&args).into_config().expect_err(bad);
+            assert!(
+                err.to_string().contains("announce_interval_max_ms"),
+                "{err}"
+            );
+        }
+        let mut args = KUBE_TO_CONFIGMAP.to_vec();
+        args.extend(["--announce-interval-max-ms", "5000"]);
+        let err = cli(&args).into_config().expect_err("kube source");
+        assert!(
+            err.to_string().contains("only applies to --source nats"),
             "{err}"
         );
     }

@@ -6,6 +6,9 @@
 //! needs: a burst of changes (a rolling update) is debounced into one apply, and applies are at
 //! least `min_interval` apart, because every reload leaves a generation of old workers holding
 //! long-lived device connections.
+//!
+//! A sink that others can change behind lb-sync's back (the ConfigMap) is also re-applied
+//! every [`Sink::resync`] interval, unchanged text included, through the same pacing.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -202,12 +205,28 @@ pub enum Outcome {
     Unchanged,
 }
 
-/// Makes the sink hold the rendering of `snapshot`.
+/// Makes the sink hold the rendering of `snapshot`; nothing is written when that is what was
+/// applied last.
 pub async fn reconcile(snapshot: &Snapshot, ctx: &mut Context) -> Result<Outcome, ReconcileError> {
+    reconcile_with(snapshot, ctx, false).await
+}
+
+/// Like [`reconcile`], but applies even a text equal to the last applied one: the periodic
+/// resync of a sink someone else may have changed since (a ConfigMap key removed or edited).
+pub async fn resync(snapshot: &Snapshot, ctx: &mut Context) -> Result<Outcome, ReconcileError> {
+    reconcile_with(snapshot, ctx, true).await
+}
+
+async fn reconcile_with(
+    snapshot: &Snapshot,
+    ctx: &mut Context,
+    force: bool,
+) -> Result<Outcome, ReconcileError> {
     let set = DesiredSet::from_endpoints(&snapshot.endpoints);
     let text = render(&set, &ctx.settings);
     ctx.metrics.renders.inc();
-    if ctx.applied.as_ref().is_some_and(|(_, t)| *t == text) {
+    let unchanged = ctx.applied.as_ref().is_some_and(|(_, t)| *t == text);
+    if unchanged && !force {
         ctx.metrics.unchanged.inc();
         return Ok(Outcome::Unchanged);
     }
@@ -231,7 +250,14 @@ pub async fn reconcile(snapshot: &Snapshot, ctx: &mut Context) -> Result<Outcome
         ctx.metrics.reloads.inc();
     }
     ctx.metrics.applied(&set);
-    tracing::info!(servers = set.len(), %diff, "upstream applied");
+    if unchanged {
+        tracing::debug!(
+            servers = set.len(),
+            "upstream re-applied unchanged (resync)"
+        );
+    } else {
+        tracing::info!(servers = set.len(), %diff, "upstream applied");
+    }
     ctx.applied = Some((set, text));
     Ok(Outcome::Applied)
 }
@@ -246,6 +272,10 @@ pub async fn run(
     let mut failures = 0u32;
     // When the oldest unapplied change was observed by the source.
     let mut first_observed: Option<Instant> = None;
+    // When the sink is next re-applied unchanged (`Sink::resync`; scheduled after each apply),
+    // and whether the pending reconcile is that resync.
+    let mut resync_at: Option<Instant> = None;
+    let mut resync_pending = false;
     loop {
         let due = pacer.due();
         tokio::select! {
@@ -267,12 +297,17 @@ pub async fn run(
                 }
                 pacer.changed(Instant::now());
             }
+            _ = sleep_until(resync_at), if resync_at.is_some() => {
+                resync_at = None;
+                resync_pending = true;
+                pacer.changed(Instant::now());
+            }
             _ = sleep_until(due), if due.is_some() => {
                 let Some(snapshot) = rx.borrow_and_update().clone() else {
                     pacer.settled();
                     continue;
                 };
-                let Some(result) = reconcile_before_stop(&snapshot, &mut ctx, &shutdown).await else {
+                let Some(result) = reconcile_before_stop(&snapshot, &mut ctx, &shutdown, resync_pending).await else {
                     tracing::warn!(grace_ms = ctx.shutdown_grace.as_millis() as u64, "shutting down: abandoned an apply still under way");
                     if let Err(error) = ctx.sink.abandon().await {
                         tracing::error!(error = %ErrorChain(&error), "could not put the last good upstream back");
@@ -289,7 +324,11 @@ pub async fn run(
                                 .observe(now.saturating_duration_since(t).as_secs_f64());
                         }
                         match outcome {
-                            Outcome::Applied => pacer.applied(now),
+                            Outcome::Applied => {
+                                pacer.applied(now);
+                                resync_pending = false;
+                                resync_at = ctx.sink.resync().map(|every| now + every);
+                            }
                             Outcome::Unchanged => pacer.settled(),
                         }
                         ctx.status.set(true, None);
@@ -316,9 +355,10 @@ async fn reconcile_before_stop(
     snapshot: &Snapshot,
     ctx: &mut Context,
     shutdown: &CancellationToken,
+    force: bool,
 ) -> Option<Result<Outcome, ReconcileError>> {
     let grace = ctx.shutdown_grace;
-    let applying = reconcile(snapshot, ctx);
+    let applying = reconcile_with(snapshot, ctx, force);
     tokio::pin!(applying);
     tokio::select! {
         result = &mut applying => Some(result),

@@ -113,6 +113,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<LbSync
                     user,
                     devgate_gateway::bus::tls::NatsTlsSettings::nats_tls(&config).as_ref(),
                     config.announce_expiry_beats,
+                    config.announce_interval_max(),
                 )
                 .await?,
             )
@@ -152,6 +153,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<LbSync
                 &configmap_namespace,
                 name,
                 &config.configmap_key,
+                config.configmap_resync(),
             )))
         }
         (SinkKind::Configmap, None) => {

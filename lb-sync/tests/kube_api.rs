@@ -38,6 +38,8 @@ struct Apply {
     query: HashMap<String, String>,
     content_type: String,
     body: Value,
+    /// When the fake API received it.
+    at: tokio::time::Instant,
 }
 
 impl Apply {
@@ -61,6 +63,8 @@ struct ApiState {
     /// Lists answered with 503 before the API "comes up".
     failing_lists: usize,
     applies: Vec<Apply>,
+    /// The number of applies so far, for tests that await the next one.
+    apply_count: tokio::sync::watch::Sender<usize>,
     /// The bearer token every request must carry (`None`: plain HTTP, no authentication).
     token: Option<String>,
     /// Requests refused for a missing or wrong token.
@@ -301,6 +305,16 @@ impl FakeApi {
         self.lock().applies.clone()
     }
 
+    /// Waits (up to `timeout`) until at least `n` applies were received; returns them all.
+    async fn wait_applies(&self, n: usize, timeout: Duration) -> Vec<Apply> {
+        let mut count = self.lock().apply_count.subscribe();
+        tokio::time::timeout(timeout, count.wait_for(|c| *c >= n))
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {n} applies"))
+            .expect("the fake API keeps its sender");
+        self.applies()
+    }
+
     /// Waits for an apply whose snippet satisfies `check`.
     async fn wait_apply(&self, what: &str, check: impl Fn(&str) -> bool) -> Apply {
         wait_for(Duration::from_secs(15), what, || async {
@@ -373,7 +387,10 @@ async fn apply(
         query,
         content_type,
         body: parsed.clone(),
+        at: tokio::time::Instant::now(),
     });
+    let count = s.applies.len();
+    s.apply_count.send_replace(count);
     s.resource_version += 1;
     axum::Json(json!({
         "apiVersion": "v1",
@@ -518,6 +535,50 @@ async fn endpoint_slices_follow_watch_restarts_and_resyncs_into_the_configmap() 
         metrics.contains("devgate_lb_sync_failures_total{stage=\"source\"}"),
         "410 counted: {metrics}"
     );
+    lb.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_unchanged_configmap_key_is_applied_again_every_resync_interval() {
+    devgate_tests::init_logs();
+    let api = FakeApi::start(0).await;
+    api.put("gw-a", &[("10.0.0.1", true, false)]);
+    let resync = Duration::from_millis(300);
+    let cfg = Config {
+        configmap_resync_ms: resync.as_millis() as u64,
+        ..config(&api)
+    };
+    cfg.validate().expect("valid config");
+    let lb = devgate_lb_sync::start(cfg, CancellationToken::new())
+        .await
+        .expect("lb-sync starts");
+
+    let first = api.wait_applies(1, Duration::from_secs(10)).await[0].clone();
+    assert!(
+        first.snippet().contains("server 10.0.0.1:7000"),
+        "{}",
+        first.snippet()
+    );
+    // Nothing changes from here on. Someone may still remove or edit the key (lb-sync never
+    // reads the ConfigMap), so the same text must be applied again, and again.
+    let applies = api.wait_applies(3, Duration::from_secs(10)).await;
+    for (earlier, later) in applies.iter().zip(&applies[1..]) {
+        assert!(
+            later.at.duration_since(earlier.at) >= resync,
+            "re-applied after {:?}, before the resync interval",
+            later.at.duration_since(earlier.at)
+        );
+    }
+    for again in &applies[1..] {
+        assert_eq!(again.snippet(), first.snippet(), "the same text");
+        assert_eq!(again.body, first.body, "the same apply body");
+        assert_eq!(
+            again.query.get("fieldManager").map(String::as_str),
+            Some(FIELD_MANAGER)
+        );
+        assert_eq!(again.query.get("force").map(String::as_str), Some("true"));
+        assert_eq!(again.content_type, "application/apply-patch+yaml");
+    }
     lb.shutdown().await;
 }
 

@@ -4,7 +4,12 @@
 //!
 //! Server-side apply with one fixed field manager means lb-sync owns exactly that key: other
 //! keys of the same ConfigMap, managed by people or Helm, are left alone, and `force` takes the
-//! key back if someone edited it by hand.
+//! key back if someone edited it by hand. The controller re-applies the key every `resync`
+//! even when its text did not change, since lb-sync cannot see such an edit or a removal (it
+//! never reads the ConfigMap); an apply of identical content changes nothing on the server, so
+//! the ingress controller does not reload for it.
+
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, Patch, PatchParams};
@@ -20,16 +25,29 @@ pub struct ConfigMapSink {
     api: Api<ConfigMap>,
     name: String,
     key: String,
+    resync: Duration,
 }
 
 impl ConfigMapSink {
-    /// Writes key `key` of ConfigMap `name` in `namespace`.
-    pub fn new(client: kube::Client, namespace: &str, name: &str, key: &str) -> Self {
+    /// Writes key `key` of ConfigMap `name` in `namespace`, again every `resync`.
+    pub fn new(
+        client: kube::Client,
+        namespace: &str,
+        name: &str,
+        key: &str,
+        resync: Duration,
+    ) -> Self {
         ConfigMapSink {
             api: Api::namespaced(client, namespace),
             name: name.to_owned(),
             key: key.to_owned(),
+            resync,
         }
+    }
+
+    /// How often the key is applied again although unchanged.
+    pub fn resync(&self) -> Duration {
+        self.resync
     }
 
     /// Applies the key (creating the ConfigMap if needed).

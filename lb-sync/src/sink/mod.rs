@@ -68,8 +68,34 @@ impl Sink {
         }
     }
 
+    /// How often an unchanged text is applied again, if ever: a ConfigMap key someone removed
+    /// or edited is only restored that way. Never for the file sink, whose every apply is an
+    /// nginx reload (a new generation of workers), and whose file only lb-sync writes.
+    pub fn resync(&self) -> Option<std::time::Duration> {
+        match self {
+            Sink::File(_) => None,
+            Sink::ConfigMap(s) => Some(s.resync()),
+        }
+    }
+
     /// Whether a successful apply reloaded nginx (for the `reloads` metric).
     pub fn reloads(&self) -> bool {
         matches!(self, Sink::File(_))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_file_sink_never_resyncs() {
+        let sink = Sink::File(file::FileSink::new(
+            "/nonexistent/devgate-upstream.conf".into(),
+            "true",
+            "true",
+            std::time::Duration::from_secs(1),
+        ));
+        assert_eq!(sink.resync(), None, "every file apply is an nginx reload");
     }
 }

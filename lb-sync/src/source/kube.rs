@@ -31,7 +31,7 @@ pub enum SliceError {
     #[error("address type {0} is not supported (IPv4 and IPv6 are)")]
     AddressType(String),
     /// None of the slice's ports is the device port.
-    #[error("no port named {wanted:?} among {found:?}, and more than one port to choose from")]
+    #[error("no port named {wanted:?} among {found:?} (a single port is used only when unnamed)")]
     NoDevicePort {
         /// The configured port name.
         wanted: String,
@@ -40,8 +40,12 @@ pub enum SliceError {
     },
 }
 
-/// The endpoints of one slice, on the device port. An endpoint's first address is used (the API
-/// guarantees the others are fungible) and its conditions decide its state.
+/// The endpoints of one slice, on the device port: the port named `port_name`, or else a
+/// slice's only port if it is unnamed (a Service with one unnamed port). A single port with
+/// another name is some other port, such as `http` when the EndpointSlice controller dropped a
+/// named device port the pods could not resolve: devices sent there would reach the wrong
+/// listener. An endpoint's first address is used (the API guarantees the others are fungible)
+/// and its conditions decide its state.
 pub fn slice_endpoints(
     slice: &EndpointSlice,
     port_name: &str,
@@ -54,7 +58,7 @@ pub fn slice_endpoints(
         .iter()
         .find(|p| p.name.as_deref() == Some(port_name))
         .or(match ports {
-            [only] => Some(only),
+            [only] if only.name.as_deref().is_none_or(str::is_empty) => Some(only),
             _ => None,
         })
         .and_then(|p| p.port)
@@ -299,10 +303,38 @@ mod tests {
     }
 
     #[test]
-    fn a_single_port_is_used_whatever_its_name() {
-        let s = slice("gw-a", &[("tcp", 7001)], &[("10.0.0.1", Some(true), None)]);
-        let eps = slice_endpoints(&s, "device").expect("single port");
+    fn a_single_unnamed_port_is_used() {
+        let mut s = slice("gw-a", &[("", 7001)], &[("10.0.0.1", Some(true), None)]);
+        let eps = slice_endpoints(&s, "device").expect("single empty-named port");
         assert_eq!(eps[0].addr.port(), 7001);
+        if let Some(port) = s.ports.as_mut().and_then(|p| p.first_mut()) {
+            port.name = None;
+        }
+        let eps = slice_endpoints(&s, "device").expect("single unnamed port");
+        assert_eq!(eps[0].addr.port(), 7001);
+    }
+
+    #[test]
+    fn a_single_port_named_otherwise_is_not_the_device_port() {
+        let s = slice("gw-a", &[("http", 9090)], &[("10.0.0.1", Some(true), None)]);
+        assert_eq!(
+            slice_endpoints(&s, "device"),
+            Err(SliceError::NoDevicePort {
+                wanted: "device".into(),
+                found: vec!["http".into()],
+            })
+        );
+    }
+
+    #[test]
+    fn a_single_port_named_as_the_device_port_is_used() {
+        let s = slice(
+            "gw-a",
+            &[("device", 7000)],
+            &[("10.0.0.1", Some(true), None)],
+        );
+        let eps = slice_endpoints(&s, "device").expect("named device port");
+        assert_eq!(eps[0].addr.port(), 7000);
     }
 
     #[test]

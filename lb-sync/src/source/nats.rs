@@ -5,7 +5,9 @@
 //! `expiry_beats` missed heartbeats; it is in rotation only while it says `ready` and not
 //! `draining`. Because NATS has no "list", completeness comes from time: after (re)connecting,
 //! the roster is rebuilt from scratch and no snapshot is sent until a full heartbeat window has
-//! passed, in which every live instance has announced itself at least once.
+//! passed, in which every live instance has announced itself at least once. A roster with no
+//! instance in rotation waits longer (see [`Roster::is_complete`]), since publishing it refuses
+//! every device.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -21,12 +23,11 @@ use super::{SnapshotTx, publish};
 use crate::endpoints::{Endpoint, EndpointState, parse_addr};
 use crate::metrics::Metrics;
 
-/// Heartbeat assumed until an announcement says otherwise (the gateway's default).
-pub const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(1000);
-
 /// Announced heartbeats are clamped to this range, so one odd announcement can neither expire
-/// instances at once nor keep a dead one for hours.
-const HEARTBEAT_RANGE: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(60));
+/// instances at once nor keep a dead one for hours. The assumed longest heartbeat
+/// (`announce_interval_max_ms`) is validated against it too.
+pub const HEARTBEAT_RANGE: (Duration, Duration) =
+    (Duration::from_millis(50), Duration::from_secs(60));
 
 /// How often expiry and the learning window are checked.
 const TICK: Duration = Duration::from_millis(50);
@@ -68,20 +69,31 @@ struct Seen {
 pub struct Roster {
     instances: HashMap<String, Seen>,
     expiry_beats: u32,
-    /// Longest heartbeat ever announced: the learning window after a (re)connect.
+    /// The configured assumption of the longest heartbeat of any gateway, before any is heard.
+    assumed_heartbeat: Duration,
+    /// Longest heartbeat ever announced, and at least `assumed_heartbeat`: the learning window
+    /// after a (re)connect.
     max_heartbeat: Duration,
     /// `Some(since)` while connected: the roster is complete from `since + window` on.
     connected_since: Option<Instant>,
+    /// Complete since the last (re)connect: it stays so, so that the last ready instance
+    /// draining just after the learning window leaves at once instead of after the longer
+    /// empty window.
+    complete: bool,
 }
 
 impl Roster {
-    /// An empty, disconnected roster.
-    pub fn new(expiry_beats: u32) -> Self {
+    /// An empty, disconnected roster, assuming no gateway announces less often than every
+    /// `assumed_heartbeat` until one says it does.
+    pub fn new(expiry_beats: u32, assumed_heartbeat: Duration) -> Self {
+        let assumed_heartbeat = assumed_heartbeat.clamp(HEARTBEAT_RANGE.0, HEARTBEAT_RANGE.1);
         Roster {
             instances: HashMap::new(),
             expiry_beats: expiry_beats.max(1),
-            max_heartbeat: DEFAULT_HEARTBEAT,
+            assumed_heartbeat,
+            max_heartbeat: assumed_heartbeat,
             connected_since: None,
+            complete: false,
         }
     }
 
@@ -90,11 +102,13 @@ impl Roster {
     pub fn connected(&mut self, now: Instant) {
         self.instances.clear();
         self.connected_since = Some(now);
+        self.complete = false;
     }
 
     /// The connection is lost: nothing is complete until the next [`Roster::connected`].
     pub fn disconnected(&mut self) {
         self.connected_since = None;
+        self.complete = false;
     }
 
     /// Whether the connection is up (complete or still learning).
@@ -108,10 +122,46 @@ impl Roster {
         self.max_heartbeat + self.max_heartbeat / 4
     }
 
-    /// Whether the roster may be published: connected for a full learning window.
-    pub fn is_complete(&self, now: Instant) -> bool {
-        self.connected_since
-            .is_some_and(|since| now >= since + self.learning_window())
+    /// How long after connecting a roster with no instance in rotation (nobody heard, or only
+    /// unready, draining or unusable ones) becomes complete: `expiry_beats` of the longest
+    /// heartbeat (at least the learning window). Publishing it replaces the whole upstream with
+    /// the `down` placeholder and refuses every device, whereas an instance missing from a roster
+    /// with others in rotation only joins a heartbeat later. So "nobody can take devices" is
+    /// believed only after as long as lb-sync would take to expire a silent instance, which also
+    /// covers gateways announcing up to `expiry_beats` times less often than assumed. The wait
+    /// costs little: meanwhile there is nobody to route to anyway.
+    pub fn empty_window(&self) -> Duration {
+        (self.max_heartbeat * self.expiry_beats).max(self.learning_window())
+    }
+
+    /// Whether the roster may be published: connected for a full learning window, or for the
+    /// longer [`Roster::empty_window`] while no instance heard is in rotation; once complete, it
+    /// stays so until the connection changes.
+    pub fn is_complete(&mut self, now: Instant) -> bool {
+        if self.complete {
+            return self.connected_since.is_some();
+        }
+        let in_rotation = self.instances.values().any(|s| {
+            s.endpoint
+                .as_ref()
+                .is_some_and(|e| e.state == EndpointState::Ready)
+        });
+        let window = if in_rotation {
+            self.learning_window()
+        } else {
+            self.empty_window()
+        };
+        self.complete = self
+            .connected_since
+            .is_some_and(|since| now >= since + window);
+        self.complete
+    }
+
+    /// Whether `a` announces less often than assumed: then a (re)connect may publish a set
+    /// without such instances (or an empty one) before they are heard, and
+    /// `announce_interval_max_ms` should be raised.
+    pub fn slower_than_assumed(&self, a: &Announce) -> bool {
+        Duration::from_millis(a.heartbeat_ms) > self.assumed_heartbeat
     }
 
     /// Records an announcement. Returns the parse problem of its address, if any, the first
@@ -192,6 +242,7 @@ pub struct NatsSource {
     subscriber: async_nats::Subscriber,
     link: watch::Receiver<Link>,
     expiry_beats: u32,
+    assumed_heartbeat: Duration,
 }
 
 impl NatsSource {
@@ -202,6 +253,7 @@ impl NatsSource {
         user: Option<(&str, &Secret)>,
         tls: Option<&devgate_gateway::bus::tls::TlsFiles>,
         expiry_beats: u32,
+        assumed_heartbeat: Duration,
     ) -> Result<Self, NatsError> {
         devgate_gateway::bus::tls::ensure_crypto_provider();
         let (link_tx, link) = watch::channel(Link::default());
@@ -249,13 +301,15 @@ impl NatsSource {
             subscriber,
             link,
             expiry_beats,
+            assumed_heartbeat,
         })
     }
 
     /// Follows announcements until `shutdown`, publishing the roster whenever it is complete
     /// and different from the last one sent.
     pub async fn run(mut self, tx: SnapshotTx, metrics: Metrics, shutdown: CancellationToken) {
-        let mut roster = Roster::new(self.expiry_beats);
+        let mut roster = Roster::new(self.expiry_beats, self.assumed_heartbeat);
+        let mut warned_slow = false;
         let mut seen_generation = 0;
         let mut last_sent = None;
         let mut tick = tokio::time::interval(TICK);
@@ -275,6 +329,15 @@ impl NatsSource {
                         Ok(a) => {
                             if let Some(problem) = roster.observe(&a, Instant::now()) {
                                 tracing::warn!(instance = %a.instance, advertise_addr = %a.advertise_addr, %problem, "instance announces an unusable address; it stays out of rotation");
+                            }
+                            if !warned_slow && roster.slower_than_assumed(&a) {
+                                warned_slow = true;
+                                tracing::warn!(
+                                    instance = %a.instance,
+                                    heartbeat_ms = a.heartbeat_ms,
+                                    assumed_ms = self.assumed_heartbeat.as_millis() as u64,
+                                    "instance announces less often than --announce-interval-max-ms; raise it, or a restart of lb-sync may publish an upstream without such instances"
+                                );
                             }
                         }
                         Err(error) => {
@@ -299,6 +362,7 @@ impl NatsSource {
                 metrics.source_connected.set(1);
                 tracing::info!(
                     window_ms = roster.learning_window().as_millis() as u64,
+                    empty_window_ms = roster.empty_window().as_millis() as u64,
                     "connected to NATS; learning instances"
                 );
             } else if !link.connected && roster.is_connected() {
@@ -322,6 +386,9 @@ impl NatsSource {
 mod tests {
     use super::*;
 
+    /// The default `announce_interval_max_ms`.
+    const ASSUMED: Duration = Duration::from_millis(1000);
+
     fn announce(instance: &str, addr: &str, ready: bool, draining: bool) -> Announce {
         Announce {
             instance: instance.into(),
@@ -338,7 +405,7 @@ mod tests {
     #[test]
     fn nothing_is_complete_before_a_full_heartbeat_window() {
         let t0 = Instant::now();
-        let mut r = Roster::new(3);
+        let mut r = Roster::new(3, ASSUMED);
         assert!(!r.is_complete(t0), "not connected yet");
         r.connected(t0);
         r.observe(&announce("a", "10.0.0.1:7000", true, false), t0);
@@ -347,9 +414,64 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_roster_is_not_complete_until_every_instance_could_have_announced() {
+        let t0 = Instant::now();
+        let mut r = Roster::new(3, ASSUMED);
+        r.connected(t0);
+        // Nobody heard after the 1.25 s learning window: gateways announcing every 5 s (or a
+        // slow NATS) look exactly like this, and publishing now would refuse every device.
+        assert!(!r.is_complete(t0 + Duration::from_millis(1300)));
+        assert!(!r.is_complete(t0 + Duration::from_millis(2999)));
+        // After expiry_beats x the assumed heartbeat, an empty set is believed.
+        assert!(r.is_complete(t0 + Duration::from_secs(3)));
+        assert!(r.endpoints().is_empty());
+
+        // Heard instances that cannot take devices do not make the set any less empty.
+        r.connected(t0);
+        r.observe(&announce("a", "10.0.0.1:7000", false, false), t0);
+        r.observe(&announce("b", "10.0.0.2:7000", true, true), t0);
+        r.observe(&announce("c", "0.0.0.0:7000", true, false), t0);
+        assert!(!r.is_complete(t0 + Duration::from_millis(1300)));
+        assert!(r.is_complete(t0 + Duration::from_secs(3)));
+        // One ready instance: the others only join later, so the short window holds.
+        r.connected(t0);
+        r.observe(&announce("d", "10.0.0.4:7000", true, false), t0);
+        assert!(r.is_complete(t0 + Duration::from_millis(1300)));
+        // Once complete, its last ready instance draining is published at once.
+        r.observe(
+            &announce("d", "10.0.0.4:7000", true, true),
+            t0 + Duration::from_millis(1400),
+        );
+        assert!(r.is_complete(t0 + Duration::from_millis(1400)));
+    }
+
+    #[test]
+    fn the_assumed_heartbeat_stretches_both_windows() {
+        let t0 = Instant::now();
+        let mut r = Roster::new(3, Duration::from_secs(5));
+        r.connected(t0);
+        assert!(
+            !r.is_complete(t0 + Duration::from_secs(14)),
+            "empty: 3 x 5 s"
+        );
+        assert!(r.is_complete(t0 + Duration::from_secs(15)));
+        r.connected(t0);
+        r.observe(&announce("a", "10.0.0.1:7000", true, false), t0);
+        assert!(
+            !r.is_complete(t0 + Duration::from_secs(6)),
+            "another gateway may still announce within 5 s"
+        );
+        assert!(r.is_complete(t0 + Duration::from_millis(6250)));
+        let mut slow = announce("s", "10.0.0.2:7000", true, false);
+        assert!(!r.slower_than_assumed(&slow));
+        slow.heartbeat_ms = 10_000;
+        assert!(r.slower_than_assumed(&slow));
+    }
+
+    #[test]
     fn reconnect_forgets_and_relearns() {
         let t0 = Instant::now();
-        let mut r = Roster::new(3);
+        let mut r = Roster::new(3, ASSUMED);
         r.connected(t0);
         r.observe(&announce("a", "10.0.0.1:7000", true, false), t0);
         r.observe(&announce("b", "10.0.0.2:7000", true, false), t0);
@@ -369,7 +491,7 @@ mod tests {
     #[test]
     fn longer_heartbeats_stretch_the_window() {
         let t0 = Instant::now();
-        let mut r = Roster::new(3);
+        let mut r = Roster::new(3, ASSUMED);
         r.connected(t0);
         let mut slow = announce("slow", "10.0.0.1:7000", true, false);
         slow.heartbeat_ms = 4000;
@@ -381,7 +503,7 @@ mod tests {
     #[test]
     fn silent_instances_expire_after_the_configured_beats() {
         let t0 = Instant::now();
-        let mut r = Roster::new(3);
+        let mut r = Roster::new(3, ASSUMED);
         r.connected(t0);
         r.observe(&announce("a", "10.0.0.1:7000", true, false), t0);
         r.observe(&announce("b", "10.0.0.2:7000", true, false), t0);
@@ -398,7 +520,7 @@ mod tests {
     #[test]
     fn draining_and_unready_instances_are_seen_but_not_ready() {
         let t0 = Instant::now();
-        let mut r = Roster::new(3);
+        let mut r = Roster::new(3, ASSUMED);
         r.observe(&announce("a", "10.0.0.1:7000", true, true), t0);
         r.observe(&announce("b", "10.0.0.2:7000", false, false), t0);
         let mut states: Vec<_> = r.endpoints().into_iter().map(|e| e.state).collect();
@@ -412,7 +534,7 @@ mod tests {
     #[test]
     fn unusable_addresses_are_reported_once_and_kept_out() {
         let t0 = Instant::now();
-        let mut r = Roster::new(3);
+        let mut r = Roster::new(3, ASSUMED);
         let bad = announce("a", "0.0.0.0:7000", true, false);
         assert!(r.observe(&bad, t0).is_some());
         assert!(r.observe(&bad, t0).is_none(), "reported only once");
