@@ -1,11 +1,14 @@
 //! The gateway's own NATS client (`devgate_gateway::bus::link`) against a real nats-server:
-//! routing by subscription, requests, the PING barrier, drain, reconnects, and refusals.
+//! routing by subscription, requests, the PING barrier, drain, reconnects, and refusals; and
+//! against fake servers on a raw socket for what a real one never does.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use devgate_gateway::bus::link::{Link, LinkError, LinkOptions, RequestError, parse_servers};
-use devgate_gateway::bus::{Headers, Subscription};
+use devgate_gateway::bus::{Bus, Headers, Subscription};
+use devgate_gateway::common::Secret;
+use devgate_gateway::config::Config;
 use devgate_gateway::metrics::Metrics;
 use devgate_tests::NatsServer;
 use futures::StreamExt;
@@ -13,14 +16,73 @@ use futures::StreamExt;
 const WAIT: Duration = Duration::from_secs(5);
 
 fn link(nats: &NatsServer) -> Link {
+    link_to(&nats.url(), None)
+}
+
+fn link_to(url: &str, user: Option<(&str, &str)>) -> Link {
     let options = LinkOptions {
-        servers: parse_servers(&nats.url()).expect("url"),
+        servers: parse_servers(url).expect("url"),
         name: "link-test".into(),
-        user: None,
+        user: user.map(|(u, p)| (u.to_owned(), Secret::new(p))),
         tls: None,
     };
     let mut registry = prometheus_client::registry::Registry::default();
     Link::start(options, Metrics::new(&mut registry))
+}
+
+/// A nats-server with the given config text, and the directory holding the file.
+fn nats_with(config: &str) -> (NatsServer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("nats.conf");
+    std::fs::write(&path, config).expect("write nats config");
+    (NatsServer::with_config(path), dir)
+}
+
+/// A fake NATS server on 127.0.0.1: every connection gets `INFO`, a `PONG` once the client's
+/// `CONNECT`+`PING` arrived, then `script(n)` for the n-th connection (from 0): bytes to send and
+/// whether to close right after. Each accepted connection is reported on the receiver.
+async fn fake_server(
+    script: impl Fn(usize) -> (Vec<u8>, bool) + Send + 'static,
+) -> (String, tokio::sync::mpsc::UnboundedReceiver<usize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("nats://{}", listener.local_addr().expect("addr"));
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        for n in 0.. {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            let _ = tx.send(n);
+            let (after, close) = script(n);
+            tokio::spawn(async move {
+                let info =
+                    b"INFO {\"server_id\":\"fake\",\"max_payload\":1048576,\"headers\":true}\r\n";
+                if socket.write_all(info).await.is_err() {
+                    return;
+                }
+                let mut seen = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !seen.windows(6).any(|w| w == b"PING\r\n") {
+                    match socket.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                if socket.write_all(b"PONG\r\n").await.is_err()
+                    || socket.write_all(&after).await.is_err()
+                    || close
+                {
+                    return;
+                }
+                // Stay open until the client goes.
+                while matches!(socket.read(&mut chunk).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    (url, rx)
 }
 
 async fn connected(link: &Link, up: bool) {
@@ -270,4 +332,118 @@ fn server_lists_parse_and_bad_ones_are_explained() {
         let e = parse_servers(bad).expect_err(bad).to_string();
         assert!(e.contains(why), "{bad}: {e}");
     }
+}
+
+#[tokio::test]
+async fn a_message_announcing_an_impossible_size_drops_the_connection_and_reconnects() {
+    let (url, mut accepted) = fake_server(|n| match n {
+        // u64::MAX bytes: the length arithmetic overflowed and the connection task panicked,
+        // leaving the link "connected" to nothing forever.
+        0 => (
+            b"MSG device.a.down 2 18446744073709551615\r\n".to_vec(),
+            false,
+        ),
+        _ => (Vec::new(), false),
+    })
+    .await;
+    let link = link_to(&url, None);
+    for want in 0..2 {
+        let n = tokio::time::timeout(WAIT, accepted.recv())
+            .await
+            .unwrap_or_else(|_| panic!("connection {want} never came"));
+        assert_eq!(n, Some(want));
+    }
+    // Down between the two (the first was dropped), so this is the second connection.
+    connected(&link, true).await;
+    assert_eq!(
+        link.epoch(),
+        2,
+        "the bad connection was dropped, a new one made"
+    );
+}
+
+#[tokio::test]
+async fn a_server_that_closes_after_the_handshake_is_not_hammered() {
+    let (url, mut accepted) = fake_server(|_| (Vec::new(), true)).await;
+    let _link = link_to(&url, None);
+    let window = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut connections = 0;
+    while let Ok(Some(_)) = tokio::time::timeout_at(window, accepted.recv()).await {
+        connections += 1;
+    }
+    // Backoff 100 ms, 200 ms, ... (less up to a quarter): at most 7 in 2 s. Without backoff
+    // after a connection that was up, hundreds.
+    assert!(
+        (2..10).contains(&connections),
+        "{connections} connections in 2 s"
+    );
+}
+
+#[tokio::test]
+async fn a_publish_the_server_refuses_is_not_confirmed() {
+    let (nats, _dir) = nats_with(
+        "authorization {\n  users = [\n    { user: gw, password: pw, permissions: { publish: { deny: [\"device.bad.up\"] } } }\n  ]\n}\n",
+    );
+    let link = link_to(&nats.url(), Some(("gw", "pw")));
+    connected(&link, true).await;
+
+    let epoch = link.confirm_epoch();
+    link.publish("device.bad.up", None, Headers::None, b"x")
+        .await
+        .expect("handed to the link");
+    assert_eq!(link.flush(WAIT).await, Err(LinkError::PublishRefused));
+    assert_ne!(link.confirm_epoch(), epoch);
+    assert!(link.is_connected(), "the server keeps the connection");
+
+    let epoch = link.confirm_epoch();
+    link.publish("device.good.up", None, Headers::None, b"x")
+        .await
+        .expect("handed to the link");
+    link.flush(WAIT)
+        .await
+        .expect("a permitted publish is confirmed");
+    assert_eq!(link.confirm_epoch(), epoch);
+
+    // The same through the gateway's confirmer (what ACKs a device's UP), including a refusal
+    // that arrived before the confirmer's PING.
+    let config = Config {
+        nats_url: nats.url(),
+        nats_user: Some("gw".into()),
+        nats_password: Some(Secret::new("pw")),
+        ..Config::default()
+    };
+    let mut registry = prometheus_client::registry::Registry::default();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let bus = Bus::connect(&config, "t", Metrics::new(&mut registry), stop.clone())
+        .await
+        .expect("bus");
+    connected(bus.link(), true).await;
+    let confirm = async |subject: &str, settle_first: bool| {
+        let epoch = bus.epoch();
+        bus.link()
+            .publish(subject, None, Headers::None, b"up")
+            .await
+            .expect("handed to the link");
+        if settle_first {
+            let _ = bus.link().flush(WAIT).await;
+        }
+        bus.confirm(epoch).await.expect("confirmer running")
+    };
+    assert!(!confirm("device.bad.up", false).await, "refused: no ACK");
+    assert!(
+        !confirm("device.bad.up", true).await,
+        "refused earlier: no ACK"
+    );
+    assert!(confirm("device.good.up", false).await, "permitted: ACK");
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_lone_token_in_the_url_is_an_auth_token() {
+    let (nats, _dir) = nats_with("authorization {\n  token: s3cr3t\n}\n");
+    let url = format!("nats://s3cr3t@127.0.0.1:{}", nats.port());
+    // The server refuses anything but the token, so being connected proves it was sent as one.
+    let link = link_to(&url, None);
+    connected(&link, true).await;
+    live(&link).await;
 }

@@ -52,8 +52,21 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Client keep-alive interval; a connection whose oldest unanswered `PING` is older than two
 /// intervals is declared dead.
 const PING_INTERVAL: Duration = Duration::from_secs(20);
-/// Reconnect backoff: 100 ms more per failed attempt, at most this.
+/// Reconnect backoff: this much more per failed attempt (less up to a quarter, at random, so
+/// gateways that lost the same server do not return in step)...
+const BACKOFF_STEP: Duration = Duration::from_millis(100);
+/// ...and at most this.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// A connection must stay up this long before the backoff starts over. A server that completes
+/// the handshake and then closes (full, shutting down, a proxy without a backend) otherwise
+/// makes a tight loop, each round resubscribing every device and starting a reclaim sweep.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// The largest `max_payload` believed from a server's `INFO` (nats-server's own ceiling): it
+/// bounds what one announced message may make the reader buffer.
+const MAX_PAYLOAD_CAP: usize = 64 * 1024 * 1024;
+/// Allowance over `max_payload` for a delivered message (header + payload): servers of one
+/// cluster may be configured with slightly different limits.
+const MSG_SLACK: usize = 64 * 1024;
 /// The subscription id of this connection's reply inbox (`<inbox>.*`).
 const INBOX_SID: u64 = 1;
 /// Read buffer growth step.
@@ -76,6 +89,11 @@ pub enum LinkError {
     /// The link was closed (gateway shutdown).
     #[error("the NATS link is closed")]
     Closed,
+    /// The server refused a publish (`-ERR 'Permissions Violation for Publish ...'`) while a
+    /// [`Link::flush`] waited: the connection stays open, so without this the `PONG` would
+    /// "confirm" a message the server dropped.
+    #[error("the NATS server refused a publish (permissions violation)")]
+    PublishRefused,
 }
 
 /// Outcome of a publish attempt that does not wait.
@@ -111,12 +129,21 @@ pub struct AddressError {
     reason: String,
 }
 
+/// Credentials given in a server URL.
+#[derive(Clone, PartialEq, Eq)]
+enum UrlAuth {
+    /// `user:pass@`.
+    User(String, Secret),
+    /// `token@`: a lone userinfo is an `auth_token`, as in every NATS client.
+    Token(Secret),
+}
+
 /// One NATS server to dial.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ServerAddr {
     host: String,
     port: u16,
-    user: Option<(String, Secret)>,
+    auth: Option<UrlAuth>,
     /// `tls://`: TLS is required even if the server does not ask for it.
     tls: bool,
 }
@@ -135,8 +162,8 @@ impl std::fmt::Debug for ServerAddr {
     }
 }
 
-/// Parses a comma-separated server list: `nats://[user:pass@]host[:port]`,
-/// `tls://[user:pass@]host[:port]` or `host[:port]`. With `tls://` the link refuses to talk
+/// Parses a comma-separated server list: `nats://[user:pass@|token@]host[:port]`,
+/// `tls://[user:pass@|token@]host[:port]` or `host[:port]`. With `tls://` the link refuses to talk
 /// without TLS; with `nats://` it still upgrades when the server requires TLS.
 pub fn parse_servers(list: &str) -> Result<Vec<ServerAddr>, AddressError> {
     let mut servers = Vec::new();
@@ -156,10 +183,13 @@ pub fn parse_servers(list: &str) -> Result<Vec<ServerAddr>, AddressError> {
             None => (false, url),
         };
         let rest = rest.trim_end_matches('/');
-        let (user, hostport) = match rest.rsplit_once('@') {
+        let (auth, hostport) = match rest.rsplit_once('@') {
             Some((creds, hostport)) => {
-                let (u, p) = creds.split_once(':').unwrap_or((creds, ""));
-                (Some((u.to_owned(), Secret::new(p.to_owned()))), hostport)
+                let auth = match creds.split_once(':') {
+                    Some((u, p)) => UrlAuth::User(u.to_owned(), Secret::new(p)),
+                    None => UrlAuth::Token(Secret::new(creds)),
+                };
+                (Some(auth), hostport)
             }
             None => (None, rest),
         };
@@ -176,7 +206,7 @@ pub fn parse_servers(list: &str) -> Result<Vec<ServerAddr>, AddressError> {
         servers.push(ServerAddr {
             host: host.to_owned(),
             port,
-            user,
+            auth,
             tls,
         });
     }
@@ -227,6 +257,11 @@ struct Inner {
     /// Why the last connection attempt failed, until one succeeds.
     last_error: Mutex<Option<String>>,
     epoch: AtomicU64,
+    /// Publishes the server refused (permissions) on an open connection: part of
+    /// [`Link::confirm_epoch`], since such a refusal comes back as a `-ERR`, not a closed socket.
+    refused: AtomicU64,
+    /// Messages for sids this link no longer has (each answered with an `UNSUB`).
+    strays: AtomicU64,
     stop: CancellationToken,
     metrics: Metrics,
 }
@@ -279,6 +314,9 @@ struct SlotQueue {
     msgs: VecDeque<Msg>,
     waker: Option<Waker>,
     closed: bool,
+    /// `UNSUB` sent by a drain that waits for its `PONG`: messages routed before it still
+    /// arrive here, but a reconnect must not subscribe again.
+    draining: bool,
 }
 
 impl Slot {
@@ -341,12 +379,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-impl Link {
-    /// Starts connecting in the background (retrying for as long as it takes) and returns at
-    /// once: a gateway starts unready and becomes ready when NATS is there.
-    pub fn start(options: LinkOptions, metrics: Metrics) -> Link {
+impl Inner {
+    fn new(options: LinkOptions, metrics: Metrics) -> Arc<Inner> {
         let (connected, _) = watch::channel(false);
-        let inner = Arc::new(Inner {
+        Arc::new(Inner {
             options,
             state: Mutex::new(State {
                 out: BytesMut::new(),
@@ -364,9 +400,19 @@ impl Link {
             connected,
             last_error: Mutex::new(None),
             epoch: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            strays: AtomicU64::new(0),
             stop: CancellationToken::new(),
             metrics,
-        });
+        })
+    }
+}
+
+impl Link {
+    /// Starts connecting in the background (retrying for as long as it takes) and returns at
+    /// once: a gateway starts unready and becomes ready when NATS is there.
+    pub fn start(options: LinkOptions, metrics: Metrics) -> Link {
+        let inner = Inner::new(options, metrics);
         tokio::spawn(run(inner.clone()));
         Link { inner }
     }
@@ -390,6 +436,17 @@ impl Link {
     /// The connection generation, moved on by every (re)connect.
     pub fn epoch(&self) -> u64 {
         self.inner.epoch.load(Ordering::Acquire)
+    }
+
+    /// Moves on with every (re)connect and with every publish the server refuses: read it
+    /// before publishing what must be confirmed; if it is unchanged after a later `PONG`, the
+    /// message was accepted. A refusal does not say which message it was for, so it spoils
+    /// every confirmation in flight (they are resent), which is rare: it takes a
+    /// misconfigured permission.
+    pub fn confirm_epoch(&self) -> u64 {
+        // Both only grow, so the sum changes whenever either does.
+        let epoch = self.inner.epoch.load(Ordering::Acquire);
+        epoch.wrapping_add(self.inner.refused.load(Ordering::Acquire))
     }
 
     /// Closes the connection for good: pending and future operations fail.
@@ -562,10 +619,15 @@ impl Link {
     }
 
     /// Waits until everything published so far has been processed by the server, or `limit`.
+    /// Fails with [`LinkError::PublishRefused`] if the server refused a publish meanwhile
+    /// (its `-ERR` comes before the `PONG`); a refusal that arrived before this call is not
+    /// seen here (see [`Link::confirm_epoch`]).
     pub async fn flush(&self, limit: Duration) -> Result<(), LinkError> {
+        let refused = self.inner.refused.load(Ordering::Acquire);
         let rx = self.ping()?;
         match tokio::time::timeout(limit, rx).await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) if self.inner.refused.load(Ordering::Acquire) == refused => Ok(()),
+            Ok(Ok(())) => Err(LinkError::PublishRefused),
             _ => Err(LinkError::NotConnected),
         }
     }
@@ -612,15 +674,19 @@ impl Subscription {
         if !self.active {
             return Ok(());
         }
+        // Decided under the state lock, which `on_connect` holds while it resubscribes: either
+        // the sid is marked draining (and the reconnect skips it) or it is gone already.
         let confirmed = {
             let mut st = lock(&self.inner.state);
             if st.connected {
+                self.slot.lock().draining = true;
                 wire::unsubscribe(&mut st.out, self.sid);
                 wire::ping(&mut st.out);
                 let (tx, rx) = oneshot::channel();
                 st.pongs.push_back((Instant::now(), Some(tx)));
                 Some(rx)
             } else {
+                lock(&self.inner.subs).remove(&self.sid);
                 None
             }
         };
@@ -643,7 +709,11 @@ impl Subscription {
             return;
         }
         {
+            // Removed in the same critical section that writes `UNSUB`: were the sid still in
+            // the table after the lock is released, a reconnect in between would send `SUB` for
+            // it again and nothing would ever unsubscribe it.
             let mut st = lock(&self.inner.state);
+            lock(&self.inner.subs).remove(&self.sid);
             if st.connected {
                 wire::unsubscribe(&mut st.out, self.sid);
             }
@@ -698,8 +768,36 @@ enum ConnError {
     Tls(String),
 }
 
+/// Marks the link down for good and ends every subscription when [`run`] ends, however it
+/// ends: were a panic to end it while connected, the link would report itself up forever
+/// (gateway ready, uplink appended to a buffer no task writes).
+struct Teardown<'a>(&'a Inner);
+
+impl Drop for Teardown<'_> {
+    fn drop(&mut self) {
+        let inner = self.0;
+        inner.stop.cancel();
+        inner.on_disconnect();
+        let slots: Vec<_> = lock(&inner.subs).drain().map(|(_, s)| s).collect();
+        for slot in slots {
+            slot.close();
+        }
+    }
+}
+
+/// How long to wait before connection attempt number `attempt` + 1 (0: at once).
+fn backoff(attempt: u32) -> Duration {
+    if attempt == 0 {
+        return Duration::ZERO;
+    }
+    (BACKOFF_STEP * attempt)
+        .min(MAX_BACKOFF)
+        .mul_f64(rand::random_range(0.75..=1.0))
+}
+
 /// Connects, serves, reconnects, until closed.
 async fn run(inner: Arc<Inner>) {
+    let _teardown = Teardown(&inner);
     let servers = inner.options.servers.clone();
     let mut attempt: u32 = 0;
     let mut index = 0;
@@ -711,15 +809,24 @@ async fn run(inner: Arc<Inner>) {
         };
         match result {
             Ok((stream, leftover)) => {
-                attempt = 0;
                 inner.on_connect();
+                let since = Instant::now();
                 tracing::info!(server = ?server, "NATS connected");
                 let ended = serve(&inner, stream, leftover).await;
                 inner.on_disconnect();
+                let up_for = since.elapsed();
+                if up_for >= STABLE_AFTER {
+                    attempt = 0;
+                } else {
+                    // Up only briefly: this server is not really serving; back off as after
+                    // a failed attempt, and try the next one.
+                    attempt = attempt.saturating_add(1);
+                    index += 1;
+                }
                 match ended {
                     Ok(()) => break,
                     Err(error) => {
-                        tracing::warn!(server = ?server, %error, "NATS disconnected: sessions kept, uplink paused, resubscribing on reconnect");
+                        tracing::warn!(server = ?server, %error, up_ms = up_for.as_millis() as u64, attempt, "NATS disconnected: sessions kept, uplink paused, resubscribing on reconnect");
                     }
                 }
             }
@@ -732,16 +839,10 @@ async fn run(inner: Arc<Inner>) {
                 }
             }
         }
-        let backoff = (Duration::from_millis(100) * attempt).min(MAX_BACKOFF);
         tokio::select! {
             () = inner.stop.cancelled() => break,
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(backoff(attempt)) => {}
         }
-    }
-    inner.on_disconnect();
-    let slots: Vec<_> = lock(&inner.subs).drain().map(|(_, s)| s).collect();
-    for slot in slots {
-        slot.close();
     }
 }
 
@@ -756,7 +857,7 @@ async fn handshake(
         let mut tcp = TcpStream::connect((server.host.as_str(), server.port)).await?;
         tcp.set_nodelay(true)?;
         let mut buf = BytesMut::with_capacity(4096);
-        let info = match read_op(&mut tcp, &mut buf).await? {
+        let info = match read_op(inner, &mut tcp, &mut buf).await? {
             ServerOp::Info(info) => info,
             other => {
                 return Err(ConnError::Handshake(format!(
@@ -767,7 +868,8 @@ async fn handshake(
         let info: serde_json::Value =
             serde_json::from_slice(&info).map_err(|e| ConnError::Handshake(e.to_string()))?;
         if let Some(max) = info.get("max_payload").and_then(serde_json::Value::as_u64) {
-            inner.max_payload.store(max as usize, Ordering::Relaxed);
+            let max = usize::try_from(max).map_or(MAX_PAYLOAD_CAP, |m| m.min(MAX_PAYLOAD_CAP));
+            inner.max_payload.store(max, Ordering::Relaxed);
         }
         let server_requires_tls = info
             .get("tls_required")
@@ -803,9 +905,13 @@ async fn handshake(
             "no_responders": true,
             "name": inner.options.name,
         });
-        if let Some((user, pass)) = server.user.as_ref().or(inner.options.user.as_ref()) {
-            connect["user"] = user.as_str().into();
-            connect["pass"] = pass.expose().into();
+        match (&server.auth, &inner.options.user) {
+            (Some(UrlAuth::Token(token)), _) => connect["auth_token"] = token.expose().into(),
+            (Some(UrlAuth::User(user, pass)), _) | (None, Some((user, pass))) => {
+                connect["user"] = user.as_str().into();
+                connect["pass"] = pass.expose().into();
+            }
+            (None, None) => {}
         }
         let mut hello = BytesMut::new();
         wire::connect(&mut hello, &connect);
@@ -813,7 +919,7 @@ async fn handshake(
         stream.write_all(&hello).await?;
         stream.flush().await?;
         loop {
-            match read_op(&mut stream, &mut buf).await? {
+            match read_op(inner, &mut stream, &mut buf).await? {
                 ServerOp::Pong => return Ok((stream, buf)),
                 ServerOp::Err(e) => return Err(ConnError::Refused(e)),
                 ServerOp::Ping => {
@@ -832,11 +938,12 @@ async fn handshake(
 }
 
 async fn read_op<S: AsyncRead + Unpin>(
+    inner: &Inner,
     stream: &mut S,
     buf: &mut BytesMut,
 ) -> Result<ServerOp, ConnError> {
     loop {
-        if let Some(op) = wire::decode(buf)? {
+        if let Some(op) = wire::decode(buf, inner.max_body())? {
             return Ok(op);
         }
         buf.reserve(4096);
@@ -891,8 +998,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
     mut reader: R,
     mut buf: BytesMut,
 ) -> Result<(), ConnError> {
+    let max_body = inner.max_body();
     loop {
-        while let Some(op) = wire::decode(&mut buf)? {
+        while let Some(op) = wire::decode(&mut buf, max_body)? {
             inner.dispatch(op);
         }
         if buf.capacity() - buf.len() < 4096 {
@@ -958,6 +1066,13 @@ async fn keepalive(inner: &Inner) -> Result<(), ConnError> {
 }
 
 impl Inner {
+    /// The most header + payload bytes a delivered message may announce.
+    fn max_body(&self) -> usize {
+        self.max_payload
+            .load(Ordering::Relaxed)
+            .saturating_add(MSG_SLACK)
+    }
+
     /// Marks the connection up: the inbox and every live subscription are (re)subscribed
     /// before anything else is written, under the same lock `subscribe` takes, so none is
     /// missed or sent before the connection exists.
@@ -970,7 +1085,9 @@ impl Inner {
             let inbox = format!("{}*", self.inbox);
             wire::subscribe(&mut st.out, &inbox, INBOX_SID);
             for (sid, slot) in lock(&self.subs).iter() {
-                wire::subscribe(&mut st.out, &slot.subject, *sid);
+                if !slot.lock().draining {
+                    wire::subscribe(&mut st.out, &slot.subject, *sid);
+                }
             }
             st.connected = true;
             self.epoch.fetch_add(1, Ordering::AcqRel);
@@ -1009,10 +1126,13 @@ impl Inner {
                     .and_then(|t| std::str::from_utf8(t).ok())
                     .and_then(|t| t.parse::<u64>().ok());
                 if let Some(waiter) = token.and_then(|t| lock(&self.requests).remove(&t)) {
-                    let _ = waiter.send(msg);
+                    let _ = waiter.send(msg.detach());
                 }
             }
             ServerOp::Msg { sid, msg } => {
+                // Copied out of the read block before the table's lock is taken: a queued
+                // message must not pin the block (see `Msg::detach`).
+                let msg = msg.detach();
                 // Pushed under the table's lock (the order everywhere is table, then slot)
                 // rather than cloning the slot's `Arc` out: with thousands of sessions each
                 // message touches a cold slot, and the reference count round trip was two
@@ -1021,7 +1141,8 @@ impl Inner {
                 let pushed = lock(&self.subs).get(&sid).map(|slot| slot.push(msg));
                 match pushed {
                     Some(Ok(Some(waker))) => waker.wake(),
-                    Some(Ok(None)) | None => {}
+                    Some(Ok(None)) => {}
+                    None => self.unsubscribe_stray(sid),
                     Some(Err(SlotFull)) => {
                         self.metrics.nats_slow_consumers.inc();
                         tracing::warn!(sid, "subscription queue full; message dropped");
@@ -1038,6 +1159,11 @@ impl Inner {
                     let _ = tx.send(());
                 }
             }
+            // Before the inbox case: a request whose reply subject is refused names the inbox too.
+            ServerOp::Err(error) if is_publish_refusal(&error) => {
+                let refused = self.refused.fetch_add(1, Ordering::AcqRel) + 1;
+                tracing::warn!(%error, refused_total = refused, "NATS refused a publish; uplink confirmations in flight fail and devices resend");
+            }
             // A NATS user without `devgate.inbox.>` (a config from before this prefix): the
             // server refuses the inbox subscription, every claim waits out its timeout and
             // reclaims never settle. Say so plainly instead of a generic warning.
@@ -1049,5 +1175,257 @@ impl Inner {
             ServerOp::Err(error) => tracing::warn!(%error, "NATS server error"),
             ServerOp::Info(_) | ServerOp::Ok => {}
         }
+    }
+
+    /// A message for a sid this link no longer has: the server still routes its subject here.
+    /// Mostly harmless (messages in flight when the `UNSUB` went out), but if an `UNSUB` was
+    /// ever lost the interest would live on the server forever, hiding "no responders" from
+    /// services and routing a device's downlink into the void; a repeated `UNSUB` (a few bytes
+    /// per such message, and never past [`OUT_LIMIT`]) ends it either way.
+    fn unsubscribe_stray(&self, sid: u64) {
+        let sent = {
+            let mut st = lock(&self.state);
+            let room = st.connected && st.out.len() < OUT_LIMIT;
+            if room {
+                wire::unsubscribe(&mut st.out, sid);
+            }
+            room
+        };
+        if sent {
+            self.wake_writer.notify_one();
+        }
+        let strays = self.strays.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::debug!(
+            sid,
+            unsub_sent = sent,
+            strays_total = strays,
+            "message for an unknown subscription dropped"
+        );
+    }
+}
+
+/// Whether a `-ERR` reports a dropped publish (`Permissions Violation for Publish to ...` or
+/// `... for Publish with Reply of ...`); the server keeps the connection open after it.
+fn is_publish_refusal(error: &str) -> bool {
+    const PREFIX: &str = "Permissions Violation for Publish";
+    error
+        .get(..PREFIX.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(PREFIX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use futures::FutureExt;
+
+    /// A link that is never started: tests drive its state machine by hand.
+    fn idle_link() -> Link {
+        let options = LinkOptions {
+            servers: parse_servers("nats://127.0.0.1:1").expect("address"),
+            name: "unit".into(),
+            user: None,
+            tls: None,
+        };
+        let metrics = Metrics::new(&mut prometheus_client::registry::Registry::default());
+        Link {
+            inner: Inner::new(options, metrics),
+        }
+    }
+
+    /// Takes what the writer would send next.
+    fn written(link: &Link) -> String {
+        let out = std::mem::take(&mut lock(&link.inner.state).out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    fn msg_for(sid: u64, subject: &'static str) -> ServerOp {
+        let msg = Msg::new(
+            Bytes::from_static(subject.as_bytes()),
+            None,
+            None,
+            Bytes::new(),
+        );
+        ServerOp::Msg { sid, msg }
+    }
+
+    #[tokio::test]
+    async fn a_drain_overlapping_a_reconnect_is_not_subscribed_again() {
+        let link = idle_link();
+        link.inner.on_connect();
+        let mut sub = link.subscribe("device.x.down");
+        written(&link);
+        let sid = sub.sid;
+        let drain = sub.drain(Duration::from_secs(5));
+        tokio::pin!(drain);
+        assert!(
+            drain.as_mut().now_or_never().is_none(),
+            "waits for its PONG"
+        );
+        assert_eq!(written(&link), format!("UNSUB {sid}\r\nPING\r\n"));
+
+        // The connection drops before the PONG and comes back at once.
+        link.inner.on_disconnect();
+        link.inner.on_connect();
+        let resent = written(&link);
+        assert!(resent.starts_with("SUB devgate.inbox."), "{resent}");
+        assert!(
+            !resent.contains(&format!(" {sid}\r\n")),
+            "the draining sid was subscribed again: {resent}"
+        );
+        assert_eq!(drain.await, Err(LinkError::NotConnected), "unconfirmed");
+        assert!(!lock(&link.inner.subs).contains_key(&sid));
+    }
+
+    #[tokio::test]
+    async fn unsubscribe_removes_the_sid_where_it_writes_unsub() {
+        let link = idle_link();
+        link.inner.on_connect();
+        let mut kept = link.subscribe("device.kept.down");
+        let mut gone = link.subscribe("device.gone.down");
+        written(&link);
+        gone.unsubscribe();
+        assert_eq!(written(&link), format!("UNSUB {}\r\n", gone.sid));
+        assert!(!lock(&link.inner.subs).contains_key(&gone.sid));
+        link.inner.on_disconnect();
+        link.inner.on_connect();
+        let resent = written(&link);
+        assert!(resent.contains(&format!("SUB device.kept.down {}\r\n", kept.sid)));
+        assert!(!resent.contains("device.gone.down"), "{resent}");
+
+        // Unsubscribing while down leaves nothing to resubscribe either.
+        link.inner.on_disconnect();
+        kept.unsubscribe();
+        link.inner.on_connect();
+        assert!(!written(&link).contains("device.kept.down"));
+        // A drain while down also forgets at once.
+        link.inner.on_disconnect();
+        let mut late = link.subscribe("device.late.down");
+        assert_eq!(
+            late.drain(Duration::from_secs(1)).await,
+            Err(LinkError::NotConnected)
+        );
+        link.inner.on_connect();
+        assert!(!written(&link).contains("device.late.down"));
+    }
+
+    #[test]
+    fn a_message_for_an_unknown_sid_is_unsubscribed_again() {
+        let link = idle_link();
+        link.inner.on_connect();
+        let mut sub = link.subscribe("device.live.down");
+        written(&link);
+        link.inner.dispatch(msg_for(99, "device.old.down"));
+        assert_eq!(written(&link), "UNSUB 99\r\n");
+        assert_eq!(link.inner.strays.load(Ordering::Relaxed), 1);
+
+        // Known sids and the inbox (whose late replies are normal) are not unsubscribed.
+        link.inner.dispatch(msg_for(sub.sid, "device.live.down"));
+        link.inner.dispatch(msg_for(INBOX_SID, "devgate.inbox.x.1"));
+        assert_eq!(written(&link), "");
+        assert!(sub.try_next().is_some());
+
+        // Never past OUT_LIMIT.
+        lock(&link.inner.state).out = BytesMut::from(&vec![b' '; OUT_LIMIT][..]);
+        link.inner.dispatch(msg_for(99, "device.old.down"));
+        assert_eq!(lock(&link.inner.state).out.len(), OUT_LIMIT);
+        assert_eq!(
+            link.inner.strays.load(Ordering::Relaxed),
+            2,
+            "counted anyway"
+        );
+    }
+
+    #[test]
+    fn a_queued_message_does_not_pin_the_read_buffer() {
+        let link = idle_link();
+        link.inner.on_connect();
+        let mut sub = link.subscribe("device.a.down");
+        let mut block = BytesMut::with_capacity(READ_CHUNK);
+        let sid = sub.sid;
+        block.extend_from_slice(
+            format!("MSG device.a.down {sid} _INBOX.reply.1 5\r\nhello\r\n").as_bytes(),
+        );
+        let range = block.as_ptr() as usize..block.as_ptr() as usize + block.capacity();
+        let op = wire::decode(&mut block, link.inner.max_body())
+            .expect("valid")
+            .expect("complete");
+        link.inner.dispatch(op);
+        drop(block);
+        let msg = sub.try_next().expect("queued");
+        let reply = msg.reply.clone().expect("reply");
+        for part in [&msg.subject, &reply, &msg.payload] {
+            assert!(
+                !range.contains(&(part.as_ptr() as usize)),
+                "{part:?} points into the read block"
+            );
+        }
+        assert_eq!(
+            (&reply[..], &msg.payload[..]),
+            (&b"_INBOX.reply.1"[..], &b"hello"[..])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_the_run_task_still_marks_the_link_down() {
+        let link = idle_link();
+        let mut sub = link.subscribe("device.p.down");
+        let inner = link.inner.clone();
+        let task = tokio::spawn(async move {
+            let _teardown = Teardown(&inner);
+            inner.on_connect();
+            panic!("a bug in the connection task");
+        });
+        assert!(task.await.is_err(), "the task panicked");
+        assert!(!link.is_connected());
+        assert!(!*link.connected_watch().borrow());
+        assert_eq!(
+            link.publish_now("x", None, Headers::None, b""),
+            Err(LinkError::Closed)
+        );
+        assert!(sub.next().await.is_none(), "subscriptions end");
+    }
+
+    #[test]
+    fn a_publish_refusal_moves_the_confirm_epoch() {
+        let link = idle_link();
+        link.inner.on_connect();
+        let before = (link.confirm_epoch(), link.epoch());
+        link.inner.dispatch(ServerOp::Err(
+            "Permissions Violation for Subscription to \"x\"".into(),
+        ));
+        assert_eq!(link.confirm_epoch(), before.0, "not a publish");
+        link.inner.dispatch(ServerOp::Err(
+            "Permissions Violation for Publish to \"device.bad.up\"".into(),
+        ));
+        assert_ne!(link.confirm_epoch(), before.0);
+        assert_eq!(
+            link.epoch(),
+            before.1,
+            "the connection epoch is for reconnects"
+        );
+    }
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        assert_eq!(backoff(0), Duration::ZERO);
+        for attempt in [1, 5, 19, 20, 1000] {
+            let full = (BACKOFF_STEP * attempt).min(MAX_BACKOFF);
+            let got: Vec<_> = (0..50).map(|_| backoff(attempt)).collect();
+            assert!(
+                got.iter().all(|b| *b >= full.mul_f64(0.75) && *b <= full),
+                "{attempt}: {got:?}"
+            );
+            assert!(got.iter().any(|b| *b != got[0]), "jittered: {got:?}");
+        }
+    }
+
+    #[test]
+    fn a_lone_userinfo_is_a_token() {
+        let servers = parse_servers("nats://s3cr3t@a, nats://u:p@b, nats://u:@c").expect("valid");
+        let auth: Vec<_> = servers.iter().map(|s| s.auth.clone()).collect();
+        assert!(matches!(&auth[0], Some(UrlAuth::Token(t)) if t.expose() == "s3cr3t"));
+        assert!(matches!(&auth[1], Some(UrlAuth::User(u, p)) if u == "u" && p.expose() == "p"));
+        assert!(matches!(&auth[2], Some(UrlAuth::User(u, p)) if u == "u" && p.expose().is_empty()));
     }
 }

@@ -7,7 +7,8 @@
 //! has processed everything the connection sent before. One such round trip confirms a whole
 //! batch of UPs from all sessions. If the connection was re-established in between (the epoch
 //! moved), bytes may have died in the old socket, so that batch is reported unconfirmed and
-//! the devices resend.
+//! the devices resend. So is a batch during which the server refused a publish (a permission
+//! `-ERR`, after which the connection stays open): the epoch moves for that too.
 
 pub mod link;
 pub mod tls;
@@ -103,9 +104,10 @@ impl Bus {
         self.link.connected_watch()
     }
 
-    /// The connection generation: read it *before* publishing something that must be confirmed.
+    /// The confirmation generation ([`Link::confirm_epoch`]): read it *before* publishing
+    /// something that must be confirmed.
     pub fn epoch(&self) -> u64 {
-        self.link.epoch()
+        self.link.confirm_epoch()
     }
 
     /// After publishing (with `epoch` read before the publish), resolves to `true` once NATS has
@@ -138,9 +140,12 @@ async fn run_confirmer(link: Link, pending: Arc<Pending>, shutdown: Cancellation
                 () = shutdown.cancelled() => return,
             }
         }
-        // The epoch is read before the PING: a PONG proves only what this connection sent.
-        let epoch_now = link.epoch();
-        let accepted = link.flush(BARRIER_TIMEOUT).await.is_ok() && link.epoch() == epoch_now;
+        // The epoch is read before the PING: a PONG proves only what this connection sent, and
+        // only if no publish was refused since each waiter read its epoch (a refusal arrives
+        // before the PONG that follows the publish).
+        let epoch_now = link.confirm_epoch();
+        let accepted =
+            link.flush(BARRIER_TIMEOUT).await.is_ok() && link.confirm_epoch() == epoch_now;
         if !accepted {
             tracing::warn!(
                 batch = batch.len(),

@@ -13,6 +13,12 @@ const MAX_CONTROL_LINE: usize = 64 * 1024;
 /// The version line every header block starts with.
 const HEADER_VERSION: &[u8] = b"NATS/1.0";
 
+/// Payloads up to this size are copied out of the read buffer by [`Msg::detach`]: a small
+/// message held for long (a queued DOWN, a reply subject kept until the device ACKs) must not
+/// keep a whole read block of 64 KiB or more alive. Larger payloads keep sharing the block,
+/// which they fill a good part of anyway.
+pub const INLINE_PAYLOAD: usize = 4 * 1024;
+
 /// The server broke the protocol; the connection cannot be trusted any more.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -22,10 +28,23 @@ pub enum WireError {
     /// A line that is not one of the server's operations, or with bad arguments.
     #[error("unexpected protocol line from the server: {0:?}")]
     BadLine(String),
+    /// A `MSG`/`HMSG` announcing more bytes than the server may send: buffering it would let
+    /// one line reserve any amount of memory.
+    #[error("message of {size} bytes announced, more than the limit of {limit}")]
+    TooLarge {
+        /// The announced header + payload size.
+        size: usize,
+        /// The most this decoder accepts.
+        limit: usize,
+    },
+    /// The bytes after a message body are not `CRLF`: the announced size was wrong, so
+    /// everything after it would be misread.
+    #[error("message body not followed by CRLF")]
+    MissingCrlf,
 }
 
-/// A message delivered by the server. Subject, reply, headers and payload are slices of one
-/// buffer, so holding a message costs no copies.
+/// A message delivered by the server. As decoded, subject, reply, headers and payload are
+/// slices of the read buffer (no copies); [`Msg::detach`] makes one fit to be held.
 #[derive(Debug, Clone)]
 pub struct Msg {
     /// The subject it was published on.
@@ -51,6 +70,40 @@ impl Msg {
             reply,
             headers,
             payload,
+        }
+    }
+
+    /// The message in a buffer of its own, for keeping: subject, reply and headers are copied
+    /// (a reply is kept until the device ACKs, up to `ack_timeout`), and so is a payload up to
+    /// [`INLINE_PAYLOAD`]. A decoded message otherwise pins its whole read block, which no
+    /// session byte limit accounts for. One allocation (plus the shared header `Bytes` needs to
+    /// split it).
+    pub fn detach(self) -> Msg {
+        let inline = self.payload.len() <= INLINE_PAYLOAD;
+        let reply_len = self.reply.as_ref().map_or(0, Bytes::len);
+        let headers_len = self.headers.as_ref().map_or(0, Bytes::len);
+        let payload_len = if inline { self.payload.len() } else { 0 };
+        let mut own =
+            BytesMut::with_capacity(self.subject.len() + reply_len + headers_len + payload_len);
+        own.put_slice(&self.subject);
+        if let Some(reply) = &self.reply {
+            own.put_slice(reply);
+        }
+        if let Some(headers) = &self.headers {
+            own.put_slice(headers);
+        }
+        if inline {
+            own.put_slice(&self.payload);
+        }
+        let mut own = own.freeze();
+        let subject = own.split_to(self.subject.len());
+        let reply = self.reply.as_ref().map(|_| own.split_to(reply_len));
+        let headers = self.headers.as_ref().map(|_| own.split_to(headers_len));
+        Msg {
+            subject,
+            reply,
+            headers,
+            payload: if inline { own } else { self.payload },
         }
     }
 
@@ -113,8 +166,10 @@ pub enum ServerOp {
     Err(String),
 }
 
-/// Decodes one operation from the front of `buf`, or `None` if more bytes are needed.
-pub fn decode(buf: &mut BytesMut) -> Result<Option<ServerOp>, WireError> {
+/// Decodes one operation from the front of `buf`, or `None` if more bytes are needed. A message
+/// announcing more than `max_body` header + payload bytes is an error (the server's
+/// `max_payload` bounds what it may send, headers included).
+pub fn decode(buf: &mut BytesMut, max_body: usize) -> Result<Option<ServerOp>, WireError> {
     let Some(nl) = memchr::memchr(b'\n', buf) else {
         return if buf.len() > MAX_CONTROL_LINE {
             Err(WireError::LineTooLong)
@@ -138,10 +193,25 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<ServerOp>, WireError> {
     let op = if verb.eq_ignore_ascii_case(b"MSG") || verb.eq_ignore_ascii_case(b"HMSG") {
         let with_headers = verb.len() == 4;
         let header = parse_msg_args(line, with_headers).ok_or_else(|| bad_line(line))?;
-        let need = nl + 1 + header.total + 2;
+        if header.total > max_body {
+            return Err(WireError::TooLarge {
+                size: header.total,
+                limit: max_body,
+            });
+        }
+        // Cannot overflow (nl < MAX_CONTROL_LINE, total <= max_body), checked all the same.
+        let need = (nl + 3)
+            .checked_add(header.total)
+            .ok_or(WireError::TooLarge {
+                size: header.total,
+                limit: max_body,
+            })?;
         if buf.len() < need {
             buf.reserve(need - buf.len());
             return Ok(None);
+        }
+        if &buf[need - 2..need] != b"\r\n" {
+            return Err(WireError::MissingCrlf);
         }
         let control = buf.split_to(nl + 1).freeze();
         let mut body = buf.split_to(header.total).freeze();
@@ -359,10 +429,13 @@ pub fn connect(out: &mut BytesMut, options: &serde_json::Value) {
 mod tests {
     use super::*;
 
+    /// The default `max_payload` of nats-server.
+    const LIMIT: usize = 1024 * 1024;
+
     fn decode_all(input: &[u8]) -> Vec<ServerOp> {
         let mut buf = BytesMut::from(input);
         let mut ops = Vec::new();
-        while let Some(op) = decode(&mut buf).expect("valid stream") {
+        while let Some(op) = decode(&mut buf, LIMIT).expect("valid stream") {
             ops.push(op);
         }
         assert!(buf.is_empty(), "left over: {buf:?}");
@@ -419,17 +492,18 @@ mod tests {
         let whole: &[u8] = b"HMSG s 1 r 24 27\r\nNATS/1.0\r\nA: b\r\nC: d\r\n\r\nxyz\r\nPING\r\n";
         for cut in 0..whole.len() - b"PING\r\n".len() {
             let mut buf = BytesMut::from(&whole[..cut]);
-            let first = decode(&mut buf).expect("no error on a prefix");
+            let first = decode(&mut buf, LIMIT).expect("no error on a prefix");
             assert!(first.is_none(), "cut at {cut} decoded early");
             buf.extend_from_slice(&whole[cut..]);
-            let ServerOp::Msg { msg, .. } = decode(&mut buf).expect("ok").expect("complete") else {
+            let ServerOp::Msg { msg, .. } = decode(&mut buf, LIMIT).expect("ok").expect("complete")
+            else {
                 panic!("msg")
             };
             assert_eq!(
                 (msg.header("C"), &msg.payload[..]),
                 (Some("d"), &b"xyz"[..])
             );
-            assert!(matches!(decode(&mut buf), Ok(Some(ServerOp::Ping))));
+            assert!(matches!(decode(&mut buf, LIMIT), Ok(Some(ServerOp::Ping))));
         }
     }
 
@@ -442,10 +516,13 @@ mod tests {
             b"HMSG s 1 9 3\r\nabc\r\n",
         ] {
             let mut buf = BytesMut::from(bad);
-            assert!(decode(&mut buf).is_err(), "{bad:?}");
+            assert!(decode(&mut buf, LIMIT).is_err(), "{bad:?}");
         }
         let mut long = BytesMut::from(&vec![b'x'; MAX_CONTROL_LINE + 1][..]);
-        assert!(matches!(decode(&mut long), Err(WireError::LineTooLong)));
+        assert!(matches!(
+            decode(&mut long, LIMIT),
+            Err(WireError::LineTooLong)
+        ));
     }
 
     #[test]
@@ -493,5 +570,106 @@ mod tests {
             &out[..],
             b"SUB device.a.down 42\r\nUNSUB 42\r\nPING\r\nPONG\r\n"
         );
+    }
+
+    #[test]
+    fn an_announced_size_above_the_limit_is_refused_before_buffering() {
+        for line in [
+            // ~100 GB: reserving it would abort the process.
+            &b"MSG device.a.down 7 100000000000\r\n"[..],
+            // u64::MAX: `line + total + 2` overflows.
+            b"MSG device.a.down 7 18446744073709551615\r\n",
+            b"HMSG device.a.down 7 12 18446744073709551615\r\n",
+            b"MSG device.a.down 7 1048577\r\n",
+        ] {
+            let mut buf = BytesMut::from(line);
+            let before = buf.capacity();
+            let err = decode(&mut buf, LIMIT).expect_err("too large");
+            assert!(
+                matches!(err, WireError::TooLarge { limit: LIMIT, .. }),
+                "{err}"
+            );
+            assert_eq!(buf.capacity(), before, "nothing reserved for {line:?}");
+        }
+        // Exactly the limit is fine (and waits for its body).
+        let mut buf = BytesMut::from(&b"MSG device.a.down 7 1048576\r\n"[..]);
+        assert!(decode(&mut buf, LIMIT).expect("within the limit").is_none());
+        // A size that does not even fit a u64 is a bad line.
+        let mut buf = BytesMut::from(&b"MSG s 7 99999999999999999999999\r\n"[..]);
+        assert!(matches!(
+            decode(&mut buf, LIMIT),
+            Err(WireError::BadLine(_))
+        ));
+    }
+
+    #[test]
+    fn a_body_not_followed_by_crlf_is_refused() {
+        for bad in [
+            &b"MSG s 1 3\r\nabcdePING\r\n"[..],
+            b"MSG s 1 3\r\nabc\n\rPING\r\n",
+            b"HMSG s 1 12 14\r\nNATS/1.0\r\n\r\nxyzz\r\n",
+        ] {
+            let mut buf = BytesMut::from(bad);
+            assert!(
+                matches!(decode(&mut buf, LIMIT), Err(WireError::MissingCrlf)),
+                "{bad:?}"
+            );
+        }
+    }
+
+    /// Whether `part` lies inside the memory `[start, start + len)`.
+    fn inside(part: &[u8], start: *const u8, len: usize) -> bool {
+        let (p, s) = (part.as_ptr() as usize, start as usize);
+        !part.is_empty() && p >= s && p + part.len() <= s + len
+    }
+
+    #[test]
+    fn a_detached_message_does_not_pin_the_read_buffer() {
+        let big = vec![b'x'; INLINE_PAYLOAD + 1];
+        let mut input = BytesMut::with_capacity(256 * 1024);
+        input.extend_from_slice(
+            b"HMSG device.a.down 7 _INBOX.r 18 23\r\nNATS/1.0\r\nA: b\r\n\r\nhello\r\n",
+        );
+        input.extend_from_slice(format!("MSG device.a.down 7 {}\r\n", big.len()).as_bytes());
+        input.extend_from_slice(&big);
+        input.extend_from_slice(b"\r\n");
+        let (start, cap) = (input.as_ptr(), input.capacity());
+        let mut decoded = Vec::new();
+        while let Some(op) = decode(&mut input, LIMIT).expect("valid") {
+            let ServerOp::Msg { msg, .. } = op else {
+                panic!("msg")
+            };
+            assert!(inside(&msg.subject, start, cap), "decoded: a slice");
+            decoded.push(msg.detach());
+        }
+        let [small, large] = &decoded[..] else {
+            panic!("two messages")
+        };
+        let reply = small.reply.as_deref().expect("reply");
+        let headers = small.raw_headers().expect("headers");
+        for part in [&small.subject[..], reply, headers, &small.payload[..]] {
+            assert!(
+                !inside(part, start, cap),
+                "{part:?} still in the read buffer"
+            );
+        }
+        assert_eq!(
+            (
+                &small.subject[..],
+                reply,
+                small.header("A"),
+                &small.payload[..]
+            ),
+            (
+                &b"device.a.down"[..],
+                &b"_INBOX.r"[..],
+                Some("b"),
+                &b"hello"[..]
+            )
+        );
+        // A large payload may keep sharing; its subject does not.
+        assert!(!inside(&large.subject, start, cap));
+        assert!(inside(&large.payload, start, cap));
+        assert_eq!(&large.payload[..], &big[..]);
     }
 }
