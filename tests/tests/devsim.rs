@@ -107,13 +107,16 @@ async fn a_replaced_devsim_stops_and_leaves_the_id_to_the_newer_connection() {
             .expect("spawn devsim")
     };
     let first = spawn();
-    let online =
-        |p: &async_nats::Message| String::from_utf8_lossy(&p.payload).contains("\"connected\"");
+    // The session of a `connected` presence event, if it is one.
+    let connected = |m: &async_nats::Message| {
+        let v: serde_json::Value = serde_json::from_slice(&m.payload).expect("presence json");
+        (v["event"] == "connected").then(|| v["session"].as_str().expect("session").to_owned())
+    };
     let event = tokio::time::timeout(Duration::from_secs(5), presence.next())
         .await
         .expect("first online")
         .expect("msg");
-    assert!(online(&event), "{event:?}");
+    let first_session = connected(&event).expect("a connected event");
     let _second = spawn();
 
     // The first exits on its own (well before its 20 s), saying why.
@@ -127,6 +130,17 @@ async fn a_replaced_devsim_stops_and_leaves_the_id_to_the_newer_connection() {
         "{stdout}"
     );
     assert_eq!(stdout.matches("WELCOME").count(), 1, "{stdout}");
+    // The newer connection is welcomed (a local takeover subscribes the newer session only
+    // after the older one has let go, so wait for it rather than race it).
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(5), presence.next())
+            .await
+            .expect("the newer one online")
+            .expect("msg");
+        if connected(&event).is_some_and(|s| s != first_session) {
+            break;
+        }
+    }
     // The newer connection holds the id and acknowledges a message sent to it.
     let mut h = async_nats::HeaderMap::new();
     h.insert("Devgate-Ack", "device");
