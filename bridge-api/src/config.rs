@@ -58,6 +58,18 @@ pub struct Config {
     /// dropped and counted, never the buffered ones, and the client is told with a `lagged`
     /// event: NATS must never wait for a slow HTTP reader.
     pub sse_buffer: usize,
+    /// Bytes buffered per SSE client (NATS wire size of the buffered messages: payload, headers,
+    /// subject), on top of the `sse_buffer` message bound: 256 buffered 64 KiB uplinks would hold
+    /// 16 MiB per slow client. Full means the same drop-and-`lagged` policy. Must hold the largest
+    /// uplink (`max_frame_len` + [`TAIL_ENVELOPE_SLACK`]) so an empty buffer admits any message.
+    pub tail_buffer_bytes: usize,
+    /// Most SSE tails open at once, every kind together; one more is refused with 429
+    /// `too_many_tails`. With `tail_buffer_bytes` this bounds the tails' memory
+    /// (`max_tails` × `tail_buffer_bytes`).
+    pub max_tails: usize,
+    /// Most `-` (every-device) tails open at once, within `max_tails`: each carries the whole
+    /// fleet's uplink through this process, so far fewer are allowed than single-device tails.
+    pub max_wildcard_tails: usize,
     /// Log format.
     pub log_format: LogFormat,
 }
@@ -81,6 +93,9 @@ impl Default for Config {
             bulk_concurrency: 64,
             scatter_window_ms: 300,
             sse_buffer: 256,
+            tail_buffer_bytes: 1 << 20,
+            max_tails: 64,
+            max_wildcard_tails: 4,
             log_format: LogFormat::Text,
         }
     }
@@ -88,6 +103,14 @@ impl Default for Config {
 
 /// Same bounds as the gateway's `max_frame_len`, so a value the gateway refuses is refused here.
 const FRAME_LEN_RANGE: std::ops::RangeInclusive<usize> = 64..=(1 << 20) - 4096;
+
+/// Room for an uplink's subject and headers on top of its frame, in the smallest accepted
+/// `tail_buffer_bytes`.
+pub const TAIL_ENVELOPE_SLACK: usize = 4096;
+
+/// Largest accepted `max_tails`: far beyond what one process should stream (each tail is a
+/// connection and a NATS subscription), and it keeps the count well inside what a semaphore holds.
+pub const MAX_TAILS_LIMIT: usize = 65_536;
 
 /// Shortest accepted API token: a bearer token is the only thing standing between the internet
 /// and every device, so it must not be guessable.
@@ -157,10 +180,32 @@ impl Validate for Config {
             ("bulk_concurrency", self.bulk_concurrency as u64),
             ("scatter_window_ms", self.scatter_window_ms),
             ("sse_buffer", self.sse_buffer as u64),
+            ("max_tails", self.max_tails as u64),
+            ("max_wildcard_tails", self.max_wildcard_tails as u64),
         ] {
             if value == 0 {
                 problems.push(format!("{name} must be greater than 0"));
             }
+        }
+        if self.max_tails > MAX_TAILS_LIMIT {
+            problems.push(format!(
+                "max_tails {} exceeds {MAX_TAILS_LIMIT}",
+                self.max_tails
+            ));
+        }
+        if self.max_wildcard_tails > self.max_tails {
+            problems.push(format!(
+                "max_wildcard_tails {} exceeds max_tails {} (a `-` tail also counts as a tail)",
+                self.max_wildcard_tails, self.max_tails
+            ));
+        }
+        let smallest_tail_buffer = self.max_frame_len.saturating_add(TAIL_ENVELOPE_SLACK);
+        if self.tail_buffer_bytes < smallest_tail_buffer {
+            problems.push(format!(
+                "tail_buffer_bytes {} is below max_frame_len + {TAIL_ENVELOPE_SLACK} = \
+                 {smallest_tail_buffer}: the largest uplink would never fit and always be dropped",
+                self.tail_buffer_bytes
+            ));
         }
         if self.nats_password.is_some() != self.nats_user.is_some() {
             problems.push("nats_user and nats_password go together".to_owned());
@@ -294,6 +339,18 @@ pub struct Cli {
     #[arg(long, env = "DEVGATE_SSE_BUFFER")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sse_buffer: Option<usize>,
+    /// Bytes buffered per SSE client before dropping [default: 1048576].
+    #[arg(long, env = "DEVGATE_TAIL_BUFFER_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tail_buffer_bytes: Option<usize>,
+    /// Most SSE tails open at once; more get 429 too_many_tails [default: 64].
+    #[arg(long, env = "DEVGATE_MAX_TAILS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_tails: Option<usize>,
+    /// Most `-` (every-device) SSE tails open at once, within --max-tails [default: 4].
+    #[arg(long, env = "DEVGATE_MAX_WILDCARD_TAILS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_wildcard_tails: Option<usize>,
     /// Log format [default: text].
     #[arg(long, env = "DEVGATE_LOG_FORMAT")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -394,6 +451,57 @@ mod tests {
             .into_config()
             .expect("inner space");
         assert_eq!(c.api_tokens.len(), 1);
+    }
+
+    #[test]
+    fn tail_limits_default_and_are_checked() {
+        let c = cli(&["--api-token", TOKEN]).into_config().expect("ok");
+        assert_eq!(
+            (c.max_tails, c.max_wildcard_tails, c.tail_buffer_bytes),
+            (64, 4, 1 << 20)
+        );
+        // The default buffer holds the largest uplink of the largest accepted frame.
+        let c = cli(&[
+            "--api-token",
+            TOKEN,
+            "--max-frame-len",
+            &FRAME_LEN_RANGE.end().to_string(),
+        ])
+        .into_config()
+        .expect("largest frame with the default tail buffer");
+        assert_eq!(c.tail_buffer_bytes, 1 << 20);
+        let err = cli(&[
+            "--api-token",
+            TOKEN,
+            "--max-tails",
+            "2",
+            "--max-wildcard-tails",
+            "3",
+            "--tail-buffer-bytes",
+            "65536",
+        ])
+        .into_config()
+        .expect_err("invalid");
+        let msg = err.to_string();
+        for needle in [
+            "max_wildcard_tails 3 exceeds max_tails 2",
+            "tail_buffer_bytes",
+        ] {
+            assert!(msg.contains(needle), "{needle} missing from {msg}");
+        }
+        for (flag, value) in [
+            ("--max-tails", "0"),
+            ("--max-wildcard-tails", "0"),
+            ("--max-tails", "65537"),
+        ] {
+            let err = cli(&["--api-token", TOKEN, flag, value])
+                .into_config()
+                .expect_err("out of range");
+            assert!(
+                err.to_string().contains(&flag[2..].replace('-', "_")),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -14,6 +14,11 @@ use utoipa::ToSchema;
 /// Seconds a caller should wait before retrying a `device_busy` answer.
 pub const BUSY_RETRY_AFTER_S: u64 = 1;
 
+/// Seconds a caller should wait before retrying a `too_many_tails` answer: a slot frees only when
+/// another tail's client leaves, typically after minutes of debugging, so a tight retry loop would
+/// only add load.
+pub const TAILS_RETRY_AFTER_S: u64 = 5;
+
 /// The body of every error response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
@@ -63,6 +68,17 @@ pub enum ApiError {
     DeviceBusy {
         /// Gateway's reason.
         reason: String,
+    },
+    /// Opening one more SSE tail would exceed `max_tails`, or for a `-` tail `max_wildcard_tails`.
+    #[error(
+        "too many {} tails are open (at most {limit}); retry after {TAILS_RETRY_AFTER_S}s",
+        if *every_device { "every-device (`-`)" } else { "uplink" }
+    )]
+    TooManyTails {
+        /// The limit that was reached.
+        limit: usize,
+        /// Whether it was the limit of `-` tails.
+        every_device: bool,
     },
     /// The gateway wrote the frame but the device did not ACK in the gateway's ack timeout.
     #[error("the device did not acknowledge in time ({reason})")]
@@ -124,7 +140,9 @@ impl ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
             ApiError::DeviceOffline(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::DeviceBusy { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::DeviceBusy { .. } | ApiError::TooManyTails { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::DeviceTimeout { .. }
             | ApiError::Timeout(_)
             | ApiError::RequestTimeout(_)
@@ -148,6 +166,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } | ApiError::BodyTooLarge(_) => "payload_too_large",
             ApiError::DeviceOffline(_) => "device_offline",
             ApiError::DeviceBusy { .. } => "device_busy",
+            ApiError::TooManyTails { .. } => "too_many_tails",
             ApiError::DeviceTimeout { .. } => "device_timeout",
             ApiError::Timeout(_) | ApiError::BulkInFlight(_) => "timeout",
             ApiError::DeliveryFailed { .. } => "delivery_failed",
@@ -187,6 +206,11 @@ impl IntoResponse for ApiError {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(BUSY_RETRY_AFTER_S));
+            }
+            ApiError::TooManyTails { .. } => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(TAILS_RETRY_AFTER_S));
             }
             _ => {}
         }
@@ -243,6 +267,14 @@ mod tests {
                 },
                 429,
                 "device_busy",
+            ),
+            (
+                ApiError::TooManyTails {
+                    limit: 4,
+                    every_device: true,
+                },
+                429,
+                "too_many_tails",
             ),
             (ApiError::Timeout(5), 504, "timeout"),
             (

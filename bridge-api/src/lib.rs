@@ -32,9 +32,10 @@ use crate::bus::{Bus, BusError};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+use crate::routes::tail::TailLimits;
 
 /// What every handler shares: the validated config, the NATS connection, the callers' auth,
-/// the metrics and the shutdown token (which ends SSE streams).
+/// the metrics, the SSE tail limits and the shutdown token (which ends SSE streams).
 #[derive(Clone)]
 pub struct AppState(Arc<Shared>);
 
@@ -48,6 +49,8 @@ pub struct Shared {
     pub auth: ApiAuth,
     /// Metric handles.
     pub metrics: Metrics,
+    /// Slots for concurrent SSE tails (`max_tails`, `max_wildcard_tails`).
+    pub tails: TailLimits,
     /// Cancelled on shutdown; long-lived responses (SSE) end with it.
     pub shutdown: CancellationToken,
 }
@@ -56,11 +59,13 @@ impl AppState {
     /// Bundles the parts every handler needs.
     pub fn new(config: Config, bus: Bus, shutdown: CancellationToken) -> Self {
         let auth = ApiAuth::new(&config.api_tokens, config.insecure_no_auth);
+        let tails = TailLimits::new(&config);
         AppState(Arc::new(Shared {
             config,
             bus,
             auth,
             metrics: Metrics::new(),
+            tails,
             shutdown,
         }))
     }

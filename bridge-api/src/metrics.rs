@@ -1,5 +1,5 @@
-//! Prometheus metrics of bridge-api: requests by route and status, latency, and what the SSE
-//! drop policy threw away.
+//! Prometheus metrics of bridge-api: requests by route and status, latency, the open SSE tails
+//! and what the SSE drop policy threw away.
 //!
 //! The route label is the matched route template (`/v1/devices/{id}/messages`), never the raw
 //! path, so device ids cannot explode the label space.
@@ -13,6 +13,7 @@ use axum::response::Response;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -26,6 +27,11 @@ struct RequestLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
     route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TailLabels {
+    kind: &'static str,
 }
 
 type HistogramFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
@@ -42,6 +48,7 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     latency: HistogramFamily,
     sse_dropped: Counter,
+    sse_tails: Family<TailLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -72,11 +79,22 @@ impl Metrics {
             "Uplink events dropped because an SSE client read too slowly",
             sse_dropped.clone(),
         );
+        let sse_tails = Family::<TailLabels, Gauge>::default();
+        registry.register(
+            "sse_tails",
+            "Open SSE uplink tails, by kind (device: one device, all: `-`)",
+            sse_tails.clone(),
+        );
+        // Both kinds from the start, so a dashboard sees 0 rather than no series.
+        for kind in ["device", "all"] {
+            let _ = sse_tails.get_or_create(&TailLabels { kind });
+        }
         Metrics {
             registry: Arc::new(registry),
             requests,
             latency,
             sse_dropped,
+            sse_tails,
         }
     }
 
@@ -88,6 +106,12 @@ impl Metrics {
     /// Counts events the SSE drop policy discarded.
     pub fn sse_dropped(&self, n: u64) {
         self.sse_dropped.inc_by(n);
+    }
+
+    /// The gauge of open tails of one kind (`device` or `all`).
+    pub fn sse_tails(&self, every_device: bool) -> Gauge {
+        let kind = if every_device { "all" } else { "device" };
+        self.sse_tails.get_or_create(&TailLabels { kind }).clone()
     }
 }
 

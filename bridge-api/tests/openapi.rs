@@ -52,7 +52,7 @@ fn document_lists_the_error_statuses_handlers_can_return() {
             &["404", "413", "429", "500", "502", "504"],
         ),
         ("/v1/messages", "post", &["413", "504"]),
-        ("/v1/devices/{id}/messages", "get", &["500", "504"]),
+        ("/v1/devices/{id}/messages", "get", &["429", "500", "504"]),
         ("/v1/devices/{id}", "get", &["500", "502", "504"]),
         (
             "/v1/devices/{id}/session",
@@ -81,4 +81,12 @@ fn document_lists_the_error_statuses_handlers_can_return() {
         .as_str()
         .unwrap_or_default();
     assert!(bulk_200.contains("deadline"), "{bulk_200}");
+    let tail_429 = &doc["paths"]["/v1/devices/{id}/messages"]["get"]["responses"]["429"];
+    assert!(
+        tail_429["description"]
+            .as_str()
+            .is_some_and(|d| d.contains("too_many_tails")),
+        "{tail_429}"
+    );
+    assert!(tail_429["headers"]["Retry-After"].is_object(), "{tail_429}");
 }

@@ -2,13 +2,20 @@
 //! (`-` as the id tails every device), for debugging with `curl -N`.
 //!
 //! NATS must never wait for a slow HTTP client: a forwarding task moves messages from the
-//! subscription into a bounded buffer with `try_send`; when the buffer is full the newest
-//! message is dropped and counted, and the client gets a `lagged` event saying how many it
-//! missed. The subscription ends when the client disconnects or the server shuts down.
+//! subscription into a buffer bounded in messages (`sse_buffer`) and in bytes
+//! (`tail_buffer_bytes`) without ever waiting; when either bound is reached the newest message is
+//! dropped and counted, and the client gets a `lagged` event saying how many it missed. The
+//! subscription ends when the client disconnects or the server shuts down.
+//!
+//! Each tail holds a buffer and a subscription, and a `-` tail carries the whole fleet's uplink,
+//! so their number is bounded too: at most `max_tails` at once, of which at most
+//! `max_wildcard_tails` `-` tails; one more is refused with 429 `too_many_tails`. The slot is
+//! held by the response stream, so it is freed when that stream is dropped: the client left,
+//! the server shut down, or the handler gave up before answering.
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_nats::{Message, Subscriber};
@@ -18,13 +25,15 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use base64::Engine;
 use devgate_gateway::contract::{headers, subjects};
 use futures::{Stream, StreamExt};
+use prometheus_client::metrics::gauge::Gauge;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 
 use crate::AppState;
+use crate::config::Config;
 use crate::error::{ApiError, ErrorBody};
 use crate::metrics::Metrics;
 use crate::routes::{bus_error, device_id};
@@ -58,8 +67,101 @@ pub struct UplinkEvent {
 /// The data of a `lagged` event.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Lagged {
-    /// Uplink messages dropped because this client read too slowly.
+    /// Uplink messages dropped because this client read too slowly (its buffer was full, in
+    /// messages or bytes).
     pub dropped: u64,
+}
+
+/// The slots for concurrent tails: every tail takes one of `max_tails`, a `-` tail also one of
+/// `max_wildcard_tails`. Refusing at once (never queueing) keeps a burst of tails from holding
+/// requests open.
+pub struct TailLimits {
+    all: Arc<Semaphore>,
+    every_device: Arc<Semaphore>,
+    max_tails: usize,
+    max_wildcard_tails: usize,
+}
+
+impl TailLimits {
+    /// The slots `config` allows.
+    pub fn new(config: &Config) -> Self {
+        // Validation keeps both far below the semaphore's maximum; the `min` only makes an
+        // unvalidated config unable to panic here.
+        let permits = |n: usize| n.min(Semaphore::MAX_PERMITS);
+        TailLimits {
+            all: Arc::new(Semaphore::new(permits(config.max_tails))),
+            every_device: Arc::new(Semaphore::new(permits(config.max_wildcard_tails))),
+            max_tails: config.max_tails,
+            max_wildcard_tails: config.max_wildcard_tails,
+        }
+    }
+
+    /// Takes a slot for one tail, or says which limit is reached.
+    fn acquire(&self, every_device: bool, metrics: &Metrics) -> Result<TailSlot, ApiError> {
+        // The semaphores are never closed, so a failure always means "no permit left".
+        let wildcard = if every_device {
+            let permit = self.every_device.clone().try_acquire_owned().map_err(|_| {
+                ApiError::TooManyTails {
+                    limit: self.max_wildcard_tails,
+                    every_device: true,
+                }
+            })?;
+            Some(permit)
+        } else {
+            None
+        };
+        let all = self
+            .all
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::TooManyTails {
+                limit: self.max_tails,
+                every_device: false,
+            })?;
+        let open = metrics.sse_tails(every_device);
+        open.inc();
+        Ok(TailSlot {
+            _all: all,
+            _wildcard: wildcard,
+            _open: OpenTail(open),
+        })
+    }
+}
+
+/// One open tail's slot. Owned by the response stream, so dropping the stream (client gone,
+/// shutdown) frees the permits and lowers the `sse_tails` gauge. Fields drop in declaration
+/// order: the permits are free before the gauge says so, so whoever waits on the gauge can open
+/// a tail at once.
+struct TailSlot {
+    _all: OwnedSemaphorePermit,
+    _wildcard: Option<OwnedSemaphorePermit>,
+    _open: OpenTail,
+}
+
+/// Counts one tail in the `sse_tails` gauge while it lives.
+struct OpenTail(Gauge);
+
+impl Drop for OpenTail {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// What the forwarding task and the response stream of one tail share besides the channel.
+#[derive(Default)]
+struct Backlog {
+    /// Bytes of the messages in the channel ([`cost`] each). Only the forwarding task adds
+    /// (before sending) and only the stream subtracts (after receiving), so the count never
+    /// underflows and a check that passed stays true until the add.
+    bytes: AtomicUsize,
+    /// Messages dropped since the last `lagged` event.
+    dropped: AtomicU64,
+}
+
+/// What a buffered message counts against `tail_buffer_bytes`: its NATS wire size (payload,
+/// headers, subject), which its memory is close to.
+fn cost(message: &Message) -> usize {
+    message.length
 }
 
 /// Streams a device's uplink (or every device's, with id `-`) as Server-Sent Events:
@@ -74,6 +176,8 @@ pub struct Lagged {
         (status = 200, description = "An endless SSE stream of uplink events", content_type = "text/event-stream", body = UplinkEvent),
         (status = 400, description = "Bad device id", body = ErrorBody),
         (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 429, description = "`too_many_tails`: --max-tails tails are already open, or for `-` --max-wildcard-tails every-device tails; see Retry-After", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
         (status = 500, description = "`internal`: the subscription could not be made", body = ErrorBody),
         (status = 503, description = "`nats_unavailable`", body = ErrorBody),
         (status = 504, description = "`timeout`: NATS did not confirm the subscription within the default timeout, or `request_timeout`: no response head within --request-timeout-ms", body = ErrorBody),
@@ -84,11 +188,14 @@ pub async fn tail_device(
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let Path(id) = id?;
-    let subject = if id == ALL_DEVICES {
+    let every_device = id == ALL_DEVICES;
+    let subject = if every_device {
         subjects::ALL_UP.to_owned()
     } else {
         subjects::up(&device_id(&id)?)
     };
+    // Before subscribing: a refused tail costs NATS nothing.
+    let slot = state.tails.acquire(every_device, &state.metrics)?;
     let subscriber = state
         .bus
         .subscribe(subject.clone())
@@ -103,38 +210,49 @@ pub async fn tail_device(
         .map_err(bus_error)?;
     tracing::info!(%subject, "SSE tail started");
     let (tx, rx) = mpsc::channel(state.config.sse_buffer);
-    let dropped = Arc::new(AtomicU64::new(0));
+    let backlog = Arc::new(Backlog::default());
     tokio::spawn(forward(
         subscriber,
         tx,
-        dropped.clone(),
+        backlog.clone(),
+        state.config.tail_buffer_bytes,
         state.metrics.clone(),
         state.shutdown.clone(),
     ));
-    let events = futures::stream::unfold((rx, dropped), |(mut rx, dropped)| async move {
-        let message = rx.recv().await?;
-        let mut out = Vec::with_capacity(2);
-        let lost = dropped.swap(0, Ordering::Relaxed);
-        if lost > 0 {
-            out.push(json_event("lagged", &Lagged { dropped: lost }));
-        }
-        out.push(uplink_event(&message));
-        Some((futures::stream::iter(out), (rx, dropped)))
-    })
-    .flatten()
-    .map(Ok);
+    // The slot lives in the stream's state: it is freed exactly when the stream is dropped.
+    let events =
+        futures::stream::unfold((rx, backlog, slot), |(mut rx, backlog, slot)| async move {
+            let message = rx.recv().await?;
+            backlog.bytes.fetch_sub(cost(&message), Ordering::AcqRel);
+            let mut out = Vec::with_capacity(2);
+            let lost = backlog.dropped.swap(0, Ordering::Relaxed);
+            if lost > 0 {
+                out.push(json_event("lagged", &Lagged { dropped: lost }));
+            }
+            out.push(uplink_event(&message));
+            Some((futures::stream::iter(out), (rx, backlog, slot)))
+        })
+        .flatten()
+        .map(Ok);
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
 }
 
 /// Moves messages from NATS to the client's buffer until the client leaves (the receiver is
-/// dropped) or shutdown; then unsubscribes, which also ends the SSE stream.
+/// dropped) or shutdown; then unsubscribes, which also ends the SSE stream. A message that would
+/// take the buffer past `max_bytes` is dropped like one that finds it full of messages (so one
+/// larger than `max_bytes` is always dropped; validation keeps gateway uplinks below it).
 async fn forward(
     mut subscriber: Subscriber,
     tx: mpsc::Sender<Message>,
-    dropped: Arc<AtomicU64>,
+    backlog: Arc<Backlog>,
+    max_bytes: usize,
     metrics: Metrics,
     shutdown: CancellationToken,
 ) {
+    let lose = |metrics: &Metrics| {
+        backlog.dropped.fetch_add(1, Ordering::Relaxed);
+        metrics.sse_dropped(1);
+    };
     loop {
         let message = tokio::select! {
             m = subscriber.next() => m,
@@ -142,12 +260,20 @@ async fn forward(
             () = shutdown.cancelled() => break,
         };
         let Some(message) = message else { break };
+        // Drop the newest: NATS is never made to wait for an HTTP client.
+        let size = cost(&message);
+        let buffered = backlog.bytes.load(Ordering::Acquire);
+        if buffered.saturating_add(size) > max_bytes {
+            lose(&metrics);
+            continue;
+        }
+        // Counted before sending, so the stream never subtracts what was not yet added.
+        backlog.bytes.fetch_add(size, Ordering::AcqRel);
         match tx.try_send(message) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
-                // Drop the newest: NATS is never made to wait for an HTTP client.
-                dropped.fetch_add(1, Ordering::Relaxed);
-                metrics.sse_dropped(1);
+                backlog.bytes.fetch_sub(size, Ordering::AcqRel);
+                lose(&metrics);
             }
             Err(TrySendError::Closed(_)) => break,
         }
