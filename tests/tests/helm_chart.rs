@@ -1428,6 +1428,12 @@ fn bad_values_fail_with_a_clear_message() {
             vec!["secrets.nats.sysPassword=p@ss;word"],
             "secrets.nats.sysPassword must start with a letter",
         ),
+        (vec!["networkPolicy=null"], "--reset-then-reuse-values"),
+        // hostNetwork nginx dials the gateways from node addresses: a policy must name them.
+        (
+            vec!["nginx.hostNetwork=true"],
+            "set networkPolicy.gateway.deviceFrom",
+        ),
         (vec!["nginx.healthPort=7000"], "must differ from nginx.port"),
         (vec!["nginx.healthPort=9092"], "must differ from nginx.port"),
         (vec!["gateway.heartbeatS=60"], "proxyTimeoutS"),
@@ -1503,6 +1509,7 @@ fn notes_tell_how_to_connect_a_device_curl_the_bridge_and_use_the_nats_cli() {
                 "device-auth-secret",
                 "devgate-device-tls -o jsonpath='{.data.ca\\.crt}'",
                 "--tls-ca device-ca.crt --tls-server-name devgate-nginx --devices 3",
+                "carry the label(s) devgate.io/nats-client=true",
             ],
         ),
         (
@@ -1820,4 +1827,607 @@ fn an_upgrade_refuses_to_replace_or_misuse_the_kept_device_ca() {
     let error = try_template(&given, &["nginx.tls.keyAlgorithm=rsa"])
         .expect_err("rsa with an ECDSA CA in values");
     assert!(error.contains("has an ecdsa key"), "{error}");
+}
+
+/// Whether a Kubernetes label selector (`matchLabels`, `matchExpressions`) selects `labels`.
+/// An absent or empty selector selects everything.
+fn selector_matches(selector: &Value, labels: &BTreeMap<String, String>) -> bool {
+    let match_labels = selector["matchLabels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k).map(String::as_str) == Some(v.as_str().expect("label value")));
+    let match_expressions = selector["matchExpressions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .all(|e| {
+            let key = e["key"].as_str().expect("key");
+            let values: Vec<&str> = e["values"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|v| v.as_str().expect("value"))
+                .collect();
+            let value = labels.get(key).map(String::as_str);
+            match e["operator"].as_str().expect("operator") {
+                "In" => value.is_some_and(|v| values.contains(&v)),
+                "NotIn" => !value.is_some_and(|v| values.contains(&v)),
+                "Exists" => value.is_some(),
+                "DoesNotExist" => value.is_none(),
+                op => panic!("unknown operator {op}"),
+            }
+        });
+    match_labels && match_expressions
+}
+
+fn labels_of(v: &Value) -> BTreeMap<String, String> {
+    v.as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.as_str().expect("label").to_owned()))
+        .collect()
+}
+
+fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+/// Where a connection comes from: a pod (namespace, labels) or an address outside the pod
+/// network (a node, a device).
+#[derive(Debug, Clone)]
+enum Source {
+    Pod {
+        namespace: String,
+        labels: BTreeMap<String, String>,
+    },
+    Ip(std::net::Ipv4Addr),
+}
+
+fn pod_in(namespace: &str, pairs: &[(&str, &str)]) -> Source {
+    Source::Pod {
+        namespace: namespace.to_owned(),
+        labels: labels(pairs),
+    }
+}
+
+/// A pod of the release: the labels of a rendered workload's pod template.
+fn chart_pod(docs: &[Value], kind_: &str, name: &str) -> Source {
+    Source::Pod {
+        namespace: NAMESPACE.to_owned(),
+        labels: labels_of(&one(docs, kind_, name)["spec"]["template"]["metadata"]["labels"]),
+    }
+}
+
+fn ip(s: &str) -> Source {
+    Source::Ip(s.parse().expect("IPv4 address"))
+}
+
+fn in_cidr(addr: std::net::Ipv4Addr, cidr: &str) -> bool {
+    let (net, bits) = cidr.split_once('/').expect("CIDR");
+    let net: std::net::Ipv4Addr = net.parse().expect("IPv4 CIDR");
+    let bits: u32 = bits.parse().expect("prefix length");
+    let mask = u32::MAX.checked_shl(32 - bits).unwrap_or(0);
+    u32::from(addr) & mask == u32::from(net) & mask
+}
+
+/// NetworkPolicyPeer semantics, for a policy in the release namespace: a podSelector alone
+/// means that namespace's pods, a namespaceSelector selects namespaces by their labels (here
+/// the automatic `kubernetes.io/metadata.name`), both together select pods in those
+/// namespaces; an ipBlock matches addresses outside the pod network.
+fn peer_matches(peer: &Value, source: &Source) -> bool {
+    match source {
+        Source::Ip(addr) => {
+            peer["ipBlock"].is_object() && {
+                let block = &peer["ipBlock"];
+                in_cidr(*addr, block["cidr"].as_str().expect("cidr"))
+                    && !block["except"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|e| in_cidr(*addr, e.as_str().expect("except")))
+            }
+        }
+        Source::Pod { namespace, labels } => {
+            if peer["ipBlock"].is_object() {
+                // Pod addresses are for selectors (CNIs differ on ipBlock of pod IPs).
+                return false;
+            }
+            let namespace_ok = if peer["namespaceSelector"].is_object() {
+                selector_matches(
+                    &peer["namespaceSelector"],
+                    &self::labels(&[("kubernetes.io/metadata.name", namespace)]),
+                )
+            } else {
+                namespace == NAMESPACE
+            };
+            namespace_ok && selector_matches(&peer["podSelector"], labels)
+        }
+    }
+}
+
+/// Whether `source` may open a TCP connection to the container port named `port` of the pods
+/// of workload `kind_`/`name`, by the render's NetworkPolicies: allowed when no policy selects
+/// the pods for ingress, else when a rule of one that does admits port and source.
+fn ingress_allowed(docs: &[Value], kind_: &str, name: &str, port: &str, source: &Source) -> bool {
+    let workload = one(docs, kind_, name);
+    let pod_labels = labels_of(&workload["spec"]["template"]["metadata"]["labels"]);
+    let container_port = workload["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .expect("containers")
+        .iter()
+        .flat_map(|c| c["ports"].as_array().into_iter().flatten())
+        .find(|p| p["name"] == port)
+        .unwrap_or_else(|| panic!("{name} has no port {port}"));
+    let number = container_port["containerPort"].as_u64().expect("port");
+    let protocol = container_port["protocol"].as_str().unwrap_or("TCP");
+    let policies: Vec<&Value> = kind(docs, "NetworkPolicy")
+        .into_iter()
+        .filter(|p| selector_matches(&p["spec"]["podSelector"], &pod_labels))
+        .filter(|p| {
+            p["spec"]["policyTypes"]
+                .as_array()
+                .is_none_or(|t| t.iter().any(|t| t == "Ingress"))
+        })
+        .collect();
+    if policies.is_empty() {
+        return true;
+    }
+    policies.iter().any(|p| {
+        p["spec"]["ingress"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|rule| {
+                let ports_ok = rule["ports"].as_array().is_none_or(|ports| {
+                    ports.is_empty()
+                        || ports.iter().any(|rp| {
+                            rp["protocol"].as_str().unwrap_or("TCP") == protocol
+                                && match &rp["port"] {
+                                    Value::Null => true,
+                                    Value::String(n) => n == port,
+                                    Value::Number(n) => {
+                                        let start = n.as_u64().expect("port");
+                                        let end = rp["endPort"].as_u64().unwrap_or(start);
+                                        (start..=end).contains(&number)
+                                    }
+                                    other => panic!("bad port {other}"),
+                                }
+                        })
+                });
+                let from_ok = rule["from"].as_array().is_none_or(|from| {
+                    from.is_empty() || from.iter().any(|peer| peer_matches(peer, source))
+                });
+                ports_ok && from_ok
+            })
+    })
+}
+
+/// Each NetworkPolicy selects the pods of exactly one workload, the one of its own name, and
+/// every workload's pods are selected by exactly one (hostNetwork pods, which NetworkPolicy
+/// does not isolate, by none).
+fn check_policy_selection(c: &Combo, docs: &[Value]) {
+    let policies = kind(docs, "NetworkPolicy");
+    for (workload, spec) in pod_specs(docs) {
+        let name = workload["metadata"]["name"].as_str().expect("name");
+        let pod_labels = labels_of(&workload["spec"]["template"]["metadata"]["labels"]);
+        let selecting: Vec<&str> = policies
+            .iter()
+            .filter(|p| selector_matches(&p["spec"]["podSelector"], &pod_labels))
+            .map(|p| p["metadata"]["name"].as_str().expect("name"))
+            .collect();
+        if spec["hostNetwork"] == true {
+            assert!(selecting.is_empty(), "{}: {name} is hostNetwork", c.name);
+        } else {
+            assert_eq!(
+                selecting,
+                vec![name],
+                "{}: policies selecting {name}",
+                c.name
+            );
+        }
+    }
+    for p in &policies {
+        assert_eq!(
+            p["metadata"].get("namespace"),
+            None,
+            "in the release namespace"
+        );
+        assert!(
+            !p["spec"]["podSelector"]["matchLabels"]
+                .as_object()
+                .is_none_or(|m| m.is_empty()),
+            "{}: {} must not select every pod",
+            c.name,
+            p["metadata"]["name"]
+        );
+        for rule in p["spec"]["ingress"].as_array().expect("ingress rules") {
+            assert!(
+                rule["ports"].as_array().is_some_and(|p| !p.is_empty()),
+                "{}: every rule names its ports: {rule}",
+                c.name
+            );
+        }
+    }
+}
+
+#[test]
+fn network_policies_select_each_workload_and_admit_only_the_intended_peers() {
+    let outsider = pod_in("other", &[("app", "curious")]);
+    let neighbour = pod_in(NAMESPACE, &[("app", "neighbour")]);
+    let device = ip("203.0.113.9");
+    let node = ip("10.0.3.7");
+    for c in combos() {
+        let docs = render(&c, &[]);
+        check_policy_selection(&c, &docs);
+        let allowed = |kind_: &str, name: &str, port: &str, source: &Source| {
+            ingress_allowed(&docs, kind_, &full(name), port, source)
+        };
+        let gateway = chart_pod(&docs, "Deployment", &full("gateway"));
+        let bridge = kind(&docs, "Deployment")
+            .iter()
+            .any(|d| d["metadata"]["name"] == full("bridge-api"))
+            .then(|| chart_pod(&docs, "Deployment", &full("bridge-api")));
+        let peers_combo = c.name == "networkpolicy-peers-values";
+        // Prometheus: a pod of the release namespace, or of its own namespace where so set.
+        let prometheus = if peers_combo {
+            pod_in("monitoring", &[("app.kubernetes.io/name", "prometheus")])
+        } else {
+            neighbour.clone()
+        };
+
+        // The gateways' device port: the load balancer, and nobody else.
+        let nginx = kind(&docs, "Deployment")
+            .into_iter()
+            .find(|d| d["metadata"]["name"] == full("nginx"));
+        // With the ingress controller in the release namespace and no
+        // networkPolicy.ingressController.podSelector, that namespace's pods are the peer (the
+        // documented default): the release's own pods are then not told apart from it.
+        let mut namespace_wide = false;
+        let balancer = match nginx {
+            Some(n) if n["spec"]["template"]["spec"]["hostNetwork"] == true => node.clone(),
+            Some(_) => chart_pod(&docs, "Deployment", &full("nginx")),
+            None => {
+                let lb = container(one(&docs, "Deployment", &full("lb-sync")), "lb-sync");
+                let namespace = env_value(lb, "DEVGATE_CONFIGMAP_NAMESPACE");
+                let controller = pod_in(&namespace, &[("app.kubernetes.io/name", "nginx-ingress")]);
+                let other = pod_in(&namespace, &[("app.kubernetes.io/name", "cert-manager")]);
+                // The controller's namespace only; its other pods too unless narrowed.
+                assert_eq!(
+                    allowed("Deployment", "gateway", "device", &other),
+                    !peers_combo,
+                    "{}",
+                    c.name
+                );
+                namespace_wide = namespace == NAMESPACE && !peers_combo;
+                controller
+            }
+        };
+        assert!(
+            allowed("Deployment", "gateway", "device", &balancer),
+            "{}: the load balancer reaches the gateways",
+            c.name
+        );
+        let release_pods: Vec<&Source> = if namespace_wide {
+            vec![]
+        } else {
+            [&neighbour, &gateway]
+                .into_iter()
+                .chain(bridge.as_ref())
+                .collect()
+        };
+        for source in [&outsider, &device].into_iter().chain(release_pods) {
+            assert!(
+                !allowed("Deployment", "gateway", "device", source),
+                "{}: {source:?} must not reach the gateways' device port",
+                c.name
+            );
+        }
+        if c.name == "hostnetwork-values" {
+            // Addresses outside networkPolicy.gateway.deviceFrom stay out.
+            assert!(!allowed("Deployment", "gateway", "device", &ip("10.1.0.1")));
+        }
+
+        // Metrics and health: monitoring only.
+        let mut metrics = vec![("Deployment", "gateway", "http")];
+        if bridge.is_some() {
+            metrics.push(("Deployment", "bridge-api", "http"));
+        }
+        match nginx {
+            Some(n) if n["spec"]["template"]["spec"]["hostNetwork"] != true => {
+                metrics.push(("Deployment", "nginx", "health"));
+                metrics.push(("Deployment", "nginx", "http"));
+            }
+            Some(_) => {}
+            None => metrics.push(("Deployment", "lb-sync", "http")),
+        }
+        for (kind_, name, port) in metrics {
+            assert!(
+                allowed(kind_, name, port, &prometheus),
+                "{}: monitoring reaches {name}:{port}",
+                c.name
+            );
+            assert!(
+                !allowed(kind_, name, port, &outsider),
+                "{}: {name}:{port} closed to other namespaces",
+                c.name
+            );
+            assert!(
+                !allowed(kind_, name, port, &device),
+                "{}: {name}:{port} closed outside the cluster",
+                c.name
+            );
+            if peers_combo && name != "bridge-api" {
+                assert!(
+                    !allowed(kind_, name, port, &neighbour),
+                    "{}: monitoring.allowNamespace=false closes {name}:{port}",
+                    c.name
+                );
+            }
+        }
+
+        // nginx's device port is the public entry.
+        if let Some(n) = nginx
+            && n["spec"]["template"]["spec"]["hostNetwork"] != true
+        {
+            for source in [&device, &outsider, &neighbour] {
+                assert!(
+                    allowed("Deployment", "nginx", "device", source),
+                    "{}",
+                    c.name
+                );
+            }
+        }
+
+        // bridge-api: the namespace (and configured callers), not the world.
+        if bridge.is_some() {
+            assert!(
+                allowed("Deployment", "bridge-api", "http", &neighbour),
+                "{}",
+                c.name
+            );
+            let backend = pod_in("backend", &[("app", "orders")]);
+            assert_eq!(
+                allowed("Deployment", "bridge-api", "http", &backend),
+                peers_combo,
+                "{}: callers of networkPolicy.bridgeApi.from",
+                c.name
+            );
+        }
+
+        // The in-cluster NATS: clients on 4222, routes on 6222, monitoring closed by default.
+        if kind(&docs, "StatefulSet").is_empty() {
+            continue;
+        }
+        let nats = chart_pod(&docs, "StatefulSet", &full("nats"));
+        let nats_allowed =
+            |port: &str, source: &Source| allowed("StatefulSet", "nats", port, source);
+        let labelled_client = pod_in(NAMESPACE, &[("devgate.io/nats-client", "true")]);
+        for source in [&gateway, &labelled_client]
+            .into_iter()
+            .chain(bridge.as_ref())
+        {
+            assert!(
+                nats_allowed("client", source),
+                "{}: {source:?} is a NATS client",
+                c.name
+            );
+        }
+        let labelled_elsewhere = pod_in("other", &[("devgate.io/nats-client", "true")]);
+        for source in [
+            &neighbour,
+            &outsider,
+            &labelled_elsewhere,
+            &device,
+            &balancer,
+        ] {
+            assert!(
+                !nats_allowed("client", source),
+                "{}: {source:?} must not reach NATS' client port",
+                c.name
+            );
+        }
+        let backend = pod_in("backend", &[("app", "orders")]);
+        assert_eq!(nats_allowed("client", &backend), peers_combo, "{}", c.name);
+        assert!(
+            nats_allowed("cluster", &nats),
+            "{}: routes between NATS pods",
+            c.name
+        );
+        for source in [&gateway, &neighbour, &labelled_client, &outsider, &node] {
+            assert!(
+                !nats_allowed("cluster", source),
+                "{}: {source:?} must not reach NATS' route port",
+                c.name
+            );
+        }
+        for source in [&nats, &gateway, &neighbour, &prometheus, &outsider, &node] {
+            assert!(
+                !nats_allowed("monitor", source),
+                "{}: {source:?} must not reach NATS monitoring (/subsz lists the devices)",
+                c.name
+            );
+        }
+        let exporter = pod_in(
+            "monitoring",
+            &[("app.kubernetes.io/name", "prometheus-nats-exporter")],
+        );
+        assert_eq!(
+            nats_allowed("monitor", &exporter),
+            peers_combo,
+            "{}",
+            c.name
+        );
+    }
+}
+
+#[test]
+fn network_policies_follow_their_values_and_disappear_when_disabled() {
+    let default = combo("default");
+    for c in combos() {
+        let docs = render(&c, &["networkPolicy.enabled=false"]);
+        assert!(kind(&docs, "NetworkPolicy").is_empty(), "{}", c.name);
+    }
+    // Disabled, hostNetwork nginx needs no deviceFrom.
+    let docs = render(
+        &default,
+        &["networkPolicy.enabled=false", "nginx.hostNetwork=true"],
+    );
+    assert!(kind(&docs, "NetworkPolicy").is_empty());
+
+    let default_docs = render(&default, &[]);
+    let names: BTreeSet<&str> = kind(&default_docs, "NetworkPolicy")
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().expect("name"))
+        .collect();
+    let expected: BTreeSet<String> = ["gateway", "bridge-api", "nginx", "nats"]
+        .iter()
+        .map(|n| full(n))
+        .collect();
+    assert_eq!(
+        names,
+        expected.iter().map(String::as_str).collect(),
+        "rendered by default"
+    );
+
+    // A bridge-api Service exposed outside the cluster is reachable from outside.
+    let docs = render(&default, &["bridgeApi.service.type=LoadBalancer"]);
+    let bridge = full("bridge-api");
+    assert!(ingress_allowed(
+        &docs,
+        "Deployment",
+        &bridge,
+        "http",
+        &ip("198.51.100.4")
+    ));
+    assert!(!ingress_allowed(
+        &default_docs,
+        "Deployment",
+        &bridge,
+        "http",
+        &ip("198.51.100.4")
+    ));
+
+    // No monitoring peers at all: the metrics ports close, nothing else opens.
+    let docs = render(&default, &["networkPolicy.monitoring.allowNamespace=false"]);
+    let neighbour = pod_in(NAMESPACE, &[("app", "neighbour")]);
+    let gateway = full("gateway");
+    assert!(!ingress_allowed(
+        &docs,
+        "Deployment",
+        &gateway,
+        "http",
+        &neighbour
+    ));
+    assert!(!ingress_allowed(
+        &docs,
+        "Deployment",
+        &full("nginx"),
+        "http",
+        &neighbour
+    ));
+    assert!(ingress_allowed(
+        &docs,
+        "Deployment",
+        &bridge,
+        "http",
+        &neighbour
+    ));
+    // No callers for bridge-api either: closed, not open to all.
+    let docs = render(
+        &default,
+        &[
+            "networkPolicy.monitoring.allowNamespace=false",
+            "networkPolicy.bridgeApi.allowNamespace=false",
+        ],
+    );
+    assert!(!ingress_allowed(
+        &docs,
+        "Deployment",
+        &bridge,
+        "http",
+        &neighbour
+    ));
+    assert!(!ingress_allowed(
+        &docs,
+        "Deployment",
+        &bridge,
+        "http",
+        &ip("198.51.100.4")
+    ));
+
+    // No NATS client label: only devgate's own pods.
+    let docs = render(&default, &["networkPolicy.nats.clientPodLabels=null"]);
+    let labelled = pod_in(NAMESPACE, &[("devgate.io/nats-client", "true")]);
+    let nats = full("nats");
+    assert!(!ingress_allowed(
+        &docs,
+        "StatefulSet",
+        &nats,
+        "client",
+        &labelled
+    ));
+    let gw_pod = chart_pod(&docs, "Deployment", &gateway);
+    assert!(ingress_allowed(
+        &docs,
+        "StatefulSet",
+        &nats,
+        "client",
+        &gw_pod
+    ));
+
+    // The ingress controller in the release namespace: by default its namespace's pods; with
+    // networkPolicy.ingressController.podSelector, its own only.
+    let docs = render(&combo("ingress-controller-values"), &[]);
+    assert!(ingress_allowed(
+        &docs,
+        "Deployment",
+        &gateway,
+        "device",
+        &neighbour
+    ));
+    let docs = render(
+        &combo("ingress-controller-values"),
+        &["networkPolicy.ingressController.podSelector.matchLabels.app=nginx-ingress"],
+    );
+    let controller = pod_in(NAMESPACE, &[("app", "nginx-ingress")]);
+    assert!(ingress_allowed(
+        &docs,
+        "Deployment",
+        &gateway,
+        "device",
+        &controller
+    ));
+    assert!(!ingress_allowed(
+        &docs,
+        "Deployment",
+        &gateway,
+        "device",
+        &neighbour
+    ));
+    assert!(!ingress_allowed(
+        &docs,
+        "Deployment",
+        &gateway,
+        "device",
+        &pod_in("ingress-nginx", &[])
+    ));
+    let docs = render(&combo("ingress-controller-other-namespace-values"), &[]);
+    assert!(ingress_allowed(
+        &docs,
+        "Deployment",
+        &gateway,
+        "device",
+        &pod_in("ingress-nginx", &[("app", "anything")])
+    ));
+    assert!(!ingress_allowed(
+        &docs,
+        "Deployment",
+        &gateway,
+        "device",
+        &neighbour
+    ));
 }

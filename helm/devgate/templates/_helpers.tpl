@@ -261,6 +261,12 @@ here, so the chart test can stand a file in for the cluster. Call with (list $ n
 {{- if and (eq .Values.loadBalancer.mode "nginx") (has (int .Values.nginx.healthPort) (list (int .Values.nginx.port) (int .Values.lbSync.httpPort))) -}}
 {{- fail (printf "nginx.healthPort %v must differ from nginx.port and lbSync.httpPort (the nginx pod's containers share one network)" .Values.nginx.healthPort) -}}
 {{- end -}}
+{{- if not (kindIs "map" .Values.networkPolicy) -}}
+{{- fail "networkPolicy is missing: this chart version added NetworkPolicies (docs/deploy.md, section Network policies). Upgrade with --reset-then-reuse-values (not --reuse-values)" -}}
+{{- end -}}
+{{- if and .Values.networkPolicy.enabled (eq .Values.loadBalancer.mode "nginx") .Values.nginx.hostNetwork (not .Values.networkPolicy.gateway.deviceFrom) -}}
+{{- fail "nginx.hostNetwork=true with networkPolicy.enabled: nginx connects to the gateways from its node's address, which no pod selector matches; set networkPolicy.gateway.deviceFrom to the nodes' addresses (e.g. - ipBlock: {cidr: 10.0.0.0/16}, see docs/deploy.md#network-policies), or networkPolicy.enabled=false" -}}
+{{- end -}}
 {{- $idle := mul .Values.gateway.heartbeatS 3 -}}
 {{- if le (int .Values.lbSync.proxyTimeoutS) (int $idle) -}}
 {{- fail (printf "lbSync.proxyTimeoutS %v must exceed the gateway idle limit 3 x gateway.heartbeatS = %v s, or nginx cuts quiet devices" .Values.lbSync.proxyTimeoutS $idle) -}}
