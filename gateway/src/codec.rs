@@ -1,8 +1,10 @@
 //! The native device protocol v1: framing and frame bodies (`docs/protocol.md`).
 //!
 //! Every frame is a 4-byte big-endian length `L`, then `L` bytes: one type byte and the body.
-//! The decoder checks `L` against the configured limit *before* buffering anything, so a hostile
-//! length field can never make the gateway allocate more than one maximum frame.
+//! The decoder checks `L` against the configured limit *before* buffering anything, and commits
+//! memory only as bytes arrive (at most [`GROW_STEP`] ahead of them), so a hostile length field
+//! costs the gateway nothing: a peer that announces 64 KiB and then goes quiet holds only what it
+//! actually sent.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
@@ -13,6 +15,22 @@ pub const DEFAULT_MAX_FRAME_LEN: usize = 64 * 1024;
 
 /// Length of the frame header (the big-endian `L`).
 pub const HEADER_LEN: usize = 4;
+
+/// Default limit of the first frame (HELLO), 4 KiB: a device id, a token and at most
+/// [`MAX_METADATA_BYTES`] of metadata fit with room to spare, while an unauthenticated peer can
+/// make the gateway buffer no more than this.
+pub const DEFAULT_MAX_HELLO_LEN: usize = 4 * 1024;
+
+/// HELLO metadata limits: at most this many bytes as compact JSON...
+pub const MAX_METADATA_BYTES: usize = 1024;
+/// ...and at most this many keys. Metadata lives as long as the session, on every session.
+pub const MAX_METADATA_KEYS: usize = 16;
+
+/// How far ahead of the bytes received the decoder reserves buffer space for a partial frame.
+/// A frame up to this size is still reserved whole (one allocation, read in as few syscalls
+/// as the socket allows: the fast path for typical frames); a longer one grows in steps as its
+/// bytes arrive, so an announced length is never a reason to allocate.
+pub const GROW_STEP: usize = 16 * 1024;
 
 /// Largest downlink payload that fits a DOWN frame under `max_frame_len` (type byte and 4-byte
 /// seq come off). The gateway and bridge-api both size-check with this, so they agree exactly.
@@ -230,8 +248,9 @@ impl Decoder for FrameCodec {
             });
         }
         if src.len() < HEADER_LEN + len {
-            // Reserve at most one (bounded) frame: the length was checked above.
-            src.reserve(HEADER_LEN + len - src.len());
+            // Room for what is still missing, but never more than one step ahead of the bytes
+            // that actually arrived (see `GROW_STEP`).
+            src.reserve((HEADER_LEN + len - src.len()).min(GROW_STEP));
             return Ok(None);
         }
         src.advance(HEADER_LEN);
@@ -300,6 +319,34 @@ impl Encoder<Frame> for FrameCodec {
     }
 }
 
+/// The fields of `HELLO` the gateway checks before it trusts the peer. Deserializing into this
+/// skips every other field without building a value for it, so an unauthenticated peer's
+/// metadata is never materialised (see [`Hello::check_metadata`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct HelloLogin {
+    /// The device id (validated by the gateway, not here).
+    pub device_id: String,
+    /// Authentication token.
+    #[serde(default)]
+    pub token: String,
+}
+
+/// Why HELLO metadata is refused (`bad_hello`).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MetadataError {
+    /// More keys than [`MAX_METADATA_KEYS`].
+    #[error("metadata has {0} keys; at most {MAX_METADATA_KEYS} are allowed")]
+    TooManyKeys(usize),
+    /// A value that is an object or an array.
+    #[error(
+        "metadata value {0:?} is not a string, number, boolean or null (nested values are not allowed)"
+    )]
+    NotScalar(String),
+    /// Larger than [`MAX_METADATA_BYTES`] as compact JSON.
+    #[error("metadata is {0} bytes as JSON; at most {MAX_METADATA_BYTES} are allowed")]
+    TooLarge(usize),
+}
+
 /// Body of `HELLO`. Unknown fields are kept and become session metadata.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
@@ -311,6 +358,30 @@ pub struct Hello {
     /// Every other field, passed on as session metadata.
     #[serde(flatten)]
     pub metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Hello {
+    /// Checks the metadata against the documented bounds: at most [`MAX_METADATA_KEYS`] keys,
+    /// scalar values only, at most [`MAX_METADATA_BYTES`] as compact JSON. It is kept for the
+    /// whole session, so unbounded metadata would be unbounded memory per device.
+    pub fn check_metadata(&self) -> Result<(), MetadataError> {
+        if self.metadata.len() > MAX_METADATA_KEYS {
+            return Err(MetadataError::TooManyKeys(self.metadata.len()));
+        }
+        if let Some((key, _)) = self
+            .metadata
+            .iter()
+            .find(|(_, v)| v.is_object() || v.is_array())
+        {
+            let shown: String = key.chars().take(64).collect();
+            return Err(MetadataError::NotScalar(shown));
+        }
+        let len = serde_json::to_vec(&self.metadata).map_or(usize::MAX, |v| v.len());
+        if len > MAX_METADATA_BYTES {
+            return Err(MetadataError::TooLarge(len));
+        }
+        Ok(())
+    }
 }
 
 /// Body of `WELCOME`.
@@ -500,6 +571,53 @@ mod tests {
             cap_before,
             "no allocation from the length field"
         );
+    }
+
+    #[test]
+    fn an_announced_length_reserves_at_most_one_step() {
+        let mut codec = FrameCodec::new(1 << 20);
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&(1u32 << 20).to_be_bytes());
+        assert!(codec.decode(&mut buf).expect("ok").is_none());
+        assert!(
+            buf.capacity() <= HEADER_LEN + GROW_STEP,
+            "reserved {} bytes for a frame that has not arrived",
+            buf.capacity()
+        );
+        // A small frame is still reserved whole: one allocation for its body.
+        let mut buf = BytesMut::from(&[0u8, 0, 0x04, 0x00, kind::PING][..]);
+        assert!(codec.decode(&mut buf).expect("ok").is_none());
+        assert!(buf.capacity() >= HEADER_LEN + 1024, "{}", buf.capacity());
+    }
+
+    #[test]
+    fn metadata_is_bounded() {
+        let hello = |json: &str| -> Hello { serde_json::from_str(json).expect("json") };
+        assert!(
+            hello(r#"{"device_id":"a","fw":"2.1","n":3,"ok":true,"x":null}"#)
+                .check_metadata()
+                .is_ok()
+        );
+        assert!(matches!(
+            hello(r#"{"device_id":"a","zeros":[0,0,0]}"#).check_metadata(),
+            Err(MetadataError::NotScalar(k)) if k == "zeros"
+        ));
+        assert!(matches!(
+            hello(r#"{"device_id":"a","o":{"b":1}}"#).check_metadata(),
+            Err(MetadataError::NotScalar(_))
+        ));
+        let many: String = (0..=MAX_METADATA_KEYS)
+            .map(|i| format!(r#","k{i}":1"#))
+            .collect();
+        assert_eq!(
+            hello(&format!(r#"{{"device_id":"a"{many}}}"#)).check_metadata(),
+            Err(MetadataError::TooManyKeys(MAX_METADATA_KEYS + 1))
+        );
+        let big = "x".repeat(MAX_METADATA_BYTES);
+        assert!(matches!(
+            hello(&format!(r#"{{"device_id":"a","fw":"{big}"}}"#)).check_metadata(),
+            Err(MetadataError::TooLarge(_))
+        ));
     }
 
     #[test]

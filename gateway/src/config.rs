@@ -48,8 +48,16 @@ pub struct Config {
     pub insecure_no_auth: bool,
     /// Largest frame (type byte + body) accepted or sent.
     pub max_frame_len: usize,
+    /// Largest first frame (HELLO, type byte + body); a smaller `max_frame_len` caps it too.
+    /// Far below `max_frame_len`: before HELLO the peer is unauthenticated, and this is all it
+    /// can make the gateway buffer.
+    pub max_hello_len: usize,
     /// A connection must send HELLO within this time.
     pub hello_timeout_ms: u64,
+    /// Most connections in their handshake (PROXY header + HELLO) at once. Beyond this, new
+    /// connections are refused at once with `ERROR overloaded`, so sockets that connect and say
+    /// nothing cannot fill `max_connections`; welcomed sessions do not count.
+    pub max_handshakes: usize,
     /// Heartbeat period told to devices; silence for 3 periods closes the session.
     pub heartbeat_s: u64,
     /// Most concurrent device connections; more are refused with `ERROR overloaded`.
@@ -59,12 +67,24 @@ pub struct Config {
     /// Most DOWN frames awaiting a device ACK, and most UP frames awaiting NATS confirmation,
     /// per session. At the uplink limit the gateway stops reading from the device.
     pub max_inflight: usize,
+    /// Uplink messages per second one session may send on average. Beyond it (after the
+    /// burst) the gateway stops reading that device's socket until the allowance refills:
+    /// backpressure, nothing is dropped, and other devices keep their share of the gateway.
+    pub up_rate_msgs: u64,
+    /// Uplink bytes (UP frames on the wire) per second one session may send on average.
+    pub up_rate_bytes: u64,
+    /// Burst allowance, as this many milliseconds of both rates (2000: twice the rate).
+    pub up_burst_ms: u64,
     /// How long the gateway waits for a device's ACK of a DOWN before answering `timeout`.
     pub ack_timeout_ms: u64,
     /// A session whose queued downlink makes no progress this long is closed `slow_consumer`.
     pub write_timeout_ms: u64,
     /// Expect a PROXY protocol (v1 or v2) header on every connection (behind nginx).
     pub proxy_protocol: bool,
+    /// With `proxy_protocol`: the peers (nginx) allowed to send a PROXY header; a connection from
+    /// any other address is refused `protocol_violation`. Empty: every peer is trusted (logged
+    /// as a warning at start), because nginx pod addresses are rarely known in advance.
+    pub proxy_trusted_cidrs: Vec<crate::proxy_protocol::Cidr>,
     /// On SIGTERM, GOAWAY draining is spread over this window so devices do not reconnect at
     /// once.
     pub drain_window_ms: u64,
@@ -95,14 +115,20 @@ impl Default for Config {
             auth_secret: None,
             insecure_no_auth: false,
             max_frame_len: crate::codec::DEFAULT_MAX_FRAME_LEN,
+            max_hello_len: crate::codec::DEFAULT_MAX_HELLO_LEN,
             hello_timeout_ms: 10_000,
+            max_handshakes: 2048,
             heartbeat_s: 30,
             max_connections: 100_000,
             session_queue_bytes: 256 * 1024,
             max_inflight: 256,
+            up_rate_msgs: 1_000,
+            up_rate_bytes: 1024 * 1024,
+            up_burst_ms: 2_000,
             ack_timeout_ms: 30_000,
             write_timeout_ms: 30_000,
             proxy_protocol: false,
+            proxy_trusted_cidrs: Vec::new(),
             drain_window_ms: 10_000,
             drain_reconnect_jitter_ms: 2_000,
             announce_interval_ms: 1_000,
@@ -115,6 +141,10 @@ impl Default for Config {
 /// Smallest and largest accepted `max_frame_len`: room for an UP header, and well under NATS's
 /// default 1 MiB `max_payload` so every accepted frame can be published.
 const FRAME_LEN_RANGE: std::ops::RangeInclusive<usize> = 64..=(1 << 20) - 4096;
+
+/// Smallest accepted `max_hello_len`: a 128-character id, a 64-digit token and the JSON around
+/// them, with room for a little metadata.
+const HELLO_LEN_MIN: usize = 512;
 
 /// Longest timer setting in seconds (see `Config::validate`).
 const DAY_S: u64 = 24 * 60 * 60;
@@ -149,6 +179,12 @@ impl Validate for Config {
                 FRAME_LEN_RANGE.end()
             ));
         }
+        if self.max_hello_len < HELLO_LEN_MIN {
+            problems.push(format!(
+                "max_hello_len {} is below {HELLO_LEN_MIN}",
+                self.max_hello_len
+            ));
+        }
         if self.session_queue_bytes < self.max_frame_len + crate::codec::HEADER_LEN {
             problems.push(format!(
                 "session_queue_bytes {} must hold at least one maximum frame ({})",
@@ -164,7 +200,11 @@ impl Validate for Config {
             ("announce_interval_ms", self.announce_interval_ms),
             ("claim_timeout_ms", self.claim_timeout_ms),
             ("max_connections", self.max_connections as u64),
+            ("max_handshakes", self.max_handshakes as u64),
             ("max_inflight", self.max_inflight as u64),
+            ("up_rate_msgs", self.up_rate_msgs),
+            ("up_rate_bytes", self.up_rate_bytes),
+            ("up_burst_ms", self.up_burst_ms),
             ("listen_backlog", u64::from(self.listen_backlog)),
         ] {
             if value == 0 {
@@ -186,6 +226,7 @@ impl Validate for Config {
             ),
             ("announce_interval_ms", self.announce_interval_ms, DAY_MS),
             ("claim_timeout_ms", self.claim_timeout_ms, DAY_MS),
+            ("up_burst_ms", self.up_burst_ms, DAY_MS),
         ] {
             if value > limit {
                 problems.push(format!("{name} {value} is over one day ({limit})"));
@@ -239,6 +280,11 @@ impl Config {
             return SocketAddr::new(pod_ip.parse().unwrap_or(bound.ip()), bound.port()).to_string();
         }
         bound.to_string()
+    }
+
+    /// The first frame's limit: `max_hello_len`, capped by `max_frame_len`.
+    pub fn hello_limit(&self) -> usize {
+        self.max_hello_len.min(self.max_frame_len)
     }
 
     /// `heartbeat_s` as a duration.
@@ -335,6 +381,14 @@ pub struct Cli {
     #[arg(long, env = "DEVGATE_MAX_FRAME_LEN")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_frame_len: Option<usize>,
+    /// Largest first frame (HELLO) in bytes [default: 4096].
+    #[arg(long, env = "DEVGATE_MAX_HELLO_LEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_hello_len: Option<usize>,
+    /// Most connections in their handshake at once [default: 2048].
+    #[arg(long, env = "DEVGATE_MAX_HANDSHAKES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_handshakes: Option<usize>,
     /// HELLO deadline in ms [default: 10000].
     #[arg(long, env = "DEVGATE_HELLO_TIMEOUT_MS")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -355,6 +409,18 @@ pub struct Cli {
     #[arg(long, env = "DEVGATE_MAX_INFLIGHT")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_inflight: Option<usize>,
+    /// Uplink messages per second per session [default: 1000].
+    #[arg(long, env = "DEVGATE_UP_RATE_MSGS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub up_rate_msgs: Option<u64>,
+    /// Uplink bytes per second per session [default: 1048576].
+    #[arg(long, env = "DEVGATE_UP_RATE_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub up_rate_bytes: Option<u64>,
+    /// Uplink burst, in ms worth of both rates [default: 2000].
+    #[arg(long, env = "DEVGATE_UP_BURST_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub up_burst_ms: Option<u64>,
     /// Device ACK timeout in ms [default: 30000].
     #[arg(long, env = "DEVGATE_ACK_TIMEOUT_MS")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -367,6 +433,10 @@ pub struct Cli {
     #[arg(long, env = "DEVGATE_PROXY_PROTOCOL", num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub proxy_protocol: Option<bool>,
+    /// Peers allowed to send a PROXY header, comma-separated CIDRs [default: all, with a warning].
+    #[arg(long, env = "DEVGATE_PROXY_TRUSTED_CIDRS", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_trusted_cidrs: Option<Vec<crate::proxy_protocol::Cidr>>,
     /// Drain window on SIGTERM in ms [default: 10000].
     #[arg(long, env = "DEVGATE_DRAIN_WINDOW_MS")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -465,6 +535,50 @@ mod tests {
         cli(&["--insecure-no-auth", "--heartbeat-s", "86400"])
             .into_config()
             .expect("a day is allowed");
+    }
+
+    #[test]
+    fn handshake_limits_are_validated() {
+        let c = cli(&["--insecure-no-auth"])
+            .into_config()
+            .expect("defaults");
+        assert_eq!((c.max_hello_len, c.max_handshakes), (4096, 2048));
+        let err = cli(&[
+            "--insecure-no-auth",
+            "--max-hello-len",
+            "100",
+            "--max-handshakes",
+            "0",
+        ])
+        .into_config()
+        .expect_err("invalid");
+        let msg = err.to_string();
+        assert!(msg.contains("max_hello_len 100"), "{msg}");
+        assert!(
+            msg.contains("max_handshakes must be greater than 0"),
+            "{msg}"
+        );
+        // A smaller max_frame_len caps HELLO too, without having to lower max_hello_len.
+        let c = cli(&["--insecure-no-auth", "--max-frame-len", "1024"])
+            .into_config()
+            .expect("hello limit over a small frame limit");
+        assert_eq!(c.hello_limit(), 1024);
+    }
+
+    #[test]
+    fn proxy_trusted_cidrs_come_from_flags_and_env_lists() {
+        let c = cli(&[
+            "--insecure-no-auth",
+            "--proxy-trusted-cidrs",
+            "10.0.0.0/8,fd00::/8",
+        ])
+        .into_config()
+        .expect("cidrs");
+        assert_eq!(c.proxy_trusted_cidrs.len(), 2);
+        assert!(
+            Cli::try_parse_from(["devgate-gateway", "--proxy-trusted-cidrs", "10.0.0.0/33"])
+                .is_err()
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ use crate::contract::{
     subjects,
 };
 use crate::server::Shared;
+use crate::session::publish_reply;
 
 /// Starts the control task; it stops (after a last "draining, not ready" announcement) when
 /// the gateway's hard stop fires.
@@ -45,15 +46,22 @@ async fn run(shared: Arc<Shared>) {
                 if changed.is_err() { break; }
                 announce(&shared, false).await;
             }
+            // Answered through `publish_reply`, which refuses reply subjects under `device.`
+            // and `devgate.` (a forged reply subject would publish there as the gateway).
             Some(msg) = stats.next() => {
                 if let Some(reply) = msg.reply {
-                    let _ = link.publish_now(reply, None, Headers::None, &json(&stats_of(&shared)));
+                    publish_reply(&shared, &reply, &json(&stats_of(&shared)));
                 }
             }
             Some(msg) = sessions.next() => {
                 if let Some(reply) = msg.reply {
-                    let page = session_page(&shared, &msg.payload);
-                    let _ = link.publish_now(reply, None, Headers::None, &page);
+                    // A page is built only for a reply that will be sent.
+                    let page = if crate::session::reply_allowed(&reply) {
+                        session_page(&shared, &msg.payload)
+                    } else {
+                        Bytes::new()
+                    };
+                    publish_reply(&shared, &reply, &page);
                 }
             }
         }

@@ -119,6 +119,19 @@ pub struct Metrics {
     pub sessions: Gauge,
     /// Open TCP connections, welcomed or not.
     pub connections: Gauge,
+    /// Connections in their handshake (PROXY header + HELLO), bounded by `max_handshakes`.
+    pub handshakes: Gauge,
+    /// Connections refused at accept because `max_handshakes` were in progress.
+    pub handshakes_refused: Counter,
+    /// Connections refused because their peer may not send a PROXY header
+    /// (`proxy_trusted_cidrs`).
+    pub proxy_untrusted: Counter,
+    /// Requests left unanswered because their reply subject was a devgate subject (a forged
+    /// reply would make the gateway publish there with its own permissions).
+    pub replies_refused: Counter,
+    /// UPs that left their session's allowance (`up_rate_*`) used up, each pausing reading
+    /// until it refills: a steadily flooding device adds about `up_rate_msgs` per second.
+    pub uplink_throttled: Counter,
     /// Successful logins.
     pub logins: Counter,
     /// Logins that displaced an older session of the same device.
@@ -159,6 +172,31 @@ impl Metrics {
         };
         let sessions = gauge(reg, "sessions", "Live device sessions (welcomed)");
         let connections = gauge(reg, "connections", "Open device TCP connections");
+        let handshakes = gauge(
+            reg,
+            "handshakes",
+            "Device connections in their handshake (PROXY header and HELLO)",
+        );
+        let handshakes_refused = counter(
+            reg,
+            "handshakes_refused",
+            "Connections refused at accept because max_handshakes were in progress",
+        );
+        let proxy_untrusted = counter(
+            reg,
+            "proxy_untrusted",
+            "Connections refused because the peer is not in proxy_trusted_cidrs",
+        );
+        let replies_refused = counter(
+            reg,
+            "replies_refused",
+            "Requests not answered because their reply subject is under device. or devgate.",
+        );
+        let uplink_throttled = counter(
+            reg,
+            "uplink_throttled",
+            "UPs that used up their session's uplink allowance; reading pauses after each",
+        );
         let logins = counter(reg, "logins", "Successful device logins");
         let takeovers = counter(reg, "takeovers", "Logins that replaced an older session");
         let reclaims_lost = counter(
@@ -257,6 +295,11 @@ impl Metrics {
         Metrics {
             sessions,
             connections,
+            handshakes,
+            handshakes_refused,
+            proxy_untrusted,
+            replies_refused,
+            uplink_throttled,
             logins,
             takeovers,
             reclaims_lost,

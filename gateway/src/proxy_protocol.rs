@@ -32,6 +32,108 @@ pub enum ProxyError {
     Io(#[from] std::io::Error),
 }
 
+/// An IP prefix (`10.0.0.0/8`, `fd00::/8`, or a bare address meaning `/32` or `/128`): the
+/// peers allowed to send a PROXY header. Matching is a plain prefix compare; an IPv4-mapped
+/// IPv6 peer (`::ffff:10.1.2.3`, from a dual-stack listener) matches IPv4 prefixes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+/// Why a CIDR does not parse.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{input:?} is not a CIDR (like 10.0.0.0/8 or fd00::/8): {why}")]
+pub struct CidrError {
+    input: String,
+    why: &'static str,
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = CidrError;
+
+    fn from_str(s: &str) -> Result<Self, CidrError> {
+        let fail = |why| CidrError {
+            input: s.to_owned(),
+            why,
+        };
+        let s = s.trim();
+        let (ip, prefix) = match s.split_once('/') {
+            Some((ip, prefix)) => (ip, Some(prefix)),
+            None => (s, None),
+        };
+        let addr: IpAddr = ip.parse().map_err(|_| fail("not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| fail("prefix length out of range"))?,
+        };
+        // Host bits are masked off, so `10.1.2.3/8` means `10.0.0.0/8` (as in most tools).
+        Ok(Cidr {
+            addr: mask(addr, prefix),
+            prefix,
+        })
+    }
+}
+
+impl TryFrom<String> for Cidr {
+    type Error = CidrError;
+
+    fn try_from(s: String) -> Result<Self, CidrError> {
+        s.parse()
+    }
+}
+
+impl From<Cidr> for String {
+    fn from(c: Cidr) -> String {
+        c.to_string()
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl Cidr {
+    /// Whether `ip` lies in this prefix.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        ip.is_ipv4() == self.addr.is_ipv4() && mask(ip, self.prefix) == self.addr
+    }
+}
+
+/// `ip` with every bit after the first `prefix` cleared.
+fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => {
+            let bits = u32::from(v4);
+            let keep = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V4(Ipv4Addr::from(bits & keep))
+        }
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            let keep = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(bits & keep))
+        }
+    }
+}
+
+/// Whether `peer` may send a PROXY header: an empty list trusts everyone (see
+/// `Config::proxy_trusted_cidrs`).
+pub fn trusted(cidrs: &[Cidr], peer: IpAddr) -> bool {
+    cidrs.is_empty() || cidrs.iter().any(|c| c.contains(peer))
+}
+
 /// Result of parsing the bytes received so far.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Parsed {
@@ -278,6 +380,46 @@ mod tests {
             parse(&v2(7, 0x11, &[0; 12])),
             Err(ProxyError::Malformed(_))
         ));
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    #[test]
+    fn cidrs_parse_and_match_v4_and_v6() {
+        let c: Cidr = "10.0.0.0/8".parse().expect("v4");
+        assert!(c.contains(ip("10.255.1.2")));
+        assert!(!c.contains(ip("11.0.0.1")));
+        assert!(!c.contains(ip("fd00::1")), "families never match");
+        assert!(
+            c.contains(ip("::ffff:10.1.2.3")),
+            "an IPv4-mapped peer is IPv4"
+        );
+        let host: Cidr = "10.1.2.3/8".parse().expect("host bits");
+        assert_eq!(host, c, "host bits are masked off");
+        assert_eq!(host.to_string(), "10.0.0.0/8");
+        let single: Cidr = "192.0.2.7".parse().expect("bare address");
+        assert!(single.contains(ip("192.0.2.7")) && !single.contains(ip("192.0.2.8")));
+        let all: Cidr = "0.0.0.0/0".parse().expect("everything");
+        assert!(all.contains(ip("203.0.113.1")));
+        let v6: Cidr = "fd00:1::/32".parse().expect("v6");
+        assert!(v6.contains(ip("fd00:1:ffff::9")) && !v6.contains(ip("fd00:2::1")));
+        let all6: Cidr = "::/0".parse().expect("v6 everything");
+        assert!(all6.contains(ip("2001:db8::1")));
+        for bad in [
+            "10.0.0.0/33",
+            "fd00::/129",
+            "10.0.0/8",
+            "x/8",
+            "10.0.0.0/",
+            "",
+            "10.0.0.0/-1",
+        ] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad:?}");
+        }
+        assert!(trusted(&[], ip("198.51.100.1")), "empty list trusts all");
+        assert!(!trusted(&[c], ip("127.0.0.1")));
     }
 
     #[tokio::test]

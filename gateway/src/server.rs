@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use prometheus_client::registry::Registry as MetricsRegistry;
@@ -59,6 +60,8 @@ pub(crate) struct Shared {
     pub(crate) bus: Bus,
     pub(crate) registry: Registry,
     pub(crate) metrics: Metrics,
+    /// Connections in their handshake (see [`HandshakeSlot`]).
+    handshakes: AtomicUsize,
     /// Cancelled when draining starts.
     pub(crate) draining: CancellationToken,
     /// Cancelled when the drain window is over.
@@ -75,6 +78,32 @@ impl Shared {
         } else {
             Ok(())
         }
+    }
+}
+
+/// One of the `max_handshakes` places for a connection that has not logged in yet; freed when
+/// dropped (at the end of the HELLO phase, however it ends). Only the accept loop takes slots.
+pub(crate) struct HandshakeSlot(Arc<Shared>);
+
+impl HandshakeSlot {
+    /// A slot, or `None` when all are taken.
+    fn try_acquire(shared: &Arc<Shared>) -> Option<HandshakeSlot> {
+        let max = shared.config.max_handshakes;
+        shared
+            .handshakes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        shared.metrics.handshakes.inc();
+        Some(HandshakeSlot(shared.clone()))
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.0.handshakes.fetch_sub(1, Ordering::AcqRel);
+        self.0.metrics.handshakes.dec();
     }
 }
 
@@ -213,7 +242,16 @@ async fn build(
             "INSECURE: device authentication is OFF (--insecure-no-auth); any client can log in as any device"
         );
     }
+    if config.proxy_protocol && config.proxy_trusted_cidrs.is_empty() {
+        tracing::warn!(
+            instance = %instance,
+            "--proxy-protocol trusts a PROXY header from ANY peer: a client that reaches the device \
+             port directly can forge its address. Set --proxy-trusted-cidrs to the balancer's \
+             addresses (e.g. the pod CIDR)"
+        );
+    }
     let shared = Arc::new(Shared {
+        handshakes: AtomicUsize::new(0),
         advertise_addr: config.advertise_addr(device_addr),
         codec: FrameCodec::new(config.max_frame_len),
         started_ms: unix_ms(),
@@ -264,10 +302,14 @@ async fn serve(
                         tokio::spawn(refuse_overloaded(stream));
                         continue;
                     }
+                    let Some(slot) = HandshakeSlot::try_acquire(&shared) else {
+                        refuse_handshakes_full(&shared, &stream, peer);
+                        continue;
+                    };
                     let shared = shared.clone();
                     connections.spawn(async move {
                         shared.metrics.connections.inc();
-                        session::serve(shared.clone(), stream, peer).await;
+                        session::serve(shared.clone(), stream, peer, slot).await;
                         shared.metrics.connections.dec();
                     });
                 }
@@ -329,6 +371,36 @@ async fn drain(shared: &Arc<Shared>, connections: &TaskTracker) {
     shared.hard_stop.cancel();
     schedule.abort();
     connections.wait().await;
+}
+
+/// Policy when `max_handshakes` connections are still in their handshake: the new one is
+/// refused at once, with `ERROR overloaded` written only if the socket takes it immediately
+/// (it always has room on a fresh connection), and closed when `stream` is dropped. No task,
+/// no timer, no buffer: a flood of silent connections costs the gateway nothing beyond the
+/// slots it already holds, and the device retries later like after any `overloaded`.
+fn refuse_handshakes_full(shared: &Shared, stream: &tokio::net::TcpStream, peer: SocketAddr) {
+    shared.metrics.error(ErrorCode::Overloaded);
+    shared.metrics.handshakes_refused.inc();
+    tracing::debug!(
+        instance = %shared.instance,
+        remote = %peer,
+        max_handshakes = shared.config.max_handshakes,
+        "refusing connection: too many handshakes in progress"
+    );
+    let frame = Frame::json(
+        Frame::Error,
+        &ErrorBody {
+            code: ErrorCode::Overloaded,
+            message: "gateway has too many connections logging in; reconnect later".into(),
+        },
+    );
+    let mut buf = bytes::BytesMut::new();
+    if tokio_util::codec::Encoder::encode(&mut FrameCodec::default(), frame, &mut buf).is_ok() {
+        shared
+            .metrics
+            .frame_out(crate::codec::kind::ERROR, buf.len());
+        let _ = stream.try_write(&buf);
+    }
 }
 
 async fn refuse_overloaded(stream: tokio::net::TcpStream) {

@@ -31,7 +31,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 use crate::bus::{Headers, LinkError, Msg, RequestError, Subscription};
-use crate::codec::{ErrorBody, ErrorCode, Frame, GoAway, GoAwayReason, Hello, Welcome};
+use crate::codec::{ErrorBody, ErrorCode, Frame, GoAway, GoAwayReason, Hello, HelloLogin, Welcome};
 use crate::common::{unix_ms, unix_ns};
 use crate::conn::Conn;
 use crate::contract::{
@@ -42,7 +42,7 @@ use crate::contract::{
 use crate::metrics::{Downlink, Uplink};
 use crate::proxy_protocol;
 use crate::registry::{CommandReceiver, Entry, SessionCommand};
-use crate::server::Shared;
+use crate::server::{HandshakeSlot, Shared};
 
 /// How long last words (GOAWAY/ERROR and what precedes them) may take to write.
 const LAST_WORDS: Duration = Duration::from_secs(2);
@@ -103,10 +103,17 @@ impl End {
 }
 
 /// Serves one accepted connection until it closes.
-pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+/// `slot` is this connection's place among the handshakes in progress: given back once HELLO
+/// is checked (or the connection refused), so live sessions never count against it.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    slot: HandshakeSlot,
+) {
     // Each phase runs in its own allocation, freed when the phase ends: the task itself holds
     // only a pointer, and an idle session pays only for the state of its steady phase.
-    let Some((conn, id, hello, remote)) = Box::pin(greet(&shared, stream, peer)).await else {
+    let Some((conn, id, hello, remote)) = Box::pin(greet(&shared, stream, peer, slot)).await else {
         return;
     };
     let Some((session, early)) = Box::pin(welcome(shared, conn, id, hello, remote)).await else {
@@ -119,6 +126,18 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
 /// refused or closed.
 async fn greet(
     shared: &Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    slot: HandshakeSlot,
+) -> Option<(Conn, DeviceId, Hello, SocketAddr)> {
+    let greeted = greet_in_slot(shared, stream, peer).await;
+    drop(slot);
+    greeted
+}
+
+/// [`greet`], while holding a handshake slot.
+async fn greet_in_slot(
+    shared: &Arc<Shared>,
     mut stream: TcpStream,
     peer: SocketAddr,
 ) -> Option<(Conn, DeviceId, Hello, SocketAddr)> {
@@ -127,7 +146,19 @@ async fn greet(
     let mut leftover = BytesMut::new();
     let mut remote = peer;
     let mut refusal = None;
-    if shared.config.proxy_protocol {
+    if shared.config.proxy_protocol
+        && !proxy_protocol::trusted(&shared.config.proxy_trusted_cidrs, peer.ip())
+    {
+        shared.metrics.proxy_untrusted.inc();
+        refusal = Some(Refusal::new(
+            ErrorCode::ProtocolViolation,
+            format!(
+                "{} may not send a PROXY header: not in the gateway's proxy_trusted_cidrs; \
+                 connect through the load balancer",
+                peer.ip()
+            ),
+        ));
+    } else if shared.config.proxy_protocol {
         match tokio::time::timeout_at(
             hello_deadline,
             proxy_protocol::read_header(&mut stream, &mut leftover),
@@ -144,18 +175,22 @@ async fn greet(
             }
         }
     }
-    let mut conn = Conn::new(stream, shared.codec, leftover);
     if let Some(r) = refusal {
+        let mut conn = Conn::new(stream, shared.codec, BytesMut::new());
         refuse(shared, &mut conn, remote, None, r).await;
         return None;
     }
     let hello = tokio::select! {
-        h = handshake(shared, &mut conn, hello_deadline) => h,
+        h = handshake(shared, &stream, &mut leftover, hello_deadline) => h,
         () = shared.draining.cancelled() => {
+            let mut conn = Conn::new(stream, shared.codec, BytesMut::new());
             goodbye(shared, &mut conn, GoAwayReason::Draining).await;
             return None;
         }
     };
+    // From here on frames may be up to `max_frame_len`; what the device pipelined after its
+    // HELLO is already in `leftover`.
+    let mut conn = Conn::new(stream, shared.codec, leftover);
     match hello {
         Ok((id, hello)) => Some((conn, id, hello, remote)),
         Err(None) => None, // closed before HELLO
@@ -165,6 +200,35 @@ async fn greet(
         }
     }
 }
+
+/// Reads the first frame with the HELLO limit (`max_hello_len`), into `buf`, which keeps any
+/// bytes after it. Unlike a session's reader this needs no stateless polling: it runs once.
+async fn read_first_frame(
+    shared: &Shared,
+    stream: &TcpStream,
+    buf: &mut BytesMut,
+) -> Result<Option<Frame>, crate::codec::CodecError> {
+    use tokio_util::codec::Decoder;
+    let mut codec = crate::codec::FrameCodec::new(shared.config.hello_limit());
+    loop {
+        if let Some(frame) = codec.decode(buf)? {
+            return Ok(Some(frame));
+        }
+        stream.readable().await?;
+        // The codec reserved room for the rest of the (bounded) frame; a little more for
+        // the 4-byte length itself.
+        buf.reserve(HELLO_READ_CHUNK);
+        match stream.try_read_buf(buf) {
+            Ok(0) => return Ok(None),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// How much a read before HELLO asks for at least: one typical HELLO in one syscall.
+const HELLO_READ_CHUNK: usize = 512;
 
 /// Sends an ERROR frame, counts it, and closes.
 async fn refuse(
@@ -225,10 +289,12 @@ fn goaway_frame(shared: &Shared, reason: GoAwayReason) -> Frame {
 /// Reads and checks HELLO. `Err(None)`: the peer left silently.
 async fn handshake(
     shared: &Shared,
-    conn: &mut Conn,
+    stream: &TcpStream,
+    buf: &mut BytesMut,
     deadline: Instant,
 ) -> Result<(DeviceId, Hello), Option<Refusal>> {
-    let frame = match tokio::time::timeout_at(deadline, conn.read_frame()).await {
+    let frame = match tokio::time::timeout_at(deadline, read_first_frame(shared, stream, buf)).await
+    {
         Err(_) => {
             return Err(Some(Refusal::new(
                 ErrorCode::HelloTimeout,
@@ -252,22 +318,36 @@ async fn handshake(
             ),
         )));
     };
+    // Id and token first, skipping the rest unbuilt: an unauthenticated peer's metadata is
+    // never turned into values.
+    let login: HelloLogin = serde_json::from_slice(&body).map_err(|e| {
+        Some(Refusal::new(
+            ErrorCode::BadHello,
+            format!("HELLO body is not {{\"device_id\", \"token\"}} JSON: {e}"),
+        ))
+    })?;
+    let id = DeviceId::parse(&login.device_id).map_err(|e| {
+        Some(Refusal::new(
+            ErrorCode::BadDeviceId,
+            format!("device id {}: {e}", quoted_prefix(&login.device_id)),
+        ))
+    })?;
+    if !shared.auth.verify(id.as_str(), &login.token) {
+        return Err(Some(Refusal::new(
+            ErrorCode::Unauthorized,
+            "token does not match the device id",
+        )));
+    }
     let hello: Hello = serde_json::from_slice(&body).map_err(|e| {
         Some(Refusal::new(
             ErrorCode::BadHello,
             format!("HELLO body is not {{\"device_id\", \"token\"}} JSON: {e}"),
         ))
     })?;
-    let id = DeviceId::parse(&hello.device_id).map_err(|e| {
-        Some(Refusal::new(
-            ErrorCode::BadDeviceId,
-            format!("device id {}: {e}", quoted_prefix(&hello.device_id)),
-        ))
-    })?;
-    if !shared.auth.verify(id.as_str(), &hello.token) {
+    if let Err(e) = hello.check_metadata() {
         return Err(Some(Refusal::new(
-            ErrorCode::Unauthorized,
-            "token does not match the device id",
+            ErrorCode::BadHello,
+            format!("HELLO metadata refused: {e}"),
         )));
     }
     if !shared.bus.is_connected() {
@@ -386,9 +466,28 @@ fn undeliverable(shared: &Shared, session: &str, msg: Msg) {
     publish_reply(shared, &reply, &body);
 }
 
-/// Publishes a reply (or any plain message). Failures are logged, not raised: the requester
-/// times out, which is what it would see if the reply were lost on the way.
-fn publish_reply(shared: &Shared, to: &[u8], body: &[u8]) {
+/// Whether the gateway may answer a request at reply subject `to`. Its NATS user may publish
+/// uplink, presence and `devgate.>`, and a requester chooses the reply subject freely: answering
+/// `device.Y.up` or `devgate.gateway.announce` would publish there with the gateway's rights
+/// (a service forging device Y's uplink). So nothing under `device.` or `devgate.` is answered,
+/// except the gateways' own inbox (claims between gateways). Any other inbox prefix is fine:
+/// clients may choose their own, and the requester's permissions cover who may read it.
+pub(crate) fn reply_allowed(to: &[u8]) -> bool {
+    to.starts_with(subjects::GATEWAY_INBOX_PREFIX.as_bytes())
+        || !(to.starts_with(b"device.") || to.starts_with(b"devgate."))
+}
+
+/// Publishes a reply. Failures are logged, not raised: the requester times out, which is what
+/// it would see if the reply were lost on the way. A reply subject that is not
+/// [`reply_allowed`] is not answered: counted, and logged at debug (a warning per message
+/// would let the forger flood the log).
+pub(crate) fn publish_reply(shared: &Shared, to: &[u8], body: &[u8]) {
+    if !reply_allowed(to) {
+        shared.metrics.replies_refused.inc();
+        let shown = String::from_utf8_lossy(&to[..to.len().min(128)]);
+        tracing::debug!(instance = %shared.instance, reply = %shown, "not answering a request whose reply subject is a devgate subject");
+        return;
+    }
     if let Err(error) = shared.bus.link().publish_now(to, None, Headers::None, body) {
         tracing::debug!(%error, "could not publish a reply");
     }
@@ -603,6 +702,7 @@ async fn welcome(
         uplink: VecDeque::new(),
         last_frame: Instant::now(),
         last_write: Instant::now(),
+        up_bucket: UpBucket::full(&shared.config, Instant::now()),
     };
     s.presence(PresenceEventKind::Connected, None);
     Some((s, early))
@@ -897,6 +997,76 @@ struct Session {
     uplink: VecDeque<(u32, oneshot::Receiver<bool>)>,
     last_frame: Instant,
     last_write: Instant,
+    /// This session's uplink allowance.
+    up_bucket: UpBucket,
+}
+
+/// A token bucket over UP messages and bytes (`up_rate_msgs`, `up_rate_bytes`, `up_burst_ms`).
+/// Policy when empty: the session stops reading its socket until the allowance is back to
+/// zero, so a flooding device is paced by TCP backpressure and nothing is dropped. A frame
+/// already read is always taken (its size is known only then), so the balance may go negative;
+/// over any window `W` a session publishes at most `burst + rate × W + 1` UPs.
+#[derive(Debug)]
+struct UpBucket {
+    msgs: f64,
+    bytes: f64,
+    at: Instant,
+}
+
+impl UpBucket {
+    fn full(config: &crate::config::Config, now: Instant) -> Self {
+        let (msgs, bytes) = Self::burst(config);
+        UpBucket {
+            msgs,
+            bytes,
+            at: now,
+        }
+    }
+
+    fn burst(config: &crate::config::Config) -> (f64, f64) {
+        let seconds = config.up_burst_ms as f64 / 1000.0;
+        (
+            config.up_rate_msgs as f64 * seconds,
+            config.up_rate_bytes as f64 * seconds,
+        )
+    }
+
+    fn refill(&mut self, config: &crate::config::Config, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        let (max_msgs, max_bytes) = Self::burst(config);
+        self.msgs = (self.msgs + elapsed * config.up_rate_msgs as f64).min(max_msgs);
+        self.bytes = (self.bytes + elapsed * config.up_rate_bytes as f64).min(max_bytes);
+        self.at = now;
+    }
+
+    fn ready(&self) -> bool {
+        self.msgs >= 0.0 && self.bytes >= 0.0
+    }
+
+    /// Takes one UP of `wire_len` bytes; `true` when this used the allowance up.
+    fn take(&mut self, config: &crate::config::Config, now: Instant, wire_len: usize) -> bool {
+        self.refill(config, now);
+        self.msgs -= 1.0;
+        self.bytes -= wire_len as f64;
+        !self.ready()
+    }
+
+    /// Whether reading must pause now (refilling first).
+    fn throttled(&mut self, config: &crate::config::Config) -> bool {
+        if self.ready() {
+            return false;
+        }
+        self.refill(config, Instant::now());
+        !self.ready()
+    }
+
+    /// When the balance is back to zero (rounded up, so the timer never fires early).
+    fn ready_at(&self, config: &crate::config::Config) -> Instant {
+        let wait = (-self.msgs / config.up_rate_msgs as f64)
+            .max(-self.bytes / config.up_rate_bytes as f64)
+            .max(0.0);
+        self.at + Duration::from_secs_f64(wait) + Duration::from_micros(1)
+    }
 }
 
 /// Polls the oldest uplink confirmation (they complete in order). Cancel-safe: the entry is
@@ -993,13 +1163,19 @@ impl Session {
                 self.last_frame = Instant::now();
             }
             bus_was_up = bus_up;
-            let deadline = self.next_deadline(bus_up);
+            let throttled = self.up_bucket.throttled(&self.shared.config);
+            let mut deadline = self.next_deadline(bus_up);
+            if throttled {
+                deadline = deadline.min(self.up_bucket.ready_at(&self.shared.config));
+            }
             if timer.deadline() != deadline {
                 timer.as_mut().reset(deadline);
             }
             // Backpressure: stop reading (never drop) while NATS is away, while too many UPs
-            // await confirmation, or while the device is not reading what we send it.
-            let can_read = bus_up
+            // await confirmation, while the device is not reading what we send it, or while it
+            // is over its uplink rate.
+            let can_read = !throttled
+                && bus_up
                 && self.uplink.len() < max_inflight
                 && self.conn.writer.pending() < queue_limit;
             // The select only picks what happened; handling it comes after, once the branch
@@ -1330,9 +1506,17 @@ impl Session {
 
     async fn on_frame(&mut self, frame: Frame) -> Result<(), End> {
         self.shared.metrics.frame_in(frame.kind(), frame.wire_len());
-        self.last_frame = Instant::now();
+        let now = Instant::now();
+        self.last_frame = now;
         match frame {
             Frame::Up { seq, payload } => {
+                if self
+                    .up_bucket
+                    .take(&self.shared.config, now, 4 + 1 + 4 + payload.len())
+                {
+                    self.shared.metrics.uplink_throttled.inc();
+                    tracing::debug!(device_id = %self.id, session = %self.session, "uplink over its rate; reading paused");
+                }
                 let epoch = self.shared.bus.epoch();
                 let [device, session, gateway] = self.identity_headers();
                 let mut seq_text = itoa::Buffer::new();
@@ -1591,6 +1775,57 @@ mod tests {
         std::mem::size_of::<F>()
     }
 
+    fn size4<A, B, C, D, F: Future>(_: impl FnOnce(A, B, C, D) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn the_uplink_bucket_allows_the_burst_then_the_rate() {
+        let config = crate::config::Config {
+            up_rate_msgs: 10,
+            up_burst_ms: 500,
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let mut b = UpBucket::full(&config, t0);
+        let mut taken = 0;
+        while !b.throttled(&config) {
+            b.take(&config, t0, 10);
+            taken += 1;
+        }
+        assert_eq!(taken, 6, "burst of 5, plus the one that overdraws");
+        let ready = b.ready_at(&config);
+        assert!(ready > t0 + Duration::from_millis(99) && ready < t0 + Duration::from_millis(101));
+        b.refill(&config, ready);
+        assert!(b.ready());
+    }
+
+    #[test]
+    fn replies_to_devgate_subjects_are_refused_except_the_gateway_inbox() {
+        for ok in [
+            &b"_INBOX.abc.1"[..],
+            b"my.custom.inbox.7",
+            b"devgate.inbox.x1.2",
+            b"devices.x",
+        ] {
+            assert!(reply_allowed(ok), "{}", String::from_utf8_lossy(ok));
+        }
+        for forged in [
+            &b"device.victim.up"[..],
+            b"device.victim.presence",
+            b"device.victim.down",
+            b"devgate.gateway.announce",
+            b"devgate.gateways.stats",
+            b"devgate.inbox",
+        ] {
+            assert!(
+                !reply_allowed(forged),
+                "{}",
+                String::from_utf8_lossy(forged)
+            );
+        }
+    }
+
     fn size2<A, B, F: Future>(_: impl FnOnce(A, B) -> F) -> usize {
         std::mem::size_of::<F>()
     }
@@ -1600,12 +1835,11 @@ mod tests {
     /// (the RSS per session it adds up to is measured by `devgate-bench`, see BENCHMARKS.md).
     #[test]
     fn session_futures_stay_within_their_memory_budget() {
-        let task = size3(serve);
+        let task = size4(serve);
         let session = size2(live);
-        let greeting =
-            size3(
-                |s: Arc<Shared>, t: TcpStream, p: SocketAddr| async move { greet(&s, t, p).await },
-            );
+        let greeting = size3(|s: Arc<Shared>, t: TcpStream, p: SocketAddr| async move {
+            greet_in_slot(&s, t, p).await
+        });
         eprintln!("serve {task} B, live {session} B, greet {greeting} B");
         // 2026-11-30: serve 104 B, live 1648 B (debug, rustc 1.95).
         assert!(task <= 256, "the spawned task's future grew to {task} B");

@@ -128,11 +128,17 @@ async fn malformed_frames_are_refused_with_specific_codes_and_bystanders_are_una
             ErrorCode::BadDeviceId,
         ),
         (
-            // 20,000 quotes: 40 kB escaped in the HELLO, and twice that if the ERROR quoted
-            // the whole id back (over the frame limit, so no ERROR at all).
-            "an id of 20,000 quotes",
-            hello(&r#"\""#.repeat(20_000), "x"),
+            // 2,000 quotes: 4 kB escaped in the HELLO (just under its 4 KiB limit), and twice
+            // that if the ERROR quoted the whole id back; it quotes a short prefix.
+            "an id of 2,000 quotes",
+            hello(&r#"\""#.repeat(2_000), "x"),
             ErrorCode::BadDeviceId,
+        ),
+        (
+            // Over max_hello_len (4 KiB), though far under max_frame_len.
+            "a 40 kB HELLO",
+            hello(&r#"\""#.repeat(20_000), "x"),
+            ErrorCode::FrameTooLarge,
         ),
         (
             "wrong token",

@@ -455,3 +455,127 @@ async fn a_quiet_session_is_not_mistaken_for_a_slow_consumer() {
         assert_eq!(p, Bytes::from(format!("r{round}")));
     }
 }
+
+#[tokio::test]
+async fn requests_whose_reply_subject_is_a_devgate_subject_are_not_answered() {
+    use futures::FutureExt;
+    let nats = NatsServer::start();
+    let gw = start(&nats, "gw-1").await;
+    let (mut dev, _) = device(&gw, "dev-2").await;
+    let (_victim, _) = device(&gw, "victim").await;
+    let service = nats.client().await;
+    let mut victim_up = service
+        .subscribe(subjects::up(&DeviceId::parse("victim").expect("id")))
+        .await
+        .expect("subscribe");
+    let mut announce = service
+        .subscribe(subjects::ANNOUNCE)
+        .await
+        .expect("subscribe");
+    devgate_tests::nats::processed(&service).await;
+    let forged = || subjects::up(&DeviceId::parse("victim").expect("id"));
+
+    // A presence request, a downlink request and a stats request, each asking for its answer
+    // on the victim's uplink subject; and a session list answered on the announce subject.
+    service
+        .publish_with_reply_and_headers(
+            down("dev-2"),
+            forged(),
+            headers::control(ControlOp::Presence),
+            Bytes::new(),
+        )
+        .await
+        .expect("publish");
+    service
+        .publish_with_reply(down("dev-2"), forged(), Bytes::from_static(b"forged"))
+        .await
+        .expect("publish");
+    service
+        .publish_with_reply(subjects::STATS, forged(), Bytes::new())
+        .await
+        .expect("publish");
+    service
+        .publish_with_reply(subjects::sessions("gw-1"), subjects::ANNOUNCE, Bytes::new())
+        .await
+        .expect("publish");
+
+    // Requests with ordinary inboxes, through the same two queues (the session's and the
+    // control task's), are answered; once they are, the forged ones were handled before them.
+    let info: PresenceInfo = control(&service, "dev-2", ControlOp::Presence)
+        .await
+        .expect("presence answered");
+    assert_eq!(info.device_id.as_str(), "dev-2");
+    let stats = service
+        .request(subjects::STATS, Bytes::new())
+        .await
+        .expect("stats answered");
+    let _: GatewayStats = serde_json::from_slice(&stats.payload).expect("stats json");
+    let list = service
+        .request(subjects::sessions("gw-1"), Bytes::new())
+        .await
+        .expect("sessions answered");
+    let _: SessionList = serde_json::from_slice(&list.payload).expect("list json");
+
+    // The forged downlink still reached the device (only its answer is withheld).
+    let (_, payload) = tokio::time::timeout(WAIT, dev.recv_down())
+        .await
+        .expect("in time")
+        .expect("down");
+    assert_eq!(&payload[..], b"forged");
+    // The gateway publishes in order on one connection, so anything it had sent to the victim's
+    // uplink would have arrived before the answers above.
+    assert!(
+        victim_up.next().now_or_never().is_none(),
+        "the gateway published on the victim's uplink"
+    );
+    while let Some(Some(msg)) = announce.next().now_or_never() {
+        let _: Announce = serde_json::from_slice(&msg.payload).unwrap_or_else(|e| {
+            panic!("a non-announcement on the announce subject ({e}): {msg:?}")
+        });
+    }
+    devgate_tests::gateway::metric_reaches(&gw, "devgate_gateway_replies_refused_total 4").await;
+}
+
+#[tokio::test]
+async fn a_proxy_header_from_outside_the_trusted_cidrs_is_refused() {
+    let nats = NatsServer::start();
+    let proxied_login = |gw: std::net::SocketAddr| async move {
+        let mut stream = TcpStream::connect(gw).await.expect("connect");
+        stream
+            .write_all(b"PROXY TCP4 203.0.113.7 10.0.0.1 40000 7000\r\n")
+            .await
+            .expect("header");
+        let hello = Hello {
+            device_id: "dev-p".into(),
+            token: token("dev-p"),
+            metadata: Default::default(),
+        };
+        devgate_gateway::client::DeviceClient::connect_with(stream, &hello).await
+    };
+
+    let mut c = config(&nats, "gw-far");
+    c.proxy_protocol = true;
+    c.proxy_trusted_cidrs = vec!["10.0.0.0/8".parse().expect("cidr")];
+    let far = start_with(c).await;
+    match proxied_login(far.device_addr()).await {
+        Err(ClientError::Refused(e)) => {
+            assert_eq!(e.code, ErrorCode::ProtocolViolation);
+            assert!(e.message.contains("proxy_trusted_cidrs"), "{}", e.message);
+        }
+        other => panic!("expected a refusal, got {:?}", other.map(|(_, w)| w)),
+    }
+    devgate_tests::gateway::metric_reaches(&far, "devgate_gateway_proxy_untrusted_total 1").await;
+
+    let mut c = config(&nats, "gw-near");
+    c.proxy_protocol = true;
+    c.proxy_trusted_cidrs = vec!["127.0.0.0/8".parse().expect("cidr")];
+    let near = start_with(c).await;
+    let (_dev, _) = proxied_login(near.device_addr())
+        .await
+        .expect("a trusted balancer's PROXY header is accepted");
+    let service = nats.client().await;
+    let info: PresenceInfo = control(&service, "dev-p", ControlOp::Presence)
+        .await
+        .expect("presence");
+    assert_eq!(info.remote_addr, "203.0.113.7:40000");
+}
