@@ -1036,15 +1036,7 @@ async fn metrics_count_requests_by_route_and_status() {
     let bridge = Bridge::start(&nats).await;
     let _ = bridge.post("/v1/devices/ghost-1/messages", "x").await;
     let _ = bridge.post("/v1/devices/ghost-2/messages", "x").await;
-    let text = bridge
-        .http
-        .get(bridge.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let text = bridge.metrics_text().await;
     let line = text
         .lines()
         .find(|l| {

@@ -267,15 +267,7 @@ async fn a_slow_sse_client_gets_a_lagged_event_instead_of_blocking_nats() {
             sent += 1;
             dev.send_up(0, chunk.clone()).await.expect("up");
         }
-        let metrics = bridge
-            .http
-            .get(bridge.url("/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
+        let metrics = bridge.metrics_text().await;
         let dropped = metrics
             .lines()
             .find_map(|l| l.strip_prefix("devgate_bridge_sse_dropped_events_total "))

@@ -42,15 +42,7 @@ async fn assert_refused(response: Response, says: &str) {
 
 /// The value of the metric line starting with `series` (name and labels), if any.
 async fn metric(bridge: &Bridge, series: &str) -> Option<u64> {
-    let text = bridge
-        .http
-        .get(bridge.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let text = bridge.metrics_text().await;
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())

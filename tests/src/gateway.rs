@@ -184,3 +184,34 @@ impl HeldLogin {
             .expect("login task")
     }
 }
+
+/// The ERROR the gateway answers on `stream` (skipping a WELCOME before it), checking that it
+/// carries a message and that the gateway closes the connection after it: how every refusal
+/// must look to a device.
+pub async fn read_error(stream: tokio::net::TcpStream) -> devgate_gateway::codec::ErrorBody {
+    use devgate_gateway::codec::{ErrorBody, Frame, FrameCodec};
+    use futures::StreamExt;
+    const WAIT: Duration = Duration::from_secs(5);
+    let mut frames = tokio_util::codec::FramedRead::new(stream, FrameCodec::default());
+    loop {
+        match tokio::time::timeout(WAIT, frames.next())
+            .await
+            .expect("answer in time")
+        {
+            Some(Ok(Frame::Error(body))) => {
+                let err: ErrorBody = serde_json::from_slice(&body).expect("ERROR body is JSON");
+                assert!(!err.message.is_empty(), "ERROR carries a message");
+                let rest = tokio::time::timeout(WAIT, frames.next())
+                    .await
+                    .expect("closed in time");
+                assert!(
+                    rest.is_none() || matches!(rest, Some(Err(_))),
+                    "connection closed after ERROR"
+                );
+                return err;
+            }
+            Some(Ok(Frame::Welcome(_))) => continue,
+            other => panic!("expected an ERROR frame, got {other:?}"),
+        }
+    }
+}

@@ -5,15 +5,14 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use devgate_gateway::client::{ClientError, DeviceClient};
-use devgate_gateway::codec::{ErrorBody, ErrorCode, Frame, FrameCodec, Hello, kind};
+use devgate_gateway::codec::{ErrorBody, ErrorCode, Frame, Hello, kind};
 use devgate_gateway::contract::{DeviceId, subjects};
 use devgate_gateway::server::Gateway;
 use devgate_tests::NatsServer;
-use devgate_tests::gateway::{config, device, start, start_with, token};
+use devgate_tests::gateway::{config, device, read_error, start, start_with, token};
 use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_util::codec::FramedRead;
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -22,31 +21,6 @@ async fn error_for(gw: &Gateway, bytes: &[u8]) -> ErrorBody {
     let mut stream = TcpStream::connect(gw.device_addr()).await.expect("connect");
     stream.write_all(bytes).await.expect("write");
     read_error(stream).await
-}
-
-async fn read_error(stream: TcpStream) -> ErrorBody {
-    let mut frames = FramedRead::new(stream, FrameCodec::default());
-    loop {
-        match tokio::time::timeout(WAIT, frames.next())
-            .await
-            .expect("answer in time")
-        {
-            Some(Ok(Frame::Error(body))) => {
-                let err: ErrorBody = serde_json::from_slice(&body).expect("ERROR body is JSON");
-                assert!(!err.message.is_empty(), "ERROR carries a message");
-                let rest = tokio::time::timeout(WAIT, frames.next())
-                    .await
-                    .expect("closed in time");
-                assert!(
-                    rest.is_none() || matches!(rest, Some(Err(_))),
-                    "connection closed after ERROR"
-                );
-                return err;
-            }
-            Some(Ok(Frame::Welcome(_))) => continue,
-            other => panic!("expected an ERROR frame, got {other:?}"),
-        }
-    }
 }
 
 fn frame(ty: u8, body: &[u8]) -> Vec<u8> {

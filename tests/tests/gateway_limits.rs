@@ -6,40 +6,19 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use devgate_gateway::client::{ClientError, DeviceClient};
-use devgate_gateway::codec::{ErrorBody, ErrorCode, Frame, FrameCodec, Hello};
+use devgate_gateway::codec::{ErrorCode, Frame, Hello};
 use devgate_gateway::contract::{DeviceId, subjects};
 use devgate_gateway::server::Gateway;
 use devgate_tests::NatsServer;
-use devgate_tests::gateway::{config, device, metric_reaches, start_with, token, try_device};
+use devgate_tests::gateway::{
+    config, device, metric_reaches, read_error, start_with, token, try_device,
+};
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_util::codec::FramedRead;
 
 const WAIT: Duration = Duration::from_secs(5);
-
-/// The ERROR the gateway answers on `stream` (and that it closes the connection after it).
-async fn read_error(stream: TcpStream) -> ErrorBody {
-    let mut frames = FramedRead::new(stream, FrameCodec::default());
-    match tokio::time::timeout(WAIT, frames.next())
-        .await
-        .expect("answer in time")
-    {
-        Some(Ok(Frame::Error(body))) => {
-            let err: ErrorBody = serde_json::from_slice(&body).expect("ERROR body is JSON");
-            let rest = tokio::time::timeout(WAIT, frames.next())
-                .await
-                .expect("closed in time");
-            assert!(
-                rest.is_none() || matches!(rest, Some(Err(_))),
-                "connection closed after ERROR"
-            );
-            err
-        }
-        other => panic!("expected an ERROR frame, got {other:?}"),
-    }
-}
 
 /// A device connected before the test's abuse still round-trips a request.
 async fn still_works(nats: &NatsServer, bystander: &mut DeviceClient, id: &str) {

@@ -40,6 +40,18 @@ pub fn bridge_config(nats: &NatsServer) -> Config {
 }
 
 impl Bridge {
+    /// The `/metrics` text as a scraper sees it.
+    pub async fn metrics_text(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    }
+
     /// Starts bridge-api with `config` and waits until it is connected to NATS.
     pub async fn start_with(config: Config) -> Bridge {
         let bridge = Self::launch(config).await;
