@@ -1505,15 +1505,13 @@ impl Session {
     }
 
     async fn on_frame(&mut self, frame: Frame) -> Result<(), End> {
-        self.shared.metrics.frame_in(frame.kind(), frame.wire_len());
+        let wire_len = frame.wire_len();
+        self.shared.metrics.frame_in(frame.kind(), wire_len);
         let now = Instant::now();
         self.last_frame = now;
         match frame {
             Frame::Up { seq, payload } => {
-                if self
-                    .up_bucket
-                    .take(&self.shared.config, now, 4 + 1 + 4 + payload.len())
-                {
+                if self.up_bucket.take(&self.shared.config, now, wire_len) {
                     self.shared.metrics.uplink_throttled.inc();
                     tracing::debug!(device_id = %self.id, session = %self.session, "uplink over its rate; reading paused");
                 }

@@ -388,6 +388,27 @@ async fn sleep_until(at: Option<Instant>) {
 mod tests {
     use super::*;
 
+    /// A context over a file sink at `output` whose validate and reload commands are given.
+    fn file_context(
+        output: &std::path::Path,
+        validate: &str,
+        reload: &str,
+        timeout: Duration,
+    ) -> Context {
+        let sink = Sink::File(crate::sink::file::FileSink::new(
+            output.to_path_buf(),
+            validate,
+            reload,
+            timeout,
+        ));
+        Context::new(
+            RenderSettings::default(),
+            sink,
+            Metrics::default(),
+            Arc::new(Status::default()),
+        )
+    }
+
     const MS: Duration = Duration::from_millis(1);
 
     #[tokio::test(start_paused = true)]
@@ -473,26 +494,14 @@ mod tests {
     #[tokio::test]
     async fn shutdown_abandons_an_apply_that_outlasts_the_grace() {
         use crate::endpoints::Endpoint;
-        use crate::sink::file::FileSink;
 
         let dir = tempfile::tempdir().expect("tempdir");
         let output = dir.path().join("upstream.conf");
         std::fs::write(&output, "# what nginx accepted last\n").expect("last good");
         // A validation that hangs (an nginx stuck on a slow disk, say), within its own
         // 60 s command timeout.
-        let sink = Sink::File(FileSink::new(
-            output.clone(),
-            "sleep 60",
-            "true",
-            Duration::from_secs(60),
-        ));
-        let metrics = Metrics::default();
-        let mut ctx = Context::new(
-            RenderSettings::default(),
-            sink,
-            metrics.clone(),
-            Arc::new(Status::default()),
-        );
+        let mut ctx = file_context(&output, "sleep 60", "true", Duration::from_secs(60));
+        let metrics = ctx.metrics.clone();
         ctx.shutdown_grace = Duration::from_millis(200);
         let (tx, rx) = tokio::sync::watch::channel(None);
         let shutdown = CancellationToken::new();
@@ -533,25 +542,13 @@ mod tests {
     #[tokio::test]
     async fn after_a_failed_apply_the_next_reconcile_writes_even_an_unchanged_set() {
         use crate::endpoints::Endpoint;
-        use crate::sink::file::FileSink;
 
         let dir = tempfile::tempdir().expect("tempdir");
         let output = dir.path().join("upstream.conf");
         let broken = dir.path().join("nginx-down");
         // The reload fails while `broken` exists (an nginx master that is restarting).
         let reload = format!("test ! -e {}", broken.display());
-        let sink = Sink::File(FileSink::new(
-            output.clone(),
-            "true",
-            &reload,
-            Duration::from_secs(5),
-        ));
-        let mut ctx = Context::new(
-            RenderSettings::default(),
-            sink,
-            Metrics::default(),
-            Arc::new(Status::default()),
-        );
+        let mut ctx = file_context(&output, "true", &reload, Duration::from_secs(5));
         let a = Snapshot::now(vec![
             Endpoint::ready(([10, 0, 0, 1], 7000).into()),
             Endpoint::ready(([10, 0, 0, 2], 7000).into()),
@@ -579,26 +576,14 @@ mod tests {
     #[tokio::test]
     async fn after_a_refused_render_the_last_applied_set_is_still_known() {
         use crate::endpoints::Endpoint;
-        use crate::sink::file::FileSink;
 
         let dir = tempfile::tempdir().expect("tempdir");
         let output = dir.path().join("upstream.conf");
         let refusing = dir.path().join("nginx-refuses");
         // Validation fails while `refusing` exists; the sink then puts the last good file back.
         let validate = format!("test ! -e {}", refusing.display());
-        let sink = Sink::File(FileSink::new(
-            output.clone(),
-            &validate,
-            "true",
-            Duration::from_secs(5),
-        ));
-        let metrics = Metrics::default();
-        let mut ctx = Context::new(
-            RenderSettings::default(),
-            sink,
-            metrics.clone(),
-            Arc::new(Status::default()),
-        );
+        let mut ctx = file_context(&output, &validate, "true", Duration::from_secs(5));
+        let metrics = ctx.metrics.clone();
         let a = Snapshot::now(vec![Endpoint::ready(([10, 0, 0, 1], 7000).into())]);
         let b = Snapshot::now(vec![Endpoint::ready(([10, 0, 0, 2], 7000).into())]);
         assert_eq!(reconcile(&a, &mut ctx).await.expect("A"), Outcome::Applied);
@@ -620,24 +605,12 @@ mod tests {
     #[tokio::test]
     async fn a_burst_of_snapshots_becomes_one_apply_of_the_latest() {
         use crate::endpoints::Endpoint;
-        use crate::sink::file::FileSink;
 
         let dir = tempfile::tempdir().expect("tempdir");
         let output = dir.path().join("upstream.conf");
-        let sink = Sink::File(FileSink::new(
-            output.clone(),
-            "true",
-            "true",
-            Duration::from_secs(5),
-        ));
-        let metrics = Metrics::default();
-        let status = Arc::new(Status::default());
-        let ctx = Context::new(
-            RenderSettings::default(),
-            sink,
-            metrics.clone(),
-            status.clone(),
-        );
+        let ctx = file_context(&output, "true", "true", Duration::from_secs(5));
+        let metrics = ctx.metrics.clone();
+        let status = ctx.status.clone();
         let (tx, rx) = tokio::sync::watch::channel(None);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(run(
