@@ -15,30 +15,68 @@ type HmacSha256 = hmac::Hmac<Sha256>;
 #[derive(Clone)]
 pub enum DeviceAuth {
     /// Token = hex(HMAC-SHA256(secret, device_id)).
-    Hmac(Secret),
+    Hmac {
+        /// The fleet secret tokens are issued under now.
+        current: Secret,
+        /// During a rotation, the secret the fleet's tokens were issued under before: a fleet
+        /// cannot be re-provisioned in one instant, so both are accepted until every device
+        /// has its new token (counted by [`Verdict::PreviousSecret`]).
+        previous: Option<Secret>,
+    },
     /// No authentication: only when explicitly asked for (`--insecure-no-auth`).
     Insecure,
+}
+
+/// What a token check concluded: whether to admit the device, and under which secret, so a
+/// rotation's progress can be measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Valid under the current fleet secret (or authentication is off).
+    Current,
+    /// Valid only under the previous fleet secret: this device still needs its new token.
+    PreviousSecret,
+    /// Not a valid token for this device.
+    Refused,
+}
+
+impl Verdict {
+    /// Whether the device may log in.
+    pub fn admits(self) -> bool {
+        self != Verdict::Refused
+    }
 }
 
 impl std::fmt::Debug for DeviceAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            DeviceAuth::Hmac(_) => f.write_str("Hmac(***)"),
+            DeviceAuth::Hmac { previous: None, .. } => f.write_str("Hmac(***)"),
+            DeviceAuth::Hmac {
+                previous: Some(_), ..
+            } => f.write_str("Hmac(***, previous ***)"),
             DeviceAuth::Insecure => f.write_str("Insecure"),
         }
     }
 }
 
 impl DeviceAuth {
-    /// Checks `token` for `device_id` in constant time.
-    pub fn verify(&self, device_id: &str, token: &str) -> bool {
+    /// Checks `token` for `device_id` in constant time (per secret tried).
+    pub fn verify(&self, device_id: &str, token: &str) -> Verdict {
         match self {
-            DeviceAuth::Insecure => true,
-            DeviceAuth::Hmac(secret) => {
-                let Ok(expected) = hex::decode(token) else {
-                    return false;
+            DeviceAuth::Insecure => Verdict::Current,
+            DeviceAuth::Hmac { current, previous } => {
+                let Ok(presented) = hex::decode(token) else {
+                    return Verdict::Refused;
                 };
-                mac(secret, device_id).verify_slice(&expected).is_ok()
+                if mac(current, device_id).verify_slice(&presented).is_ok() {
+                    Verdict::Current
+                } else if previous
+                    .as_ref()
+                    .is_some_and(|p| mac(p, device_id).verify_slice(&presented).is_ok())
+                {
+                    Verdict::PreviousSecret
+                } else {
+                    Verdict::Refused
+                }
             }
         }
     }
@@ -64,7 +102,7 @@ mod tests {
     #[test]
     fn tokens_verify_only_for_their_device_and_secret() {
         let secret = Secret::new("fleet-secret");
-        let auth = DeviceAuth::Hmac(secret.clone());
+        let auth = hmac_only(&secret);
         let token = device_token(&secret, "dev-1");
         assert_eq!(token.len(), 64);
         assert!(
@@ -72,12 +110,16 @@ mod tests {
                 .chars()
                 .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
         );
-        assert!(auth.verify("dev-1", &token));
-        assert!(!auth.verify("dev-2", &token));
-        assert!(!auth.verify("dev-1", &device_token(&Secret::new("other"), "dev-1")));
-        assert!(!auth.verify("dev-1", ""));
-        assert!(!auth.verify("dev-1", "not hex"));
-        assert!(!auth.verify("dev-1", &token[..62]));
+        assert_eq!(auth.verify("dev-1", &token), Verdict::Current);
+        assert!(!auth.verify("dev-2", &token).admits());
+        assert!(
+            !auth
+                .verify("dev-1", &device_token(&Secret::new("other"), "dev-1"))
+                .admits()
+        );
+        assert!(!auth.verify("dev-1", "").admits());
+        assert!(!auth.verify("dev-1", "not hex").admits());
+        assert!(!auth.verify("dev-1", &token[..62]).admits());
     }
 
     #[test]
@@ -100,10 +142,13 @@ mod tests {
         let secret = Secret::new("fleet-secret-0123456789");
         assert_eq!(device_token(&secret, "dev-1"), DOCUMENTED);
 
-        let auth = DeviceAuth::Hmac(secret);
-        assert!(auth.verify("dev-1", DOCUMENTED));
+        let auth = hmac_only(&secret);
+        assert!(auth.verify("dev-1", DOCUMENTED).admits());
         // "upper-case hex is accepted too"
-        assert!(auth.verify("dev-1", &DOCUMENTED.to_ascii_uppercase()));
+        assert!(
+            auth.verify("dev-1", &DOCUMENTED.to_ascii_uppercase())
+                .admits()
+        );
         // Any single hex digit changed, wherever it is, is refused.
         for i in 0..DOCUMENTED.len() {
             let mut digits: Vec<char> = DOCUMENTED.chars().collect();
@@ -113,7 +158,7 @@ mod tests {
             digits[i] = std::char::from_digit((d + 1) % 16, 16).unwrap_or_else(|| unreachable!());
             let changed: String = digits.into_iter().collect();
             assert!(
-                !auth.verify("dev-1", &changed),
+                !auth.verify("dev-1", &changed).admits(),
                 "digit {i} changed: {changed}"
             );
         }
@@ -121,6 +166,49 @@ mod tests {
 
     #[test]
     fn insecure_mode_accepts_anything() {
-        assert!(DeviceAuth::Insecure.verify("d", ""));
+        assert!(DeviceAuth::Insecure.verify("d", "").admits());
+    }
+
+    fn hmac_only(secret: &Secret) -> DeviceAuth {
+        DeviceAuth::Hmac {
+            current: secret.clone(),
+            previous: None,
+        }
+    }
+
+    #[test]
+    fn during_a_rotation_both_secrets_admit_and_say_which() {
+        let old = Secret::new("old-fleet-secret-1");
+        let new = Secret::new("new-fleet-secret-2");
+        let rotating = DeviceAuth::Hmac {
+            current: new.clone(),
+            previous: Some(old.clone()),
+        };
+        assert_eq!(
+            rotating.verify("dev-1", &device_token(&new, "dev-1")),
+            Verdict::Current
+        );
+        assert_eq!(
+            rotating.verify("dev-1", &device_token(&old, "dev-1")),
+            Verdict::PreviousSecret
+        );
+        // The previous secret's token is still bound to its device.
+        assert_eq!(
+            rotating.verify("dev-2", &device_token(&old, "dev-1")),
+            Verdict::Refused
+        );
+        assert_eq!(
+            rotating.verify(
+                "dev-1",
+                &device_token(&Secret::new("a-third-secret-3"), "dev-1")
+            ),
+            Verdict::Refused
+        );
+        // Once the rotation is over, the old token no longer admits.
+        assert_eq!(
+            hmac_only(&new).verify("dev-1", &device_token(&old, "dev-1")),
+            Verdict::Refused
+        );
+        assert!(!format!("{rotating:?}").contains("fleet-secret"));
     }
 }

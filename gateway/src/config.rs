@@ -44,6 +44,16 @@ pub struct Config {
     pub instance_id: Option<String>,
     /// Fleet secret for device tokens (HMAC-SHA256 of the device id).
     pub auth_secret: Option<Secret>,
+    /// The fleet secret before a rotation: its tokens are still accepted (and counted in
+    /// `devgate_gateway_logins_previous_secret_total`) until every device has a token under
+    /// `auth_secret`, because a fleet is never re-provisioned in one instant.
+    pub auth_secret_previous: Option<Secret>,
+    /// Device ids that may not log in (one per line, `#` comments): revoking a device whose
+    /// token leaked must not wait for a fleet-secret rotation. Re-read when it changes; live
+    /// sessions of newly listed ids are closed `unauthorized`.
+    pub denied_devices_file: Option<PathBuf>,
+    /// How often `denied_devices_file` is checked for changes.
+    pub denied_devices_check_ms: u64,
     /// Accept every device without a token. Only for local experiments.
     pub insecure_no_auth: bool,
     /// Largest frame (type byte + body) accepted or sent.
@@ -113,6 +123,9 @@ impl Default for Config {
             nats_tls_key: None,
             instance_id: None,
             auth_secret: None,
+            auth_secret_previous: None,
+            denied_devices_file: None,
+            denied_devices_check_ms: 5_000,
             insecure_no_auth: false,
             max_frame_len: crate::codec::DEFAULT_MAX_FRAME_LEN,
             max_hello_len: crate::codec::DEFAULT_MAX_HELLO_LEN,
@@ -171,6 +184,24 @@ impl Validate for Config {
             }
             _ => {}
         }
+        if let Some(previous) = &self.auth_secret_previous {
+            match &self.auth_secret {
+                _ if self.insecure_no_auth => problems.push(
+                    "--auth-secret-previous and --insecure-no-auth contradict each other"
+                        .to_owned(),
+                ),
+                None => problems.push(
+                    "--auth-secret-previous needs --auth-secret (the secret rotated to)".to_owned(),
+                ),
+                Some(current) if current.expose() == previous.expose() => problems.push(
+                    "--auth-secret-previous equals --auth-secret; a rotation needs a new secret"
+                        .to_owned(),
+                ),
+                Some(_) if previous.expose().len() < 16 => problems
+                    .push("--auth-secret-previous must be at least 16 characters".to_owned()),
+                Some(_) => {}
+            }
+        }
         if !FRAME_LEN_RANGE.contains(&self.max_frame_len) {
             problems.push(format!(
                 "max_frame_len {} is outside {}..={}",
@@ -206,6 +237,7 @@ impl Validate for Config {
             ("up_rate_bytes", self.up_rate_bytes),
             ("up_burst_ms", self.up_burst_ms),
             ("listen_backlog", u64::from(self.listen_backlog)),
+            ("denied_devices_check_ms", self.denied_devices_check_ms),
         ] {
             if value == 0 {
                 problems.push(format!("{name} must be greater than 0"));
@@ -227,6 +259,11 @@ impl Validate for Config {
             ("announce_interval_ms", self.announce_interval_ms, DAY_MS),
             ("claim_timeout_ms", self.claim_timeout_ms, DAY_MS),
             ("up_burst_ms", self.up_burst_ms, DAY_MS),
+            (
+                "denied_devices_check_ms",
+                self.denied_devices_check_ms,
+                DAY_MS,
+            ),
         ] {
             if value > limit {
                 problems.push(format!("{name} {value} is over one day ({limit})"));
@@ -263,7 +300,10 @@ impl Config {
     /// The device authentication this config asks for.
     pub fn device_auth(&self) -> DeviceAuth {
         match &self.auth_secret {
-            Some(secret) if !self.insecure_no_auth => DeviceAuth::Hmac(secret.clone()),
+            Some(secret) if !self.insecure_no_auth => DeviceAuth::Hmac {
+                current: secret.clone(),
+                previous: self.auth_secret_previous.clone(),
+            },
             _ => DeviceAuth::Insecure,
         }
     }
@@ -373,6 +413,18 @@ pub struct Cli {
     #[arg(long, env = "DEVGATE_AUTH_SECRET", hide_env_values = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auth_secret: Option<Secret>,
+    /// Previous fleet secret, still accepted during a rotation.
+    #[arg(long, env = "DEVGATE_AUTH_SECRET_PREVIOUS", hide_env_values = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth_secret_previous: Option<Secret>,
+    /// File of denied device ids, one per line, re-read when it changes.
+    #[arg(long, env = "DEVGATE_DENIED_DEVICES_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub denied_devices_file: Option<PathBuf>,
+    /// How often the denied-devices file is checked, in ms [default: 5000].
+    #[arg(long, env = "DEVGATE_DENIED_DEVICES_CHECK_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub denied_devices_check_ms: Option<u64>,
     /// Accept devices without authentication (local experiments only; logged loudly).
     #[arg(long, env = "DEVGATE_INSECURE_NO_AUTH", num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -486,7 +538,65 @@ mod tests {
         let c = cli(&["--auth-secret", "0123456789abcdef"])
             .into_config()
             .expect("secret");
-        assert!(matches!(c.device_auth(), DeviceAuth::Hmac(_)));
+        assert!(matches!(
+            c.device_auth(),
+            DeviceAuth::Hmac { previous: None, .. }
+        ));
+    }
+
+    #[test]
+    fn a_previous_secret_is_accepted_only_as_part_of_a_rotation() {
+        let c = cli(&[
+            "--auth-secret",
+            "new-secret-0123456789",
+            "--auth-secret-previous",
+            "old-secret-0123456789",
+        ])
+        .into_config()
+        .expect("rotation");
+        assert!(matches!(
+            c.device_auth(),
+            DeviceAuth::Hmac {
+                previous: Some(_),
+                ..
+            }
+        ));
+        assert!(!format!("{c:?}").contains("old-secret-0123456789"));
+        for (args, needle) in [
+            (
+                &["--auth-secret-previous", "old-secret-0123456789"][..],
+                "needs --auth-secret",
+            ),
+            (
+                &[
+                    "--insecure-no-auth",
+                    "--auth-secret-previous",
+                    "old-secret-0123456789",
+                ][..],
+                "contradict",
+            ),
+            (
+                &[
+                    "--auth-secret",
+                    "same-secret-0123456789",
+                    "--auth-secret-previous",
+                    "same-secret-0123456789",
+                ][..],
+                "equals --auth-secret",
+            ),
+            (
+                &[
+                    "--auth-secret",
+                    "new-secret-0123456789",
+                    "--auth-secret-previous",
+                    "short",
+                ][..],
+                "--auth-secret-previous must be at least 16",
+            ),
+        ] {
+            let err = cli(args).into_config().expect_err("refused");
+            assert!(err.to_string().contains(needle), "{args:?}: {err}");
+        }
     }
 
     #[test]

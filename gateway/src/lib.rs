@@ -18,6 +18,8 @@ pub mod config;
 pub mod conn;
 pub mod contract;
 mod control;
+pub mod denylist;
+mod log_budget;
 pub mod metrics;
 pub mod proxy_protocol;
 mod reclaim;

@@ -134,6 +134,18 @@ pub struct Metrics {
     pub uplink_throttled: Counter,
     /// Successful logins.
     pub logins: Counter,
+    /// Logins whose token was valid only under the previous fleet secret: while this still
+    /// rises, a rotation is not finished and the previous secret must stay.
+    pub logins_previous_secret: Counter,
+    /// Device ids in the denylist now (`denied_devices_file`).
+    pub denied_devices: Gauge,
+    /// Logins refused because the device id is on the denylist.
+    pub denied_logins: Counter,
+    /// Sessions closed because their device id was added to the denylist.
+    pub revoked_sessions: Counter,
+    /// Denylist changes that could not be applied (unreadable file, invalid id): the previous
+    /// list stays in force, so an alert on this matters more than the log line.
+    pub denylist_errors: Counter,
     /// Logins that displaced an older session of the same device.
     pub takeovers: Counter,
     /// Sessions released because a reclaim (sent after a gateway's NATS reconnect) found a
@@ -198,6 +210,27 @@ impl Metrics {
             "UPs that used up their session's uplink allowance; reading pauses after each",
         );
         let logins = counter(reg, "logins", "Successful device logins");
+        let logins_previous_secret = counter(
+            reg,
+            "logins_previous_secret",
+            "Logins with a token valid only under the previous fleet secret (rotation in progress)",
+        );
+        let denied_devices = gauge(reg, "denied_devices", "Device ids on the denylist");
+        let denied_logins = counter(
+            reg,
+            "denied_logins",
+            "Logins refused because the device id is on the denylist",
+        );
+        let revoked_sessions = counter(
+            reg,
+            "revoked_sessions",
+            "Sessions closed because their device id was added to the denylist",
+        );
+        let denylist_errors = counter(
+            reg,
+            "denylist_errors",
+            "Denylist changes not applied (unreadable file or invalid id); the previous list stays",
+        );
         let takeovers = counter(reg, "takeovers", "Logins that replaced an older session");
         let reclaims_lost = counter(
             reg,
@@ -301,6 +334,11 @@ impl Metrics {
             replies_refused,
             uplink_throttled,
             logins,
+            logins_previous_secret,
+            denied_devices,
+            denied_logins,
+            revoked_sessions,
+            denylist_errors,
             takeovers,
             reclaims_lost,
             nats_connected,

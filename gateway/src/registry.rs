@@ -27,6 +27,9 @@ pub enum SessionCommand {
         /// Told to the device as `reconnect_after_ms`.
         reconnect_after_ms: u64,
     },
+    /// The device id was added to the denylist: close with `ERROR unauthorized` (not a
+    /// GOAWAY, which would invite the device straight back).
+    Revoke,
 }
 
 /// Sends a session its one command. Both commands end the session, so a session acts on at
@@ -177,6 +180,17 @@ impl Registry {
         let (done, released) = oneshot::channel();
         entry.releasing = Some(released);
         commands.send(SessionCommand::Release { done }).is_ok()
+    }
+
+    /// Tells the sessions of `ids` here (welcomed or logging in) to close as revoked, unless a
+    /// command was already sent to them (they are ending anyway). Returns how many were told.
+    pub fn revoke(&self, ids: &[DeviceId]) -> usize {
+        let mut map = self.lock();
+        ids.iter()
+            .filter_map(|id| map.get_mut(id)?.commands.take())
+            .map(|commands| commands.send(SessionCommand::Revoke).is_ok())
+            .filter(|told| *told)
+            .count()
     }
 
     /// Welcomed sessions.
@@ -341,6 +355,25 @@ mod tests {
         };
         let _ = done.send(());
         waiter.await.expect("released");
+    }
+
+    #[tokio::test]
+    async fn revoking_tells_only_the_listed_devices_once() {
+        let r = Registry::default();
+        let (tx, mut revoked) = command_channel();
+        let mut listed = entry("s-a", true, "a");
+        listed.commands = Some(tx);
+        r.insert(id("a"), listed);
+        let (tx, mut spared) = command_channel();
+        let mut other = entry("s-b", false, "b");
+        other.commands = Some(tx);
+        r.insert(id("b"), other);
+        assert_eq!(r.revoke(&[id("a"), id("not-here")]), 1);
+        assert!(matches!(revoked.recv().await, SessionCommand::Revoke));
+        assert_eq!(r.revoke(&[id("a")]), 0, "a session is told once");
+        let untold =
+            tokio::time::timeout(std::time::Duration::from_millis(20), spared.recv()).await;
+        assert!(untold.is_err(), "a device not listed is left alone");
     }
 
     #[tokio::test]

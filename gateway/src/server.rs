@@ -6,6 +6,7 @@
 //! period) is over and ends whatever is left.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -22,6 +23,8 @@ use crate::codec::{ErrorBody, ErrorCode, Frame, FrameCodec};
 use crate::common::{ReadinessProbe, ops_router, serve_http, unix_ms};
 use crate::config::Config;
 use crate::control;
+use crate::denylist::{Denylist, DenylistError};
+use crate::log_budget::LogBudget;
 use crate::metrics::Metrics;
 use crate::reclaim;
 use crate::registry::{Registry, SessionCommand};
@@ -47,6 +50,9 @@ pub enum GatewayError {
     /// A background task panicked.
     #[error("gateway task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// The denylist could not be loaded: starting without it would re-admit revoked devices.
+    #[error(transparent)]
+    Denylist(#[from] DenylistError),
 }
 
 /// State every task of one gateway instance shares.
@@ -60,6 +66,11 @@ pub(crate) struct Shared {
     pub(crate) bus: Bus,
     pub(crate) registry: Registry,
     pub(crate) metrics: Metrics,
+    /// Device ids refused at login (`denied_devices_file`).
+    pub(crate) denylist: Denylist,
+    /// Caps the log lines of refused connections, which an unauthenticated peer can cause at
+    /// will: the `errors` metric counts every one, the log shows a sample.
+    pub(crate) refusal_logs: LogBudget,
     /// Connections in their handshake (see [`HandshakeSlot`]).
     handshakes: AtomicUsize,
     /// Cancelled when draining starts.
@@ -146,11 +157,13 @@ impl Gateway {
         let http_addr = local_addr(&http, config.http_listen);
         let instance = config.instance_id();
         let shutdown = parent.child_token();
-        let (shared, metrics_registry) = build(config, &instance, device_addr).await?;
+        let (shared, metrics_registry, denylist_file) =
+            build(config, &instance, device_addr).await?;
         let connected = shared.bus.connected_watch();
         let task = tokio::spawn(serve(
             shared,
             metrics_registry,
+            denylist_file,
             listener,
             http,
             shutdown.clone(),
@@ -226,21 +239,43 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Gate
     Gateway::start_with(config, shutdown).await?.wait().await
 }
 
+/// The denylist file and the content loaded at start, which its watcher compares against.
+type DenylistFile = Option<(PathBuf, Vec<u8>)>;
+
 async fn build(
     config: Config,
     instance: &str,
     device_addr: SocketAddr,
-) -> Result<(Arc<Shared>, MetricsRegistry), GatewayError> {
+) -> Result<(Arc<Shared>, MetricsRegistry, DenylistFile), GatewayError> {
     let mut registry = MetricsRegistry::default();
     let metrics = Metrics::new(&mut registry);
+    let denylist = Denylist::default();
+    let denylist_file = match &config.denied_devices_file {
+        Some(path) => {
+            let (ids, loaded) = crate::denylist::load(path)?;
+            metrics.denied_devices.set(ids.len() as i64);
+            tracing::info!(instance = %instance, path = %path.display(), denied = ids.len(), "device denylist loaded");
+            denylist.replace(ids);
+            Some((path.clone(), loaded))
+        }
+        None => None,
+    };
     let hard_stop = CancellationToken::new();
     let bus = Bus::connect(&config, instance, metrics.clone(), hard_stop.clone()).await?;
     let auth = config.device_auth();
-    if matches!(auth, DeviceAuth::Insecure) {
-        tracing::warn!(
+    match &auth {
+        DeviceAuth::Insecure => tracing::warn!(
             instance = %instance,
             "INSECURE: device authentication is OFF (--insecure-no-auth); any client can log in as any device"
-        );
+        ),
+        DeviceAuth::Hmac {
+            previous: Some(_), ..
+        } => tracing::warn!(
+            instance = %instance,
+            "fleet-secret rotation: tokens of the previous secret are still accepted; remove \
+             --auth-secret-previous once devgate_gateway_logins_previous_secret_total stops rising"
+        ),
+        DeviceAuth::Hmac { previous: None, .. } => {}
     }
     if config.proxy_protocol && config.proxy_trusted_cidrs.is_empty() {
         tracing::warn!(
@@ -260,16 +295,24 @@ async fn build(
         bus,
         registry: Registry::default(),
         metrics,
+        denylist,
+        refusal_logs: LogBudget::new(REFUSAL_LOGS_PER_SECOND),
         draining: CancellationToken::new(),
         hard_stop,
         config,
     });
-    Ok((shared, registry))
+    Ok((shared, registry, denylist_file))
 }
+
+/// Refused connections logged per second at most (the rest are counted, and the count is
+/// logged with the next line): enough to diagnose a misconfigured device, too few for a flood
+/// of bad logins to drown the log.
+const REFUSAL_LOGS_PER_SECOND: u32 = 20;
 
 async fn serve(
     shared: Arc<Shared>,
     metrics_registry: MetricsRegistry,
+    denylist_file: DenylistFile,
     listener: TcpListener,
     http: TcpListener,
     shutdown: CancellationToken,
@@ -284,6 +327,8 @@ async fn serve(
     ));
     let control_task = control::spawn(shared.clone());
     let reclaim_task = reclaim::spawn(shared.clone());
+    let denylist_task =
+        denylist_file.map(|(path, loaded)| crate::denylist::spawn(shared.clone(), path, loaded));
     tracing::info!(
         instance = %shared.instance,
         advertise_addr = %shared.advertise_addr,
@@ -325,6 +370,9 @@ async fn serve(
     drain(&shared, &connections).await;
     let _ = control_task.await;
     let _ = reclaim_task.await;
+    if let Some(task) = denylist_task {
+        let _ = task.await;
+    }
     let _ = http_task.await;
     // Last replies and presence events out before the connection closes.
     let _ = shared.bus.link().flush(Duration::from_secs(2)).await;

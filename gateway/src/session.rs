@@ -30,6 +30,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
+use crate::auth::Verdict;
 use crate::bus::{Headers, LinkError, Msg, RequestError, Subscription};
 use crate::codec::{ErrorBody, ErrorCode, Frame, GoAway, GoAwayReason, Hello, HelloLogin, Welcome};
 use crate::common::{unix_ms, unix_ns};
@@ -239,13 +240,16 @@ async fn refuse(
     refusal: Refusal,
 ) {
     shared.metrics.error(refusal.code);
-    tracing::info!(
-        remote = %remote,
-        device_id = device.map(DeviceId::as_str),
-        code = refusal.code.as_str(),
-        message = %refusal.message,
-        "refusing device connection"
-    );
+    if let Some(suppressed) = shared.refusal_logs.admit(unix_ms() / 1000) {
+        tracing::info!(
+            remote = %remote,
+            device_id = device.map(DeviceId::as_str),
+            code = refusal.code.as_str(),
+            message = %refusal.message,
+            suppressed,
+            "refusing device connection"
+        );
+    }
     let frame = refusal.frame();
     shared.metrics.frame_out(frame.kind(), frame.wire_len());
     conn.close_with(Some(frame), LAST_WORDS).await;
@@ -332,11 +336,22 @@ async fn handshake(
             format!("device id {}: {e}", quoted_prefix(&login.device_id)),
         ))
     })?;
-    if !shared.auth.verify(id.as_str(), &login.token) {
-        return Err(Some(Refusal::new(
-            ErrorCode::Unauthorized,
-            "token does not match the device id",
-        )));
+    match shared.auth.verify(id.as_str(), &login.token) {
+        Verdict::Current => {}
+        Verdict::PreviousSecret => {
+            shared.metrics.logins_previous_secret.inc();
+        }
+        Verdict::Refused => {
+            return Err(Some(Refusal::new(
+                ErrorCode::Unauthorized,
+                "token does not match the device id",
+            )));
+        }
+    }
+    // After the token: only the device's own token learns that its id is revoked.
+    if shared.denylist.contains(&id) {
+        shared.metrics.denied_logins.inc();
+        return Err(Some(revoked()));
     }
     let hello: Hello = serde_json::from_slice(&body).map_err(|e| {
         Some(Refusal::new(
@@ -357,6 +372,15 @@ async fn handshake(
         )));
     }
     Ok((id, hello))
+}
+
+/// The refusal of a device on the denylist: `unauthorized`, which devices treat as "do not
+/// retry at once", unlike a GOAWAY.
+fn revoked() -> Refusal {
+    Refusal::new(
+        ErrorCode::Unauthorized,
+        "this device id is revoked (on the gateway's denylist)",
+    )
 }
 
 /// Everything a login decides before WELCOME.
@@ -592,6 +616,18 @@ async fn welcome(
             replaces_welcomed: false,
         },
     );
+    // The denylist may have changed since the handshake checked it. Its watcher puts a new
+    // list in force and then revokes what is registered; this login registered above, so
+    // either the watcher finds it or this check sees the new list.
+    if shared.denylist.contains(&id) {
+        if let Some(commands) = displaced.and_then(|old| old.commands) {
+            let _ = commands.send(SessionCommand::Revoke);
+        }
+        shared.registry.remove(&id, &session);
+        shared.metrics.denied_logins.inc();
+        refuse(&shared, &mut conn, remote, Some(&id), revoked()).await;
+        return None;
+    }
     // A takeover only when the session displaced here had been welcomed (or had itself
     // displaced one); a rival login that never was replaced nothing (as `held` says for one on
     // another gateway).
@@ -787,6 +823,10 @@ async fn login(
                             LoginOutcome::Lost(GoAwayReason::Replaced)
                         }
                         SessionCommand::Drain { .. } => LoginOutcome::Lost(GoAwayReason::Draining),
+                        SessionCommand::Revoke => {
+                            shared.metrics.denied_logins.inc();
+                            LoginOutcome::Failed(revoked())
+                        }
                     };
                 }
             }
@@ -1208,6 +1248,10 @@ impl Session {
                     self.release_with(GoAwayReason::Draining, Some(reconnect_after_ms)),
                 )
                 .await),
+                Event::Command(SessionCommand::Revoke) => {
+                    self.shared.metrics.revoked_sessions.inc();
+                    Err(End::Error(revoked()))
+                }
                 Event::HardStop => Err(End::Shutdown),
                 Event::Bus(Some(msg)) => self.on_bus_messages(msg).await,
                 Event::Bus(None) => Err(End::Error(Refusal::new(
