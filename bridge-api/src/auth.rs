@@ -3,11 +3,15 @@
 //! Tokens come from configuration (several may be valid at once, for rotation). A presented
 //! token is hashed and compared with every configured token's hash in constant time, so neither
 //! the content nor the length of a valid token leaks through response timing.
+//!
+//! There are two grants. A full token (`--api-token`) may do everything; a read token
+//! (`--api-read-token`) only what a `GET` does (presence, listings, tails), so a dashboard's
+//! token, which lives in more places, cannot message or disconnect devices.
 
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::http::header;
+use axum::http::{Method, header};
 use axum::middleware::Next;
 use axum::response::Response;
 use devgate_gateway::common::Secret;
@@ -19,16 +23,29 @@ use crate::error::ApiError;
 /// Who may call the API.
 #[derive(Clone)]
 pub enum ApiAuth {
-    /// Callers must present one of these tokens (stored as SHA-256 digests).
-    Tokens(Arc<Vec<[u8; 32]>>),
+    /// Callers must present one of these tokens (stored as SHA-256 digests, each with what it
+    /// grants).
+    Tokens(Arc<Vec<([u8; 32], Grant)>>),
     /// Everyone may call: only for local runs (`--insecure-no-auth`).
     Insecure,
+}
+
+/// What a valid token allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    /// Every endpoint.
+    Full,
+    /// `GET` (and `HEAD`) only.
+    ReadOnly,
 }
 
 impl std::fmt::Debug for ApiAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ApiAuth::Tokens(t) => write!(f, "Tokens({} configured)", t.len()),
+            ApiAuth::Tokens(t) => {
+                let read = t.iter().filter(|(_, g)| *g == Grant::ReadOnly).count();
+                write!(f, "Tokens({} full, {read} read-only)", t.len() - read)
+            }
             ApiAuth::Insecure => f.write_str("Insecure"),
         }
     }
@@ -39,9 +56,9 @@ fn digest(token: &[u8]) -> [u8; 32] {
 }
 
 impl ApiAuth {
-    /// Token authentication with `tokens`, or [`ApiAuth::Insecure`] when `insecure` (config
-    /// validation makes sure exactly one of the two is asked for).
-    pub fn new(tokens: &[Secret], insecure: bool) -> Self {
+    /// Token authentication with full `tokens` and `read_tokens`, or [`ApiAuth::Insecure`]
+    /// when `insecure` (config validation makes sure exactly one of the two is asked for).
+    pub fn new(tokens: &[Secret], read_tokens: &[Secret], insecure: bool) -> Self {
         if insecure {
             tracing::warn!(
                 "!!! --insecure-no-auth: the HTTP API accepts EVERY caller without a token; \
@@ -50,30 +67,41 @@ impl ApiAuth {
             );
             return ApiAuth::Insecure;
         }
-        ApiAuth::Tokens(Arc::new(
+        let with = |tokens: &[Secret], grant| {
             tokens
                 .iter()
-                .map(|t| digest(t.expose().as_bytes()))
-                .collect(),
-        ))
+                .map(move |t| (digest(t.expose().as_bytes()), grant))
+                .collect::<Vec<_>>()
+        };
+        let mut all = with(tokens, Grant::Full);
+        all.extend(with(read_tokens, Grant::ReadOnly));
+        ApiAuth::Tokens(Arc::new(all))
     }
 
-    /// Whether an `Authorization` header value grants access.
-    pub fn allows(&self, authorization: Option<&[u8]>) -> bool {
+    /// What an `Authorization` header value grants, if anything.
+    pub fn grant(&self, authorization: Option<&[u8]>) -> Option<Grant> {
         let ApiAuth::Tokens(valid) = self else {
-            return true;
+            return Some(Grant::Full);
         };
-        let Some(presented) = authorization.and_then(bearer_token) else {
-            return false;
-        };
-        let presented = digest(presented);
+        let presented = digest(authorization.and_then(bearer_token)?);
         // Check every configured token, without stopping early, so timing does not tell which
-        // position matched.
-        let mut ok = subtle::Choice::from(0u8);
-        for v in valid.iter() {
-            ok |= v.ct_eq(&presented);
+        // position (or which kind of token) matched.
+        let mut full = subtle::Choice::from(0u8);
+        let mut read = subtle::Choice::from(0u8);
+        for (v, grant) in valid.iter() {
+            let hit = v.ct_eq(&presented);
+            match grant {
+                Grant::Full => full |= hit,
+                Grant::ReadOnly => read |= hit,
+            }
         }
-        ok.into()
+        if bool::from(full) {
+            Some(Grant::Full)
+        } else if bool::from(read) {
+            Some(Grant::ReadOnly)
+        } else {
+            None
+        }
     }
 }
 
@@ -87,7 +115,8 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     (!token.is_empty()).then_some(token)
 }
 
-/// Middleware: refuses requests without a valid bearer token with `401 unauthorized`.
+/// Middleware: refuses requests without a valid bearer token with `401 unauthorized`, and
+/// anything but a read with a read-only token with `403 forbidden`.
 pub async fn require_token(
     State(auth): State<ApiAuth>,
     request: Request,
@@ -97,11 +126,17 @@ pub async fn require_token(
         .headers()
         .get(header::AUTHORIZATION)
         .map(|v| v.as_bytes());
-    if auth.allows(header) {
-        Ok(next.run(request).await)
-    } else {
-        Err(ApiError::Unauthorized)
+    match auth.grant(header) {
+        Some(Grant::Full) => Ok(next.run(request).await),
+        Some(Grant::ReadOnly) if is_read(request.method()) => Ok(next.run(request).await),
+        Some(Grant::ReadOnly) => Err(ApiError::Forbidden),
+        None => Err(ApiError::Unauthorized),
     }
+}
+
+/// Whether a request only reads: the methods a read token may use.
+fn is_read(method: &Method) -> bool {
+    method == Method::GET || method == Method::HEAD
 }
 
 #[cfg(test)]
@@ -109,21 +144,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_configured_bearer_tokens_pass() {
+    fn only_configured_bearer_tokens_pass_with_their_grant() {
         let auth = ApiAuth::new(
             &[
                 Secret::new("token-one-0123456789"),
                 Secret::new("token-two-0123456789"),
             ],
+            &[Secret::new("reader-token-0123456789")],
             false,
         );
-        assert!(auth.allows(Some(b"Bearer token-one-0123456789")));
-        assert!(auth.allows(Some(b"bearer token-two-0123456789")));
-        assert!(!auth.allows(None));
-        assert!(!auth.allows(Some(b"Bearer token-one")));
-        assert!(!auth.allows(Some(b"Bearer ")));
-        assert!(!auth.allows(Some(b"Basic token-one-0123456789")));
-        assert!(!auth.allows(Some(b"token-one-0123456789")));
-        assert!(ApiAuth::new(&[], true).allows(None));
+        let full = Some(Grant::Full);
+        assert_eq!(auth.grant(Some(b"Bearer token-one-0123456789")), full);
+        assert_eq!(auth.grant(Some(b"bearer token-two-0123456789")), full);
+        assert_eq!(
+            auth.grant(Some(b"Bearer reader-token-0123456789")),
+            Some(Grant::ReadOnly)
+        );
+        assert_eq!(auth.grant(None), None);
+        assert_eq!(auth.grant(Some(b"Bearer token-one")), None);
+        assert_eq!(auth.grant(Some(b"Bearer ")), None);
+        assert_eq!(auth.grant(Some(b"Basic token-one-0123456789")), None);
+        assert_eq!(auth.grant(Some(b"token-one-0123456789")), None);
+        assert_eq!(ApiAuth::new(&[], &[], true).grant(None), full);
+        assert_eq!(format!("{auth:?}"), "Tokens(2 full, 1 read-only)");
     }
 }

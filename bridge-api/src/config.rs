@@ -37,6 +37,9 @@ pub struct Config {
     pub nats_tls_key: Option<PathBuf>,
     /// Accepted bearer tokens; several allow rotating a token without downtime.
     pub api_tokens: Vec<Secret>,
+    /// Bearer tokens that may only read (GET: presence, listings, tails): what a dashboard or
+    /// a monitoring job needs, without the power to message or disconnect devices.
+    pub api_read_tokens: Vec<Secret>,
     /// Serve `/v1` without authentication. Only for local runs; logged loudly.
     pub insecure_no_auth: bool,
     /// The gateways' `max_frame_len`; payloads longer than this minus
@@ -85,6 +88,7 @@ impl Default for Config {
             nats_tls_cert: None,
             nats_tls_key: None,
             api_tokens: Vec::new(),
+            api_read_tokens: Vec::new(),
             insecure_no_auth: false,
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
             default_timeout_ms: 5_000,
@@ -122,37 +126,47 @@ impl Validate for Config {
     /// Checks the values together; every problem is reported, not just the first.
     fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
-        match (self.api_tokens.is_empty(), self.insecure_no_auth) {
+        let no_tokens = self.api_tokens.is_empty() && self.api_read_tokens.is_empty();
+        match (no_tokens, self.insecure_no_auth) {
             (true, false) => problems.push(
                 "callers must authenticate: set --api-token (DEVGATE_API_TOKEN), or pass \
                  --insecure-no-auth to serve the API without authentication"
                     .to_owned(),
             ),
             (false, true) => problems.push(
-                "--api-token and --insecure-no-auth contradict each other; choose one".to_owned(),
+                "--api-token / --api-read-token and --insecure-no-auth contradict each other; \
+                 choose one"
+                    .to_owned(),
             ),
             _ => {}
         }
-        if self
-            .api_tokens
-            .iter()
-            .any(|t| t.expose().len() < MIN_TOKEN_LEN)
-        {
-            problems.push(format!(
-                "every --api-token must be at least {MIN_TOKEN_LEN} characters"
-            ));
+        for (flag, tokens) in [
+            ("--api-token", &self.api_tokens),
+            ("--api-read-token", &self.api_read_tokens),
+        ] {
+            if tokens.iter().any(|t| t.expose().len() < MIN_TOKEN_LEN) {
+                problems.push(format!(
+                    "every {flag} must be at least {MIN_TOKEN_LEN} characters"
+                ));
+            }
+            // A presented token is read without surrounding whitespace (HTTP strips it
+            // anyway), so a configured one with such whitespace could never match. Refused
+            // rather than trimmed: a secret is used exactly as given, or not at all.
+            if tokens.iter().any(|t| t.expose().trim() != t.expose()) {
+                problems.push(format!(
+                    "an {flag} begins or ends with whitespace (a stray newline or a space after \
+                     a comma?), so no caller could ever present it; remove the whitespace"
+                ));
+            }
         }
-        // A presented token is read without surrounding whitespace (HTTP strips it anyway), so a
-        // configured one with such whitespace could never match. Refused rather than trimmed: a
-        // secret is used exactly as given, or not at all.
+        // Which grant would such a token carry? Refused instead of guessed.
         if self
-            .api_tokens
+            .api_read_tokens
             .iter()
-            .any(|t| t.expose().trim() != t.expose())
+            .any(|r| self.api_tokens.iter().any(|t| t.expose() == r.expose()))
         {
             problems.push(
-                "an --api-token begins or ends with whitespace (a stray newline or a space after \
-                 a comma?), so no caller could ever present it; remove the whitespace"
+                "a token is both an --api-token and an --api-read-token; give the reader its own"
                     .to_owned(),
             );
         }
@@ -270,7 +284,8 @@ const BULK_BODY_SLACK: usize = 64 * 1024;
     about = "HTTP API that turns curl calls into devgate's NATS traffic"
 )]
 pub struct Cli {
-    /// TOML config file (keys are the flag names with `_` instead of `-`; tokens: `api_tokens`).
+    /// TOML config file (keys are the flag names with `_` instead of `-`; tokens: `api_tokens`,
+    /// `api_read_tokens`).
     #[arg(long, env = "DEVGATE_CONFIG")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
@@ -307,6 +322,15 @@ pub struct Cli {
     )]
     #[serde(rename = "api_tokens", skip_serializing_if = "Option::is_none")]
     pub api_tokens: Option<Vec<Secret>>,
+    /// Bearer token that may only read (GET); repeat the flag (or separate with commas).
+    #[arg(
+        long = "api-read-token",
+        env = "DEVGATE_API_READ_TOKEN",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    #[serde(rename = "api_read_tokens", skip_serializing_if = "Option::is_none")]
+    pub api_read_tokens: Option<Vec<Secret>>,
     /// Serve the API without authentication (local runs only; logged loudly).
     #[arg(long, env = "DEVGATE_INSECURE_NO_AUTH", num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -391,6 +415,36 @@ mod tests {
             .into_config()
             .expect_err("contradiction");
         assert!(err.to_string().contains("contradict"), "{err}");
+    }
+
+    #[test]
+    fn read_tokens_alone_suffice_but_not_with_insecure_or_shared_with_a_full_token() {
+        let c = cli(&["--api-read-token", TOKEN])
+            .into_config()
+            .expect("a read-only bridge is a valid bridge");
+        assert_eq!((c.api_tokens.len(), c.api_read_tokens.len()), (0, 1));
+        assert!(!format!("{c:?}").contains(TOKEN), "masked in Debug");
+        for (args, needle) in [
+            (
+                &["--api-read-token", TOKEN, "--insecure-no-auth"][..],
+                "contradict",
+            ),
+            (
+                &["--api-token", TOKEN, "--api-read-token", TOKEN][..],
+                "both an --api-token and an --api-read-token",
+            ),
+            (
+                &["--api-read-token", "short"][..],
+                "every --api-read-token must be at least 16",
+            ),
+            (
+                &["--api-read-token", &format!("{TOKEN} ")][..],
+                "an --api-read-token begins or ends with whitespace",
+            ),
+        ] {
+            let err = cli(args).into_config().expect_err("refused");
+            assert!(err.to_string().contains(needle), "{args:?}: {err}");
+        }
     }
 
     #[test]

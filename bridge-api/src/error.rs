@@ -34,6 +34,12 @@ pub enum ApiError {
     /// No `Authorization: Bearer` header, or a token that is not configured.
     #[error("missing or invalid bearer token")]
     Unauthorized,
+    /// A read-only token (`--api-read-token`) on a request that would change something
+    /// (send, kick): dashboards and monitoring get to look, not to act.
+    #[error(
+        "this token may only read (GET); sending to or disconnecting devices needs an --api-token"
+    )]
+    Forbidden,
     /// The device id in the path or body cannot be a device id.
     #[error("bad device id {id:?}: {source}")]
     BadDeviceId {
@@ -135,6 +141,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::BadDeviceId { .. } | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge { .. } | ApiError::BodyTooLarge(_) => {
                 StatusCode::PAYLOAD_TOO_LARGE
@@ -161,6 +168,7 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             ApiError::Unauthorized => "unauthorized",
+            ApiError::Forbidden => "forbidden",
             ApiError::BadDeviceId { .. } => "bad_device_id",
             ApiError::BadRequest(_) => "bad_request",
             ApiError::PayloadTooLarge { .. } | ApiError::BodyTooLarge(_) => "payload_too_large",
@@ -260,6 +268,7 @@ mod tests {
     fn codes_and_statuses_are_stable() {
         let cases = [
             (ApiError::Unauthorized, 401, "unauthorized"),
+            (ApiError::Forbidden, 403, "forbidden"),
             (ApiError::DeviceOffline("d".into()), 404, "device_offline"),
             (
                 ApiError::DeviceBusy {

@@ -58,7 +58,11 @@ pub struct Shared {
 impl AppState {
     /// Bundles the parts every handler needs.
     pub fn new(config: Config, bus: Bus, shutdown: CancellationToken) -> Self {
-        let auth = ApiAuth::new(&config.api_tokens, config.insecure_no_auth);
+        let auth = ApiAuth::new(
+            &config.api_tokens,
+            &config.api_read_tokens,
+            config.insecure_no_auth,
+        );
         let tails = TailLimits::new(&config);
         AppState(Arc::new(Shared {
             config,

@@ -15,7 +15,8 @@ pub const BEARER: &str = "bearer";
     info(
         title = "devgate bridge-api",
         description = "HTTP door to devgate: message devices, ask who is online, tail uplink. \
-                       Every endpoint except /v1/openapi.json needs `Authorization: Bearer <token>`.",
+                       Every endpoint except /v1/openapi.json needs `Authorization: Bearer <token>`; \
+                       a read-only token (--api-read-token) may call the GET endpoints only.",
         license(name = "Apache-2.0")
     ),
     modifiers(&BearerAuth),
@@ -38,7 +39,10 @@ impl Modify for BearerAuth {
             SecurityScheme::Http(
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
-                    .description(Some("One of the tokens configured with --api-token"))
+                    .description(Some(
+                        "One of the tokens configured with --api-token (everything) or \
+                         --api-read-token (GET only)",
+                    ))
                     .build(),
             ),
         );

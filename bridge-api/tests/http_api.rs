@@ -275,6 +275,80 @@ async fn callers_need_a_valid_bearer_token() {
 }
 
 #[tokio::test]
+async fn a_read_token_may_look_but_not_message_or_disconnect_devices() {
+    const READER: &str = "dashboard-read-token-0123";
+    let nats = NatsServer::start();
+    let gw = start(&nats, "gw-1").await;
+    let bridge = Bridge::start_with(devgate_bridge_api::config::Config {
+        api_read_tokens: vec![devgate_gateway::common::Secret::new(READER)],
+        ..bridge_config(&nats)
+    })
+    .await;
+    let (mut dev, _) = device(&gw, "d1").await;
+    let as_reader = |method: Method, path: &str| {
+        bridge
+            .http
+            .request(method, bridge.url(path))
+            .bearer_auth(READER)
+    };
+
+    // Looking is allowed: presence, listings, and a tail of the device's uplink.
+    let got = send(as_reader(Method::GET, "/v1/devices/d1")).await;
+    assert_eq!((got.0, &got.1["online"]), (200, &json!(true)), "{}", got.1);
+    let got = send(as_reader(Method::GET, "/v1/devices")).await;
+    assert_eq!(got.0, 200, "{}", got.1);
+    assert_eq!(got.1["devices"][0]["device_id"], "d1", "{}", got.1);
+    let got = send(as_reader(Method::GET, "/v1/gateways")).await;
+    assert_eq!(got.0, 200, "{}", got.1);
+    let tail = as_reader(Method::GET, "/v1/devices/d1/messages")
+        .send()
+        .await
+        .expect("tail");
+    assert_eq!(tail.status(), 200);
+    drop(tail);
+
+    // Acting is not: a send, a bulk send and a kick are refused before anything reaches NATS.
+    let refused = [
+        send(as_reader(Method::POST, "/v1/devices/d1/messages").body("not from a reader")).await,
+        send(
+            as_reader(Method::POST, "/v1/messages")
+                .json(&json!({"device_ids": ["d1"], "payload_base64": "eA=="})),
+        )
+        .await,
+        send(as_reader(Method::DELETE, "/v1/devices/d1/session")).await,
+    ];
+    for got in &refused {
+        assert_error(got, 403, "forbidden");
+        assert!(
+            got.1["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("--api-token")),
+            "{}",
+            got.1
+        );
+    }
+    // The device is still online and the first DOWN it sees is the full token's.
+    let got = bridge
+        .post("/v1/devices/d1/messages", "from a writer")
+        .await;
+    assert_eq!(got.0, 200, "{}", got.1);
+    let (_, payload) = tokio::time::timeout(WAIT, dev.recv_down())
+        .await
+        .expect("in time")
+        .expect("DOWN");
+    assert_eq!(&payload[..], b"from a writer");
+    // A wrong token is still a 401, not a 403.
+    let got = send(
+        bridge
+            .http
+            .delete(bridge.url("/v1/devices/d1/session"))
+            .bearer_auth("dashboard-read-token-0124"),
+    )
+    .await;
+    assert_error(&got, 401, "unauthorized");
+}
+
+#[tokio::test]
 async fn insecure_mode_serves_without_a_token() {
     let nats = NatsServer::start();
     let bridge = Bridge::start_with(devgate_bridge_api::config::Config {

@@ -126,6 +126,7 @@ pub struct Kicked {
         (status = 200, description = "The session was closed", body = Kicked),
         (status = 400, description = "Bad device id", body = ErrorBody),
         (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 403, description = "`forbidden`: a read-only token (--api-read-token) may only GET", body = ErrorBody),
         (status = 404, description = "`device_offline`", body = ErrorBody),
         (status = 500, description = "`internal`: an unexpected NATS failure", body = ErrorBody),
         (status = 502, description = "`bad_gateway_reply`: the holder's answer does not follow the contract", body = ErrorBody),
