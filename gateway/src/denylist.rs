@@ -58,6 +58,11 @@ impl Denylist {
         !ids.is_empty() && ids.contains(id)
     }
 
+    /// The ids denied now.
+    pub fn snapshot(&self) -> Arc<HashSet<DeviceId>> {
+        self.ids.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// Number of denied ids.
     pub fn len(&self) -> usize {
         self.ids.read().unwrap_or_else(|p| p.into_inner()).len()
@@ -99,15 +104,41 @@ pub fn parse(path: &Path, text: &str) -> Result<HashSet<DeviceId>, DenylistError
     Ok(ids)
 }
 
+/// Largest denylist file read: a million ids fit in well under this, and a path pointing at
+/// something huge by mistake must not be read into memory every few seconds.
+pub const MAX_FILE_BYTES: u64 = 64 << 20;
+
 /// Reads and parses the file: what the gateway does before it accepts its first device, so a
 /// gateway never starts with a list it cannot read.
 pub fn load(path: &Path) -> Result<(HashSet<DeviceId>, Vec<u8>), DenylistError> {
-    let bytes = std::fs::read(path).map_err(|source| DenylistError::Read {
+    let bytes = read_bounded(path)?;
+    let ids = parse(path, &decode(&bytes))?;
+    Ok((ids, bytes))
+}
+
+fn read_bounded(path: &Path) -> Result<Vec<u8>, DenylistError> {
+    use std::io::Read;
+    let error = |source| DenylistError::Read {
         path: path.to_owned(),
         source,
-    })?;
-    let ids = parse(path, &String::from_utf8_lossy(&bytes))?;
-    Ok((ids, bytes))
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(error)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(error(std::io::Error::other(format!(
+            "larger than {MAX_FILE_BYTES} bytes"
+        ))));
+    }
+    Ok(bytes)
+}
+
+/// The file as text: invalid UTF-8 becomes U+FFFD, which no id contains (so such a line is
+/// refused, never silently read as another id); a leading byte-order mark is dropped.
+fn decode(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    String::from_utf8_lossy(bytes)
 }
 
 /// Starts watching `path` (already loaded as `loaded`); the task ends at the hard stop.
@@ -115,59 +146,154 @@ pub(crate) fn spawn(shared: Arc<Shared>, path: PathBuf, loaded: Vec<u8>) -> Join
     tokio::spawn(watch(shared, path, loaded))
 }
 
-/// Checks the file every `denied_devices_check_ms` and applies a changed content. Polling the
-/// content rather than waiting for inotify events: a ConfigMap update is a symlink swap of
-/// the directory, which file watches on the file itself miss, and reading a small file every
-/// few seconds costs nothing.
-async fn watch(shared: Arc<Shared>, path: PathBuf, mut last: Vec<u8>) {
+/// Checks the file every `denied_devices_check_ms` and applies what [`Reload`] decides.
+/// Polling the content rather than waiting for inotify events: a ConfigMap update is a symlink
+/// swap of the directory, which file watches on the file itself miss, and reading a small file
+/// every few seconds costs nothing.
+async fn watch(shared: Arc<Shared>, path: PathBuf, loaded: Vec<u8>) {
     let period = Duration::from_millis(shared.config.denied_devices_check_ms);
     let mut ticks = tokio::time::interval(period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await;
+    let mut reload = Reload::new(loaded);
     let mut failing = false;
     loop {
         tokio::select! {
             () = shared.hard_stop.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        let bytes = match tokio::fs::read(&path).await {
+        // A read hung on a dead network mount must not hold up the gateway's shutdown.
+        let read = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || read_bounded(&path))
+        };
+        let bytes = tokio::select! {
+            () = shared.hard_stop.cancelled() => return,
+            read = read => read.unwrap_or_else(|e| Err(DenylistError::Read {
+                path: path.clone(),
+                source: std::io::Error::other(e),
+            })),
+        };
+        let bytes = match bytes {
             Ok(bytes) => bytes,
-            Err(source) => {
+            Err(error) => {
                 if !failing {
                     failing = true;
                     shared.metrics.denylist_errors.inc();
-                    let error = DenylistError::Read {
-                        path: path.clone(),
-                        source,
-                    };
                     tracing::error!(instance = %shared.instance, %error, denied = shared.denylist.len(), "denylist not re-read; the previous list stays in force");
                 }
                 continue;
             }
         };
         failing = false;
-        if bytes == last {
-            continue;
-        }
-        match parse(&path, &String::from_utf8_lossy(&bytes)) {
-            Ok(ids) => apply(&shared, ids),
-            Err(error) => {
+        match reload.step(&path, bytes, &shared.denylist.snapshot()) {
+            Step::Unchanged => {}
+            Step::Refused(error) => {
                 shared.metrics.denylist_errors.inc();
                 tracing::error!(instance = %shared.instance, %error, denied = shared.denylist.len(), "denylist change refused; the previous list stays in force");
             }
+            Step::Apply { ids, removals_held } => {
+                if removals_held > 0 {
+                    tracing::info!(instance = %shared.instance, removals_held, "denylist removes ids: applied once the next check reads the same content");
+                }
+                apply(&shared, ids);
+            }
         }
-        // A refused content is not re-parsed (and re-logged) every period; the next edit is.
-        last = bytes;
     }
 }
 
-/// Puts a new list in force and closes the live sessions of ids it adds.
+/// How the watcher treats each content it reads. Additions apply at once (revoking is
+/// urgent); removals only once the same content is read twice in a row, so a file caught
+/// mid-write (truncated, or cut inside its last id) never re-admits revoked devices, not
+/// even for one period.
+#[derive(Debug)]
+struct Reload {
+    /// The content now in force, unless only its additions are (then `None`, so reading any
+    /// content, the previous one included, is a change to decide on).
+    applied: Option<Vec<u8>>,
+    /// A valid content with removals, read once; they apply if the next read is the same.
+    pending: Option<Vec<u8>>,
+    /// The last content refused, so it is reported once, not every period.
+    refused: Option<Vec<u8>>,
+}
+
+/// What to do after one read.
+#[derive(Debug)]
+enum Step {
+    /// Nothing changed.
+    Unchanged,
+    /// The content is not a valid list; the current one stays.
+    Refused(DenylistError),
+    /// Put `ids` in force; `removals_held` ids the file no longer lists stay denied for now.
+    Apply {
+        ids: HashSet<DeviceId>,
+        removals_held: usize,
+    },
+}
+
+impl Reload {
+    fn new(loaded: Vec<u8>) -> Self {
+        Reload {
+            applied: Some(loaded),
+            pending: None,
+            refused: None,
+        }
+    }
+
+    fn step(&mut self, path: &Path, bytes: Vec<u8>, current: &HashSet<DeviceId>) -> Step {
+        if self.applied.as_ref() == Some(&bytes) {
+            self.pending = None;
+            return Step::Unchanged;
+        }
+        let listed = match parse(path, &decode(&bytes)) {
+            Ok(ids) => ids,
+            Err(error) => {
+                if self.refused.as_ref() == Some(&bytes) {
+                    return Step::Unchanged;
+                }
+                self.refused = Some(bytes);
+                return Step::Refused(error);
+            }
+        };
+        let removals = current.difference(&listed).count();
+        if removals == 0 || self.pending.as_ref() == Some(&bytes) {
+            self.applied = Some(bytes);
+            self.pending = None;
+            return Step::Apply {
+                ids: listed,
+                removals_held: 0,
+            };
+        }
+        self.pending = Some(bytes);
+        let mut ids = current.clone();
+        if listed
+            .into_iter()
+            .filter(|id| ids.insert(id.clone()))
+            .count()
+            > 0
+        {
+            self.applied = None;
+        }
+        Step::Apply {
+            ids,
+            removals_held: removals,
+        }
+    }
+}
+
+/// Puts a new list in force and closes the live sessions of ids it adds. (During a drain the
+/// sessions' command slots are already taken by the drain schedule: a newly denied device
+/// then gets its `GOAWAY draining` within the drain window and is refused wherever it
+/// reconnects.)
 fn apply(shared: &Shared, ids: HashSet<DeviceId>) {
     let before = shared.denylist.len();
     let added = shared.denylist.replace(ids);
     let denied = shared.denylist.len();
     shared.metrics.denied_devices.set(denied as i64);
     let closing = shared.registry.revoke(&added);
+    if added.is_empty() && before == denied {
+        return;
+    }
     tracing::info!(
         instance = %shared.instance,
         denied,
@@ -213,6 +339,79 @@ mod tests {
             matches!(&err, DenylistError::BadId { id, line: 1, .. } if id.len() == 64),
             "{err}"
         );
+    }
+
+    /// Feeds `reads` to a watcher that loaded `loaded`; returns the list in force after each.
+    fn run(loaded: &str, reads: &[&str]) -> Vec<Result<HashSet<DeviceId>, String>> {
+        let path = Path::new("f");
+        let mut current = parse(path, loaded).expect("valid start");
+        let mut reload = Reload::new(loaded.as_bytes().to_vec());
+        reads
+            .iter()
+            .map(
+                |read| match reload.step(path, read.as_bytes().to_vec(), &current) {
+                    Step::Unchanged => Ok(current.clone()),
+                    Step::Refused(e) => Err(e.to_string()),
+                    Step::Apply { ids, .. } => {
+                        current = ids;
+                        Ok(current.clone())
+                    }
+                },
+            )
+            .collect()
+    }
+
+    #[test]
+    fn additions_apply_at_once_and_removals_after_a_second_identical_read() {
+        assert_eq!(run("a\n", &["a\nb\n"]), vec![Ok(ids(&["a", "b"]))]);
+        assert_eq!(
+            run("a\nb\n", &["a\n", "a\n"]),
+            vec![Ok(ids(&["a", "b"])), Ok(ids(&["a"]))]
+        );
+    }
+
+    #[test]
+    fn a_file_caught_mid_write_never_readmits_anyone() {
+        // Truncated, then written again: b is never admitted, and a later truncation is again
+        // only a first sight.
+        assert_eq!(
+            run("a\nb\n", &["", "a\nb\n", "", "a\nb\n"]),
+            vec![Ok(ids(&["a", "b"])); 4]
+        );
+        // Cut inside the last id: the fragment is denied at once (harmless), "victim" stays
+        // denied, and the full content, read twice, drops the fragment again.
+        assert_eq!(
+            run("x\nvictim\n", &["x\nvic", "x\nvictim\n", "x\nvictim\n"]),
+            vec![
+                Ok(ids(&["x", "victim", "vic"])),
+                Ok(ids(&["x", "victim", "vic"])),
+                Ok(ids(&["x", "victim"])),
+            ]
+        );
+        // Emptying the list on purpose works: the same empty content, read twice.
+        assert_eq!(
+            run("a\n", &["# nobody\n", "# nobody\n"]),
+            vec![Ok(ids(&["a"])), Ok(ids(&[]))]
+        );
+    }
+
+    #[test]
+    fn an_invalid_content_is_refused_once_and_changes_nothing() {
+        let steps = run("a\n", &["a\nb c\n", "a\nb c\n", "a\nb d\n", "a\nb\n"]);
+        assert!(
+            matches!(&steps[0], Err(e) if e.contains("line 2")),
+            "{steps:?}"
+        );
+        assert_eq!(steps[1], Ok(ids(&["a"])), "reported once");
+        assert!(steps[2].is_err(), "a different bad content is reported");
+        assert_eq!(steps[3], Ok(ids(&["a", "b"])));
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_not_part_of_the_first_id() {
+        let parsed = parse(Path::new("f"), &decode(b"\xEF\xBB\xBFdev-1\n")).expect("valid");
+        assert_eq!(parsed, ids(&["dev-1"]));
+        assert!(parse(Path::new("f"), &decode(b"dev-\xFF1\n")).is_err());
     }
 
     #[test]

@@ -114,13 +114,25 @@ pub(crate) async fn serve(
 ) {
     // Each phase runs in its own allocation, freed when the phase ends: the task itself holds
     // only a pointer, and an idle session pays only for the state of its steady phase.
-    let Some((conn, id, hello, remote)) = Box::pin(greet(&shared, stream, peer, slot)).await else {
+    let Some(greeted) = Box::pin(greet(&shared, stream, peer, slot)).await else {
         return;
     };
-    let Some((session, early)) = Box::pin(welcome(shared, conn, id, hello, remote)).await else {
+    let Some((session, early)) = Box::pin(welcome(shared, greeted)).await else {
         return;
     };
     Box::pin(live(session, early)).await;
+}
+
+/// A connection whose HELLO passed every check: what the login goes on with.
+struct Greeted {
+    conn: Conn,
+    id: DeviceId,
+    hello: Hello,
+    /// The device's address (from the PROXY header when there is one).
+    remote: SocketAddr,
+    /// How its token was accepted: counted once the login is welcomed, so a rotation's
+    /// counter measures devices that got in, not attempts.
+    verdict: Verdict,
 }
 
 /// PROXY header and `HELLO`: returns the checked login, or `None` once the connection was
@@ -130,7 +142,7 @@ async fn greet(
     stream: TcpStream,
     peer: SocketAddr,
     slot: HandshakeSlot,
-) -> Option<(Conn, DeviceId, Hello, SocketAddr)> {
+) -> Option<Greeted> {
     let greeted = greet_in_slot(shared, stream, peer).await;
     drop(slot);
     greeted
@@ -141,7 +153,7 @@ async fn greet_in_slot(
     shared: &Arc<Shared>,
     mut stream: TcpStream,
     peer: SocketAddr,
-) -> Option<(Conn, DeviceId, Hello, SocketAddr)> {
+) -> Option<Greeted> {
     let _ = stream.set_nodelay(true);
     let hello_deadline = Instant::now() + Duration::from_millis(shared.config.hello_timeout_ms);
     let mut leftover = BytesMut::new();
@@ -193,7 +205,13 @@ async fn greet_in_slot(
     // HELLO is already in `leftover`.
     let mut conn = Conn::new(stream, shared.codec, leftover);
     match hello {
-        Ok((id, hello)) => Some((conn, id, hello, remote)),
+        Ok((id, hello, verdict)) => Some(Greeted {
+            conn,
+            id,
+            hello,
+            remote,
+            verdict,
+        }),
         Err(None) => None, // closed before HELLO
         Err(Some(r)) => {
             refuse(shared, &mut conn, remote, None, r).await;
@@ -296,7 +314,7 @@ async fn handshake(
     stream: &TcpStream,
     buf: &mut BytesMut,
     deadline: Instant,
-) -> Result<(DeviceId, Hello), Option<Refusal>> {
+) -> Result<(DeviceId, Hello, Verdict), Option<Refusal>> {
     let frame = match tokio::time::timeout_at(deadline, read_first_frame(shared, stream, buf)).await
     {
         Err(_) => {
@@ -336,17 +354,12 @@ async fn handshake(
             format!("device id {}: {e}", quoted_prefix(&login.device_id)),
         ))
     })?;
-    match shared.auth.verify(id.as_str(), &login.token) {
-        Verdict::Current => {}
-        Verdict::PreviousSecret => {
-            shared.metrics.logins_previous_secret.inc();
-        }
-        Verdict::Refused => {
-            return Err(Some(Refusal::new(
-                ErrorCode::Unauthorized,
-                "token does not match the device id",
-            )));
-        }
+    let verdict = shared.auth.verify(id.as_str(), &login.token);
+    if !verdict.admits() {
+        return Err(Some(Refusal::new(
+            ErrorCode::Unauthorized,
+            "token does not match the device id",
+        )));
     }
     // After the token: only the device's own token learns that its id is revoked.
     if shared.denylist.contains(&id) {
@@ -371,7 +384,7 @@ async fn handshake(
             "the message bus is unreachable; reconnect later",
         )));
     }
-    Ok((id, hello))
+    Ok((id, hello, verdict))
 }
 
 /// The refusal of a device on the denylist: `unauthorized`, which devices treat as "do not
@@ -591,13 +604,14 @@ enum Pending {
 
 /// Login: settle local and cluster-wide ownership of the device and welcome it. `None` when
 /// the login lost or failed (the connection is closed by then).
-async fn welcome(
-    shared: Arc<Shared>,
-    mut conn: Conn,
-    id: DeviceId,
-    hello: Hello,
-    remote: SocketAddr,
-) -> Option<(Session, Vec<Msg>)> {
+async fn welcome(shared: Arc<Shared>, greeted: Greeted) -> Option<(Session, Vec<Msg>)> {
+    let Greeted {
+        mut conn,
+        id,
+        hello,
+        remote,
+        verdict,
+    } = greeted;
     let session = format!("{:016x}", rand::random::<u64>());
     let key = ClaimKey {
         login_ns: unix_ns(),
@@ -717,6 +731,9 @@ async fn welcome(
         },
     );
     shared.metrics.logins.inc();
+    if verdict == Verdict::PreviousSecret {
+        shared.metrics.logins_previous_secret.inc();
+    }
     shared.metrics.sessions.inc();
     tracing::info!(device_id = %id, session = %session, remote = %remote_addr, "device connected");
 

@@ -15,7 +15,9 @@ use devgate_gateway::config::Config;
 use devgate_gateway::contract::{DeliveryReply, DeliveryStatus, DeviceId, headers, subjects};
 use devgate_gateway::server::Gateway;
 use devgate_tests::NatsServer;
-use devgate_tests::gateway::{SECRET, config, device, metric_reaches, start_with, try_device};
+use devgate_tests::gateway::{
+    HeldLogin, SECRET, config, device, metric_reaches, start_with, try_device,
+};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -59,9 +61,13 @@ fn write_atomically(path: &Path, content: &str) {
 async fn during_a_rotation_tokens_of_both_secrets_log_in_and_the_old_ones_are_counted() {
     let nats = NatsServer::start();
     let new_secret = Secret::new("the-new-fleet-secret-42");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let list = dir.path().join("denied-devices");
+    write_atomically(&list, "old-but-revoked\n");
     let gw = start_with(Config {
         auth_secret: Some(new_secret.clone()),
         auth_secret_previous: Some(Secret::new(SECRET)),
+        denied_devices_file: Some(list),
         ..config(&nats, "gw-1")
     })
     .await;
@@ -81,6 +87,16 @@ async fn during_a_rotation_tokens_of_both_secrets_log_in_and_the_old_ones_are_co
     // The counter moves before WELCOME, so it is final here: the new token did not count.
     metric_reaches(&gw, "devgate_gateway_logins_previous_secret_total 1").await;
 
+    // An old token that does not get in is not counted: the counter measures devices still
+    // to re-provision, and must stop rising once they are.
+    let revoked = device_token(&Secret::new(SECRET), "old-but-revoked");
+    assert_eq!(
+        refusal(connect("old-but-revoked", revoked).await).code,
+        ErrorCode::Unauthorized
+    );
+    metric_reaches(&gw, "devgate_gateway_denied_logins_total 1").await;
+    metric_reaches(&gw, "devgate_gateway_logins_previous_secret_total 1").await;
+
     // Neither secret admits another device's token, nor does a third secret.
     let stolen = device_token(&Secret::new(SECRET), "old-token");
     let e = refusal(connect("someone-else", stolen).await);
@@ -93,7 +109,7 @@ async fn during_a_rotation_tokens_of_both_secrets_log_in_and_the_old_ones_are_co
         .await,
     );
     assert_eq!(e.code, ErrorCode::Unauthorized);
-    metric_reaches(&gw, "devgate_gateway_errors_total{code=\"unauthorized\"} 2").await;
+    metric_reaches(&gw, "devgate_gateway_errors_total{code=\"unauthorized\"} 3").await;
 
     let service = nats.client().await;
     reachable(&service, &mut old, "old-token").await;
@@ -174,6 +190,25 @@ async fn a_denied_id_is_refused_and_a_newly_denied_session_is_cut_off_with_its_r
     metric_reaches(&gw, "devgate_gateway_denied_devices 1").await;
     let (mut forgiven, _) = device(&gw, "stolen-1").await;
     reachable(&service, &mut forgiven, "stolen-1").await;
+}
+
+#[tokio::test]
+async fn a_login_still_deciding_when_its_id_is_denied_is_refused_not_welcomed() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let list = dir.path().join("denied-devices");
+    let gw = gateway_with_denylist(&nats, &list, "").await;
+    let (mut bystander, _) = device(&gw, "bystander").await;
+    // Past its token and denylist checks, subscribed, waiting on a claim nobody answers.
+    let held = HeldLogin::start(&nats, &gw, "late", 2).await;
+    write_atomically(&list, "late\n");
+    let e = refusal(held.outcome().await);
+    assert_eq!(e.code, ErrorCode::Unauthorized);
+    assert!(e.message.contains("revoked"), "{}", e.message);
+    metric_reaches(&gw, "devgate_gateway_denied_logins_total 1").await;
+    metric_reaches(&gw, "devgate_gateway_logins_total 1").await;
+    let service = nats.client().await;
+    reachable(&service, &mut bystander, "bystander").await;
 }
 
 #[tokio::test]
