@@ -313,24 +313,33 @@ fn check_service_monitors(docs: &[Value], monitors: &[&Value]) {
     }
 }
 
-/// The Kubernetes `$(VAR)` expansion of env values, in order, as the kubelet does it.
+/// The address [`pod_env`] gives a pod (`status.podIP`).
+const POD_IP: &str = "10.244.1.7";
+
+/// The Kubernetes `$(VAR)` expansion of env values, in order, as the kubelet does it. A Secret
+/// key that is missing is an error unless the reference is `optional`; then, as the kubelet
+/// does, the variable is not set.
 fn pod_env(c: &Value, secret: &BTreeMap<String, String>, pod_name: &str) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = Vec::new();
     for e in c["env"].as_array().expect("env") {
         let name = e["name"].as_str().expect("name").to_owned();
+        let secret_ref = &e["valueFrom"]["secretKeyRef"];
         let value = if let Some(v) = e["value"].as_str() {
             let mut v = v.to_owned();
             for (k, val) in &env {
                 v = v.replace(&format!("$({k})"), val);
             }
             v
-        } else if let Some(key) = e["valueFrom"]["secretKeyRef"]["key"].as_str() {
-            secret
-                .get(key)
-                .unwrap_or_else(|| panic!("Secret has no key {key}"))
-                .clone()
+        } else if let Some(key) = secret_ref["key"].as_str() {
+            match secret.get(key) {
+                Some(v) => v.clone(),
+                None if secret_ref["optional"] == true => continue,
+                None => panic!("Secret has no key {key}"),
+            }
         } else if e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name" {
             pod_name.to_owned()
+        } else if e["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP" {
+            POD_IP.to_owned()
         } else {
             panic!("unexpected env source {e}");
         };
@@ -498,20 +507,31 @@ fn relocate(s: &str, root: &Path) -> String {
     })
 }
 
-/// lb-sync's configuration in the pod: parsed from the container's env (each `DEVGATE_X` as
-/// `--x`, the flag that reads that variable) with the pod's paths moved under `root`, and
-/// checked by lb-sync's own validation, as at its start.
-fn lb_sync_config(lb: &Value, root: &Path) -> devgate_lb_sync::config::Config {
-    let mut args = vec!["devgate-lb-sync".to_owned()];
-    for (name, value) in env_values(lb) {
+/// The command line that means the same as a container's `DEVGATE_*` env: `program`, then each
+/// `DEVGATE_X` as `--x` (the flag that reads that variable) with its value.
+fn env_flags(program: &str, env: impl IntoIterator<Item = (String, String)>) -> Vec<String> {
+    let mut args = vec![program.to_owned()];
+    for (name, value) in env {
         let flag = name
             .strip_prefix("DEVGATE_")
-            .unwrap_or_else(|| panic!("lb-sync env {name} is not a DEVGATE_ setting"))
+            .unwrap_or_else(|| panic!("{program} env {name} is not a DEVGATE_ setting"))
             .to_lowercase()
             .replace('_', "-");
         args.push(format!("--{flag}"));
-        args.push(relocate(&value, root));
+        args.push(value);
     }
+    args
+}
+
+/// lb-sync's configuration in the pod: parsed from the container's env ([`env_flags`]) with the
+/// pod's paths moved under `root`, and checked by lb-sync's own validation, as at its start.
+fn lb_sync_config(lb: &Value, root: &Path) -> devgate_lb_sync::config::Config {
+    let args = env_flags(
+        "devgate-lb-sync",
+        env_values(lb)
+            .into_iter()
+            .map(|(name, value)| (name, relocate(&value, root))),
+    );
     let cli = <devgate_lb_sync::config::Cli as clap::Parser>::try_parse_from(&args)
         .unwrap_or_else(|e| panic!("lb-sync refuses the chart's env {args:?}: {e}"));
     cli.into_config()
@@ -1279,7 +1299,13 @@ fn secrets_stay_in_the_secret() {
                         workload["metadata"]["name"]
                     );
                     let key = r["key"].as_str().expect("key");
-                    assert!(keys.contains(key), "{}: Secret key {key} missing", c.name);
+                    // An optional key (the previous fleet secret, only during a rotation) may
+                    // be absent: the kubelet then sets no variable.
+                    assert!(
+                        keys.contains(key) || r["optional"] == true,
+                        "{}: Secret key {key} missing",
+                        c.name
+                    );
                 }
             }
         }
@@ -1429,6 +1455,23 @@ fn bad_values_fail_with_a_clear_message() {
             "secrets.nats.sysPassword must start with a letter",
         ),
         (vec!["networkPolicy=null"], "--reset-then-reuse-values"),
+        // --reuse-values from a chart before the limits were values.
+        (vec!["gateway.uplinkRate=null"], "--reset-then-reuse-values"),
+        // A setting the chart makes is not set twice.
+        (
+            vec![
+                "gateway.extraEnv[0].name=DEVGATE_ACK_TIMEOUT_MS",
+                "gateway.extraEnv[0].value=60000",
+            ],
+            "gateway.extraEnv sets DEVGATE_ACK_TIMEOUT_MS",
+        ),
+        (
+            vec![
+                "bridgeApi.extraEnv[0].name=DEVGATE_MAX_TAILS",
+                "bridgeApi.extraEnv[0].value=8",
+            ],
+            "bridgeApi.extraEnv sets DEVGATE_MAX_TAILS",
+        ),
         // hostNetwork nginx dials the gateways from node addresses: a policy must name them.
         (
             vec!["nginx.hostNetwork=true"],
@@ -1585,19 +1628,24 @@ fn ca_from_values() -> (tempfile::TempDir, Combo) {
             .map(|l| format!("        {l}\n"))
             .collect::<String>()
     };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let values = dir.path().join("ca-values.yaml");
-    std::fs::write(
-        &values,
-        format!(
+    values_file(
+        "ca-from-values",
+        &format!(
             "nginx:\n  tls:\n    ca:\n      cert: |\n{}      key: |\n{}",
             indent("ca.pem"),
             indent("ca.key")
         ),
     )
-    .expect("write values");
+}
+
+/// A values file holding `yaml`, as a combination named `name`; the file lives as long as the
+/// returned directory.
+fn values_file(name: &str, yaml: &str) -> (tempfile::TempDir, Combo) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let values = dir.path().join(format!("{name}.yaml"));
+    std::fs::write(&values, yaml).expect("write values");
     let combo = Combo {
-        name: "ca-from-values".into(),
+        name: name.into(),
         file: Some(values),
     };
     (dir, combo)
@@ -2430,4 +2478,496 @@ fn network_policies_follow_their_values_and_disappear_when_disabled() {
         "device",
         &neighbour
     ));
+}
+
+/// The gateway's configuration in the pod: its container's env as the kubelet sets it (secrets
+/// from the rendered Secret, the pod's name and address), parsed as flags ([`env_flags`]) and
+/// checked by the gateway's own validation, as at its start.
+fn gateway_config(docs: &[Value]) -> devgate_gateway::config::Config {
+    let deploy = one(docs, "Deployment", &full("gateway"));
+    let env = pod_env(
+        container(deploy, "gateway"),
+        &secret_data(docs),
+        &format!("{}-7d9f-x2x4q", full("gateway")),
+    );
+    let args = env_flags(
+        "devgate-gateway",
+        env.into_iter().filter(|(name, _)| name != "POD_IP"),
+    );
+    let cli = <devgate_gateway::config::Cli as clap::Parser>::try_parse_from(&args)
+        .unwrap_or_else(|e| panic!("the gateway refuses the chart's env {args:?}: {e}"));
+    cli.into_config()
+        .unwrap_or_else(|e| panic!("the gateway refuses the chart's settings: {e}"))
+}
+
+/// bridge-api's configuration in the pod, as [`gateway_config`] for the gateway.
+fn bridge_api_config(docs: &[Value]) -> devgate_bridge_api::config::Config {
+    let deploy = one(docs, "Deployment", &full("bridge-api"));
+    let env = pod_env(container(deploy, "bridge-api"), &secret_data(docs), "");
+    let args = env_flags("devgate-bridge-api", env);
+    let cli = <devgate_bridge_api::config::Cli as clap::Parser>::try_parse_from(&args)
+        .unwrap_or_else(|e| panic!("bridge-api refuses the chart's env {args:?}: {e}"));
+    cli.into_config()
+        .unwrap_or_else(|e| panic!("bridge-api refuses the chart's settings: {e}"))
+}
+
+/// The fields `keys` of a configuration, as the config file spells them.
+fn config_fields(config: &impl serde::Serialize, keys: &[&str]) -> BTreeMap<String, Value> {
+    let all = serde_json::to_value(config).expect("config serializes");
+    keys.iter()
+        .map(|k| ((*k).to_owned(), all[*k].clone()))
+        .collect()
+}
+
+/// The gateway's limits the chart sets: env var, config key and the chart's default.
+const GATEWAY_LIMITS: [(&str, &str, &str); 10] = [
+    ("DEVGATE_MAX_HANDSHAKES", "max_handshakes", "2048"),
+    ("DEVGATE_MAX_HELLO_LEN", "max_hello_len", "4096"),
+    ("DEVGATE_HELLO_TIMEOUT_MS", "hello_timeout_ms", "10000"),
+    (
+        "DEVGATE_SESSION_QUEUE_BYTES",
+        "session_queue_bytes",
+        "262144",
+    ),
+    ("DEVGATE_MAX_INFLIGHT", "max_inflight", "256"),
+    ("DEVGATE_ACK_TIMEOUT_MS", "ack_timeout_ms", "30000"),
+    ("DEVGATE_WRITE_TIMEOUT_MS", "write_timeout_ms", "30000"),
+    ("DEVGATE_UP_RATE_MSGS", "up_rate_msgs", "1000"),
+    ("DEVGATE_UP_RATE_BYTES", "up_rate_bytes", "1048576"),
+    ("DEVGATE_UP_BURST_MS", "up_burst_ms", "2000"),
+];
+
+/// bridge-api's limits the chart sets, likewise.
+const BRIDGE_API_LIMITS: [(&str, &str, &str); 7] = [
+    ("DEVGATE_MAX_TAILS", "max_tails", "64"),
+    ("DEVGATE_MAX_WILDCARD_TAILS", "max_wildcard_tails", "4"),
+    ("DEVGATE_TAIL_BUFFER_BYTES", "tail_buffer_bytes", "1048576"),
+    ("DEVGATE_DEFAULT_TIMEOUT_MS", "default_timeout_ms", "5000"),
+    ("DEVGATE_REQUEST_TIMEOUT_MS", "request_timeout_ms", "65000"),
+    ("DEVGATE_BULK_MAX_DEVICES", "bulk_max_devices", "1000"),
+    ("DEVGATE_BULK_CONCURRENCY", "bulk_concurrency", "64"),
+];
+
+const DENYLIST_DIR: &str = "/etc/devgate/denied-devices";
+const DENYLIST_FILE: &str = "/etc/devgate/denied-devices/denied-devices";
+
+/// The gateway pod's `denied-devices` volume and the gateway container's mount of it.
+fn denylist_volume(docs: &[Value]) -> (Option<&Value>, Option<&Value>) {
+    let deploy = one(docs, "Deployment", &full("gateway"));
+    let volume = deploy["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == "denied-devices"));
+    let mount = container(deploy, "gateway")["volumeMounts"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["name"] == "denied-devices"));
+    (volume, mount)
+}
+
+/// Every limit is a value rendered explicitly, and the defaults are the binaries' own: the
+/// chart's env, read by the gateway's and bridge-api's own configuration code, gives their
+/// `Config::default()`. Nothing optional is set by default: no PROXY trust list (the
+/// NetworkPolicy admits only nginx), no denylist, and the previous fleet secret is an optional
+/// Secret reference to a key the chart-created Secret does not have.
+#[test]
+fn the_gateway_and_bridge_api_limits_render_with_the_binaries_defaults() {
+    let docs = render(&combo("default"), &[]);
+    let deploy = one(&docs, "Deployment", &full("gateway"));
+    let gw = container(deploy, "gateway");
+    let env = env_values(gw);
+    for (name, _, value) in GATEWAY_LIMITS {
+        assert_eq!(env.get(name).map(String::as_str), Some(value), "{name}");
+    }
+    let keys = GATEWAY_LIMITS.map(|(_, key, _)| key);
+    assert_eq!(
+        config_fields(&gateway_config(&docs), &keys),
+        config_fields(&devgate_gateway::config::Config::default(), &keys),
+        "the chart's gateway defaults are the gateway's"
+    );
+    assert!(!env.contains_key("DEVGATE_PROXY_TRUSTED_CIDRS"), "{env:?}");
+    assert!(!env.contains_key("DEVGATE_DENIED_DEVICES_FILE"), "{env:?}");
+    assert_eq!(denylist_volume(&docs), (None, None));
+    assert!(
+        kind(&docs, "ConfigMap")
+            .iter()
+            .all(|c| c["metadata"]["name"] != full("denied-devices").as_str())
+    );
+    let previous: Vec<&Value> = gw["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .filter(|e| e["name"] == "DEVGATE_AUTH_SECRET_PREVIOUS")
+        .collect();
+    assert_eq!(
+        previous,
+        [
+            &json!({"name": "DEVGATE_AUTH_SECRET_PREVIOUS", "valueFrom": {"secretKeyRef": {
+                "name": RELEASE, "key": "device-auth-secret-previous", "optional": true,
+            }}})
+        ]
+    );
+    assert!(!secret_data(&docs).contains_key("device-auth-secret-previous"));
+    let config = gateway_config(&docs);
+    assert!(config.auth_secret_previous.is_none() && config.denied_devices_file.is_none());
+
+    let bridge = container(one(&docs, "Deployment", &full("bridge-api")), "bridge-api");
+    let env = env_values(bridge);
+    for (name, _, value) in BRIDGE_API_LIMITS {
+        assert_eq!(env.get(name).map(String::as_str), Some(value), "{name}");
+    }
+    let keys = BRIDGE_API_LIMITS.map(|(_, key, _)| key);
+    assert_eq!(
+        config_fields(&bridge_api_config(&docs), &keys),
+        config_fields(&devgate_bridge_api::config::Config::default(), &keys),
+        "the chart's bridge-api defaults are bridge-api's"
+    );
+}
+
+#[test]
+fn the_limits_and_the_proxy_trust_list_follow_their_values() {
+    let docs = render(
+        &combo("security-knobs-values"),
+        &[
+            "gateway.maxInflight=64",
+            "gateway.ackTimeoutMs=90000",
+            "bridgeApi.defaultTimeoutMs=10000",
+        ],
+    );
+    let gw = container(one(&docs, "Deployment", &full("gateway")), "gateway");
+    let env = env_values(gw);
+    assert_eq!(
+        env["DEVGATE_PROXY_TRUSTED_CIDRS"],
+        "10.244.0.0/16,fd00:10:244::/56"
+    );
+    for (name, value) in [
+        ("DEVGATE_UP_RATE_MSGS", "200"),
+        // Above 999999 from a values file (a float to Helm): still digits, not 2.097152e+06.
+        ("DEVGATE_UP_RATE_BYTES", "2097152"),
+        ("DEVGATE_UP_BURST_MS", "5000"),
+        ("DEVGATE_MAX_HANDSHAKES", "4096"),
+        ("DEVGATE_HELLO_TIMEOUT_MS", "5000"),
+        ("DEVGATE_MAX_INFLIGHT", "64"),
+        ("DEVGATE_ACK_TIMEOUT_MS", "90000"),
+    ] {
+        assert_eq!(env[name], value, "{name}");
+    }
+    let config = gateway_config(&docs);
+    assert_eq!(
+        config
+            .proxy_trusted_cidrs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["10.244.0.0/16", "fd00:10:244::/56"]
+    );
+    assert_eq!(
+        (
+            config.up_rate_msgs,
+            config.up_rate_bytes,
+            config.up_burst_ms
+        ),
+        (200, 2_097_152, 5000)
+    );
+
+    let bridge = container(one(&docs, "Deployment", &full("bridge-api")), "bridge-api");
+    let env = env_values(bridge);
+    for (name, value) in [
+        ("DEVGATE_MAX_TAILS", "256"),
+        ("DEVGATE_MAX_WILDCARD_TAILS", "8"),
+        ("DEVGATE_TAIL_BUFFER_BYTES", "2097152"),
+        ("DEVGATE_DEFAULT_TIMEOUT_MS", "10000"),
+        ("DEVGATE_BULK_MAX_DEVICES", "5000"),
+        ("DEVGATE_BULK_CONCURRENCY", "128"),
+    ] {
+        assert_eq!(env[name], value, "{name}");
+    }
+    let config = bridge_api_config(&docs);
+    assert_eq!(
+        (
+            config.max_tails,
+            config.max_wildcard_tails,
+            config.tail_buffer_bytes
+        ),
+        (256, 8, 2_097_152)
+    );
+}
+
+/// A fleet-secret rotation: the previous secret is in the Secret (and so reaches the gateways)
+/// only while it is set, never generated or kept; values the gateway would refuse, or that
+/// would rotate to the same secret, stop the render.
+#[test]
+fn a_fleet_secret_rotation_adds_the_previous_secret_only_while_it_is_set() {
+    const OLD: &str = "fleet-secret-old-0123456789";
+    const NEW: &str = "fleet-secret-new-0123456789";
+    let docs = render(&combo("security-knobs-values"), &[]);
+    let data = secret_data(&docs);
+    assert_eq!(data["device-auth-secret"], NEW);
+    assert_eq!(data["device-auth-secret-previous"], OLD);
+    for d in docs.iter().filter(|d| d["kind"] != "Secret") {
+        assert!(
+            !d.to_string().contains(OLD),
+            "{} {} contains the previous secret",
+            d["kind"],
+            d["metadata"]["name"]
+        );
+    }
+    let config = gateway_config(&docs);
+    assert_eq!(
+        config.auth_secret_previous.as_ref().map(|s| s.expose()),
+        Some(OLD)
+    );
+    assert_eq!(config.auth_secret.as_ref().map(|s| s.expose()), Some(NEW));
+
+    // The rotation ends with an upgrade without it: the key goes, it is not kept.
+    let installed = secrets_of(&docs);
+    let done = render_against(&installed, &[&format!("secrets.deviceAuthSecret={NEW}")])
+        .expect("upgrade without the previous secret");
+    let secret = one(&done, "Secret", RELEASE);
+    assert!(secret["data"].get("device-auth-secret-previous").is_none());
+    assert!(gateway_config(&done).auth_secret_previous.is_none());
+
+    let default = combo("default");
+    let previous = |v: &str| format!("secrets.deviceAuthSecretPrevious={v}");
+    for (sets, needle) in [
+        (
+            vec![previous("short-secret")],
+            "secrets.deviceAuthSecretPrevious must be at least 16 characters",
+        ),
+        (
+            vec![format!("secrets.deviceAuthSecret={NEW}"), previous(NEW)],
+            "secrets.deviceAuthSecretPrevious equals the current fleet secret",
+        ),
+        (
+            vec![previous(&format!(" {OLD}"))],
+            "secrets.deviceAuthSecretPrevious must not begin or end with whitespace",
+        ),
+        (
+            vec![previous(&format!("{OLD}\t"))],
+            "secrets.deviceAuthSecretPrevious must not begin or end with whitespace",
+        ),
+        (
+            vec![
+                "secrets.existingSecret=devgate-secrets".to_owned(),
+                previous(OLD),
+            ],
+            "put the previous fleet secret in that Secret, key device-auth-secret-previous",
+        ),
+    ] {
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        let err = try_template(&default, &sets).expect_err(&format!("{sets:?} must be refused"));
+        assert!(
+            err.contains(needle),
+            "{sets:?}: expected {needle:?} in:\n{err}"
+        );
+    }
+    // Setting only the previous secret on an upgrade would keep the generated current one: the
+    // same secret twice, which is no rotation. The kept one counts as the current one.
+    let installed = secrets_of(&render(&default, &[]));
+    let kept = base64_decode(
+        installed[RELEASE]["data"]["device-auth-secret"]
+            .as_str()
+            .expect("kept secret"),
+    );
+    let kept = String::from_utf8(kept).expect("utf8");
+    let err = render_against(&installed, &[&previous(&kept)]).expect_err("same as the kept one");
+    assert!(err.contains("equals the current fleet secret"), "{err}");
+    render_against(&installed, &[&previous(OLD)]).expect("a previous secret that differs");
+
+    // An existing Secret may carry the key: the reference is optional, so it works either way.
+    let docs = render(&combo("external-nats-values"), &[]);
+    let gw = container(one(&docs, "Deployment", &full("gateway")), "gateway");
+    let r = gw["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .find(|e| e["name"] == "DEVGATE_AUTH_SECRET_PREVIOUS")
+        .map(|e| &e["valueFrom"]["secretKeyRef"])
+        .expect("previous secret reference");
+    assert_eq!(
+        r,
+        &json!({"name": "devgate-secrets", "key": "device-auth-secret-previous", "optional": true})
+    );
+}
+
+/// Read-only API tokens reach bridge-api as their own optional Secret key, present only while
+/// some are listed, and a token may not be of both kinds.
+#[test]
+fn read_only_api_tokens_are_an_optional_secret_key_bridge_api_reads() {
+    const READERS: [&str; 2] = [
+        "dashboard-read-token-0123456789",
+        "grafana-read-token-0123456789",
+    ];
+    let docs = render(&combo("security-knobs-values"), &[]);
+    assert_eq!(secret_data(&docs)["api-read-tokens"], READERS.join(","));
+    let config = bridge_api_config(&docs);
+    let read: Vec<&str> = config.api_read_tokens.iter().map(|t| t.expose()).collect();
+    assert_eq!(read, READERS);
+    let writers: Vec<&str> = config.api_tokens.iter().map(|t| t.expose()).collect();
+    assert_eq!(writers, ["service-api-token-0123456789"]);
+
+    // Without any, there is no key, and bridge-api has full tokens only.
+    let default = combo("default");
+    let docs = render(&default, &[]);
+    assert!(!secret_data(&docs).contains_key("api-read-tokens"));
+    assert!(bridge_api_config(&docs).api_read_tokens.is_empty());
+    let api = container(one(&docs, "Deployment", &full("bridge-api")), "bridge-api");
+    let r = api["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .find(|e| e["name"] == "DEVGATE_API_READ_TOKEN")
+        .map(|e| &e["valueFrom"]["secretKeyRef"])
+        .expect("read token reference");
+    assert_eq!(
+        r,
+        &json!({"name": RELEASE, "key": "api-read-tokens", "optional": true})
+    );
+
+    for (sets, needle) in [
+        (
+            vec!["secrets.apiReadTokens[0]=short"],
+            "every secrets.apiReadTokens entry must be at least 16 characters",
+        ),
+        (
+            vec![
+                "secrets.apiTokens[0]=the-same-token-0123456789",
+                "secrets.apiReadTokens[0]=the-same-token-0123456789",
+            ],
+            "a token is in both secrets.apiTokens and secrets.apiReadTokens",
+        ),
+        (
+            vec![
+                "secrets.existingSecret=devgate-secrets",
+                "secrets.apiReadTokens[0]=dashboard-read-token-0123456789",
+            ],
+            "key api-read-tokens",
+        ),
+    ] {
+        let err = try_template(&default, &sets).expect_err(&format!("{sets:?} must be refused"));
+        assert!(
+            err.contains(needle),
+            "{sets:?}: expected {needle:?} in:\n{err}"
+        );
+    }
+}
+
+/// The device denylist reaches the gateways as a file in a directory-mounted ConfigMap (a
+/// subPath mount would never see an update), from the chart's own ConfigMap or an existing one,
+/// and its changes restart nothing: the gateway re-reads the file.
+#[test]
+fn the_device_denylist_is_a_directory_mounted_configmap_the_gateway_reads() {
+    let docs = render(&combo("security-knobs-values"), &[]);
+    let cm = one(&docs, "ConfigMap", &full("denied-devices"));
+    assert_eq!(
+        cm["data"],
+        json!({"denied-devices": "leaked-device-1\nlost_device_2\n"})
+    );
+    let (volume, mount) = denylist_volume(&docs);
+    assert_eq!(
+        volume,
+        Some(&json!({"name": "denied-devices", "configMap": {
+            "name": full("denied-devices"),
+            "items": [{"key": "denied-devices", "path": "denied-devices"}],
+        }}))
+    );
+    let mount = mount.expect("the gateway mounts the denylist");
+    assert_eq!(
+        mount,
+        &json!({"name": "denied-devices", "mountPath": DENYLIST_DIR, "readOnly": true}),
+        "a directory mount, without subPath"
+    );
+    let deploy = one(&docs, "Deployment", &full("gateway"));
+    let gw = container(deploy, "gateway");
+    assert_eq!(env_value(gw, "DEVGATE_DENIED_DEVICES_FILE"), DENYLIST_FILE);
+    assert_eq!(
+        gateway_config(&docs).denied_devices_file.as_deref(),
+        Some(Path::new(DENYLIST_FILE))
+    );
+    // A revocation must not roll the gateways: nothing in the pod template follows the list.
+    let template = deploy["spec"]["template"].to_string();
+    assert!(!template.contains("leaked-device-1"), "{template}");
+    assert!(!template.contains("checksum"), "{template}");
+
+    // An existing ConfigMap (a revocation is then a kubectl apply) wins over the list.
+    for sets in [
+        vec!["gateway.deniedDevicesConfigMap=revoked-devices"],
+        vec![
+            "gateway.deniedDevicesConfigMap=revoked-devices",
+            "gateway.deniedDevices={dev-1}",
+        ],
+    ] {
+        let docs = render(&combo("default"), &sets);
+        assert!(
+            kind(&docs, "ConfigMap")
+                .iter()
+                .all(|c| c["metadata"]["name"] != full("denied-devices").as_str()),
+            "{sets:?}: no ConfigMap of the chart's"
+        );
+        let (volume, mount) = denylist_volume(&docs);
+        assert_eq!(
+            volume.map(|v| &v["configMap"]["name"]),
+            Some(&json!("revoked-devices")),
+            "{sets:?}"
+        );
+        assert!(mount.is_some_and(|m| m["subPath"].is_null()), "{sets:?}");
+        let gw = container(one(&docs, "Deployment", &full("gateway")), "gateway");
+        assert_eq!(env_value(gw, "DEVGATE_DENIED_DEVICES_FILE"), DENYLIST_FILE);
+    }
+
+    // With NATS TLS the pod has both volumes.
+    let docs = render(
+        &combo("nats-tls-values"),
+        &["gateway.deniedDevices={dev-1}"],
+    );
+    let deploy = one(&docs, "Deployment", &full("gateway"));
+    let names = |list: &Value| -> Vec<String> {
+        list.as_array()
+            .expect("list")
+            .iter()
+            .map(|v| v["name"].as_str().expect("name").to_owned())
+            .collect()
+    };
+    assert_eq!(
+        names(&deploy["spec"]["template"]["spec"]["volumes"]),
+        ["nats-tls", "denied-devices"]
+    );
+    assert_eq!(
+        names(&container(deploy, "gateway")["volumeMounts"]),
+        ["nats-tls", "denied-devices"]
+    );
+
+    // Ids follow the device id rule (gateway/src/contract.rs): 1 to 128 of [A-Za-z0-9_-].
+    let longest = "d".repeat(128);
+    let (_dir, ok) = values_file(
+        "denylist-longest",
+        &format!("gateway:\n  deniedDevices: [\"{longest}\", \"0123\"]\n"),
+    );
+    let docs = render(&ok, &[]);
+    assert_eq!(
+        one(&docs, "ConfigMap", &full("denied-devices"))["data"]["denied-devices"],
+        format!("{longest}\n0123\n")
+    );
+    for (i, (ids, needle)) in [
+        (r#"[""]"#, r#"entry "" is not a device id"#),
+        (r#"["dev 1"]"#, r#"entry "dev 1" is not a device id"#),
+        (r#"[" dev-1"]"#, r#"entry " dev-1" is not a device id"#),
+        (r#"["dev-1\n"]"#, r#"entry "dev-1\n" is not a device id"#),
+        (r#"["dev.1"]"#, r#"entry "dev.1" is not a device id"#),
+        (r#"["dev*"]"#, r#"entry "dev*" is not a device id"#),
+        (&*format!(r#"["{longest}d"]"#), "is not a device id"),
+        // YAML reads 0123 as a number (83): refused rather than denying another id.
+        ("[0123]", "is not a string: quote ids"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (_dir, bad) = values_file(
+            &format!("denylist-bad-{i}"),
+            &format!("gateway:\n  deniedDevices: {ids}\n"),
+        );
+        let err = try_template(&bad, &[]).expect_err(&format!("{ids} must be refused"));
+        assert!(
+            err.contains(needle),
+            "{ids}: expected {needle:?} in:\n{err}"
+        );
+    }
 }

@@ -143,6 +143,17 @@ Secret holds the server's private key. */}}
     {{- end }}
 {{- end -}}
 
+{{/* The ConfigMap holding the gateway's device denylist (key denied-devices): the existing one
+named by gateway.deniedDevicesConfigMap, else the chart's own when gateway.deniedDevices is
+non-empty; empty without a denylist. */}}
+{{- define "devgate.gateway.deniedDevicesConfigMap" -}}
+{{- if .Values.gateway.deniedDevicesConfigMap -}}
+{{ .Values.gateway.deniedDevicesConfigMap }}
+{{- else if .Values.gateway.deniedDevices -}}
+{{ include "devgate.fullname" . }}-denied-devices
+{{- end -}}
+{{- end -}}
+
 {{/* The gateway's terminationGracePeriodSeconds: preStop sleep + drain window + 5 s gateway
 grace + 5 s margin. */}}
 {{- define "devgate.gateway.terminationGrace" -}}
@@ -233,15 +244,73 @@ here, so the chart test can stand a file in for the cluster. Call with (list $ n
 {{- if and .Values.secrets.deviceAuthSecret (lt (len .Values.secrets.deviceAuthSecret) 16) -}}
 {{- fail "secrets.deviceAuthSecret must be at least 16 characters (the gateway refuses shorter ones)" -}}
 {{- end -}}
-{{- range .Values.secrets.apiTokens -}}
+{{- range $list := list "apiTokens" "apiReadTokens" -}}
+{{- range (get $.Values.secrets $list) -}}
+{{- if not (kindIs "string" .) -}}
+{{- fail (printf "secrets.%s entries must be strings: quote tokens that YAML reads as numbers or booleans" $list) -}}
+{{- end -}}
 {{- if lt (len .) 16 -}}
-{{- fail "every secrets.apiTokens entry must be at least 16 characters (bridge-api refuses shorter ones)" -}}
+{{- fail (printf "every secrets.%s entry must be at least 16 characters (bridge-api refuses shorter ones)" $list) -}}
 {{- end -}}
 {{- if contains "," . -}}
-{{- fail "secrets.apiTokens entries must not contain commas (they are joined with commas)" -}}
+{{- fail (printf "secrets.%s entries must not contain commas (they are joined with commas)" $list) -}}
 {{- end -}}
 {{- if ne (trim .) . -}}
-{{- fail "secrets.apiTokens entries must not begin or end with whitespace (a space, tab or stray newline): no caller could present such a token, so bridge-api refuses it" -}}
+{{- fail (printf "secrets.%s entries must not begin or end with whitespace (a space, tab or stray newline): no caller could present such a token, so bridge-api refuses it" $list) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- with .Values.secrets.apiReadTokens -}}
+{{- if $.Values.secrets.existingSecret -}}
+{{- fail "secrets.apiReadTokens is not used with secrets.existingSecret: put the read-only tokens in that Secret, key api-read-tokens (comma-separated)" -}}
+{{- end -}}
+{{- range . -}}
+{{- if has . $.Values.secrets.apiTokens -}}
+{{- fail "a token is in both secrets.apiTokens and secrets.apiReadTokens (bridge-api refuses it): give the reader its own token" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- with .Values.secrets.deviceAuthSecretPrevious -}}
+{{- $previous := toString . -}}
+{{- if $.Values.secrets.existingSecret -}}
+{{- fail "secrets.deviceAuthSecretPrevious is not used with secrets.existingSecret: put the previous fleet secret in that Secret, key device-auth-secret-previous" -}}
+{{- end -}}
+{{- if lt (len $previous) 16 -}}
+{{- fail "secrets.deviceAuthSecretPrevious must be at least 16 characters (the gateway refuses shorter ones)" -}}
+{{- end -}}
+{{- if ne (trim $previous) $previous -}}
+{{- fail "secrets.deviceAuthSecretPrevious must not begin or end with whitespace (a space, tab or stray newline): no device token was made with such a secret" -}}
+{{- end -}}
+{{- /* The current secret: given, or the one the Secret in the cluster keeps (an upgrade that
+     sets only the previous one would otherwise "rotate" to the same secret). */ -}}
+{{- $current := toString (default "" $.Values.secrets.deviceAuthSecret) -}}
+{{- if not $current -}}
+{{- with include "devgate.existingSecret" (list $ (include "devgate.fullname" $)) | fromYaml -}}
+{{- $current = get (default dict .data) "device-auth-secret" | b64dec -}}
+{{- end -}}
+{{- end -}}
+{{- if eq $previous $current -}}
+{{- fail "secrets.deviceAuthSecretPrevious equals the current fleet secret (secrets.deviceAuthSecret, or the one kept in the Secret): a rotation sets the old secret as deviceAuthSecretPrevious and a new one as deviceAuthSecret" -}}
+{{- end -}}
+{{- end -}}
+{{- range .Values.gateway.deniedDevices -}}
+{{- if not (kindIs "string" .) -}}
+{{- fail (printf "gateway.deniedDevices entry %v is not a string: quote ids that YAML reads as numbers or booleans (\"0123\"), or the gateway would deny another id" .) -}}
+{{- end -}}
+{{- if not (regexMatch "^[A-Za-z0-9_-]{1,128}$" .) -}}
+{{- fail (printf "gateway.deniedDevices entry %q is not a device id: device ids are 1 to 128 characters of A-Z a-z 0-9 _ - (no whitespace)" .) -}}
+{{- end -}}
+{{- end -}}
+{{- /* The chart sets these itself; a second entry of the same name in extraEnv would be
+     ambiguous (and Kubernetes keeps one of them). */ -}}
+{{- $chartEnv := dict
+  "gateway" (list "DEVGATE_AUTH_SECRET" "DEVGATE_AUTH_SECRET_PREVIOUS" "DEVGATE_PROXY_PROTOCOL" "DEVGATE_PROXY_TRUSTED_CIDRS" "DEVGATE_DRAIN_WINDOW_MS" "DEVGATE_DRAIN_RECONNECT_JITTER_MS" "DEVGATE_MAX_CONNECTIONS" "DEVGATE_MAX_FRAME_LEN" "DEVGATE_HEARTBEAT_S" "DEVGATE_MAX_HANDSHAKES" "DEVGATE_MAX_HELLO_LEN" "DEVGATE_HELLO_TIMEOUT_MS" "DEVGATE_SESSION_QUEUE_BYTES" "DEVGATE_MAX_INFLIGHT" "DEVGATE_ACK_TIMEOUT_MS" "DEVGATE_WRITE_TIMEOUT_MS" "DEVGATE_UP_RATE_MSGS" "DEVGATE_UP_RATE_BYTES" "DEVGATE_UP_BURST_MS" "DEVGATE_DENIED_DEVICES_FILE" "DEVGATE_LOG_FORMAT")
+  "bridgeApi" (list "DEVGATE_API_TOKEN" "DEVGATE_API_READ_TOKEN" "DEVGATE_MAX_FRAME_LEN" "DEVGATE_MAX_TAILS" "DEVGATE_MAX_WILDCARD_TAILS" "DEVGATE_TAIL_BUFFER_BYTES" "DEVGATE_DEFAULT_TIMEOUT_MS" "DEVGATE_REQUEST_TIMEOUT_MS" "DEVGATE_BULK_MAX_DEVICES" "DEVGATE_BULK_CONCURRENCY" "DEVGATE_LOG_FORMAT") -}}
+{{- range $component, $names := $chartEnv -}}
+{{- range (get $.Values $component).extraEnv -}}
+{{- if has .name $names -}}
+{{- fail (printf "%s.extraEnv sets %s, which the chart sets from its own value: use that value instead (see values.yaml)" $component .name) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- if and .Values.secrets.nats.routePassword (not (regexMatch "^[A-Za-z0-9_-]+$" (toString .Values.secrets.nats.routePassword))) -}}
@@ -260,6 +329,9 @@ here, so the chart test can stand a file in for the cluster. Call with (list $ n
 {{- end -}}
 {{- if and (eq .Values.loadBalancer.mode "nginx") (has (int .Values.nginx.healthPort) (list (int .Values.nginx.port) (int .Values.lbSync.httpPort))) -}}
 {{- fail (printf "nginx.healthPort %v must differ from nginx.port and lbSync.httpPort (the nginx pod's containers share one network)" .Values.nginx.healthPort) -}}
+{{- end -}}
+{{- if not (kindIs "map" .Values.gateway.uplinkRate) -}}
+{{- fail "gateway.uplinkRate is missing: this chart version added the gateway's and bridge-api's limits as values (gateway.maxHandshakes, bridgeApi.maxTails, ...). Upgrade with --reset-then-reuse-values (not --reuse-values)" -}}
 {{- end -}}
 {{- if not (kindIs "map" .Values.networkPolicy) -}}
 {{- fail "networkPolicy is missing: this chart version added NetworkPolicies (docs/deploy.md, section Network policies). Upgrade with --reset-then-reuse-values (not --reuse-values)" -}}
