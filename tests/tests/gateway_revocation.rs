@@ -3,7 +3,7 @@
 //! and cuts their live sessions. Each test also shows that other devices are unaffected and
 //! that a message in flight to a revoked device is answered, not lost.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -116,23 +116,29 @@ async fn during_a_rotation_tokens_of_both_secrets_log_in_and_the_old_ones_are_co
     reachable(&service, &mut new, "new-token").await;
 }
 
-/// A gateway whose denylist is `content`, checked every 50 ms.
-async fn gateway_with_denylist(nats: &NatsServer, path: &Path, content: &str) -> Gateway {
-    write_atomically(path, content);
-    start_with(Config {
-        denied_devices_file: Some(path.to_owned()),
+/// A gateway whose denylist, checked every 50 ms, starts as `content`; with the list's path
+/// and the directory that holds it (removed on drop).
+async fn gateway_with_denylist(
+    nats: &NatsServer,
+    content: &str,
+) -> (Gateway, PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let list = dir.path().join("denied-devices");
+    write_atomically(&list, content);
+    let gw = start_with(Config {
+        denied_devices_file: Some(list.clone()),
         denied_devices_check_ms: 50,
         ..config(nats, "gw-1")
     })
-    .await
+    .await;
+    (gw, list, dir)
 }
 
 #[tokio::test]
 async fn a_denied_id_is_refused_and_a_newly_denied_session_is_cut_off_with_its_request_answered() {
     let nats = NatsServer::start();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let list = dir.path().join("denied-devices");
-    let gw = gateway_with_denylist(&nats, &list, "# revoked\nstolen-1  # leaked token\n").await;
+    let (gw, list, _dir) =
+        gateway_with_denylist(&nats, "# revoked\nstolen-1  # leaked token\n").await;
     metric_reaches(&gw, "devgate_gateway_denied_devices 1").await;
 
     let e = refusal(try_device(&gw, "stolen-1").await);
@@ -195,9 +201,7 @@ async fn a_denied_id_is_refused_and_a_newly_denied_session_is_cut_off_with_its_r
 #[tokio::test]
 async fn a_login_still_deciding_when_its_id_is_denied_is_refused_not_welcomed() {
     let nats = NatsServer::start();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let list = dir.path().join("denied-devices");
-    let gw = gateway_with_denylist(&nats, &list, "").await;
+    let (gw, list, _dir) = gateway_with_denylist(&nats, "").await;
     let (mut bystander, _) = device(&gw, "bystander").await;
     // Past its token and denylist checks, subscribed, waiting on a claim nobody answers.
     let held = HeldLogin::start(&nats, &gw, "late", 2).await;
@@ -214,9 +218,7 @@ async fn a_login_still_deciding_when_its_id_is_denied_is_refused_not_welcomed() 
 #[tokio::test]
 async fn a_broken_or_missing_denylist_keeps_the_previous_one_in_force() {
     let nats = NatsServer::start();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let list = dir.path().join("denied-devices");
-    let gw = gateway_with_denylist(&nats, &list, "stolen-1\n").await;
+    let (gw, list, _dir) = gateway_with_denylist(&nats, "stolen-1\n").await;
     let (mut bystander, _) = device(&gw, "bystander").await;
 
     // A typo would drop stolen-1 from the list if it were applied.

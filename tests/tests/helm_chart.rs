@@ -102,6 +102,15 @@ fn values_args(combo: &Combo, sets: &[&str]) -> Vec<String> {
     args
 }
 
+/// Rendering `combo` with `sets` fails, saying `needle`.
+fn assert_refused(combo: &Combo, sets: &[&str], needle: &str) {
+    let err = try_template(combo, sets).expect_err(&format!("{sets:?} must be refused"));
+    assert!(
+        err.contains(needle),
+        "{sets:?}: expected {needle:?} in:\n{err}"
+    );
+}
+
 /// `helm template` of the chart; `Err` carries helm's output.
 fn try_template(combo: &Combo, sets: &[&str]) -> Result<String, String> {
     try_template_of(&chart(), combo, sets)
@@ -1515,11 +1524,7 @@ fn bad_values_fail_with_a_clear_message() {
             "set nginx.tls.mode=plaintext to acknowledge",
         ),
     ] {
-        let err = try_template(&default, &sets).expect_err(&format!("{sets:?} must be refused"));
-        assert!(
-            err.contains(needle),
-            "{sets:?}: expected {needle:?} in:\n{err}"
-        );
+        assert_refused(&default, &sets, needle);
     }
     // Whitespace inside a token is presented unchanged, so bridge-api accepts it: so does the
     // chart.
@@ -2753,11 +2758,7 @@ fn a_fleet_secret_rotation_adds_the_previous_secret_only_while_it_is_set() {
         ),
     ] {
         let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
-        let err = try_template(&default, &sets).expect_err(&format!("{sets:?} must be refused"));
-        assert!(
-            err.contains(needle),
-            "{sets:?}: expected {needle:?} in:\n{err}"
-        );
+        assert_refused(&default, &sets, needle);
     }
     // Setting only the previous secret on an upgrade would keep the generated current one: the
     // same secret twice, which is no rotation. The kept one counts as the current one.
@@ -2842,11 +2843,7 @@ fn read_only_api_tokens_are_an_optional_secret_key_bridge_api_reads() {
             "key api-read-tokens",
         ),
     ] {
-        let err = try_template(&default, &sets).expect_err(&format!("{sets:?} must be refused"));
-        assert!(
-            err.contains(needle),
-            "{sets:?}: expected {needle:?} in:\n{err}"
-        );
+        assert_refused(&default, &sets, needle);
     }
 }
 
