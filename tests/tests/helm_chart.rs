@@ -2789,6 +2789,84 @@ fn a_fleet_secret_rotation_adds_the_previous_secret_only_while_it_is_set() {
     );
 }
 
+/// The `checksum/secrets` annotation of each workload that reads the Secret, by workload
+/// (`None`: no annotation).
+fn secret_checksums(docs: &[Value]) -> BTreeMap<&'static str, Option<String>> {
+    [
+        ("gateway", one(docs, "Deployment", &full("gateway"))),
+        ("bridge-api", one(docs, "Deployment", &full("bridge-api"))),
+        ("nats", one(docs, "StatefulSet", &full("nats"))),
+    ]
+    .into_iter()
+    .map(|(name, workload)| {
+        let annotation =
+            workload["spec"]["template"]["metadata"]["annotations"]["checksum/secrets"]
+                .as_str()
+                .map(str::to_owned);
+        (name, annotation)
+    })
+    .collect()
+}
+
+/// Pods read Secret values only when they start: an upgrade that changes a token or password
+/// rolls exactly the workloads that read it, and nothing else (a generated secret, kept across
+/// upgrades, never does).
+#[test]
+fn a_changed_secret_value_rolls_exactly_the_workloads_that_read_it() {
+    let default = combo("default");
+    let base = secret_checksums(&render(&default, &[]));
+    assert!(base.values().all(Option::is_some), "{base:?}");
+    assert_eq!(
+        secret_checksums(&render(&default, &[])),
+        base,
+        "a render that generates new random secrets changes nothing"
+    );
+    for (set, rolled) in [
+        (
+            "secrets.deviceAuthSecret=another-fleet-secret-0123",
+            &["gateway"][..],
+        ),
+        (
+            "secrets.deviceAuthSecretPrevious=a-previous-fleet-secret-0",
+            &["gateway"],
+        ),
+        (
+            "secrets.apiTokens[0]=another-api-token-0123456",
+            &["bridge-api"],
+        ),
+        (
+            "secrets.apiReadTokens[0]=a-read-only-api-token-012",
+            &["bridge-api"],
+        ),
+        (
+            "secrets.nats.gatewayPassword=AnotherPassword",
+            &["gateway", "nats"],
+        ),
+        (
+            "secrets.nats.bridgeApiPassword=AnotherPassword",
+            &["bridge-api", "nats"],
+        ),
+        ("secrets.nats.servicePassword=AnotherPassword", &["nats"]),
+        ("secrets.nats.routePassword=AnotherPassword", &["nats"]),
+    ] {
+        let changed = secret_checksums(&render(&default, &[set]));
+        let differs: Vec<&str> = base
+            .iter()
+            .filter(|(name, sum)| changed[*name] != **sum)
+            .map(|(name, _)| *name)
+            .collect();
+        let mut expected = rolled.to_vec();
+        expected.sort_unstable();
+        assert_eq!(differs, expected, "{set}");
+    }
+    // An existing Secret's content is unknown to the chart: no annotation to mislead.
+    let existing = secret_checksums(&render(
+        &default,
+        &["secrets.existingSecret=devgate-secrets"],
+    ));
+    assert!(existing.values().all(Option::is_none), "{existing:?}");
+}
+
 /// Read-only API tokens reach bridge-api as their own optional Secret key, present only while
 /// some are listed, and a token may not be of both kinds.
 #[test]

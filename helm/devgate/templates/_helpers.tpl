@@ -344,3 +344,37 @@ here, so the chart test can stand a file in for the cluster. Call with (list $ n
 {{- fail (printf "lbSync.proxyTimeoutS %v must exceed the gateway idle limit 3 x gateway.heartbeatS = %v s, or nginx cuts quiet devices" .Values.lbSync.proxyTimeoutS $idle) -}}
 {{- end -}}
 {{- end -}}
+
+{{/*
+checksum/secrets of one workload: a hash of the Secret keys it reads, as given in values
+(list . "key" ...). Pods take Secret values only when they start, so without it a `helm upgrade`
+that changes a token or password would change nothing until some later restart; with it the
+upgrade rolls exactly the pods that read the changed key. Generated values are not in it: they
+are kept across upgrades and never change. Empty with secrets.existingSecret, whose content
+the chart does not know (restart the pods after changing that Secret).
+*/}}
+{{- define "devgate.secretsChecksum" -}}
+{{- $ := index . 0 -}}
+{{- if not $.Values.secrets.existingSecret -}}
+{{- $s := $.Values.secrets -}}
+{{- $given := dict
+  "device-auth-secret" (toString (default "" $s.deviceAuthSecret))
+  "device-auth-secret-previous" (toString (default "" $s.deviceAuthSecretPrevious))
+  "api-tokens" (join "," (default (list) $s.apiTokens))
+  "api-read-tokens" (join "," (default (list) $s.apiReadTokens))
+  "nats-gateway-password" (toString (default "" $s.nats.gatewayPassword))
+  "nats-bridge-api-password" (toString (default "" $s.nats.bridgeApiPassword))
+  "nats-lb-sync-password" (toString (default "" $s.nats.lbSyncPassword))
+  "nats-service-password" (toString (default "" $s.nats.servicePassword))
+  "nats-sys-password" (toString (default "" $s.nats.sysPassword))
+  "nats-route-password" (toString (default "" $s.nats.routePassword)) -}}
+{{- $parts := list -}}
+{{- range $key := rest . -}}
+{{- if not (hasKey $given $key) -}}
+{{- fail (printf "devgate.secretsChecksum: unknown key %s" $key) -}}
+{{- end -}}
+{{- $parts = append $parts (printf "%s=%s" $key (get $given $key)) -}}
+{{- end -}}
+{{- join "\n" $parts | sha256sum -}}
+{{- end -}}
+{{- end -}}
