@@ -1374,8 +1374,17 @@ fn tls_to_nats_mounts_the_secret_into_every_nats_client_and_nothing_else() {
                     client_cert.then_some("/etc/devgate/nats-tls/tls.key"),
                     "{who}"
                 );
-                assert_eq!(c["volumeMounts"], mount, "{who}");
-                assert_eq!(&spec["volumes"], volumes, "{who}");
+                // The gateways also mount their denylist; here only the NATS TLS files count.
+                let nats_tls = |list: &Value| -> Value {
+                    list.as_array()
+                        .expect("a list")
+                        .iter()
+                        .filter(|v| v["name"] != "denied-devices")
+                        .cloned()
+                        .collect()
+                };
+                assert_eq!(nats_tls(&c["volumeMounts"]), mount, "{who}");
+                assert_eq!(&nats_tls(&spec["volumes"]), volumes, "{who}");
             }
         }
         assert_eq!(clients, 2, "the gateways and bridge-api");
@@ -1462,6 +1471,24 @@ fn bad_values_fail_with_a_clear_message() {
         (
             vec!["secrets.nats.sysPassword=p@ss;word"],
             "secrets.nats.sysPassword must start with a letter",
+        ),
+        // Numbers reach the binaries as whole numbers, or not at all: int64 alone would turn
+        // "10s" into 0, which disables draining.
+        (
+            vec!["gateway.drainWindowMs=10s"],
+            "gateway.drainWindowMs must be a whole number of 0 or more, got 10s",
+        ),
+        (
+            vec!["gateway.uplinkRate.msgs=-1"],
+            "gateway.uplinkRate.msgs must be a whole number",
+        ),
+        (
+            vec!["bridgeApi.maxTails=1.5"],
+            "bridgeApi.maxTails must be a whole number",
+        ),
+        (
+            vec!["secrets.deviceAuthSecretPrevious=12345678901234567"],
+            "secrets.deviceAuthSecretPrevious must be a string",
         ),
         (vec!["networkPolicy=null"], "--reset-then-reuse-values"),
         // --reuse-values from a chart before the limits were values.
@@ -2571,8 +2598,9 @@ fn denylist_volume(docs: &[Value]) -> (Option<&Value>, Option<&Value>) {
 /// Every limit is a value rendered explicitly, and the defaults are the binaries' own: the
 /// chart's env, read by the gateway's and bridge-api's own configuration code, gives their
 /// `Config::default()`. Nothing optional is set by default: no PROXY trust list (the
-/// NetworkPolicy admits only nginx), no denylist, and the previous fleet secret is an optional
-/// Secret reference to a key the chart-created Secret does not have.
+/// NetworkPolicy admits only nginx), an empty denylist (mounted all the same, so the first
+/// revocation restarts nothing), and the previous fleet secret is an optional Secret reference
+/// to a key the chart-created Secret does not have.
 #[test]
 fn the_gateway_and_bridge_api_limits_render_with_the_binaries_defaults() {
     let docs = render(&combo("default"), &[]);
@@ -2589,13 +2617,8 @@ fn the_gateway_and_bridge_api_limits_render_with_the_binaries_defaults() {
         "the chart's gateway defaults are the gateway's"
     );
     assert!(!env.contains_key("DEVGATE_PROXY_TRUSTED_CIDRS"), "{env:?}");
-    assert!(!env.contains_key("DEVGATE_DENIED_DEVICES_FILE"), "{env:?}");
-    assert_eq!(denylist_volume(&docs), (None, None));
-    assert!(
-        kind(&docs, "ConfigMap")
-            .iter()
-            .all(|c| c["metadata"]["name"] != full("denied-devices").as_str())
-    );
+    let empty = one(&docs, "ConfigMap", &full("denied-devices"));
+    assert_eq!(empty["data"], json!({"denied-devices": ""}));
     let previous: Vec<&Value> = gw["env"]
         .as_array()
         .expect("env")
@@ -2612,7 +2635,11 @@ fn the_gateway_and_bridge_api_limits_render_with_the_binaries_defaults() {
     );
     assert!(!secret_data(&docs).contains_key("device-auth-secret-previous"));
     let config = gateway_config(&docs);
-    assert!(config.auth_secret_previous.is_none() && config.denied_devices_file.is_none());
+    assert!(config.auth_secret_previous.is_none());
+    assert_eq!(
+        config.denied_devices_file.as_deref(),
+        Some(Path::new(DENYLIST_FILE))
+    );
 
     let bridge = container(one(&docs, "Deployment", &full("bridge-api")), "bridge-api");
     let env = env_values(bridge);
@@ -2957,19 +2984,27 @@ fn the_device_denylist_is_a_directory_mounted_configmap_the_gateway_reads() {
         gateway_config(&docs).denied_devices_file.as_deref(),
         Some(Path::new(DENYLIST_FILE))
     );
-    // A revocation must not roll the gateways: nothing in the pod template follows the list.
-    let template = deploy["spec"]["template"].to_string();
-    assert!(!template.contains("leaked-device-1"), "{template}");
-    assert!(!template.contains("checksum"), "{template}");
+    // A revocation must not roll the gateways: the pod template is the same with no ids, with
+    // the first, and with more (nothing in it follows the list).
+    let template = |sets: &[&str]| {
+        let docs = render(&combo("default"), sets);
+        one(&docs, "Deployment", &full("gateway"))["spec"]["template"].clone()
+    };
+    let none = template(&[]);
+    assert_eq!(template(&["gateway.deniedDevices={dev-1}"]), none);
+    assert_eq!(template(&["gateway.deniedDevices={dev-1,dev-2}"]), none);
 
-    // An existing ConfigMap (a revocation is then a kubectl apply) wins over the list.
-    for sets in [
-        vec!["gateway.deniedDevicesConfigMap=revoked-devices"],
-        vec![
+    // An existing ConfigMap (a revocation is then a kubectl apply), not with the list.
+    assert_refused(
+        &combo("default"),
+        &[
             "gateway.deniedDevicesConfigMap=revoked-devices",
             "gateway.deniedDevices={dev-1}",
         ],
-    ] {
+        "gateway.deniedDevices and gateway.deniedDevicesConfigMap are both set",
+    );
+    {
+        let sets = ["gateway.deniedDevicesConfigMap=revoked-devices"];
         let docs = render(&combo("default"), &sets);
         assert!(
             kind(&docs, "ConfigMap")

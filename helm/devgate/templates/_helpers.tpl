@@ -144,12 +144,13 @@ Secret holds the server's private key. */}}
 {{- end -}}
 
 {{/* The ConfigMap holding the gateway's device denylist (key denied-devices): the existing one
-named by gateway.deniedDevicesConfigMap, else the chart's own when gateway.deniedDevices is
-non-empty; empty without a denylist. */}}
+named by gateway.deniedDevicesConfigMap, else the chart's own, which exists even when
+gateway.deniedDevices is empty, so the first revocation (or the last one lifted) is a file
+update the gateways re-read, not a pod template change that restarts them all. */}}
 {{- define "devgate.gateway.deniedDevicesConfigMap" -}}
 {{- if .Values.gateway.deniedDevicesConfigMap -}}
 {{ .Values.gateway.deniedDevicesConfigMap }}
-{{- else if .Values.gateway.deniedDevices -}}
+{{- else -}}
 {{ include "devgate.fullname" . }}-denied-devices
 {{- end -}}
 {{- end -}}
@@ -271,6 +272,9 @@ here, so the chart test can stand a file in for the cluster. Call with (list $ n
 {{- end -}}
 {{- end -}}
 {{- with .Values.secrets.deviceAuthSecretPrevious -}}
+{{- if not (kindIs "string" .) -}}
+{{- fail "secrets.deviceAuthSecretPrevious must be a string: quote a secret that YAML reads as a number or a boolean" -}}
+{{- end -}}
 {{- $previous := toString . -}}
 {{- if $.Values.secrets.existingSecret -}}
 {{- fail "secrets.deviceAuthSecretPrevious is not used with secrets.existingSecret: put the previous fleet secret in that Secret, key device-auth-secret-previous" -}}
@@ -292,6 +296,9 @@ here, so the chart test can stand a file in for the cluster. Call with (list $ n
 {{- if eq $previous $current -}}
 {{- fail "secrets.deviceAuthSecretPrevious equals the current fleet secret (secrets.deviceAuthSecret, or the one kept in the Secret): a rotation sets the old secret as deviceAuthSecretPrevious and a new one as deviceAuthSecret" -}}
 {{- end -}}
+{{- end -}}
+{{- if and .Values.gateway.deniedDevices .Values.gateway.deniedDevicesConfigMap -}}
+{{- fail "gateway.deniedDevices and gateway.deniedDevicesConfigMap are both set: the gateways read only the ConfigMap, so the listed ids would stay admitted. Put them in that ConfigMap, or unset deniedDevicesConfigMap" -}}
 {{- end -}}
 {{- range .Values.gateway.deniedDevices -}}
 {{- if not (kindIs "string" .) -}}
@@ -376,5 +383,24 @@ the chart does not know (restart the pods after changing that Secret).
 {{- $parts = append $parts (printf "%s=%s" $key (get $given $key)) -}}
 {{- end -}}
 {{- join "\n" $parts | sha256sum -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+A numeric setting rendered for an env var: (list "name.in.values" value). Helm hands large
+numbers over as floats (1048576 would print as 1.048576e+06), and `int64` alone turns a typo
+such as "10s", or a value missing after `--reuse-values`, into 0, which for some settings
+(drainWindowMs) is valid and silently changes behaviour. So: a whole number >= 0, as digits,
+or the render stops naming the value.
+*/}}
+{{- define "devgate.count" -}}
+{{- $name := index . 0 -}}
+{{- $v := index . 1 -}}
+{{- if and (kindIs "string" $v) (regexMatch "^[0-9]+$" $v) -}}
+{{- $v | quote -}}
+{{- else if and (or (kindIs "float64" $v) (kindIs "int64" $v) (kindIs "int" $v)) (ge (float64 $v) 0.0) (eq (float64 $v) (float64 (int64 $v))) -}}
+{{- int64 $v | toString | quote -}}
+{{- else -}}
+{{- fail (printf "%s must be a whole number of 0 or more, got %v (%s)" $name $v (kindOf $v)) -}}
 {{- end -}}
 {{- end -}}
