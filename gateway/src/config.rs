@@ -54,6 +54,13 @@ pub struct Config {
     pub denied_devices_file: Option<PathBuf>,
     /// How often `denied_devices_file` is checked for changes.
     pub denied_devices_check_ms: u64,
+    /// Welcomed logins one device id may make to this gateway per `login_window_s`; more are
+    /// refused `overloaded` until the window ends. Stops two clients sharing an id (a cloned
+    /// device, a leaked token) from replacing each other in a loop, and firmware stuck in a
+    /// reconnect loop. 0: no limit.
+    pub max_logins_per_id: u32,
+    /// The window of `max_logins_per_id`, in seconds.
+    pub login_window_s: u64,
     /// Accept every device without a token. Only for local experiments.
     pub insecure_no_auth: bool,
     /// Largest frame (type byte + body) accepted or sent.
@@ -126,6 +133,8 @@ impl Default for Config {
             auth_secret_previous: None,
             denied_devices_file: None,
             denied_devices_check_ms: 5_000,
+            max_logins_per_id: 20,
+            login_window_s: 60,
             insecure_no_auth: false,
             max_frame_len: crate::codec::DEFAULT_MAX_FRAME_LEN,
             max_hello_len: crate::codec::DEFAULT_MAX_HELLO_LEN,
@@ -238,6 +247,7 @@ impl Validate for Config {
             ("up_burst_ms", self.up_burst_ms),
             ("listen_backlog", u64::from(self.listen_backlog)),
             ("denied_devices_check_ms", self.denied_devices_check_ms),
+            ("login_window_s", self.login_window_s),
         ] {
             if value == 0 {
                 problems.push(format!("{name} must be greater than 0"));
@@ -264,6 +274,7 @@ impl Validate for Config {
                 self.denied_devices_check_ms,
                 DAY_MS,
             ),
+            ("login_window_s", self.login_window_s, DAY_S),
         ] {
             if value > limit {
                 problems.push(format!("{name} {value} is over one day ({limit})"));
@@ -425,6 +436,14 @@ pub struct Cli {
     #[arg(long, env = "DEVGATE_DENIED_DEVICES_CHECK_MS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub denied_devices_check_ms: Option<u64>,
+    /// Logins one device id may make per login window; 0: no limit [default: 20].
+    #[arg(long, env = "DEVGATE_MAX_LOGINS_PER_ID")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_logins_per_id: Option<u32>,
+    /// The login window in seconds [default: 60].
+    #[arg(long, env = "DEVGATE_LOGIN_WINDOW_S")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub login_window_s: Option<u64>,
     /// Accept devices without authentication (local experiments only; logged loudly).
     #[arg(long, env = "DEVGATE_INSECURE_NO_AUTH", num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]

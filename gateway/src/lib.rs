@@ -20,6 +20,7 @@ pub mod contract;
 mod control;
 pub mod denylist;
 mod log_budget;
+mod login_limit;
 pub mod metrics;
 pub mod proxy_protocol;
 mod reclaim;

@@ -141,6 +141,8 @@ pub struct Metrics {
     pub denied_devices: Gauge,
     /// Logins refused because the device id is on the denylist.
     pub denied_logins: Counter,
+    /// Logins refused because the device id used up its `max_logins_per_id`.
+    pub logins_throttled: Counter,
     /// Sessions closed because their device id was added to the denylist.
     pub revoked_sessions: Counter,
     /// Denylist changes that could not be applied (unreadable file, invalid id): the previous
@@ -220,6 +222,11 @@ impl Metrics {
             reg,
             "denied_logins",
             "Logins refused because the device id is on the denylist",
+        );
+        let logins_throttled = counter(
+            reg,
+            "logins_throttled",
+            "Logins refused because the device id logged in max_logins_per_id times in its window",
         );
         let revoked_sessions = counter(
             reg,
@@ -337,6 +344,7 @@ impl Metrics {
             logins_previous_secret,
             denied_devices,
             denied_logins,
+            logins_throttled,
             revoked_sessions,
             denylist_errors,
             takeovers,

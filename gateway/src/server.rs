@@ -25,6 +25,7 @@ use crate::config::Config;
 use crate::control;
 use crate::denylist::{Denylist, DenylistError};
 use crate::log_budget::LogBudget;
+use crate::login_limit::LoginLimit;
 use crate::metrics::Metrics;
 use crate::reclaim;
 use crate::registry::{Registry, SessionCommand};
@@ -68,6 +69,8 @@ pub(crate) struct Shared {
     pub(crate) metrics: Metrics,
     /// Device ids refused at login (`denied_devices_file`).
     pub(crate) denylist: Denylist,
+    /// Logins per device id in the current window (`max_logins_per_id`).
+    pub(crate) login_limit: LoginLimit,
     /// Caps the log lines of refused connections, which an unauthenticated peer can cause at
     /// will: the `errors` metric counts every one, the log shows a sample.
     pub(crate) refusal_logs: LogBudget,
@@ -297,6 +300,7 @@ async fn build(
         metrics,
         denylist,
         refusal_logs: LogBudget::new(REFUSAL_LOGS_PER_SECOND),
+        login_limit: LoginLimit::new(config.max_logins_per_id, config.login_window_s),
         draining: CancellationToken::new(),
         hard_stop,
         config,

@@ -366,6 +366,16 @@ async fn handshake(
         shared.metrics.denied_logins.inc();
         return Err(Some(revoked()));
     }
+    if let Err(wait_s) = shared.login_limit.check(&id, unix_ms() / 1000) {
+        shared.metrics.logins_throttled.inc();
+        return Err(Some(Refusal::new(
+            ErrorCode::Overloaded,
+            format!(
+                "device {id} logged in {} times within {} s on this gateway; retry in {wait_s} s",
+                shared.config.max_logins_per_id, shared.config.login_window_s
+            ),
+        )));
+    }
     let hello: Hello = serde_json::from_slice(&body).map_err(|e| {
         Some(Refusal::new(
             ErrorCode::BadHello,
@@ -731,6 +741,7 @@ async fn welcome(shared: Arc<Shared>, greeted: Greeted) -> Option<(Session, Vec<
         },
     );
     shared.metrics.logins.inc();
+    shared.login_limit.record(&id, since_ms / 1000);
     if verdict == Verdict::PreviousSecret {
         shared.metrics.logins_previous_secret.inc();
     }

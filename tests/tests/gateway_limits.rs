@@ -281,3 +281,37 @@ async fn a_flooding_device_is_paced_to_its_uplink_rate_and_others_are_not() {
         .expect("throttle counter");
     assert!(throttled > 0, "pauses are counted");
 }
+
+#[tokio::test]
+async fn an_id_logging_in_too_often_is_refused_while_its_session_and_other_devices_carry_on() {
+    let nats = NatsServer::start();
+    let gw = start_with(devgate_gateway::config::Config {
+        max_logins_per_id: 3,
+        login_window_s: 600,
+        ..config(&nats, "gw-1")
+    })
+    .await;
+    let (mut bystander, _) = device(&gw, "bystander").await;
+    // Two clients sharing an id replace each other: three logins are allowed in the window.
+    let mut held = None;
+    for _ in 0..3 {
+        held = Some(device(&gw, "flappy").await.0);
+    }
+    let mut holder = held.expect("logged in");
+    let err = match try_device(&gw, "flappy").await {
+        Err(ClientError::Refused(e)) => e,
+        Err(other) => panic!("expected an ERROR, got {other}"),
+        Ok((_, w)) => panic!("expected a refusal, got WELCOME {w:?}"),
+    };
+    assert_eq!(err.code, ErrorCode::Overloaded);
+    assert!(
+        err.message.contains("3 times within 600 s") && err.message.contains("retry in"),
+        "{}",
+        err.message
+    );
+    metric_reaches(&gw, "devgate_gateway_logins_throttled_total 1").await;
+    // The refused login displaced nobody: the last session still holds the id.
+    still_works(&nats, &mut holder, "flappy").await;
+    still_works(&nats, &mut bystander, "bystander").await;
+    device(&gw, "another").await;
+}

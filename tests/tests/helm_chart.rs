@@ -2552,7 +2552,7 @@ fn config_fields(config: &impl serde::Serialize, keys: &[&str]) -> BTreeMap<Stri
 }
 
 /// The gateway's limits the chart sets: env var, config key and the chart's default.
-const GATEWAY_LIMITS: [(&str, &str, &str); 10] = [
+const GATEWAY_LIMITS: [(&str, &str, &str); 12] = [
     ("DEVGATE_MAX_HANDSHAKES", "max_handshakes", "2048"),
     ("DEVGATE_MAX_HELLO_LEN", "max_hello_len", "4096"),
     ("DEVGATE_HELLO_TIMEOUT_MS", "hello_timeout_ms", "10000"),
@@ -2564,6 +2564,8 @@ const GATEWAY_LIMITS: [(&str, &str, &str); 10] = [
     ("DEVGATE_MAX_INFLIGHT", "max_inflight", "256"),
     ("DEVGATE_ACK_TIMEOUT_MS", "ack_timeout_ms", "30000"),
     ("DEVGATE_WRITE_TIMEOUT_MS", "write_timeout_ms", "30000"),
+    ("DEVGATE_MAX_LOGINS_PER_ID", "max_logins_per_id", "20"),
+    ("DEVGATE_LOGIN_WINDOW_S", "login_window_s", "60"),
     ("DEVGATE_UP_RATE_MSGS", "up_rate_msgs", "1000"),
     ("DEVGATE_UP_RATE_BYTES", "up_rate_bytes", "1048576"),
     ("DEVGATE_UP_BURST_MS", "up_burst_ms", "2000"),
