@@ -54,7 +54,8 @@ pub struct Config {
     pub denied_devices_file: Option<PathBuf>,
     /// How often `denied_devices_file` is checked for changes.
     pub denied_devices_check_ms: u64,
-    /// Welcomed logins one device id may make to this gateway per `login_window_s`; more are
+    /// Logins (past the token and denylist checks) one device id may make to this gateway per
+    /// `login_window_s`; more are
     /// refused `overloaded` until the window ends. Stops two clients sharing an id (a cloned
     /// device, a leaked token) from replacing each other in a loop, and firmware stuck in a
     /// reconnect loop. 0: no limit.

@@ -283,8 +283,8 @@ impl Reload {
 
 /// Puts a new list in force and closes the live sessions of ids it adds. (During a drain the
 /// sessions' command slots are already taken by the drain schedule: a newly denied device
-/// then gets its `GOAWAY draining` within the drain window and is refused wherever it
-/// reconnects.)
+/// then gets its `GOAWAY draining` within the drain window, and is refused on reconnecting by
+/// every gateway whose list has it.)
 fn apply(shared: &Shared, ids: HashSet<DeviceId>) {
     let before = shared.denylist.len();
     let added = shared.denylist.replace(ids);

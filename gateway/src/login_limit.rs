@@ -4,13 +4,16 @@
 //! device, a stolen token) replace each other in a loop, and firmware stuck in a reconnect loop
 //! logs in as fast as the network allows: each login costs claim round trips on NATS, a
 //! presence event pair, and a disconnect for whoever held the id. Past `max_logins_per_id`
-//! welcomed logins within `login_window_s`, further logins of that id are refused
+//! logins (HELLOs past the token and denylist checks) within `login_window_s`, further logins
+//! of that id are refused
 //! `overloaded` until the window ends, which stops both loops while the id stays usable. The
 //! count is per gateway: behind a balancer a loop spread over N gateways is cut after N times
 //! the limit, which is still a bound.
 //!
-//! State is kept only for ids that logged in within the current window, keyed by a keyed hash
-//! of the id (8 bytes, not the id), so an idle fleet costs nothing once the window is over.
+//! State is kept only for ids that logged in recently, keyed by a keyed hash of the id (8
+//! bytes, not the id); windows that ended are dropped at the first login after them. Checking
+//! and counting are one step under one lock, so logins of one id arriving together cannot all
+//! pass before any is counted.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -55,25 +58,11 @@ impl LoginLimit {
         }
     }
 
-    /// Whether `id` may log in at `now_s`; `Err(seconds)`: not before its window ends.
-    pub(crate) fn check(&self, id: &DeviceId, now_s: u64) -> Result<(), u64> {
+    /// Counts a login of `id` at `now_s` if it is within the limit; `Err(seconds)`: refused,
+    /// and not before its window ends (a refused login is not counted).
+    pub(crate) fn admit(&self, id: &DeviceId, now_s: u64) -> Result<(), u64> {
         if self.max == 0 {
             return Ok(());
-        }
-        let key = self.hasher.hash_one(id);
-        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        match state.windows.get(&key) {
-            Some(w) if now_s < w.start_s + self.window_s && w.logins >= self.max => {
-                Err(w.start_s + self.window_s - now_s)
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// Counts a welcomed login of `id` at `now_s`.
-    pub(crate) fn record(&self, id: &DeviceId, now_s: u64) {
-        if self.max == 0 {
-            return;
         }
         let key = self.hasher.hash_one(id);
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -88,13 +77,17 @@ impl LoginLimit {
                 logins: 0,
             };
         }
-        w.logins = w.logins.saturating_add(1);
+        if w.logins >= self.max {
+            return Err(w.start_s + window_s - now_s);
+        }
+        w.logins += 1;
         // Once per window, forget ids whose window is over: the table holds only recent logins.
         if now_s >= state.pruned_s + window_s {
             state.pruned_s = now_s;
             state.windows.retain(|_, w| now_s < w.start_s + window_s);
             state.windows.shrink_to_fit();
         }
+        Ok(())
     }
 
     /// Ids with a window open (for tests and the memory bound).
@@ -120,25 +113,24 @@ mod tests {
     fn an_id_over_its_logins_waits_for_its_window_and_others_do_not() {
         let limit = LoginLimit::new(3, 60);
         for _ in 0..3 {
-            assert_eq!(limit.check(&id("loop"), 100), Ok(()));
-            limit.record(&id("loop"), 100);
+            assert_eq!(limit.admit(&id("loop"), 100), Ok(()));
         }
-        assert_eq!(limit.check(&id("loop"), 100), Err(60));
-        assert_eq!(limit.check(&id("loop"), 159), Err(1));
-        assert_eq!(limit.check(&id("other"), 100), Ok(()), "per id");
+        assert_eq!(limit.admit(&id("loop"), 100), Err(60));
+        assert_eq!(limit.admit(&id("loop"), 159), Err(1));
+        assert_eq!(limit.admit(&id("other"), 100), Ok(()), "per id");
         // A new window starts at the first login after the old one ended.
-        assert_eq!(limit.check(&id("loop"), 160), Ok(()));
-        limit.record(&id("loop"), 160);
-        assert_eq!(limit.check(&id("loop"), 161), Ok(()));
+        assert_eq!(limit.admit(&id("loop"), 160), Ok(()));
+        assert_eq!(limit.admit(&id("loop"), 161), Ok(()));
+        assert_eq!(limit.admit(&id("loop"), 162), Ok(()));
+        assert_eq!(limit.admit(&id("loop"), 163), Err(57));
     }
 
     #[test]
     fn zero_means_no_limit() {
         let limit = LoginLimit::new(0, 60);
         for _ in 0..100 {
-            limit.record(&id("d"), 5);
+            assert_eq!(limit.admit(&id("d"), 5), Ok(()));
         }
-        assert_eq!(limit.check(&id("d"), 5), Ok(()));
         assert_eq!(limit.tracked(), 0, "nothing is kept");
     }
 
@@ -146,10 +138,10 @@ mod tests {
     fn windows_that_ended_are_forgotten() {
         let limit = LoginLimit::new(5, 60);
         for n in 0..1000 {
-            limit.record(&id(&format!("d{n}")), 10);
+            assert_eq!(limit.admit(&id(&format!("d{n}")), 10), Ok(()));
         }
         assert_eq!(limit.tracked(), 1000);
-        limit.record(&id("late"), 71);
+        assert_eq!(limit.admit(&id("late"), 71), Ok(()));
         assert_eq!(limit.tracked(), 1, "only the window still open is kept");
     }
 }

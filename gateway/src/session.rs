@@ -366,7 +366,7 @@ async fn handshake(
         shared.metrics.denied_logins.inc();
         return Err(Some(revoked()));
     }
-    if let Err(wait_s) = shared.login_limit.check(&id, unix_ms() / 1000) {
+    if let Err(wait_s) = shared.login_limit.admit(&id, unix_ms() / 1000) {
         shared.metrics.logins_throttled.inc();
         return Err(Some(Refusal::new(
             ErrorCode::Overloaded,
@@ -741,7 +741,6 @@ async fn welcome(shared: Arc<Shared>, greeted: Greeted) -> Option<(Session, Vec<
         },
     );
     shared.metrics.logins.inc();
-    shared.login_limit.record(&id, since_ms / 1000);
     if verdict == Verdict::PreviousSecret {
         shared.metrics.logins_previous_secret.inc();
     }
