@@ -177,6 +177,7 @@ async fn watch(shared: Arc<Shared>, path: PathBuf, loaded: Vec<u8>) {
         let bytes = match bytes {
             Ok(bytes) => bytes,
             Err(error) => {
+                shared.metrics.denylist_stale.set(1);
                 if !failing {
                     failing = true;
                     shared.metrics.denylist_errors.inc();
@@ -186,8 +187,13 @@ async fn watch(shared: Arc<Shared>, path: PathBuf, loaded: Vec<u8>) {
             }
         };
         failing = false;
-        match reload.step(&path, bytes, &shared.denylist.snapshot()) {
-            Step::Unchanged => {}
+        let step = reload.step(&path, bytes, &shared.denylist.snapshot());
+        shared
+            .metrics
+            .denylist_stale
+            .set(i64::from(matches!(step, Step::Refused(_) | Step::StillRefused)));
+        match step {
+            Step::Unchanged | Step::StillRefused => {}
             Step::Refused(error) => {
                 shared.metrics.denylist_errors.inc();
                 tracing::error!(instance = %shared.instance, %error, denied = shared.denylist.len(), "denylist change refused; the previous list stays in force");
@@ -224,6 +230,8 @@ enum Step {
     Unchanged,
     /// The content is not a valid list; the current one stays.
     Refused(DenylistError),
+    /// The content refused last time, read again: already reported, still not in force.
+    StillRefused,
     /// Put `ids` in force; `removals_held` ids the file no longer lists stay denied for now.
     Apply {
         ids: HashSet<DeviceId>,
@@ -249,7 +257,7 @@ impl Reload {
             Ok(ids) => ids,
             Err(error) => {
                 if self.refused.as_ref() == Some(&bytes) {
-                    return Step::Unchanged;
+                    return Step::StillRefused;
                 }
                 self.refused = Some(bytes);
                 return Step::Refused(error);
@@ -341,7 +349,10 @@ mod tests {
         );
     }
 
-    /// Feeds `reads` to a watcher that loaded `loaded`; returns the list in force after each.
+    const ALREADY_REPORTED: &str = "already reported";
+
+    /// Feeds `reads` to a watcher that loaded `loaded`; returns the list in force after each,
+    /// or the refusal (`ALREADY_REPORTED` for a refused content read again).
     fn run(loaded: &str, reads: &[&str]) -> Vec<Result<HashSet<DeviceId>, String>> {
         let path = Path::new("f");
         let mut current = parse(path, loaded).expect("valid start");
@@ -352,6 +363,7 @@ mod tests {
                 |read| match reload.step(path, read.as_bytes().to_vec(), &current) {
                     Step::Unchanged => Ok(current.clone()),
                     Step::Refused(e) => Err(e.to_string()),
+                    Step::StillRefused => Err(ALREADY_REPORTED.to_owned()),
                     Step::Apply { ids, .. } => {
                         current = ids;
                         Ok(current.clone())
@@ -402,7 +414,11 @@ mod tests {
             matches!(&steps[0], Err(e) if e.contains("line 2")),
             "{steps:?}"
         );
-        assert_eq!(steps[1], Ok(ids(&["a"])), "reported once");
+        assert_eq!(
+            steps[1],
+            Err(ALREADY_REPORTED.to_owned()),
+            "reported once, and still refused"
+        );
         assert!(steps[2].is_err(), "a different bad content is reported");
         assert_eq!(steps[3], Ok(ids(&["a", "b"])));
     }

@@ -148,6 +148,10 @@ pub struct Metrics {
     /// Denylist changes that could not be applied (unreadable file, invalid id): the previous
     /// list stays in force, so an alert on this matters more than the log line.
     pub denylist_errors: Counter,
+    /// 1 while the denylist file cannot be read or holds an invalid list, 0 once it applies
+    /// again. The error counter rises once per broken content, so only this tells an alert
+    /// that the list in force is still not the one the operator wrote.
+    pub denylist_stale: Gauge,
     /// Logins that displaced an older session of the same device.
     pub takeovers: Counter,
     /// Sessions released because a reclaim (sent after a gateway's NATS reconnect) found a
@@ -237,6 +241,11 @@ impl Metrics {
             reg,
             "denylist_errors",
             "Denylist changes not applied (unreadable file or invalid id); the previous list stays",
+        );
+        let denylist_stale = gauge(
+            reg,
+            "denylist_stale",
+            "1 while the denylist file is unreadable or invalid and the previous list stays in force",
         );
         let takeovers = counter(reg, "takeovers", "Logins that replaced an older session");
         let reclaims_lost = counter(
@@ -347,6 +356,7 @@ impl Metrics {
             logins_throttled,
             revoked_sessions,
             denylist_errors,
+            denylist_stale,
             takeovers,
             reclaims_lost,
             nats_connected,

@@ -222,8 +222,10 @@ async fn a_broken_or_missing_denylist_keeps_the_previous_one_in_force() {
     let (mut bystander, _) = device(&gw, "bystander").await;
 
     // A typo would drop stolen-1 from the list if it were applied.
+    metric_reaches(&gw, "devgate_gateway_denylist_stale 0").await;
     write_atomically(&list, "stolen 2\n");
     metric_reaches(&gw, "devgate_gateway_denylist_errors_total 1").await;
+    metric_reaches(&gw, "devgate_gateway_denylist_stale 1").await;
     assert_eq!(
         refusal(try_device(&gw, "stolen-1").await).code,
         ErrorCode::Unauthorized
@@ -231,6 +233,7 @@ async fn a_broken_or_missing_denylist_keeps_the_previous_one_in_force() {
 
     std::fs::remove_file(&list).expect("remove");
     metric_reaches(&gw, "devgate_gateway_denylist_errors_total 2").await;
+    metric_reaches(&gw, "devgate_gateway_denylist_stale 1").await;
     assert_eq!(
         refusal(try_device(&gw, "stolen-1").await).code,
         ErrorCode::Unauthorized
@@ -243,6 +246,7 @@ async fn a_broken_or_missing_denylist_keeps_the_previous_one_in_force() {
     // Fixed, the file applies again.
     write_atomically(&list, "# nobody\n");
     metric_reaches(&gw, "devgate_gateway_denied_devices 0").await;
+    metric_reaches(&gw, "devgate_gateway_denylist_stale 0").await;
     device(&gw, "stolen-1").await;
 }
 
