@@ -22,7 +22,7 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use devgate_gateway::common::{ReadinessProbe, ops_router};
+use devgate_gateway::common::{HTTP_DRAIN_TIMEOUT, HttpTimeouts, ReadinessProbe, ops_router};
 use tokio_util::sync::CancellationToken;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -117,7 +117,12 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
 /// and with JSON errors for unknown routes.
 pub fn app(state: AppState) -> Router {
     let (api, document) = api_routes(&state.config).split_for_parts();
+    // The 405 handler is set before the auth layer so that it is wrapped by it like the routes:
+    // a wrong method on a `/v1` route is a 401 to a caller without a token (set after, on the
+    // whole router, it would replace the auth-wrapped default fallback of every route and tell
+    // anyone which methods exist without asking for a token).
     let api = api
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(
             state.clone(),
             request_timeout,
@@ -146,7 +151,8 @@ pub fn app(state: AppState) -> Router {
     api.merge(openapi)
         .merge(ops_router(state.metrics.registry(), ready))
         .fallback(not_found)
-        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        // For the unauthenticated routes only: the `/v1` ones have theirs behind auth already.
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(
             state.metrics.clone(),
             metrics::track,
@@ -155,6 +161,10 @@ pub fn app(state: AppState) -> Router {
 
 async fn not_found(request: Request) -> ApiError {
     ApiError::NotFound(request.uri().path().to_owned())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
 }
 
 /// When the current request's time cap runs out, as a request extension: a handler that works
@@ -194,6 +204,18 @@ pub enum StartError {
     Nats(#[from] BusError),
 }
 
+/// The HTTP server's time bounds. After shutdown a connection may take the request cap plus
+/// [`HTTP_DRAIN_TIMEOUT`] to finish: a request waiting for a device's ACK when the signal came
+/// still gets its real answer (the cap bounds the wait for it, and the drain writing it out),
+/// while a client that stopped reading a tail or a large response is cut then instead of
+/// holding the process until it is killed.
+fn http_timeouts(config: &Config) -> HttpTimeouts {
+    HttpTimeouts {
+        drain: config.request_timeout() + HTTP_DRAIN_TIMEOUT,
+        ..HttpTimeouts::default()
+    }
+}
+
 /// A running bridge-api: its bound address and the task serving it.
 pub struct BridgeApi {
     addr: SocketAddr,
@@ -216,9 +238,10 @@ impl BridgeApi {
             source,
         })?;
         tracing::info!(%addr, nats_url = %config.nats_url, "bridge-api listening");
+        let timeouts = http_timeouts(&config);
         let router = app(AppState::new(config, bus, shutdown.clone()));
-        let task = tokio::spawn(devgate_gateway::common::serve_http(
-            listener, router, shutdown,
+        let task = tokio::spawn(devgate_gateway::common::serve_http_with(
+            listener, router, shutdown, timeouts,
         ));
         Ok(BridgeApi { addr, task })
     }

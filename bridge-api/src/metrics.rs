@@ -2,12 +2,14 @@
 //! and what the SSE drop policy threw away.
 //!
 //! The route label is the matched route template (`/v1/devices/{id}/messages`), never the raw
-//! path, so device ids cannot explode the label space.
+//! path, so device ids cannot explode the label space; the method label is one of the standard
+//! methods or `other`, for the same reason.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
+use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -20,7 +22,7 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     route: String,
-    method: String,
+    method: &'static str,
     status: u16,
 }
 
@@ -115,13 +117,34 @@ impl Metrics {
     }
 }
 
+/// The `method` label of a request: the standard methods by name, anything else `other`.
+///
+/// HTTP lets a client send any token as its method, and this middleware runs before
+/// authentication and for unknown routes, so the raw method as a label would let anyone create
+/// series without bound (`curl -X AAAA1`, `-X AAAA2`, ...) until Prometheus or this process runs
+/// out of memory.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
 /// Middleware recording every request's route, status and latency.
 pub async fn track(State(metrics): State<Metrics>, request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = request.method().as_str().to_owned();
+    let method = method_label(request.method());
     let started = Instant::now();
     let response = next.run(request).await;
     metrics
@@ -139,4 +162,25 @@ pub async fn track(State(metrics): State<Metrics>, request: Request, next: Next)
         })
         .inc();
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn standard_methods_keep_their_name_and_the_rest_are_other() {
+        for (method, label) in [
+            (Method::GET, "GET"),
+            (Method::DELETE, "DELETE"),
+            (Method::PATCH, "PATCH"),
+            (Method::TRACE, "TRACE"),
+        ] {
+            assert_eq!(method_label(&method), label);
+        }
+        for raw in [&b"AAAA1"[..], b"get", b"PROPFIND"] {
+            let method = Method::from_bytes(raw).expect("method token");
+            assert_eq!(method_label(&method), "other", "{method}");
+        }
+    }
 }

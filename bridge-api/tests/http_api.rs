@@ -1272,3 +1272,202 @@ async fn kick_caught_by_a_closing_session_is_device_offline_not_502() {
     assert_error(&got, 502, "bad_gateway_reply");
     holder.await.expect("the fake holder answered");
 }
+
+#[tokio::test]
+async fn request_metrics_count_unknown_methods_as_one_other_series() {
+    const CUSTOM: usize = 25;
+    let nats = NatsServer::start();
+    let bridge = Bridge::start(&nats).await;
+    // Unauthenticated and on a route without such methods: the metrics middleware sees them all
+    // anyway, so each distinct method would be a new series if the label were the raw input.
+    for i in 0..CUSTOM {
+        let method = Method::from_bytes(format!("AAAA{i}").as_bytes()).expect("method token");
+        let response = bridge
+            .http
+            .request(method, bridge.url("/v1/gateways"))
+            .send()
+            .await
+            .expect("HTTP request");
+        assert!(response.status().is_client_error(), "{}", response.status());
+    }
+    // Standard methods keep their name.
+    let got = send(bridge.http.put(bridge.url("/v1/gateways"))).await;
+    assert!(got.0 >= 400, "{}", got.1);
+
+    let text = bridge.metrics_text().await;
+    let series: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("devgate_bridge_http_requests_total{"))
+        .collect();
+    assert!(
+        !series.iter().any(|l| l.contains("AAAA")),
+        "a raw method became a label:\n{text}"
+    );
+    let other: Vec<&&str> = series
+        .iter()
+        .filter(|l| l.contains(r#"method="other""#))
+        .collect();
+    assert_eq!(
+        other.len(),
+        1,
+        "one series for every unknown method:\n{text}"
+    );
+    assert!(other[0].ends_with(&format!(" {CUSTOM}")), "{}", other[0]);
+    assert!(
+        series.iter().any(|l| l.contains(r#"method="PUT""#)),
+        "no PUT series:\n{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_wrong_method_on_a_v1_route_asks_for_a_token_before_saying_405() {
+    let nats = NatsServer::start();
+    let bridge = Bridge::start(&nats).await;
+    let custom = Method::from_bytes(b"AAAA1").expect("method token");
+    let wrong = [
+        (Method::PUT, "/v1/gateways"),
+        (Method::DELETE, "/v1/devices"),
+        (Method::PATCH, "/v1/devices/d1"),
+        (Method::PUT, "/v1/devices/d1/messages"),
+        (Method::GET, "/v1/devices/d1/session"),
+        (Method::GET, "/v1/messages"),
+        (custom, "/v1/gateways"),
+    ];
+    for (method, path) in &wrong {
+        let response = bridge
+            .http
+            .request(method.clone(), bridge.url(path))
+            .send()
+            .await
+            .expect("HTTP request");
+        let challenge = response
+            .headers()
+            .get("www-authenticate")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        assert_error(&(status, body), 401, "unauthorized");
+        assert!(
+            challenge.is_some_and(|c| c.starts_with("Bearer")),
+            "{method} {path}: 401 without WWW-Authenticate"
+        );
+    }
+    // With a token the route's real answer: the method is not allowed.
+    for (method, path) in wrong {
+        let got = send(bridge.req(method.clone(), path)).await;
+        assert_eq!(got.0, 405, "{method} {path}: {}", got.1);
+        assert_error(&got, 405, "method_not_allowed");
+    }
+    // The unauthenticated API description stays unauthenticated, wrong method included.
+    let got = send(bridge.http.post(bridge.url("/v1/openapi.json"))).await;
+    assert_error(&got, 405, "method_not_allowed");
+}
+
+#[tokio::test]
+async fn a_single_send_with_a_content_type_that_is_not_visible_ascii_is_400() {
+    use reqwest::header::{CONTENT_TYPE, HeaderValue};
+    let nats = NatsServer::start();
+    let gw = start(&nats, "gw-1").await;
+    let bridge = Bridge::start(&nats).await;
+    let (mut dev, _) = device(&gw, "dev-1").await;
+    // Legal in HTTP (obs-text), not in a NATS header: refused, as a bulk send refuses it, not
+    // passed on without its Content-Type.
+    for bad in [&b"text/plain; charset=caf\xe9"[..], b"\xff", b"a\x80b"] {
+        let value = HeaderValue::from_bytes(bad).expect("an HTTP header value");
+        let got = send(
+            bridge
+                .req(Method::POST, "/v1/devices/dev-1/messages")
+                .header(CONTENT_TYPE, value)
+                .body("must not arrive"),
+        )
+        .await;
+        assert_error(&got, 400, "bad_request");
+        assert!(
+            got.1["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("Content-Type"),
+            "{}",
+            got.1
+        );
+    }
+    // Nothing reached the device: the first DOWN it gets is the next valid send's.
+    let got = send(
+        bridge
+            .req(Method::POST, "/v1/devices/dev-1/messages")
+            .header(CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body("fine"),
+    )
+    .await;
+    assert_eq!(got.0, 200, "{}", got.1);
+    let (_, payload) = tokio::time::timeout(WAIT, dev.recv_down())
+        .await
+        .expect("in time")
+        .expect("DOWN");
+    assert_eq!(payload.as_ref(), b"fine");
+}
+
+/// `count` is documented as the sum of the instances' own totals: a device caught mid-takeover
+/// on two instances counts once per instance while `devices` lists it once (the newer session).
+#[tokio::test]
+async fn a_device_on_two_instances_is_listed_once_and_counted_by_each() {
+    use devgate_gateway::contract::{GatewayStats, SessionList, SessionSummary};
+    let nats = NatsServer::start();
+    let gw = start(&nats, "gw-1").await;
+    let (_dev, welcome) = device(&gw, "dev-1").await;
+    // "gw-old" still holds an older session of dev-1, as the losing side of a takeover does
+    // until it has closed it.
+    let old = nats.client().await;
+    let mut stats = old.subscribe(subjects::STATS).await.expect("sub");
+    let mut sessions = old
+        .subscribe(subjects::sessions("gw-old"))
+        .await
+        .expect("sub");
+    devgate_tests::nats::processed(&old).await;
+    let old_task = tokio::spawn(async move {
+        loop {
+            let (msg, body) = tokio::select! {
+                Some(msg) = stats.next() => {
+                    let body = serde_json::to_vec(&GatewayStats {
+                        instance: "gw-old".into(),
+                        advertise_addr: "127.0.0.1:9".into(),
+                        ready: true,
+                        draining: false,
+                        sessions: 1,
+                        started_ms: 1,
+                    });
+                    (msg, body)
+                }
+                Some(msg) = sessions.next() => {
+                    let body = serde_json::to_vec(&SessionList {
+                        instance: "gw-old".into(),
+                        total: 1,
+                        sessions: vec![SessionSummary {
+                            device_id: DeviceId::parse("dev-1").expect("id"),
+                            session: "old-session".into(),
+                            since_ms: 1,
+                            remote_addr: "127.0.0.1:9".into(),
+                        }],
+                        next_after: None,
+                    });
+                    (msg, body)
+                }
+                else => break,
+            };
+            let Some(reply) = msg.reply else { continue };
+            let body = body.expect("json");
+            let _ = old.publish(reply, body.into()).await;
+        }
+    });
+    let bridge = Bridge::start(&nats).await;
+
+    let (status, body) = bridge.get("/v1/devices").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["count"], 2, "{body}");
+    let devices = body["devices"].as_array().expect("devices");
+    assert_eq!(devices.len(), 1, "{body}");
+    assert_eq!(devices[0]["gateway"], "gw-1", "{body}");
+    assert_eq!(devices[0]["session"], welcome.session.as_str(), "{body}");
+    old_task.abort();
+}

@@ -354,3 +354,109 @@ async fn after_a_late_nats_connection_gateway_lists_wait_for_instances_not_yet_a
     }
     responder.abort();
 }
+
+#[tokio::test]
+async fn shutdown_does_not_wait_for_ever_on_a_tail_client_that_stopped_reading() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const ROUND: u64 = 20;
+    let nats = NatsServer::start();
+    let mut bridge = Bridge::start_with(devgate_bridge_api::config::Config {
+        // The drain after shutdown is the request cap plus a few seconds: a small cap here, so
+        // the test does not wait the default 65 s.
+        default_timeout_ms: 500,
+        request_timeout_ms: 1_000,
+        ..bridge_config(&nats)
+    })
+    .await;
+    let addr = bridge
+        .server
+        .as_ref()
+        .map(|s| s.addr())
+        .expect("bridge-api running");
+
+    // A raw client that reads the response head and then nothing more: its TCP window closes
+    // once the socket buffers are full (a small receive buffer makes that sooner).
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(16 * 1024).expect("SO_RCVBUF");
+    let mut client = socket.connect(addr).await.expect("connect");
+    client
+        .write_all(
+            format!(
+                "GET /v1/devices/-/messages HTTP/1.1\r\nHost: bridge\r\n\
+                 Authorization: Bearer {}\r\n\r\n",
+                common::TOKEN
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("write request");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let n = tokio::time::timeout(WAIT, client.read(&mut byte))
+            .await
+            .expect("response head in time")
+            .expect("read");
+        assert_eq!(n, 1, "closed before the response head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    // The head comes once the subscription is live: every uplink from now on reaches the tail.
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+
+    // Uplink until the stream takes nothing more: every message of several rounds in a row is
+    // dropped, so bridge-api can write no more to the client, whose socket buffers are full.
+    // (A drop alone does not show it: a burst can outrun a socket that still has room.)
+    let publisher = nats.client().await;
+    let subject = subjects::up(&devgate_gateway::contract::DeviceId::parse("chatty").expect("id"));
+    let chunk = bytes::Bytes::from("z".repeat(60_000));
+    let deadline = Instant::now() + WAIT;
+    let (mut sent, mut passed, mut stalled) = (0u64, None, 0);
+    while stalled < 3 {
+        for _ in 0..ROUND {
+            publisher
+                .publish(subject.clone(), chunk.clone())
+                .await
+                .expect("publish");
+        }
+        sent += ROUND;
+        publisher.flush().await.expect("flush");
+        let metrics = bridge.metrics_text().await;
+        let dropped = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("devgate_bridge_sse_dropped_events_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        // Messages not dropped: taken by the stream, or still on their way to the tail.
+        let now = sent.saturating_sub(dropped);
+        stalled = if passed.is_some_and(|before| now <= before) {
+            stalled + 1
+        } else {
+            0
+        };
+        passed = Some(now);
+        assert!(
+            Instant::now() < deadline,
+            "the tail still took uplink after {sent} messages of 60 KB ({dropped} dropped)"
+        );
+    }
+
+    bridge.shutdown.cancel();
+    let server = bridge.server.take().expect("bridge-api running");
+    let started = Instant::now();
+    tokio::time::timeout(WAIT, server.wait())
+        .await
+        .expect("shutdown must not wait for ever on a client that stopped reading")
+        .expect("server ends cleanly");
+    // Not cut at once either: the drain lasts at least the request cap, so that requests in
+    // flight at the signal get their answers.
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "the connection was closed after {:?}, before the request cap",
+        started.elapsed()
+    );
+    // The connection was closed: what the client reads now ends.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(WAIT, client.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the server kept the connection open");
+}

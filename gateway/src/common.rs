@@ -208,28 +208,57 @@ fn render_metrics(registry: &Registry) -> axum::response::Response {
 /// any authentication can run. hyper's own default, which it applies only when given a timer.
 pub const HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Serves `router` on `listener` until `shutdown`, letting in-flight requests finish, with
-/// [`HTTP_HEADER_TIMEOUT`].
+/// Longest an HTTP connection may stay open once shutdown has begun, on top of what its server
+/// needs to produce a response (nothing for the ops endpoints, which answer at once): ample to
+/// write out a response to a client that reads it, while a client that stopped reading (a zero
+/// TCP window under an SSE stream or a large response) cannot keep the process from exiting
+/// until it is killed. Hyper's graceful shutdown alone waits for the response to be written,
+/// however long that takes.
+pub const HTTP_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The time bounds of [`serve_http_with`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpTimeouts {
+    /// Longest a client may take to send a request's headers ([`HTTP_HEADER_TIMEOUT`]).
+    pub header: Duration,
+    /// How long after `shutdown` a connection may take to finish the request it is serving
+    /// before it is dropped (closed): [`HTTP_DRAIN_TIMEOUT`] for servers whose handlers answer
+    /// at once; a server whose requests may wait longer for their answer adds that wait.
+    pub drain: Duration,
+}
+
+impl Default for HttpTimeouts {
+    fn default() -> Self {
+        HttpTimeouts {
+            header: HTTP_HEADER_TIMEOUT,
+            drain: HTTP_DRAIN_TIMEOUT,
+        }
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown`, letting in-flight requests finish, with the
+/// default [`HttpTimeouts`].
 pub async fn serve_http(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    serve_http_with(listener, router, shutdown, HTTP_HEADER_TIMEOUT).await
+    serve_http_with(listener, router, shutdown, HttpTimeouts::default()).await
 }
 
-/// [`serve_http`] with a given header timeout.
+/// [`serve_http`] with given time bounds.
 ///
 /// HTTP/1.1 through hyper directly rather than `axum::serve`, which gives hyper no timer, so
 /// hyper's header read timeout never fires there. `TCP_NODELAY` is set on every connection: a
 /// small response written in two segments would otherwise wait for the client's delayed ACK
 /// (~40 ms per request). On `shutdown` the listener closes, each connection finishes the
-/// request it is serving (an SSE stream ends on the same signal) and closes.
+/// request it is serving (an SSE stream ends on the same signal) and closes; one still open
+/// `timeouts.drain` later is dropped, so a client that does not read cannot hold up the exit.
 pub async fn serve_http_with(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: CancellationToken,
-    header_timeout: Duration,
+    timeouts: HttpTimeouts,
 ) -> std::io::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
     use tower::{Service, ServiceExt};
@@ -265,7 +294,7 @@ pub async fn serve_http_with(
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout);
+                .header_read_timeout(timeouts.header);
             let connection = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
@@ -274,7 +303,21 @@ pub async fn serve_http_with(
                 result = connection.as_mut() => result,
                 () = shutdown.cancelled() => {
                     connection.as_mut().graceful_shutdown();
-                    connection.await
+                    match tokio::time::timeout(timeouts.drain, connection.as_mut()).await {
+                        Ok(result) => result,
+                        Err(_) => {
+                            // Dropping the connection closes the socket and whatever response
+                            // it was still writing.
+                            let drain_ms =
+                                u64::try_from(timeouts.drain.as_millis()).unwrap_or(u64::MAX);
+                            tracing::warn!(
+                                %remote,
+                                drain_ms,
+                                "HTTP connection still busy after the shutdown drain; closing it"
+                            );
+                            return;
+                        }
+                    }
                 }
             };
             if let Err(error) = result {
@@ -353,7 +396,16 @@ mod tests {
         let router = Router::new().route("/ok", get(|| async { "ok" }));
         let shutdown = CancellationToken::new();
         let timeout = Duration::from_millis(300);
-        let server = tokio::spawn(serve_http_with(listener, router, shutdown.clone(), timeout));
+        let timeouts = HttpTimeouts {
+            header: timeout,
+            ..HttpTimeouts::default()
+        };
+        let server = tokio::spawn(serve_http_with(
+            listener,
+            router,
+            shutdown.clone(),
+            timeouts,
+        ));
 
         // Headers that never end (slowloris), and a connection that says nothing.
         let start = tokio::time::Instant::now();
@@ -385,6 +437,94 @@ mod tests {
             .expect("the server stops")
             .expect("task")
             .expect("serve");
+    }
+
+    /// Reads a response head (through the blank line), and nothing of the body.
+    async fn read_head(stream: &mut tokio::net::TcpStream) -> String {
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte));
+            match read.await {
+                Ok(Ok(1)) => head.push(byte[0]),
+                other => panic!("no complete response head: {other:?}"),
+            }
+        }
+        String::from_utf8_lossy(&head).into_owned()
+    }
+
+    #[tokio::test]
+    async fn after_shutdown_connections_get_the_drain_period_then_are_closed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let started = Arc::new(tokio::sync::Notify::new());
+        let release = CancellationToken::new();
+        let router = Router::new()
+            // A response whose body never ends, as a stream whose client stopped reading never
+            // finishes being written.
+            .route(
+                "/endless",
+                get(|| async {
+                    axum::body::Body::from_stream(futures::stream::pending::<
+                        Result<bytes::Bytes, std::io::Error>,
+                    >())
+                }),
+            )
+            .route(
+                "/slow",
+                get({
+                    let (started, release) = (started.clone(), release.clone());
+                    move || async move {
+                        started.notify_one();
+                        release.cancelled().await;
+                        "slow"
+                    }
+                }),
+            );
+        let shutdown = CancellationToken::new();
+        let drain = Duration::from_millis(500);
+        let timeouts = HttpTimeouts {
+            drain,
+            ..HttpTimeouts::default()
+        };
+        let server = tokio::spawn(serve_http_with(
+            listener,
+            router,
+            shutdown.clone(),
+            timeouts,
+        ));
+
+        let mut endless = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        endless
+            .write_all(b"GET /endless HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let head = read_head(&mut endless).await;
+        assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+        let mut slow = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        slow.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        started.notified().await;
+
+        shutdown.cancel();
+        let cancelled = tokio::time::Instant::now();
+        // A request in flight at shutdown still gets its answer.
+        release.cancel();
+        let text = until_closed(&mut slow).await;
+        assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+        assert!(text.ends_with("slow"), "{text}");
+        // The response that never ends is cut at the drain bound, and the server stops.
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the server stops despite a response that never ends")
+            .expect("task")
+            .expect("serve");
+        let waited = cancelled.elapsed();
+        assert!(waited >= drain, "cut after {waited:?}, before the drain");
+        until_closed(&mut endless).await;
     }
 
     #[derive(Debug, thiserror::Error)]

@@ -195,7 +195,11 @@ pub struct DeviceEntry {
 /// A page of online devices, sorted by device id.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct DeviceList {
-    /// Online devices across all answering instances (not just this page).
+    /// Sessions held by the instances that answered, summed over them (not just this page).
+    /// Each instance reports its own total, so a device caught mid-takeover, briefly held by two
+    /// instances, counts twice here while `devices` lists it once; devices of
+    /// `unavailable_gateways` are not counted. An exact count of distinct devices would need
+    /// every instance's whole session list on every page.
     pub count: u64,
     /// This page.
     pub devices: Vec<DeviceEntry>,
@@ -291,6 +295,8 @@ pub async fn list_devices(
                 continue;
             }
         };
+        // The instance's own total, not deduplicated across instances (see `DeviceList::count`):
+        // exactness would cost every instance's whole list on every page.
         count += page.total;
         more |= page.next_after.is_some();
         for s in page.sessions {

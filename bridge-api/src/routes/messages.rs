@@ -121,6 +121,20 @@ fn nats_content_type(raw: &str) -> Result<HeaderValue, ApiError> {
     raw.parse().map_err(|_| bad())
 }
 
+/// A single send's `Content-Type` header as the NATS header value. HTTP lets a header carry
+/// bytes 0x80 and above (obs-text), which [`nats_content_type`] does not pass; such a value is
+/// refused with 400, as a bulk send's `content_type` is, rather than the message going out
+/// silently without its content type.
+fn request_content_type(value: &axum::http::HeaderValue) -> Result<HeaderValue, ApiError> {
+    let raw = value.to_str().map_err(|_| {
+        ApiError::BadRequest(format!(
+            "the Content-Type header {value:?} is not a valid NATS header value: only visible \
+             ASCII characters, spaces and tabs are allowed"
+        ))
+    })?;
+    nats_content_type(raw)
+}
+
 /// Delivers one message and interprets the gateway's answer. With `ack=none` the message is only
 /// published; flushing is left to the caller so a bulk send flushes once.
 async fn deliver(state: &AppState, d: Delivery<'_>) -> Result<(StatusCode, SendResult), ApiError> {
@@ -201,11 +215,11 @@ async fn flush(state: &AppState, timeout: Duration) -> Result<(), ApiError> {
     tag = "messages",
     params(("id" = String, Path, description = "Device id ([A-Za-z0-9_-], at most 128)"), SendQuery),
     request_body(content = Vec<u8>, content_type = "application/octet-stream",
-        description = "Any bytes, at most max_frame_len - 5; Content-Type travels as a NATS header"),
+        description = "Any bytes, at most max_frame_len - 5; Content-Type travels as a NATS header (visible ASCII, spaces and tabs only)"),
     responses(
         (status = 200, description = "Written to the device (`sent`) or acknowledged by it (`acked`)", body = SendResult),
         (status = 202, description = "`ack=none`: published, delivery unknown", body = SendResult),
-        (status = 400, description = "Bad device id or query", body = ErrorBody),
+        (status = 400, description = "Bad device id, query, or a Content-Type with anything but visible ASCII, spaces and tabs", body = ErrorBody),
         (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
         (status = 403, description = "`forbidden`: a read-only token (--api-read-token) may only GET", body = ErrorBody),
         (status = 404, description = "`device_offline`: no gateway holds the device", body = ErrorBody),
@@ -232,8 +246,7 @@ pub async fn send_to_device(
     check_payload(&state, payload.len())?;
     let content_type = http_headers
         .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(nats_content_type)
+        .map(request_content_type)
         .transpose()?;
     let ack = query.ack.unwrap_or_default();
     let (status, result) = deliver(
