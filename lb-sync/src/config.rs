@@ -55,6 +55,13 @@ pub struct Config {
     pub http_listen: SocketAddr,
     /// Name of the nginx upstream (and its shared memory zone).
     pub upstream_name: String,
+    /// Least size of the upstream's shared memory zone (an nginx size). lb-sync sizes the zone
+    /// from the number of servers (2 KiB each, measured at most 835 bytes with nginx 1.22,
+    /// rounded up to a power of two) and renders at least this. Raise it only for an nginx
+    /// whose servers need more (nginx then refuses the render with `no memory in upstream
+    /// zone`, and lb-sync's error names this setting), or on a system with 64k pages, where
+    /// nginx wants at least 512k.
+    pub upstream_zone_min_size: String,
     /// Send a PROXY protocol header to the gateways (they must run with `--proxy-protocol`).
     pub proxy_protocol: bool,
     /// nginx `proxy_timeout` in seconds; must exceed the gateway's idle timeout (3 x 30 s).
@@ -165,6 +172,7 @@ impl Default for Config {
             listen: r.listen,
             http_listen: SocketAddr::from(([0, 0, 0, 0], 9092)),
             upstream_name: r.upstream_name,
+            upstream_zone_min_size: crate::render::nginx_size(r.zone_min_bytes),
             proxy_protocol: r.proxy_protocol,
             proxy_timeout_s: r.proxy_timeout_s,
             proxy_connect_timeout_s: r.proxy_connect_timeout_s,
@@ -246,10 +254,17 @@ const DAY_MS: u64 = 24 * 60 * 60 * 1000;
 /// default of 1 refuses a certificate two CAs below the trusted one (tested).
 const DEFAULT_VERIFY_DEPTH: u32 = 3;
 
-/// nginx refuses a shared SSL session cache under 8 pages ("too small"): 32k with 4k pages.
-const MIN_SESSION_CACHE: u64 = 32 * 1024;
-/// A bound well above any sensible cache (1m holds about 4,000 sessions).
-const MAX_SESSION_CACHE: u64 = 1024 * 1024 * 1024;
+/// nginx refuses a shared memory zone (the SSL session cache, the upstream zone) under 8 pages
+/// ("too small"): 32k with 4k pages.
+const MIN_SHARED_ZONE: u64 = 32 * 1024;
+/// A bound well above any sensible zone (1m holds about 4,000 TLS sessions, or 500 upstream
+/// servers as lb-sync budgets them), beyond which a value is a typo.
+const MAX_SHARED_ZONE: u64 = 1024 * 1024 * 1024;
+
+/// Whether `s` is an nginx size nginx accepts for a shared memory zone.
+fn is_shared_zone_size(s: &str) -> bool {
+    nginx_size_bytes(s).is_some_and(|b| (MIN_SHARED_ZONE..=MAX_SHARED_ZONE).contains(&b))
+}
 
 /// Why a device TLS file path cannot go into nginx's config as it is, if it cannot. nginx
 /// resolves a relative path against its own prefix, not lb-sync's working directory (lb-sync
@@ -296,6 +311,12 @@ impl Validate for Config {
             problems.push(format!(
                 "upstream_name {:?} must be non-empty and only A-Z, a-z, 0-9, '_'",
                 self.upstream_name
+            ));
+        }
+        if !is_shared_zone_size(&self.upstream_zone_min_size) {
+            problems.push(format!(
+                "upstream_zone_min_size {:?} must be an nginx size from 32k to 1024m, such as 64k",
+                self.upstream_zone_min_size
             ));
         }
         if !is_nginx_size(&self.proxy_buffer_size) {
@@ -525,9 +546,7 @@ impl Config {
                 ));
             }
         }
-        if !nginx_size_bytes(&self.tls_session_cache)
-            .is_some_and(|b| (MIN_SESSION_CACHE..=MAX_SESSION_CACHE).contains(&b))
-        {
+        if !is_shared_zone_size(&self.tls_session_cache) {
             problems.push(format!(
                 "tls_session_cache {:?} must be an nginx size from 32k to 1024m, such as 10m",
                 self.tls_session_cache
@@ -600,6 +619,9 @@ impl Config {
     pub fn render_settings(&self) -> RenderSettings {
         RenderSettings {
             upstream_name: self.upstream_name.clone(),
+            // Validated at start; the default only stands in for a Config never validated.
+            zone_min_bytes: nginx_size_bytes(&self.upstream_zone_min_size)
+                .unwrap_or(crate::render::DEFAULT_ZONE_MIN_BYTES),
             listen: self.listen,
             proxy_protocol: self.proxy_protocol,
             proxy_timeout_s: self.proxy_timeout_s,
@@ -680,6 +702,11 @@ pub struct Cli {
     #[arg(long, env = "DEVGATE_UPSTREAM_NAME")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_name: Option<String>,
+    /// Least size of the upstream zone, 32k to 1024m; larger sets get 2 KiB per server,
+    /// rounded up to a power of two [default: 64k].
+    #[arg(long, env = "DEVGATE_UPSTREAM_ZONE_MIN_SIZE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_zone_min_size: Option<String>,
     /// Send the PROXY protocol to the gateways.
     #[arg(long, env = "DEVGATE_PROXY_PROTOCOL", num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -1193,6 +1220,27 @@ mod tests {
         args.extend(out_flag());
         let err = cli(&args).into_config().expect_err("not a size");
         assert!(err.to_string().contains("proxy_buffer_size"), "{err}");
+    }
+
+    #[test]
+    fn the_upstream_zone_floor_is_an_nginx_zone_size() {
+        let c = cli(&out_flag()).into_config().expect("defaults");
+        assert_eq!(c.upstream_zone_min_size, "64k");
+        assert_eq!(c.render_settings().zone_min_bytes, 64 * 1024);
+        let mut args = vec!["--upstream-zone-min-size", "8m"];
+        args.extend(out_flag());
+        let c = cli(&args).into_config().expect("larger floor");
+        assert_eq!(c.render_settings().zone_min_bytes, 8 * 1024 * 1024);
+        for bad in ["16k", "2048m", "lots", "0"] {
+            let mut args = vec!["--upstream-zone-min-size", bad];
+            args.extend(out_flag());
+            let err = cli(&args).into_config().expect_err(bad);
+            assert!(
+                err.to_string().contains("upstream_zone_min_size")
+                    && err.to_string().contains("32k to 1024m"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::endpoints::{DesiredSet, Snapshot};
 use crate::metrics::Metrics;
-use crate::render::{RenderSettings, render};
+use crate::render::{RenderSettings, nginx_size, render, zone_exhausted, zone_size};
 use crate::sink::{Sink, SinkError};
 use crate::source::SnapshotRx;
 
@@ -95,6 +95,34 @@ pub enum ReconcileError {
     /// The sink refused.
     #[error(transparent)]
     Sink(#[from] SinkError),
+    /// nginx refused the render because its upstream zone cannot hold the servers. The zone is
+    /// sized with room to spare for the nginx lb-sync was measured with ([`zone_size`]); an
+    /// nginx needing more per server keeps its last upstream until the floor is raised, and the
+    /// message says so rather than leaving a bare validation failure to decode.
+    #[error(
+        "nginx cannot hold {servers} servers in the upstream zone of {zone}: raise \
+         --upstream-zone-min-size (for example to {suggested})"
+    )]
+    ZoneTooSmall {
+        /// Servers in the refused render.
+        servers: usize,
+        /// The zone size rendered.
+        zone: String,
+        /// Twice the rendered zone: the next step.
+        suggested: String,
+        /// nginx's refusal.
+        #[source]
+        source: SinkError,
+    },
+}
+
+impl ReconcileError {
+    /// The `stage` label of the failure metric.
+    pub fn stage(&self) -> &'static str {
+        match self {
+            ReconcileError::Sink(e) | ReconcileError::ZoneTooSmall { source: e, .. } => e.stage(),
+        }
+    }
 }
 
 /// Retry delay after `failures` consecutive failures: 1 s doubling to 30 s. A broken render
@@ -243,6 +271,17 @@ async fn reconcile_with(
         if !matches!(error, SinkError::Validate(_)) {
             ctx.applied = None;
         }
+        if let SinkError::Validate(why) = &error
+            && zone_exhausted(why)
+        {
+            let zone = zone_size(set.len(), ctx.settings.zone_min_bytes);
+            return Err(ReconcileError::ZoneTooSmall {
+                servers: set.len(),
+                zone: nginx_size(zone),
+                suggested: nginx_size(zone.saturating_mul(2)),
+                source: error,
+            });
+        }
         return Err(error.into());
     }
     ctx.metrics.applies.inc();
@@ -336,8 +375,7 @@ pub async fn run(
                     Err(error) => {
                         failures = failures.saturating_add(1);
                         let backoff = error_policy(&error, failures);
-                        let ReconcileError::Sink(sink_error) = &error;
-                        ctx.metrics.failed(sink_error.stage());
+                        ctx.metrics.failed(error.stage());
                         let error = ErrorChain(&error).to_string();
                         tracing::error!(%error, retry_in_ms = backoff.as_millis() as u64, "apply failed");
                         ctx.status.set(false, Some(error));
@@ -600,6 +638,48 @@ mod tests {
             Outcome::Unchanged
         );
         assert_eq!(metrics.applies.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_zone_too_small_for_the_set_is_an_error_that_names_the_fix() {
+        use crate::endpoints::Endpoint;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let output = dir.path().join("upstream.conf");
+        std::fs::write(&output, "# what nginx accepted last\n").expect("last good");
+        // What nginx -t prints when the servers do not fit the zone (nginx 1.22.1, verbatim).
+        let validator = dir.path().join("nginx-t.sh");
+        std::fs::write(
+            &validator,
+            "#!/bin/sh\n\
+             echo 'nginx: [crit] ngx_slab_alloc() failed: no memory in upstream zone \
+             \"devgate_gateways\"' >&2\n\
+             echo 'nginx: configuration file /etc/nginx/nginx.conf test failed' >&2\n\
+             exit 1\n",
+        )
+        .expect("validator");
+        let validate = format!("sh {}", validator.display());
+        let mut ctx = file_context(&output, &validate, "true", Duration::from_secs(5));
+        let set: Vec<_> = (1..=3u8)
+            .map(|i| Endpoint::ready(([10, 0, 0, i], 7000).into()))
+            .collect();
+        let error = reconcile(&Snapshot::now(set), &mut ctx)
+            .await
+            .expect_err("nginx refuses");
+        assert_eq!(error.stage(), "validate");
+        let text = ErrorChain(&error).to_string();
+        for needle in [
+            "cannot hold 3 servers in the upstream zone of 64k",
+            "--upstream-zone-min-size (for example to 128k)",
+            "no memory in upstream zone",
+            "kept the last good configuration",
+        ] {
+            assert!(text.contains(needle), "{needle:?} missing from {text}");
+        }
+        assert_eq!(
+            std::fs::read_to_string(&output).expect("upstream file"),
+            "# what nginx accepted last\n"
+        );
     }
 
     #[tokio::test]

@@ -8,7 +8,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::endpoints::{DesiredSet, Snapshot};
+use crate::endpoints::{DesiredSet, EndpointState, Snapshot};
 
 /// Label of `endpoints_seen`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -20,9 +20,21 @@ pub struct StateLabel {
 /// Label of `failures_total`: which step failed.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct StageLabel {
-    /// `source`, `write`, `validate`, `reload`, `apply`.
+    /// One of [`STAGES`].
     pub stage: &'static str,
 }
+
+/// Every value of the `stage` label. Each series exists from start-up at 0, so a first failure
+/// is an increase that `increase()`/`rate()` see (a series born at 1 looks unchanged to them)
+/// and an alert may name a stage before it ever failed.
+pub const STAGES: [&str; 6] = [
+    "source",
+    "write",
+    "validate",
+    "reload",
+    "apply",
+    "tls_files",
+];
 
 /// Every lb-sync metric; cheap to clone handles are shared by the source, controller and sink.
 #[derive(Debug, Clone)]
@@ -45,13 +57,15 @@ pub struct Metrics {
     pub failures: Family<StageLabel, Counter>,
     /// Seconds from the source observing a change to the change being applied.
     pub change_to_applied: Histogram,
-    /// 1 while the source is connected to its backend (NATS, Kubernetes API).
+    /// 1 while the source is connected to its backend: NATS connected; for the Kubernetes API,
+    /// from each complete list until a list or watch fails (after a failure lb-sync lists
+    /// again, so the gauge comes back without waiting for a slice to change).
     pub source_connected: Gauge,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics {
+        let metrics = Metrics {
             endpoints_seen: Family::default(),
             servers_in_rotation: Gauge::default(),
             snapshots: Counter::default(),
@@ -62,7 +76,20 @@ impl Default for Metrics {
             failures: Family::default(),
             change_to_applied: Histogram::new(exponential_buckets(0.01, 2.0, 12)),
             source_connected: Gauge::default(),
+        };
+        for stage in STAGES {
+            let _created = metrics.failures.get_or_create(&StageLabel { stage });
         }
+        for state in [
+            EndpointState::Ready,
+            EndpointState::NotReady,
+            EndpointState::Terminating,
+        ] {
+            let _created = metrics.endpoints_seen.get_or_create(&StateLabel {
+                state: state.as_str(),
+            });
+        }
+        metrics
     }
 }
 
@@ -105,13 +132,15 @@ impl Metrics {
         );
         r.register(
             "source_connected",
-            "1 while the source is connected to its backend",
+            "1 while the source is connected to its backend (Kubernetes: from a complete list \
+             until a list or watch fails)",
             self.source_connected.clone(),
         );
     }
 
-    /// Counts a failure of `stage`.
+    /// Counts a failure of `stage` (one of [`STAGES`]).
     pub fn failed(&self, stage: &'static str) {
+        debug_assert!(STAGES.contains(&stage), "stage {stage} is not in STAGES");
         self.failures.get_or_create(&StageLabel { stage }).inc();
     }
 
@@ -136,5 +165,26 @@ impl Metrics {
     pub fn applied(&self, set: &DesiredSet) {
         self.servers_in_rotation
             .set(i64::try_from(set.len()).unwrap_or(i64::MAX));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_failure_stage_and_endpoint_state_is_exported_from_the_start() {
+        let mut registry = Registry::default();
+        Metrics::default().register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        for stage in STAGES {
+            let line = format!("devgate_lb_sync_failures_total{{stage=\"{stage}\"}} 0");
+            assert!(text.contains(&line), "{line} missing in:\n{text}");
+        }
+        for state in ["ready", "not_ready", "terminating"] {
+            let line = format!("devgate_lb_sync_endpoints_seen{{state=\"{state}\"}} 0");
+            assert!(text.contains(&line), "{line} missing in:\n{text}");
+        }
     }
 }

@@ -8,10 +8,79 @@ use std::path::PathBuf;
 
 use crate::endpoints::DesiredSet;
 
-/// Size of the shared memory zone holding the upstream's run-time state. With a zone, every
-/// nginx worker sees the same connection counts, which is what makes `least_conn` balance across
-/// workers instead of per worker; 64k holds several hundred servers.
-pub const ZONE_SIZE: &str = "64k";
+/// Zone memory budgeted per upstream server. The zone holds the upstream's run-time state:
+/// with it every nginx worker sees the same connection counts, which is what makes `least_conn`
+/// balance across workers instead of per worker. It must hold every server, or nginx refuses
+/// the whole configuration (`ngx_slab_alloc() failed: no memory in upstream zone`), so a
+/// fixed size (the 64k lb-sync once rendered held 63 or 64 servers) freezes the upstream as
+/// soon as the fleet outgrows it.
+///
+/// Measured with `nginx -t` (nginx 1.22.1, Debian, built `--with-compat`): a server costs four
+/// slab allocations in the zone, its peer (a 512-byte slot), its sockaddr and its name (128
+/// each) and its `server` text (16 to 64), 788 bytes for IPv4 and up to 835 for the longest
+/// IPv6 address with the slab's page overhead (1000 servers: 780k IPv4, 828k IPv6; 5000: 3860k
+/// and 4100k). 2 KiB is 2.4 times that, so a later nginx whose peer grows into the next slab
+/// slot (1024 bytes, about 1.3 KiB a server) still fits. Zone memory nobody writes is never
+/// touched, so the over-provisioning costs address space, not RAM.
+pub const ZONE_BYTES_PER_SERVER: u64 = 2048;
+
+/// Zone memory besides the servers: the slab pool's header and a first page per slot size.
+/// nginx refuses a zone under 8 pages ("zone is too small"), 32k with 4k pages; 32k holds 16
+/// to 24 servers (measured), the rest goes to pages that each slot size takes for itself.
+pub const ZONE_BASE_BYTES: u64 = 32 * 1024;
+
+/// Default least zone size (`--upstream-zone-min-size`): the fixed 64k lb-sync rendered before
+/// it sized the zone, so the text for up to 16 servers stays byte for byte what it was, and an
+/// upgrade reloads no nginx that had nothing to gain.
+pub const DEFAULT_ZONE_MIN_BYTES: u64 = 64 * 1024;
+
+/// The upstream zone size for `servers` servers (the `down` placeholder counts as one): the
+/// [`ZONE_BASE_BYTES`] plus [`ZONE_BYTES_PER_SERVER`] for each, rounded up to a power of two,
+/// and at least `min_bytes`.
+///
+/// Sized from the count, because no fixed size is both small for ten gateways and enough for
+/// thousands, and an operator cannot be expected to resize it as the fleet grows. nginx
+/// creates a fresh upstream zone at every reload (upstream zones are never reused across
+/// configurations), so a changed size reloads like any other change: tested with nginx 1.22.1
+/// going from 64k to 1m and back, connections held open by old workers keep working, and
+/// "conflicts with already declared size" only concerns two `zone` lines of one
+/// configuration. The power-of-two steps keep the line unchanged while the fleet moves within
+/// a step, so a diff of the rendered file shows the servers that changed, and leave at least
+/// the budget's headroom right after each step.
+pub fn zone_size(servers: usize, min_bytes: u64) -> u64 {
+    let servers = u64::try_from(servers.max(1)).unwrap_or(u64::MAX);
+    let need = servers
+        .saturating_mul(ZONE_BYTES_PER_SERVER)
+        .saturating_add(ZONE_BASE_BYTES);
+    need.checked_next_power_of_two()
+        .unwrap_or(need)
+        .max(min_bytes)
+}
+
+/// `bytes` as an nginx size: `m` or `k` when it divides evenly, else plain bytes.
+pub fn nginx_size(bytes: u64) -> String {
+    const K: u64 = 1024;
+    const M: u64 = 1024 * 1024;
+    if bytes >= M && bytes.is_multiple_of(M) {
+        format!("{}m", bytes / M)
+    } else if bytes >= K && bytes.is_multiple_of(K) {
+        format!("{}k", bytes / K)
+    } else {
+        bytes.to_string()
+    }
+}
+
+/// Whether nginx's output says the upstream zone could not hold the configuration: out of
+/// memory while copying the servers in, or a zone under nginx's minimum of 8 pages (a system
+/// with 64k pages needs 512k).
+pub fn zone_exhausted(nginx_output: &str) -> bool {
+    nginx_output.lines().any(|line| {
+        line.contains("no memory in upstream zone")
+            || line
+                .split_once("zone \"")
+                .is_some_and(|(_, rest)| rest.contains("\" is too small"))
+    })
+}
 
 /// Destination of the placeholder server rendered when no instance is ready. nginx refuses an
 /// upstream without servers, so the empty set renders this one server marked `down`: the
@@ -24,6 +93,8 @@ pub const PLACEHOLDER: &str = "127.0.0.1:1";
 pub struct RenderSettings {
     /// Upstream (and zone) name.
     pub upstream_name: String,
+    /// Least size of the upstream zone, bytes; larger sets get more ([`zone_size`]).
+    pub zone_min_bytes: u64,
     /// Address nginx listens on for devices.
     pub listen: SocketAddr,
     /// Send a PROXY protocol header to the gateways so they see the device's real address.
@@ -84,6 +155,7 @@ impl Default for RenderSettings {
     fn default() -> Self {
         RenderSettings {
             upstream_name: "devgate_gateways".into(),
+            zone_min_bytes: DEFAULT_ZONE_MIN_BYTES,
             listen: SocketAddr::from(([0, 0, 0, 0], 7000)),
             proxy_protocol: false,
             proxy_timeout_s: 120,
@@ -107,7 +179,8 @@ pub fn render(set: &DesiredSet, s: &RenderSettings) -> String {
     );
     let name = &s.upstream_name;
     let _ = writeln!(out, "upstream {name} {{");
-    let _ = writeln!(out, "    zone {name} {ZONE_SIZE};");
+    let zone = nginx_size(zone_size(set.len(), s.zone_min_bytes));
+    let _ = writeln!(out, "    zone {name} {zone};");
     let _ = writeln!(out, "    least_conn;");
     if set.is_empty() {
         let _ = writeln!(
@@ -265,6 +338,7 @@ mod tests {
     fn settings_shape_the_server_block() {
         let settings = RenderSettings {
             upstream_name: "edge".into(),
+            zone_min_bytes: DEFAULT_ZONE_MIN_BYTES,
             listen: "127.0.0.1:17000".parse().expect("addr"),
             proxy_protocol: true,
             proxy_timeout_s: 300,
@@ -331,6 +405,97 @@ mod tests {
             )
         };
         assert_ne!(text(tls(None)), text(renewed));
+    }
+
+    #[test]
+    fn the_zone_grows_with_the_set_in_powers_of_two() {
+        const K: u64 = 1024;
+        let min = DEFAULT_ZONE_MIN_BYTES;
+        // (servers, zone): 2 KiB a server and 32 KiB more, rounded up to a power of two.
+        for (servers, zone) in [
+            (0, 64 * K),
+            (1, 64 * K),
+            (16, 64 * K),
+            (17, 128 * K),
+            (64, 256 * K),
+            (65, 256 * K),
+            (100, 256 * K),
+            (500, 2048 * K),
+            (1000, 2048 * K),
+            (2000, 4096 * K),
+            (5000, 16384 * K),
+        ] {
+            assert_eq!(zone_size(servers, min), zone, "{servers} servers");
+        }
+        for servers in [1, 10, 100, 1000, 10_000, 100_000] {
+            let zone = zone_size(servers, min);
+            assert!(zone.is_power_of_two(), "{servers}: {zone}");
+            // At least the budget: 2.4 times the most nginx 1.22 was measured to need.
+            assert!(
+                zone >= ZONE_BASE_BYTES + servers as u64 * ZONE_BYTES_PER_SERVER,
+                "{servers}: {zone}"
+            );
+            assert!(zone >= ZONE_BASE_BYTES + servers as u64 * 835);
+        }
+        // The floor wins while it is larger; the count wins beyond it.
+        assert_eq!(zone_size(10, 3 * 1024 * K), 3 * 1024 * K);
+        assert_eq!(zone_size(2000, 3 * 1024 * K), 4096 * K);
+        assert_eq!(
+            zone_size(usize::MAX, min),
+            u64::MAX,
+            "saturates, no overflow"
+        );
+    }
+
+    #[test]
+    fn zone_sizes_are_written_as_nginx_sizes() {
+        assert_eq!(nginx_size(64 * 1024), "64k");
+        assert_eq!(nginx_size(512 * 1024), "512k");
+        assert_eq!(nginx_size(1024 * 1024), "1m");
+        assert_eq!(nginx_size(16 * 1024 * 1024), "16m");
+        assert_eq!(nginx_size(1536 * 1024), "1536k");
+        assert_eq!(nginx_size(1000), "1000");
+    }
+
+    #[test]
+    fn nginx_refusals_for_lack_of_zone_memory_are_recognised() {
+        assert!(zone_exhausted(
+            "nginx: [crit] ngx_slab_alloc() failed: no memory in upstream zone \"devgate_gateways\""
+        ));
+        assert!(zone_exhausted(
+            "nginx: [emerg] zone \"devgate_gateways\" is too small in /etc/nginx/stream.d/x.conf:4"
+        ));
+        assert!(!zone_exhausted(
+            "nginx: [emerg] duplicate upstream \"devgate_gateways\" in /etc/nginx/x.conf:3"
+        ));
+    }
+
+    #[test]
+    fn a_set_beyond_the_old_64k_gets_a_larger_zone() {
+        // 100 servers, half IPv6: more than the 64 that 64k held (golden checked by nginx -t in
+        // tests/nginx_static.rs).
+        let eps: Vec<_> = (0..50u16)
+            .flat_map(|i| {
+                [
+                    ep(
+                        &format!("10.0.{}.{}:7000", i / 250, i % 250 + 1),
+                        EndpointState::Ready,
+                        None,
+                    ),
+                    ep(
+                        &format!("[fd00::{:x}]:7000", i + 1),
+                        EndpointState::Ready,
+                        None,
+                    ),
+                ]
+            })
+            .collect();
+        let text = render(
+            &DesiredSet::from_endpoints(&eps),
+            &RenderSettings::default(),
+        );
+        assert!(text.contains("    zone devgate_gateways 256k;\n"), "{text}");
+        golden("hundred_servers.conf", &text);
     }
 
     #[test]

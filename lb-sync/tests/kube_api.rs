@@ -17,7 +17,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch};
-use common::{http_get, wait_for};
+use common::{http_get, metric, wait_for};
 use devgate_lb_sync::config::{Config, SinkKind, SourceKind};
 use devgate_lb_sync::sink::configmap::FIELD_MANAGER;
 use serde_json::{Value, json};
@@ -62,6 +62,10 @@ struct ApiState {
     watchers: Vec<mpsc::Sender<String>>,
     /// Lists answered with 503 before the API "comes up".
     failing_lists: usize,
+    /// Statuses the next watch requests are answered with, in order, before watches work.
+    failing_watches: std::collections::VecDeque<StatusCode>,
+    /// Watch requests answered with an error status.
+    refused_watches: usize,
     applies: Vec<Apply>,
     /// The number of applies so far, for tests that await the next one.
     apply_count: tokio::sync::watch::Sender<usize>,
@@ -337,6 +341,10 @@ async fn list_or_watch(
     );
     let mut s = state.lock().expect("state");
     if q.get("watch").map(String::as_str) == Some("true") {
+        if let Some(code) = s.failing_watches.pop_front() {
+            s.refused_watches += 1;
+            return failure(code);
+        }
         s.watches.push(q);
         let (tx, mut rx) = mpsc::channel::<String>(64);
         s.watchers.push(tx);
@@ -352,9 +360,7 @@ async fn list_or_watch(
     s.lists.push(q);
     if s.failing_lists > 0 {
         s.failing_lists -= 1;
-        let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": "etcd unavailable", "reason": "ServiceUnavailable", "code": 503});
-        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(status)).into_response();
+        return failure(StatusCode::SERVICE_UNAVAILABLE);
     }
     axum::Json(json!({
         "apiVersion": "discovery.k8s.io/v1",
@@ -363,6 +369,13 @@ async fn list_or_watch(
         "items": s.slices.values().cloned().collect::<Vec<_>>(),
     }))
     .into_response()
+}
+
+/// An API server's failure Status with `code`.
+fn failure(code: StatusCode) -> Response {
+    let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": "etcd unavailable", "reason": code.canonical_reason(), "code": code.as_u16()});
+    (code, axum::Json(status)).into_response()
 }
 
 async fn apply(
@@ -532,9 +545,89 @@ async fn endpoint_slices_follow_watch_restarts_and_resyncs_into_the_configmap() 
         "{metrics}"
     );
     assert!(
-        metrics.contains("devgate_lb_sync_failures_total{stage=\"source\"}"),
+        metrics.lines().any(|l| {
+            l.starts_with("devgate_lb_sync_failures_total{stage=\"source\"}") && !l.ends_with(" 0")
+        }),
         "410 counted: {metrics}"
     );
+    lb.shutdown().await;
+}
+
+/// `source_connected` says whether lb-sync follows the API. kube-runtime's watcher resumes a
+/// failed watch without emitting anything, so a gauge set only by events stayed 0 after one
+/// refused watch until the next slice change: on a quiet fleet, an alert firing for nothing.
+#[tokio::test]
+async fn source_connected_returns_to_1_after_a_failed_watch() {
+    devgate_tests::init_logs();
+    let api = FakeApi::start(0).await;
+    api.put("gw-a", &[("10.0.0.1", true, false)]);
+    let lb = devgate_lb_sync::start(config(&api), CancellationToken::new())
+        .await
+        .expect("lb-sync starts");
+    let ops = lb.http_addr();
+    let connected = || async { metric(ops, "devgate_lb_sync_source_connected").await };
+    let failures =
+        || async { metric(ops, "devgate_lb_sync_failures_total{stage=\"source\"}").await };
+    api.wait_apply("first apply", |s| s.contains("server 10.0.0.1:7000"))
+        .await;
+    let watch = |n: usize| {
+        let api = api.clone();
+        async move {
+            wait_for(Duration::from_secs(10), "a watch", || async {
+                (api.watch_count() >= n).then_some(())
+            })
+            .await
+        }
+    };
+    watch(1).await;
+    assert_eq!(connected().await, Some(1.0));
+
+    // A 503 never reaches lb-sync: kube's client retries 429, 503 and 504 itself.
+    api.lock()
+        .failing_watches
+        .push_back(StatusCode::SERVICE_UNAVAILABLE);
+    api.end_watches();
+    watch(2).await;
+    assert_eq!(api.lock().refused_watches, 1);
+    assert_eq!(failures().await, Some(0.0), "no failure surfaced");
+    assert_eq!(connected().await, Some(1.0));
+
+    // A 500 does: the watch fails, and lb-sync lists again.
+    let (lists, applies) = (api.list_count(), api.applies().len());
+    api.lock()
+        .failing_watches
+        .push_back(StatusCode::INTERNAL_SERVER_ERROR);
+    api.end_watches();
+    wait_for(
+        Duration::from_secs(10),
+        "the failed watch counted",
+        || async { (failures().await == Some(1.0)).then_some(()) },
+    )
+    .await;
+    assert_eq!(api.lock().refused_watches, 2);
+    // Nothing in the fleet changes, and still the gauge comes back.
+    wait_for(
+        Duration::from_secs(10),
+        "source_connected back to 1",
+        || async { (connected().await == Some(1.0)).then_some(()) },
+    )
+    .await;
+    assert_eq!(api.list_count(), lists + 1, "one relist after the failure");
+    watch(3).await;
+    assert_eq!(
+        api.applies().len(),
+        applies,
+        "the unchanged set is not applied again"
+    );
+    // And the new watch delivers changes.
+    let obj = api.put(
+        "gw-a",
+        &[("10.0.0.1", true, false), ("10.0.0.2", true, false)],
+    );
+    api.event("MODIFIED", obj);
+    api.wait_apply("10.0.0.2 ready", |s| s.contains("server 10.0.0.2:7000"))
+        .await;
+    assert_eq!(connected().await, Some(1.0));
     lb.shutdown().await;
 }
 

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::{Device, EchoGateway, file_config, http_get, wait_for};
 use devgate_lb_sync::config::{Config, SourceKind};
-use devgate_lb_sync::endpoints::DesiredSet;
-use devgate_lb_sync::render::{RenderSettings, render};
+use devgate_lb_sync::endpoints::{DesiredSet, Endpoint, EndpointState};
+use devgate_lb_sync::render::{RenderSettings, nginx_size, render, zone_exhausted, zone_size};
 use devgate_tests::nginx::{Nginx, placeholder_stream};
 use tokio_util::sync::CancellationToken;
 
@@ -60,6 +60,106 @@ fn golden_files_are_valid_nginx() {
         !validate(&nginx).status.success(),
         "nginx accepted an empty upstream"
     );
+}
+
+/// `n` ready servers: IPv4 addresses, or IPv6 addresses of the greatest text length (the
+/// `server` text is the one per-server allocation in the zone that grows with the address).
+fn servers(n: usize, v6: bool) -> DesiredSet {
+    let eps: Vec<_> = (0..n)
+        .map(|i| {
+            let i = u32::try_from(i)
+                .ok()
+                .filter(|i| *i < 1 << 16)
+                .expect("few servers");
+            let addr: std::net::SocketAddr = if v6 {
+                let ip = std::net::Ipv6Addr::new(
+                    0xfd00,
+                    0xffff,
+                    0xffff,
+                    0xffff,
+                    0xffff,
+                    0xffff,
+                    0xf000 | (i >> 12) as u16,
+                    0xf000 | (i & 0x0fff) as u16,
+                );
+                (ip, 65535).into()
+            } else {
+                (std::net::Ipv4Addr::from(0x0a00_0000 | i), 7000).into()
+            };
+            Endpoint {
+                addr,
+                state: EndpointState::Ready,
+                weight: Some(100),
+            }
+        })
+        .collect();
+    DesiredSet::from_endpoints(&eps)
+}
+
+/// The zone lb-sync renders holds every set size nginx will see: a fixed 64k held 64 servers
+/// at most, so 65 or more failed `nginx -t` forever and froze the upstream.
+#[test]
+fn the_upstream_zone_holds_hundreds_and_thousands_of_servers() {
+    let nginx = Nginx::start(placeholder_stream);
+    let settings = RenderSettings::default();
+    for n in [1, 16, 17, 64, 65, 500, 2000, 5000] {
+        for v6 in [false, true] {
+            let set = servers(n, v6);
+            assert_eq!(set.len(), n);
+            let text = render(&set, &settings);
+            let zone = nginx_size(zone_size(n, settings.zone_min_bytes));
+            assert!(text.contains(&format!(" {zone};\n")), "{n}: zone {zone}");
+            std::fs::write(nginx.upstream_path(), &text).expect("write render");
+            let out = validate(&nginx);
+            assert!(
+                out.status.success(),
+                "{n} servers (IPv6: {v6}) in zone {zone} rejected by nginx -t: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    // The old fixed zone: nginx refuses 500 servers, and lb-sync recognises why.
+    let text = render(&servers(500, false), &settings);
+    let old = text.replace(" zone devgate_gateways 2m;", " zone devgate_gateways 64k;");
+    assert_ne!(old, text, "the render sized its zone at 2m");
+    std::fs::write(nginx.upstream_path(), old).expect("write 64k render");
+    let out = validate(&nginx);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "64k held 500 servers?");
+    assert!(zone_exhausted(&stderr), "not recognised: {stderr}");
+}
+
+#[tokio::test]
+async fn a_static_list_of_500_gateways_is_applied() {
+    let nginx = Nginx::start(placeholder_stream);
+    let config = Config {
+        source: SourceKind::Static,
+        static_endpoints: servers(500, false)
+            .servers()
+            .map(|(addr, _)| addr.to_string())
+            .collect(),
+        ..file_config(&nginx)
+    };
+    config.validate().expect("valid config");
+    let lb = devgate_lb_sync::start(config, CancellationToken::new())
+        .await
+        .expect("lb-sync starts");
+    wait_for(Duration::from_secs(10), "readiness", || async {
+        let (status, body) = http_get(lb.http_addr(), "/readyz").await;
+        assert!(!body.contains("failed"), "{body}");
+        (status == 200).then_some(())
+    })
+    .await;
+    let text = std::fs::read_to_string(nginx.upstream_path()).expect("upstream written");
+    assert!(text.contains("    zone devgate_gateways 2m;\n"), "{text}");
+    assert_eq!(text.matches("    server 10.").count(), 500);
+    let (_, metrics) = http_get(lb.http_addr(), "/metrics").await;
+    assert!(
+        metrics.contains("devgate_lb_sync_servers_in_rotation 500"),
+        "{metrics}"
+    );
+    assert_eq!(common::settled_reloads(lb.http_addr(), &nginx, 1).await, 1);
+    lb.shutdown().await;
 }
 
 #[test]
@@ -168,7 +268,10 @@ async fn nginx_refusing_the_render_keeps_the_last_good_file_and_reports() {
     assert!(body.contains("duplicate upstream"), "{body}");
     let (_, metrics) = http_get(lb.http_addr(), "/metrics").await;
     assert!(
-        metrics.contains("devgate_lb_sync_failures_total{stage=\"validate\"}"),
+        metrics.lines().any(|l| {
+            l.starts_with("devgate_lb_sync_failures_total{stage=\"validate\"}")
+                && !l.ends_with(" 0")
+        }),
         "{metrics}"
     );
     assert_eq!(

@@ -1,19 +1,22 @@
 //! The Kubernetes source: the EndpointSlices of the gateway Service (label
 //! `kubernetes.io/service-name`), followed with kube-runtime's watcher.
 //!
-//! The watcher lists, then watches; on a lost watch it resumes, and on `410 Gone` it lists
-//! again. Its events are folded into a [`SliceSet`], which publishes only at points where it
-//! holds the complete set: after each full list (`InitDone`) and after every later change.
-//! During a (re)list nothing is published, so an upstream is never built from half a list.
+//! The watcher lists, then watches; when the API server ends a watch it resumes from the last
+//! version. After a failed list or watch lb-sync starts a new watcher, which lists again (see
+//! [`KubeSource::run`] for why). Its events are folded into a [`SliceSet`], which publishes
+//! only at points where it holds the complete set: after each full list (`InitDone`) and after
+//! every later change. During a (re)list nothing is published, so an upstream is never built
+//! from half a list.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use devgate_gateway::common::ErrorChain;
 use futures::StreamExt;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use tokio_util::sync::CancellationToken;
 
 use super::{SnapshotTx, publish};
@@ -178,8 +181,15 @@ impl KubeSource {
         }
     }
 
-    /// Follows the slices until `shutdown`. Watch errors are logged and counted; the watcher
-    /// retries them with its default backoff.
+    /// Follows the slices until `shutdown`. A failed list or watch is logged and counted, sets
+    /// `source_connected` to 0, and after a backoff a new watcher lists again;
+    /// `source_connected` is 1 again once a list completes.
+    ///
+    /// Why a new watcher instead of kube-runtime's own retry: a watcher that resumes a watch
+    /// after a failure emits nothing until the next slice changes, so nothing would tell that
+    /// the API answers again, and `source_connected` would stay 0 for as long as the fleet is
+    /// quiet (an alert fires on it). A list of one Service's slices is a small request, made
+    /// once per failure, and it also proves the API answers with the complete set.
     pub async fn run(
         self,
         tx: SnapshotTx,
@@ -188,43 +198,60 @@ impl KubeSource {
         shutdown: CancellationToken,
     ) {
         let selector = format!("{SERVICE_NAME_LABEL}={}", self.service);
-        let stream =
-            watcher(self.api, watcher::Config::default().labels(&selector)).default_backoff();
-        let mut stream = std::pin::pin!(stream);
         let mut set = SliceSet::default();
         let mut last_sent = None;
+        // kube-runtime's own retry policy, as before: 0.8 s doubling to 30 s with jitter, from
+        // the start again after 2 quiet minutes. The doubling matters when the list works and
+        // the watch keeps failing (RBAC without `watch`, say): each round is a list.
+        let mut backoff = watcher::DefaultBackoff::default();
         loop {
-            let event = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                event = stream.next() => event,
+            let stream = watcher(
+                self.api.clone(),
+                watcher::Config::default().labels(&selector),
+            );
+            let mut stream = std::pin::pin!(stream);
+            let failed = loop {
+                let event = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    event = stream.next() => event,
+                };
+                match event {
+                    Some(Ok(event)) => {
+                        if matches!(event, watcher::Event::Init) {
+                            // Emitted before each (re)list is even sent: no proof the API
+                            // answered, so the last failure stays readable in `/readyz`
+                            // meanwhile, and `source_connected` stays as it is.
+                            tracing::debug!(service = %self.service, "listing EndpointSlices");
+                        } else {
+                            status.source_error(None);
+                        }
+                        if set.apply(event, &self.port_name) {
+                            metrics.source_connected.set(1);
+                            publish(&tx, &mut last_sent, set.endpoints(), &metrics);
+                        }
+                    }
+                    Some(Err(error)) => break ErrorChain(&error).to_string(),
+                    None => {
+                        tracing::error!("EndpointSlice watcher ended");
+                        shutdown.cancelled().await;
+                        return;
+                    }
+                }
             };
-            match event {
-                Some(Ok(event)) => {
-                    if matches!(event, watcher::Event::Init) {
-                        // Emitted before each (re)list is even sent: no proof the API answered,
-                        // so the last failure stays readable in `/readyz` meanwhile.
-                        tracing::debug!(service = %self.service, "listing EndpointSlices");
-                    } else {
-                        status.source_error(None);
-                    }
-                    if set.apply(event, &self.port_name) {
-                        metrics.source_connected.set(1);
-                        publish(&tx, &mut last_sent, set.endpoints(), &metrics);
-                    }
-                }
-                Some(Err(error)) => {
-                    let error = ErrorChain(&error).to_string();
-                    tracing::warn!(service = %self.service, %error, "EndpointSlice watch failed; retrying");
-                    // The reason before the count: whoever sees the count can read why.
-                    status.source_error(Some(error));
-                    metrics.failed("source");
-                    metrics.source_connected.set(0);
-                }
-                None => {
-                    tracing::error!("EndpointSlice watcher ended");
-                    shutdown.cancelled().await;
-                    break;
-                }
+            let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+            tracing::warn!(
+                service = %self.service,
+                error = %failed,
+                retry_in_ms = delay.as_millis() as u64,
+                "EndpointSlice list or watch failed; listing again"
+            );
+            // The reason before the count: whoever sees the count can read why.
+            status.source_error(Some(failed));
+            metrics.failed("source");
+            metrics.source_connected.set(0);
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
             }
         }
     }
