@@ -188,10 +188,10 @@ async fn watch(shared: Arc<Shared>, path: PathBuf, loaded: Vec<u8>) {
         };
         failing = false;
         let step = reload.step(&path, bytes, &shared.denylist.snapshot());
-        shared
-            .metrics
-            .denylist_stale
-            .set(i64::from(matches!(step, Step::Refused(_) | Step::StillRefused)));
+        shared.metrics.denylist_stale.set(i64::from(matches!(
+            step,
+            Step::Refused(_) | Step::StillRefused
+        )));
         match step {
             Step::Unchanged | Step::StillRefused => {}
             Step::Refused(error) => {

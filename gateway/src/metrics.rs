@@ -86,10 +86,11 @@ pub enum Uplink {
     Published,
     /// Confirmed to the device after NATS accepted it.
     Acked,
-    /// NATS acceptance could not be proven (reconnect, timeout): not ACKed, the device resends.
+    /// An UP with a `seq` whose acceptance by NATS could not be proven (reconnect, timeout, or
+    /// not handed over at all): not ACKed, the device resends it. Nothing is lost.
     Unconfirmed,
-    /// Not handed to NATS: the connection dropped at that moment. A plain UP is lost
-    /// (at-most-once); one with a `seq` is not ACKed and the device resends it.
+    /// A plain UP (no `seq`) not handed to NATS because the connection dropped at that moment:
+    /// lost (at-most-once). Kept apart from `Unconfirmed` so that an alert on it means loss.
     Dropped,
 }
 

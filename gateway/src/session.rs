@@ -1616,8 +1616,13 @@ impl Session {
                     }
                     Err(error) => {
                         // NATS dropped this very moment (reading stops as the session sees it):
-                        // no ACK for this UP, so a device that asked for one resends it.
-                        self.shared.metrics.uplink(Uplink::Dropped);
+                        // no ACK for this UP, so a device that asked for one resends it; a
+                        // plain one is lost.
+                        self.shared.metrics.uplink(if seq == 0 {
+                            Uplink::Dropped
+                        } else {
+                            Uplink::Unconfirmed
+                        });
                         tracing::debug!(device_id = %self.id, seq, %error, "uplink not handed to NATS");
                         return Ok(());
                     }

@@ -4,6 +4,7 @@
 pub mod bins;
 pub mod cut;
 pub mod gateway;
+pub mod helm;
 pub mod nats;
 pub mod nginx;
 

@@ -16,167 +16,17 @@ use std::process::{Command, Output};
 use serde_json::{Value, json};
 
 use devgate_tests::bins::{installed_tool, tool, workspace_root};
+use devgate_tests::helm::{
+    Combo, NAMESPACE, RELEASE, assert_refused, chart, combo, combos, full, helm_bin, kind, one,
+    parse, render, run, template, text, try_template, try_template_of, values_args,
+};
 
 /// The Kubernetes version the manifests are validated against: the one the workspace's
 /// k8s-openapi feature (`v1_33`) targets.
 const KUBERNETES_VERSION: &str = "1.33.0";
-const RELEASE: &str = "devgate";
-const NAMESPACE: &str = "devgate";
 /// The Debian nginx used by the tests loads the stream module dynamically; the official image
 /// (the chart's default) has it built in.
 const DEBIAN_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
-
-fn chart() -> PathBuf {
-    workspace_root().join("helm/devgate")
-}
-
-fn helm_bin() -> PathBuf {
-    installed_tool("helm", "HELM_BIN")
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// A documented values combination: the defaults, or one file of `helm/devgate/ci/`.
-#[derive(Debug, Clone)]
-struct Combo {
-    name: String,
-    file: Option<PathBuf>,
-}
-
-fn combos() -> Vec<Combo> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(chart().join("ci"))
-        .expect("helm/devgate/ci exists")
-        .map(|e| e.expect("dir entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    files.sort();
-    assert!(
-        files.len() >= 5,
-        "expected the documented combinations in ci/"
-    );
-    std::iter::once(Combo {
-        name: "default".into(),
-        file: None,
-    })
-    .chain(files.into_iter().map(|f| {
-        Combo {
-            name: f
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .expect("utf8 name")
-                .to_owned(),
-            file: Some(f),
-        }
-    }))
-    .collect()
-}
-
-fn combo(name: &str) -> Combo {
-    combos()
-        .into_iter()
-        .find(|c| c.name == name)
-        .unwrap_or_else(|| panic!("no combination {name}"))
-}
-
-fn values_args(combo: &Combo, sets: &[&str]) -> Vec<String> {
-    let mut args = Vec::new();
-    if let Some(f) = &combo.file {
-        args.push("-f".to_owned());
-        args.push(f.display().to_string());
-    }
-    for s in sets {
-        args.push("--set".to_owned());
-        args.push((*s).to_owned());
-    }
-    args
-}
-
-/// Rendering `combo` with `sets` fails, saying `needle`.
-fn assert_refused(combo: &Combo, sets: &[&str], needle: &str) {
-    let err = try_template(combo, sets).expect_err(&format!("{sets:?} must be refused"));
-    assert!(
-        err.contains(needle),
-        "{sets:?}: expected {needle:?} in:\n{err}"
-    );
-}
-
-/// `helm template` of the chart; `Err` carries helm's output.
-fn try_template(combo: &Combo, sets: &[&str]) -> Result<String, String> {
-    try_template_of(&chart(), combo, sets)
-}
-
-/// `helm template` of the chart at `chart` (the repository's, or a copy).
-fn try_template_of(chart: &Path, combo: &Combo, sets: &[&str]) -> Result<String, String> {
-    let out = run(Command::new(helm_bin())
-        .args(["template", RELEASE])
-        .arg(chart)
-        .args(["--namespace", NAMESPACE])
-        .args(values_args(combo, sets)));
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(text(&out))
-    }
-}
-
-fn template(combo: &Combo, sets: &[&str]) -> String {
-    try_template(combo, sets)
-        .unwrap_or_else(|e| panic!("helm template ({}) failed:\n{e}", combo.name))
-}
-
-/// Multi-document YAML to JSON values, with the venv's PyYAML (installed with
-/// kubernetes-validate); empty documents are dropped.
-fn parse(yaml: &str) -> Vec<Value> {
-    use std::io::Write as _;
-    let mut child = Command::new(installed_tool("python3", "DEVGATE_TOOLS_PYTHON"))
-        .args([
-            "-c",
-            "import sys, json, yaml\n\
-             json.dump([d for d in yaml.safe_load_all(sys.stdin) if d], sys.stdout)",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3 from .tools/venv");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(yaml.as_bytes())
-        .expect("write yaml");
-    let out = child.wait_with_output().expect("python output");
-    assert!(out.status.success(), "YAML did not parse: {}", text(&out));
-    serde_json::from_slice(&out.stdout).expect("json from python")
-}
-
-fn render(combo: &Combo, sets: &[&str]) -> Vec<Value> {
-    parse(&template(combo, sets))
-}
-
-fn kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
-    docs.iter().filter(|d| d["kind"] == kind).collect()
-}
-
-fn one<'a>(docs: &'a [Value], k: &str, name: &str) -> &'a Value {
-    let found: Vec<_> = kind(docs, k)
-        .into_iter()
-        .filter(|d| d["metadata"]["name"] == name)
-        .collect();
-    assert_eq!(found.len(), 1, "expected one {k} {name}");
-    found[0]
-}
 
 fn container<'a>(workload: &'a Value, name: &str) -> &'a Value {
     workload["spec"]["template"]["spec"]["containers"]
@@ -218,10 +68,6 @@ fn pod_specs(docs: &[Value]) -> Vec<(&Value, &Value)> {
         .collect()
 }
 
-fn full(name: &str) -> String {
-    format!("{RELEASE}-{name}")
-}
-
 #[test]
 fn every_documented_combination_lints_and_validates_against_the_kubernetes_schemas() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -250,9 +96,12 @@ fn every_documented_combination_lints_and_validates_against_the_kubernetes_schem
         );
         let yaml = template(&c, &[]);
         let docs = parse(&yaml);
-        let monitors = kind(&docs, "ServiceMonitor");
-        check_service_monitors(&docs, &monitors);
-        expected_passes += docs.len() - monitors.len();
+        check_monitors(&docs);
+        let custom = docs
+            .iter()
+            .filter(|d| PROMETHEUS_OPERATOR_KINDS.contains(&d["kind"].as_str().unwrap_or("")))
+            .count();
+        expected_passes += docs.len() - custom;
         let path = dir.path().join(format!("{}.yaml", c.name));
         std::fs::write(&path, yaml).expect("write render");
         files.push(path);
@@ -273,10 +122,14 @@ fn every_documented_combination_lints_and_validates_against_the_kubernetes_schem
         if line.starts_with("INFO") && line.contains(" passed for resource ") {
             passes += 1;
         } else if line.starts_with("WARN") {
-            // The one custom resource: prometheus-operator's ServiceMonitor has no schema in
-            // the Kubernetes OpenAPI; check_service_monitors checks it instead.
+            // The custom resources: prometheus-operator's kinds have no schema in the
+            // Kubernetes OpenAPI; check_monitors and the alert tests check them instead.
             assert!(
-                line.contains("Couldn't find schema for kind ServiceMonitor with api version monitoring.coreos.com/v1"),
+                PROMETHEUS_OPERATOR_KINDS.iter().any(|k| {
+                    line.contains(&format!(
+                    "Couldn't find schema for kind {k} with api version monitoring.coreos.com/v1"
+                ))
+                }),
                 "unexpected warning: {line}"
             );
         } else if !line.trim().is_empty() {
@@ -289,21 +142,20 @@ fn every_documented_combination_lints_and_validates_against_the_kubernetes_schem
     );
 }
 
-/// A ServiceMonitor must select a rendered Service that has the port it scrapes.
-fn check_service_monitors(docs: &[Value], monitors: &[&Value]) {
-    for m in monitors {
+/// The custom resources the chart renders for prometheus-operator (`metrics.*`).
+const PROMETHEUS_OPERATOR_KINDS: [&str; 3] = ["ServiceMonitor", "PodMonitor", "PrometheusRule"];
+
+/// Every ServiceMonitor selects a rendered Service that has the port it scrapes, every
+/// PodMonitor a rendered pod template with a container port of that name, and each sets the
+/// `job` of its targets to `<fullname>-<component>`, the job the alerts and the dashboard use.
+fn check_monitors(docs: &[Value]) {
+    for m in kind(docs, "ServiceMonitor") {
         assert_eq!(m["apiVersion"], "monitoring.coreos.com/v1");
         let selector = &m["spec"]["selector"]["matchLabels"];
         let port = &m["spec"]["endpoints"][0]["port"];
         let service = kind(docs, "Service")
             .into_iter()
-            .find(|s| {
-                selector
-                    .as_object()
-                    .expect("matchLabels")
-                    .iter()
-                    .all(|(k, v)| &s["metadata"]["labels"][k] == v)
-            })
+            .find(|s| labels_match(selector, &s["metadata"]["labels"]))
             .unwrap_or_else(|| {
                 panic!(
                     "ServiceMonitor {} selects no Service",
@@ -319,7 +171,68 @@ fn check_service_monitors(docs: &[Value], monitors: &[&Value]) {
             "Service {} has no port {port}",
             service["metadata"]["name"]
         );
+        check_monitor_job(m, &m["spec"]["endpoints"][0]);
     }
+    for m in kind(docs, "PodMonitor") {
+        assert_eq!(m["apiVersion"], "monitoring.coreos.com/v1");
+        let selector = &m["spec"]["selector"]["matchLabels"];
+        let endpoint = &m["spec"]["podMetricsEndpoints"][0];
+        let pods: Vec<_> = pod_specs(docs)
+            .into_iter()
+            .filter(|(w, _)| labels_match(selector, &w["spec"]["template"]["metadata"]["labels"]))
+            .collect();
+        assert!(
+            !pods.is_empty(),
+            "PodMonitor {} selects no pod",
+            m["metadata"]["name"]
+        );
+        for (w, spec) in pods {
+            let named: Vec<&str> = spec["containers"]
+                .as_array()
+                .expect("containers")
+                .iter()
+                .filter(|c| {
+                    c["ports"]
+                        .as_array()
+                        .is_some_and(|ports| ports.iter().any(|p| p["name"] == endpoint["port"]))
+                })
+                .filter_map(|c| c["name"].as_str())
+                .collect();
+            // One container answers the port name, and it is the monitored component's.
+            assert_eq!(
+                named,
+                vec![
+                    m["metadata"]["labels"]["app.kubernetes.io/component"]
+                        .as_str()
+                        .expect("component")
+                ],
+                "{}: containers with port {}",
+                w["metadata"]["name"],
+                endpoint["port"]
+            );
+        }
+        check_monitor_job(m, endpoint);
+    }
+}
+
+fn labels_match(selector: &Value, labels: &Value) -> bool {
+    selector
+        .as_object()
+        .expect("matchLabels")
+        .iter()
+        .all(|(k, v)| &labels[k] == v)
+}
+
+fn check_monitor_job(monitor: &Value, endpoint: &Value) {
+    let component = monitor["metadata"]["labels"]["app.kubernetes.io/component"]
+        .as_str()
+        .expect("component label");
+    assert_eq!(
+        endpoint["relabelings"],
+        json!([{"action": "replace", "targetLabel": "job", "replacement": full(component)}]),
+        "{} must name its job",
+        monitor["metadata"]["name"]
+    );
 }
 
 /// The address [`pod_env`] gives a pod (`status.podIP`).
@@ -636,7 +549,14 @@ fn the_rendered_nginx_config_passes_nginx_t_through_lb_syncs_own_command() {
         ("device-tls-secret-values", "secret"),
         ("device-plaintext-values", "plaintext"),
     ] {
-        let docs = render(&combo(name), &[&module]);
+        // One combination also raises the upstream zone's floor.
+        let zone = if name == "hostnetwork-values" {
+            "256k"
+        } else {
+            "64k"
+        };
+        let zone_set = format!("lbSync.upstreamZoneMinSize={zone}");
+        let docs = render(&combo(name), &[&module, &zone_set]);
         let nginx = full("nginx");
         let conf = one(&docs, "ConfigMap", &nginx)["data"]["nginx.conf"]
             .as_str()
@@ -733,6 +653,10 @@ fn the_rendered_nginx_config_passes_nginx_t_through_lb_syncs_own_command() {
         place_device_tls(&docs, root.path(), deploy);
         let upstream = lb_sync_render(lb, root.path());
         assert!(upstream.contains("proxy_protocol on;"), "{upstream}");
+        assert!(
+            upstream.contains(&format!(" {zone};")),
+            "{name}: zone floor {zone} not rendered:\n{upstream}"
+        );
         match tls {
             "plaintext" => assert!(!upstream.contains("ssl"), "{name}: {upstream}"),
             "secret" => {
@@ -1159,6 +1083,26 @@ fn gateways_drain_within_their_grace_period_behind_the_load_balancer() {
         ),
     ] {
         let docs = render(&combo(name), &sets);
+        if let Some(bridge) = kind(&docs, "Deployment")
+            .into_iter()
+            .find(|d| d["metadata"]["name"] == full("bridge-api"))
+        {
+            // bridge-api drains for its request cap plus 5 s, so a request waiting for a
+            // device's ACK at SIGTERM still gets its answer before the kubelet kills it.
+            let cap_ms: u64 = env_value(
+                container(bridge, "bridge-api"),
+                "DEVGATE_REQUEST_TIMEOUT_MS",
+            )
+            .parse()
+            .expect("ms");
+            let grace = bridge["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+                .as_u64()
+                .expect("bridge-api grace");
+            assert!(
+                grace > cap_ms.div_ceil(1000) + 5,
+                "{name}: bridge-api terminationGracePeriodSeconds {grace} <= request cap {cap_ms} ms + 5 s"
+            );
+        }
         let gw_name = full("gateway");
         let deploy = one(&docs, "Deployment", &gw_name);
         let spec = &deploy["spec"]["template"]["spec"];
@@ -1600,7 +1544,12 @@ fn notes_tell_how_to_connect_a_device_curl_the_bridge_and_use_the_nats_cli() {
         ("hostnetwork-values", vec!["<node IP>:7000"]),
         (
             "ingress-controller-values",
-            vec!["stream-snippets", "nginx-config"],
+            vec![
+                "stream-snippets",
+                "nginx-config",
+                // Monitors on, NetworkPolicies letting only the namespace scrape.
+                "networkPolicy.monitoring.from is empty",
+            ],
         ),
         (
             "external-nats-noauth-values",
@@ -1614,23 +1563,31 @@ fn notes_tell_how_to_connect_a_device_curl_the_bridge_and_use_the_nats_cli() {
             ],
         ),
     ] {
-        let c = combo(name);
-        let out = run(Command::new(helm_bin())
-            .args(["install", RELEASE])
-            .arg(chart())
-            .args(["--namespace", NAMESPACE, "--dry-run=client"])
-            .args(values_args(&c, &[]))
-            .env("KUBECONFIG", "/nonexistent"));
-        let all = text(&out);
-        assert!(out.status.success(), "{name}: {all}");
-        let notes = all
-            .split("NOTES:")
-            .nth(1)
-            .unwrap_or_else(|| panic!("{name}: no NOTES"));
+        let notes = notes(name);
         for n in needles {
             assert!(notes.contains(n), "{name}: NOTES lack {n:?}:\n{notes}");
         }
     }
+    // Prometheus' namespace is allowed there: no warning.
+    let notes = notes("autoscaling-monitoring-values");
+    assert!(!notes.contains("cannot scrape"), "{notes}");
+}
+
+/// The NOTES `helm install` prints for a combination.
+fn notes(name: &str) -> String {
+    let c = combo(name);
+    let out = run(Command::new(helm_bin())
+        .args(["install", RELEASE])
+        .arg(chart())
+        .args(["--namespace", NAMESPACE, "--dry-run=client"])
+        .args(values_args(&c, &[]))
+        .env("KUBECONFIG", "/nonexistent"));
+    let all = text(&out);
+    assert!(out.status.success(), "{name}: {all}");
+    all.split("NOTES:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{name}: no NOTES"))
+        .to_owned()
 }
 
 #[test]
@@ -3082,4 +3039,520 @@ fn the_device_denylist_is_a_directory_mounted_configmap_the_gateway_reads() {
             "{ids}: expected {needle:?} in:\n{err}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Alerts and dashboard (metrics.prometheusRule, metrics.grafanaDashboard)
+// ---------------------------------------------------------------------------------------------
+
+/// Every query of the chart's alerts and dashboard, as `(where, PromQL)`, with the dashboard's
+/// variables set as Grafana would for this release.
+fn monitoring_queries(docs: &[Value]) -> Vec<(String, String)> {
+    let mut queries = Vec::new();
+    let rule = one(docs, "PrometheusRule", RELEASE);
+    for group in rule["spec"]["groups"].as_array().expect("groups") {
+        for r in group["rules"].as_array().expect("rules") {
+            queries.push((
+                format!("alert {}", r["alert"].as_str().expect("alert name")),
+                r["expr"].as_str().expect("expr").to_owned(),
+            ));
+        }
+    }
+    let dashboard = dashboard(docs);
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"]
+                .as_str()
+                .expect("expr")
+                .replace("$namespace", NAMESPACE)
+                .replace("$release", RELEASE)
+                .replace("$__rate_interval", "2m");
+            queries.push((format!("panel {:?}", panel["title"]), expr));
+        }
+    }
+    queries
+}
+
+fn dashboard(docs: &[Value]) -> Value {
+    let cm = one(docs, "ConfigMap", &full("grafana-dashboard"));
+    let key = format!("devgate-{NAMESPACE}-{RELEASE}.json");
+    serde_json::from_str(
+        cm["data"][&key]
+            .as_str()
+            .expect("dashboard text under its key"),
+    )
+    .expect("the dashboard is JSON")
+}
+
+/// The series one component's `/metrics` exposes: sample name → the label sets of its samples.
+type Exposition = BTreeMap<String, Vec<BTreeMap<String, String>>>;
+
+/// What the binaries' own registries expose, each built as its binary builds it; bridge-api's
+/// per-request series are recorded by its own middleware for the statuses the alerts name.
+async fn exported_metrics() -> Exposition {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use prometheus_client::registry::Registry;
+    use tower::ServiceExt as _;
+
+    let mut text = String::new();
+    let mut gateway = Registry::default();
+    let _gateway = devgate_gateway::metrics::Metrics::new(&mut gateway);
+    prometheus_client::encoding::text::encode(&mut text, &gateway).expect("encode");
+
+    let mut lb_sync = Registry::default();
+    devgate_lb_sync::metrics::Metrics::default().register(&mut lb_sync);
+    prometheus_client::encoding::text::encode(&mut text, &lb_sync).expect("encode");
+
+    let bridge = devgate_bridge_api::metrics::Metrics::new();
+    let _tails = (bridge.sse_tails(false), bridge.sse_tails(true));
+    let app = axum::Router::new()
+        .route(
+            "/v1/devices/{id}/messages",
+            axum::routing::post(
+                |axum::extract::Path(status): axum::extract::Path<u16>| async move {
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::IM_A_TEAPOT)
+                },
+            ),
+        )
+        .layer(axum::middleware::from_fn_with_state(
+            bridge.clone(),
+            devgate_bridge_api::metrics::track,
+        ));
+    for status in [200, 404, 500, 502, 503, 504] {
+        let response = app
+            .clone()
+            .oneshot(
+                Request::post(format!("/v1/devices/{status}/messages"))
+                    .body(Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .expect("response");
+        assert_eq!(response.status().as_u16(), status);
+    }
+    prometheus_client::encoding::text::encode(&mut text, &bridge.registry()).expect("encode");
+    parse_exposition(&text)
+}
+
+/// Sample lines of the OpenMetrics text format (the encoder's output: no escapes in values).
+fn parse_exposition(text: &str) -> Exposition {
+    let mut out = Exposition::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (series, _value) = line.rsplit_once(' ').expect("sample value");
+        let (name, labels) = match series.split_once('{') {
+            Some((name, rest)) => (name, rest.strip_suffix('}').expect("closing brace")),
+            None => (series, ""),
+        };
+        let labels = labels
+            .split("\",")
+            .filter(|l| !l.is_empty())
+            .map(|pair| {
+                let (k, v) = pair.split_once('=').expect("label pair");
+                (k.to_owned(), v.trim_matches('"').to_owned())
+            })
+            .collect();
+        out.entry(name.to_owned()).or_default().push(labels);
+    }
+    out
+}
+
+/// Every vector selector of a PromQL expression (also those inside range selectors).
+fn selectors(expr: &promql_parser::parser::Expr) -> Vec<promql_parser::parser::VectorSelector> {
+    use promql_parser::parser::Expr;
+    struct Collect(Vec<promql_parser::parser::VectorSelector>);
+    impl promql_parser::util::ExprVisitor for Collect {
+        type Error = std::convert::Infallible;
+        fn pre_visit(&mut self, e: &Expr) -> Result<bool, Self::Error> {
+            match e {
+                Expr::VectorSelector(vs) => self.0.push(vs.clone()),
+                Expr::MatrixSelector(ms) => self.0.push(ms.vs.clone()),
+                _ => {}
+            }
+            Ok(true)
+        }
+    }
+    let mut c = Collect(Vec::new());
+    let Ok(_) = promql_parser::util::walk_expr(&mut c, expr);
+    c.0
+}
+
+/// The component whose metrics a name belongs to (`None`: Prometheus' own `up`).
+fn component_of(metric: &str) -> Option<&'static str> {
+    if metric == "up" {
+        return None;
+    }
+    [
+        ("devgate_gateway_", "gateway"),
+        ("devgate_bridge_", "bridge-api"),
+        ("devgate_lb_sync_", "lb-sync"),
+    ]
+    .into_iter()
+    .find(|(prefix, _)| metric.starts_with(prefix))
+    .map(|(_, component)| component)
+    .or_else(|| panic!("{metric}: not a metric of devgate"))
+}
+
+#[tokio::test]
+async fn alerts_and_dashboard_query_this_releases_jobs_for_metrics_the_binaries_export() {
+    use promql_parser::label::MatchOp;
+
+    let docs = render(&combo("autoscaling-monitoring-values"), &[]);
+    let exported = exported_metrics().await;
+    let queries = monitoring_queries(&docs);
+    assert!(queries.len() > 30, "alerts and panels: {}", queries.len());
+    for (what, query) in &queries {
+        let expr = promql_parser::parser::parse(query)
+            .unwrap_or_else(|e| panic!("{what}: {query}\ndoes not parse: {e}"));
+        let found = selectors(&expr);
+        assert!(!found.is_empty(), "{what} selects nothing");
+        for vs in found {
+            let name = vs
+                .name
+                .clone()
+                .unwrap_or_else(|| panic!("{what}: a selector without a metric name"));
+            let matchers = &vs.matchers.matchers;
+            assert!(
+                vs.matchers.or_matchers.is_empty(),
+                "{what}: `or` in a selector"
+            );
+            let equal = |label: &str| {
+                matchers
+                    .iter()
+                    .find(|m| m.name == label && m.op == MatchOp::Equal)
+                    .map(|m| m.value.clone())
+            };
+            // Scoped to this release's targets, so two releases never mix.
+            assert_eq!(
+                equal("namespace").as_deref(),
+                Some(NAMESPACE),
+                "{what}: {name} without its namespace"
+            );
+            let job = equal("job").unwrap_or_else(|| panic!("{what}: {name} without its job"));
+            let component = component_of(&name);
+            match component {
+                Some(c) => assert_eq!(
+                    job,
+                    full(c),
+                    "{what}: {name} selects another component's job"
+                ),
+                None => assert!(
+                    ["gateway", "bridge-api", "lb-sync"]
+                        .iter()
+                        .any(|c| job == full(c)),
+                    "{what}: up of an unknown job {job}"
+                ),
+            }
+            if component.is_none() {
+                continue;
+            }
+            let samples = exported
+                .get(&name)
+                .unwrap_or_else(|| panic!("{what}: {name} is not exported by the binaries"));
+            for m in matchers
+                .iter()
+                .filter(|m| !["namespace", "job", "le"].contains(&m.name.as_str()))
+            {
+                // Each value named (an alternation of literals is a list of values) is one
+                // the metric has, and a pattern matches one: a typo would select nothing and
+                // the alert would never fire.
+                let values: Vec<&str> = samples
+                    .iter()
+                    .filter_map(|labels| labels.get(&m.name).map(String::as_str))
+                    .collect();
+                let literal = |v: &str| v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if m.value.split('|').all(literal) {
+                    for value in m.value.split('|') {
+                        assert!(
+                            values.contains(&value),
+                            "{what}: {name} has no series with {}={value:?} (it has {values:?})",
+                            m.name
+                        );
+                    }
+                } else {
+                    let MatchOp::Re(re) = &m.op else {
+                        panic!("{what}: {name}: a pattern in a {} matcher", m.op);
+                    };
+                    assert!(
+                        values.iter().any(|v| re.is_match(v)),
+                        "{what}: {name}: no {} matches {:?} (it has {values:?})",
+                        m.name,
+                        m.value
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn alerts_are_complete_documented_labelled_and_can_be_left_out() {
+    let deploy_md =
+        std::fs::read_to_string(workspace_root().join("docs/deploy.md")).expect("deploy.md");
+    let alerts_section = deploy_md
+        .split_once("\n## Alerts")
+        .map(|(_, rest)| rest)
+        .expect("docs/deploy.md has an Alerts section");
+    let docs = render(&combo("autoscaling-monitoring-values"), &[]);
+    let rule = one(&docs, "PrometheusRule", RELEASE);
+    assert_eq!(rule["metadata"]["labels"]["release"], "prometheus");
+    let mut names = Vec::new();
+    for group in rule["spec"]["groups"].as_array().expect("groups") {
+        for r in group["rules"].as_array().expect("rules") {
+            let name = r["alert"].as_str().expect("alert").to_owned();
+            let severity = r["labels"]["severity"].as_str().unwrap_or("");
+            assert!(
+                ["critical", "warning"].contains(&severity),
+                "{name}: severity {severity:?}"
+            );
+            assert_eq!(r["labels"]["team"], "devices", "{name}: alertLabels");
+            for a in ["summary", "description"] {
+                assert!(
+                    r["annotations"][a].as_str().is_some_and(|t| t.len() > 20),
+                    "{name}: no {a}"
+                );
+            }
+            if let Some(d) = r["for"].as_str() {
+                promql_parser::util::parse_duration(d)
+                    .unwrap_or_else(|e| panic!("{name}: for {d}: {e}"));
+            }
+            assert!(
+                alerts_section.contains(&format!("`{name}`")),
+                "{name} is not explained in docs/deploy.md#alerts"
+            );
+            names.push(name);
+        }
+    }
+    let unique: BTreeSet<_> = names.iter().collect();
+    assert_eq!(unique.len(), names.len(), "alert names repeat: {names:?}");
+    assert!(names.iter().any(|n| n.starts_with("DevgateBridgeApi")));
+
+    // Left out by name; a name that is no alert is refused, listing the alerts.
+    let docs = render(
+        &combo("autoscaling-monitoring-values"),
+        &["metrics.prometheusRule.disabled={DevgateLbSyncSlow,DevgateGatewayMassDisconnect}"],
+    );
+    let kept: Vec<String> = monitoring_queries(&docs)
+        .into_iter()
+        .filter_map(|(what, _)| what.strip_prefix("alert ").map(str::to_owned))
+        .collect();
+    assert_eq!(kept.len(), names.len() - 2);
+    assert!(
+        !kept
+            .iter()
+            .any(|n| n == "DevgateLbSyncSlow" || n == "DevgateGatewayMassDisconnect")
+    );
+    assert_refused(
+        &combo("autoscaling-monitoring-values"),
+        &["metrics.prometheusRule.disabled={DevgateGatewayDwon}"],
+        "there is no alert DevgateGatewayDwon (the alerts: DevgateGatewaysAllDown,",
+    );
+
+    // Without bridge-api there are no bridge-api alerts, scrapes or panels' targets to scrape.
+    let docs = render(
+        &combo("autoscaling-monitoring-values"),
+        &["bridgeApi.enabled=false"],
+    );
+    assert!(
+        !monitoring_queries(&docs)
+            .iter()
+            .any(|(what, _)| what.starts_with("alert DevgateBridgeApi"))
+    );
+    assert!(
+        kind(&docs, "ServiceMonitor")
+            .iter()
+            .all(|m| m["metadata"]["name"] != full("bridge-api"))
+    );
+
+    // Both select the jobs the monitors set: without them they would never match.
+    for (value, needle) in [
+        (
+            "metrics.prometheusRule.enabled=true",
+            "metrics.prometheusRule.enabled needs metrics.serviceMonitor.enabled",
+        ),
+        (
+            "metrics.grafanaDashboard.enabled=true",
+            "metrics.grafanaDashboard.enabled needs metrics.serviceMonitor.enabled",
+        ),
+    ] {
+        assert_refused(&combo("default"), &[value], needle);
+    }
+    // Off by default: a cluster without prometheus-operator has none of its kinds.
+    let docs = render(&combo("default"), &[]);
+    assert!(
+        docs.iter()
+            .all(|d| !PROMETHEUS_OPERATOR_KINDS.contains(&d["kind"].as_str().unwrap_or("")))
+    );
+}
+
+#[test]
+fn each_release_gets_its_own_dashboard_opening_on_itself() {
+    let docs = render(&combo("autoscaling-monitoring-values"), &[]);
+    let cm = one(&docs, "ConfigMap", &full("grafana-dashboard"));
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    assert_eq!(cm["metadata"]["annotations"]["grafana_folder"], "Devices");
+    let mut shipped = dashboard(&docs);
+    let file: Value = serde_json::from_str(
+        &std::fs::read_to_string(chart().join("files/monitoring/grafana-dashboard.json"))
+            .expect("dashboard file"),
+    )
+    .expect("JSON");
+
+    // Its own uid and title, and its variables start on this release.
+    let uid = shipped["uid"].as_str().expect("uid").to_owned();
+    assert!(uid.starts_with("devgate-") && uid.len() <= 40, "{uid}");
+    assert_ne!(shipped["uid"], file["uid"]);
+    assert_eq!(shipped["title"], format!("devgate {NAMESPACE}/{RELEASE}"));
+    let vars = shipped["templating"]["list"]
+        .as_array_mut()
+        .expect("variables");
+    for (name, value) in [("namespace", NAMESPACE), ("release", RELEASE)] {
+        let var = vars
+            .iter_mut()
+            .find(|v| v["name"] == name)
+            .expect("variable");
+        assert_eq!(
+            var["current"],
+            json!({"text": value, "value": value}),
+            "{name}"
+        );
+        var["current"] = json!({});
+    }
+    // Grafana extracts the release from the gateway's job with this regex.
+    let release = vars
+        .iter()
+        .find(|v| v["name"] == "release")
+        .expect("release");
+    assert_eq!(release["regex"], "/^(.*)-gateway$/");
+    assert_eq!(full("gateway").strip_suffix("-gateway"), Some(RELEASE));
+    // Otherwise the file as it is.
+    shipped["uid"] = file["uid"].clone();
+    shipped["title"] = file["title"].clone();
+    assert_eq!(shipped, file, "the ConfigMap carries the file");
+
+    // Another release in the same namespace: another uid and another file for the sidecar,
+    // so neither overwrites, nor on uninstall deletes, the other's.
+    let other = render(
+        &combo("autoscaling-monitoring-values"),
+        &["fullnameOverride=other"],
+    );
+    let other_cm = one(&other, "ConfigMap", "other-grafana-dashboard");
+    let keys = |cm: &Value| -> Vec<String> {
+        cm["data"]
+            .as_object()
+            .expect("data")
+            .keys()
+            .cloned()
+            .collect()
+    };
+    assert_eq!(
+        keys(other_cm),
+        vec![format!("devgate-{NAMESPACE}-other.json")]
+    );
+    assert_ne!(keys(other_cm), keys(cm));
+    let other_dashboard: Value = serde_json::from_str(
+        other_cm["data"][&format!("devgate-{NAMESPACE}-other.json")]
+            .as_str()
+            .expect("text"),
+    )
+    .expect("JSON");
+    assert_ne!(other_dashboard["uid"], uid.as_str());
+
+    let mut ids = BTreeSet::new();
+    for panel in file["panels"].as_array().expect("panels") {
+        assert!(
+            ids.insert(panel["id"].as_u64().expect("id")),
+            "panel ids repeat"
+        );
+        if panel["type"] != "row" {
+            assert_eq!(
+                panel["datasource"]["uid"], "${datasource}",
+                "{}",
+                panel["title"]
+            );
+            assert!(
+                panel["description"].as_str().is_some_and(|d| !d.is_empty()),
+                "{}",
+                panel["title"]
+            );
+        }
+    }
+}
+
+/// The PrometheusRule's `spec` of a default install with the alerts on, as YAML for promtool.
+fn rendered_rules(strip_annotations: bool) -> String {
+    let docs = render(
+        &combo("default"),
+        &[
+            "metrics.serviceMonitor.enabled=true",
+            "metrics.prometheusRule.enabled=true",
+        ],
+    );
+    let mut spec = one(&docs, "PrometheusRule", RELEASE)["spec"].clone();
+    if strip_annotations {
+        for group in spec["groups"].as_array_mut().expect("groups") {
+            for rule in group["rules"].as_array_mut().expect("rules") {
+                rule.as_object_mut().expect("rule").remove("annotations");
+            }
+        }
+    }
+    // JSON is YAML.
+    serde_json::to_string_pretty(&spec).expect("json")
+}
+
+#[test]
+fn promtool_accepts_the_alerts_and_each_fires_as_its_unit_tests_say() {
+    let promtool = installed_tool("promtool", "PROMTOOL_BIN");
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    // The whole rules, annotation templates included.
+    let full_rules = dir.path().join("full.yaml");
+    std::fs::write(&full_rules, rendered_rules(false)).expect("write");
+    let out = run(Command::new(&promtool)
+        .arg("check")
+        .arg("rules")
+        .arg(&full_rules));
+    assert!(
+        out.status.success(),
+        "promtool check rules:\n{}",
+        text(&out)
+    );
+
+    // The unit tests, against the rules without annotations (their prose is not compared).
+    std::fs::write(dir.path().join("rules.yaml"), rendered_rules(true)).expect("write");
+    let cases = workspace_root().join("tests/fixtures/alerts/alerts.test.yaml");
+    let cases_text = std::fs::read_to_string(&cases).expect("alert tests");
+    std::fs::write(dir.path().join("alerts.test.yaml"), &cases_text).expect("write");
+    let out = run(Command::new(&promtool)
+        .arg("test")
+        .arg("rules")
+        .arg(dir.path().join("alerts.test.yaml")));
+    assert!(out.status.success(), "promtool test rules:\n{}", text(&out));
+
+    // Every alert has a case in which it fires.
+    let cases: Value = parse(&cases_text).remove(0);
+    let mut fired = BTreeSet::new();
+    for test in cases["tests"].as_array().expect("tests") {
+        for check in test["alert_rule_test"].as_array().expect("alert_rule_test") {
+            if check["exp_alerts"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
+            {
+                fired.insert(check["alertname"].as_str().expect("alertname").to_owned());
+            }
+        }
+    }
+    let docs = render(&combo("autoscaling-monitoring-values"), &[]);
+    let alerts: BTreeSet<String> = monitoring_queries(&docs)
+        .into_iter()
+        .filter_map(|(what, _)| what.strip_prefix("alert ").map(str::to_owned))
+        .collect();
+    let untested: Vec<_> = alerts.difference(&fired).collect();
+    assert!(
+        untested.is_empty(),
+        "alerts no unit test fires: {untested:?}"
+    );
 }

@@ -46,6 +46,17 @@ app.kubernetes.io/component: {{ index . 1 }}
 app.kubernetes.io/component: {{ index . 1 }}
 {{- end -}}
 
+{{/*
+The Prometheus `job` of a component's targets: <fullname>-<component>, set by the monitors
+(servicemonitor.yaml) so the alerts and the dashboard need not know prometheus-operator's
+naming, and two releases in one namespace stay apart. Args: (list $ component).
+*/}}
+{{- define "devgate.monitorJob" -}}
+- action: replace
+  targetLabel: job
+  replacement: {{ include "devgate.fullname" (index . 0) }}-{{ index . 1 }}
+{{- end -}}
+
 {{/* Images. */}}
 {{- define "devgate.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
