@@ -858,6 +858,14 @@ async fn login(
                 }
             }
         };
+        // NATS answers the `SUB` before the claim sent after it, so a refused subscription has
+        // ended by the time a round is decided (the round and the end may be ready together).
+        if sub.is_ended() {
+            return LoginOutcome::Failed(Refusal::new(
+                ErrorCode::Unavailable,
+                "the device's NATS subscription ended (refused by the server, or the link stopped)",
+            ));
+        }
         match decided {
             Some(Ok(ClaimRound::Clear)) => {
                 return LoginOutcome::Won {
@@ -1281,9 +1289,11 @@ impl Session {
                 }
                 Event::HardStop => Err(End::Shutdown),
                 Event::Bus(Some(msg)) => self.on_bus_messages(msg).await,
+                // The link ends a subscription when NATS refused it (permissions, after a
+                // reconnect under changed ones) or when it stops: nothing reaches the device.
                 Event::Bus(None) => Err(End::Error(Refusal::new(
-                    ErrorCode::Internal,
-                    "subscription ended",
+                    ErrorCode::Unavailable,
+                    "the device's NATS subscription ended (refused by the server, or the link stopped)",
                 ))),
                 Event::Written(Ok(_)) => {
                     self.wrote();

@@ -447,3 +447,82 @@ async fn a_lone_token_in_the_url_is_an_auth_token() {
     connected(&link, true).await;
     live(&link).await;
 }
+
+/// NATS refusing a subscription (the gateway user's permissions, or the account's `max_subs`)
+/// registers no interest: the link ends that subscription and no other, so a session on it
+/// cannot be welcomed where nothing reaches it.
+#[tokio::test]
+async fn a_subscription_the_server_refuses_ends_and_others_carry_on() {
+    let (nats, _dir) = nats_with(
+        "authorization {\n  users = [\n    { user: gw, password: pw, permissions: { subscribe: { allow: [\">\"], deny: [\"device.forbidden.down\"] } } }\n  ]\n}\n",
+    );
+    let link = link_to(&nats.url(), Some(("gw", "pw")));
+    connected(&link, true).await;
+    let mut allowed = link.subscribe("device.allowed.down");
+    let mut forbidden = link.subscribe("device.forbidden.down");
+    assert!(
+        tokio::time::timeout(WAIT, forbidden.next())
+            .await
+            .expect("ended in time")
+            .is_none(),
+        "the refused subscription ends"
+    );
+    // From another connection: a link never hears its own publishes (echo off).
+    let publisher = link_to(&nats.url(), Some(("gw", "pw")));
+    connected(&publisher, true).await;
+    publisher
+        .publish("device.allowed.down", None, Headers::None, b"still here")
+        .await
+        .expect("publish");
+    let msg = tokio::time::timeout(WAIT, allowed.next())
+        .await
+        .expect("in time")
+        .expect("open");
+    assert_eq!(&msg.payload[..], b"still here");
+    assert!(link.is_connected(), "the server keeps the connection");
+}
+
+/// A gateway whose NATS user may not subscribe to one device's downlink refuses that device's
+/// login (`unavailable`, it may reconnect to another gateway) instead of welcoming a session no
+/// message can reach; other devices log in and are reached as usual.
+#[tokio::test]
+async fn a_login_whose_subscription_nats_refuses_is_unavailable_and_others_are_unaffected() {
+    use devgate_gateway::client::ClientError;
+    use devgate_gateway::codec::ErrorCode;
+    use devgate_tests::gateway::{config, device, start_with, try_device};
+    let (nats, _dir) = nats_with(
+        "authorization {\n  users = [\n    { user: gw, password: pw, permissions: { subscribe: { allow: [\">\"], deny: [\"device.forbidden.down\"] } } }\n    { user: svc, password: svc }\n  ]\n}\n",
+    );
+    let mut cfg = config(&nats, "gw-1");
+    cfg.nats_user = Some("gw".into());
+    cfg.nats_password = Some(Secret::new("pw"));
+    let gw = start_with(cfg).await;
+    match try_device(&gw, "forbidden").await {
+        Err(ClientError::Refused(e)) => {
+            assert_eq!(e.code, ErrorCode::Unavailable, "{e:?}");
+        }
+        Err(other) => panic!("expected ERROR unavailable, got {other}"),
+        Ok((_, w)) => panic!("welcomed a device nothing can reach: {w:?}"),
+    }
+    let (mut dev, _) = device(&gw, "allowed").await;
+    let service = async_nats::ConnectOptions::with_user_and_password("svc".into(), "svc".into())
+        .connect(nats.url())
+        .await
+        .expect("service connects");
+    let reply = tokio::time::timeout(
+        WAIT,
+        service.request("device.allowed.down", Bytes::from_static(b"hello")),
+    )
+    .await
+    .expect("answered in time")
+    .expect("answered");
+    assert!(
+        String::from_utf8_lossy(&reply.payload).contains("\"sent\""),
+        "{reply:?}"
+    );
+    let (_, payload) = tokio::time::timeout(WAIT, dev.recv_down())
+        .await
+        .expect("in time")
+        .expect("down");
+    assert_eq!(&payload[..], b"hello");
+}

@@ -47,6 +47,10 @@ pub const OUT_LIMIT: usize = 8 * 1024 * 1024;
 /// Most messages a subscription holds for a session that is not taking them; more are dropped
 /// and counted as slow-consumer drops (the session's own byte limits normally act first).
 pub const SLOT_LIMIT: usize = 64 * 1024;
+/// Most bytes a subscription holds likewise. The reader never waits, so while a session is
+/// held up (publishing into a full write buffer, say) its downlink queues here; the count
+/// alone would let 64k messages of up to `max_payload` each pile up for one device.
+pub const SLOT_BYTES_LIMIT: usize = 16 * 1024 * 1024;
 /// TCP connect plus `INFO`/`CONNECT`/`PONG` handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Client keep-alive interval; a connection whose oldest unanswered `PING` is older than two
@@ -193,13 +197,30 @@ pub fn parse_servers(list: &str) -> Result<Vec<ServerAddr>, AddressError> {
             }
             None => (None, rest),
         };
-        let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-                (h, p.parse().map_err(|_| err("port is not a number"))?)
+        let port_of = |p: &str| p.parse::<u16>().map_err(|_| err("port is not a number"));
+        let (host, port) = if let Some(bracketed) = hostport.strip_prefix('[') {
+            // An IPv6 address: `[::1]` or `[::1]:4222`.
+            let (host, after) = bracketed
+                .split_once(']')
+                .ok_or_else(|| err("an IPv6 address needs its closing ]"))?;
+            match after {
+                "" => (host, 4222),
+                _ => (
+                    host,
+                    port_of(
+                        after
+                            .strip_prefix(':')
+                            .ok_or_else(|| err("expected :port after ]"))?,
+                    )?,
+                ),
             }
-            _ => (hostport, 4222),
+        } else {
+            match hostport.split_once(':') {
+                Some((h, p)) if !p.contains(':') => (h, port_of(p)?),
+                Some(_) => return Err(err("an IPv6 address goes in brackets: [::1]:4222")),
+                None => (hostport, 4222),
+            }
         };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
             return Err(err("no host"));
         }
@@ -305,13 +326,16 @@ struct Slot {
     queue: Mutex<SlotQueue>,
 }
 
-/// A subscription's queue held [`SLOT_LIMIT`] messages: the newest was dropped.
+/// A subscription's queue held [`SLOT_LIMIT`] messages or [`SLOT_BYTES_LIMIT`] bytes: the
+/// newest was dropped.
 struct SlotFull;
 
 #[derive(Default)]
 struct SlotQueue {
     /// Allocated only while messages wait: an idle subscription owns no buffer.
     msgs: VecDeque<Msg>,
+    /// What `msgs` hold, by [`Msg::size`].
+    bytes: usize,
     waker: Option<Waker>,
     closed: bool,
     /// `UNSUB` sent by a drain that waits for its `PONG`: messages routed before it still
@@ -331,15 +355,20 @@ impl Slot {
         if q.closed {
             return Ok(None);
         }
-        if q.msgs.len() >= SLOT_LIMIT {
+        let size = msg.size();
+        if q.msgs.len() >= SLOT_LIMIT || q.bytes.saturating_add(size) > SLOT_BYTES_LIMIT {
             return Err(SlotFull);
         }
+        q.bytes += size;
         q.msgs.push_back(msg);
         Ok(q.waker.take())
     }
 
     fn pop(q: &mut SlotQueue) -> Option<Msg> {
         let msg = q.msgs.pop_front();
+        if let Some(msg) = &msg {
+            q.bytes = q.bytes.saturating_sub(msg.size());
+        }
         if q.msgs.is_empty() && q.msgs.capacity() > 0 {
             // Give the buffer back: most sessions see a message now and then, and an idle one
             // should cost nothing.
@@ -438,11 +467,11 @@ impl Link {
         self.inner.epoch.load(Ordering::Acquire)
     }
 
-    /// Moves on with every (re)connect and with every publish the server refuses: read it
-    /// before publishing what must be confirmed; if it is unchanged after a later `PONG`, the
-    /// message was accepted. A refusal does not say which message it was for, so it spoils
-    /// every confirmation in flight (they are resent), which is rare: it takes a
-    /// misconfigured permission.
+    /// Moves on with every (re)connect and with every refused publish that could be uplink:
+    /// read it before publishing what must be confirmed; if it is unchanged after a later
+    /// `PONG`, the message was accepted. Such a refusal does not say which message it was for,
+    /// so it spoils every confirmation in flight (they are resent), which is rare: it takes a
+    /// misconfigured permission. Refused replies, which are common, do not count.
     pub fn confirm_epoch(&self) -> u64 {
         // Both only grow, so the sum changes whenever either does.
         let epoch = self.inner.epoch.load(Ordering::Acquire);
@@ -619,9 +648,10 @@ impl Link {
     }
 
     /// Waits until everything published so far has been processed by the server, or `limit`.
-    /// Fails with [`LinkError::PublishRefused`] if the server refused a publish meanwhile
-    /// (its `-ERR` comes before the `PONG`); a refusal that arrived before this call is not
-    /// seen here (see [`Link::confirm_epoch`]).
+    /// Fails with [`LinkError::PublishRefused`] if the server refused a publish that could be
+    /// uplink meanwhile (its `-ERR` comes before the `PONG`; refused replies and claims do not
+    /// count, see `refusal_may_be_uplink`); a refusal that arrived before this call is not seen
+    /// here (see [`Link::confirm_epoch`]).
     pub async fn flush(&self, limit: Duration) -> Result<(), LinkError> {
         let refused = self.inner.refused.load(Ordering::Acquire);
         let rx = self.ping()?;
@@ -650,15 +680,22 @@ impl Subscription {
 
     /// Puts `msgs` back in front of the queue, in their order, ahead of anything that arrived
     /// since: messages taken out early (during a login) are then handled as if never taken.
-    /// Not bounded by [`SLOT_LIMIT`]: they were accepted already.
+    /// Not bounded by [`SLOT_LIMIT`] or [`SLOT_BYTES_LIMIT`]: they were accepted already.
     pub fn requeue_front(&mut self, msgs: Vec<Msg>) {
         if msgs.is_empty() {
             return;
         }
         let mut q = self.slot.lock();
         for msg in msgs.into_iter().rev() {
+            q.bytes += msg.size();
             q.msgs.push_front(msg);
         }
+    }
+
+    /// Whether the link ended this subscription (the server refused it, or the link stopped):
+    /// nothing more will arrive, though messages already queued may still be taken.
+    pub fn is_ended(&self) -> bool {
+        self.slot.lock().closed
     }
 
     /// A message already queued, without waiting.
@@ -867,10 +904,7 @@ async fn handshake(
         };
         let info: serde_json::Value =
             serde_json::from_slice(&info).map_err(|e| ConnError::Handshake(e.to_string()))?;
-        if let Some(max) = info.get("max_payload").and_then(serde_json::Value::as_u64) {
-            let max = usize::try_from(max).map_or(MAX_PAYLOAD_CAP, |m| m.min(MAX_PAYLOAD_CAP));
-            inner.max_payload.store(max, Ordering::Relaxed);
-        }
+        inner.note_info(&info);
         let server_requires_tls = info
             .get("tls_required")
             .and_then(serde_json::Value::as_bool)
@@ -926,7 +960,8 @@ async fn handshake(
                     stream.write_all(b"PONG\r\n").await?;
                     stream.flush().await?;
                 }
-                ServerOp::Info(_) | ServerOp::Ok => {}
+                ServerOp::Info(info) => inner.note_info_bytes(&info),
+                ServerOp::Ok => {}
                 ServerOp::Msg { .. } => {
                     return Err(ConnError::Handshake("MSG before subscribing".into()));
                 }
@@ -998,9 +1033,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
     mut reader: R,
     mut buf: BytesMut,
 ) -> Result<(), ConnError> {
-    let max_body = inner.max_body();
     loop {
-        while let Some(op) = wire::decode(&mut buf, max_body)? {
+        // Read per message: an INFO after CONNECT may change max_payload (account limits).
+        while let Some(op) = wire::decode(&mut buf, inner.max_body())? {
             inner.dispatch(op);
         }
         if buf.capacity() - buf.len() < 4096 {
@@ -1066,6 +1101,25 @@ async fn keepalive(inner: &Inner) -> Result<(), ConnError> {
 }
 
 impl Inner {
+    /// Takes `max_payload` from an `INFO`: the first one, and any later one. With account
+    /// limits the server announces its own maximum first and the account's in the `INFO` that
+    /// answers `CONNECT`; publishing past the smaller one makes the server close the whole
+    /// connection, every device's traffic with it.
+    fn note_info(&self, info: &serde_json::Value) {
+        if let Some(max) = info.get("max_payload").and_then(serde_json::Value::as_u64) {
+            let max = usize::try_from(max).map_or(MAX_PAYLOAD_CAP, |m| m.min(MAX_PAYLOAD_CAP));
+            self.max_payload.store(max, Ordering::Relaxed);
+        }
+    }
+
+    /// [`Inner::note_info`] of a raw `INFO` body; an unreadable one changes nothing.
+    fn note_info_bytes(&self, info: &[u8]) {
+        match serde_json::from_slice::<serde_json::Value>(info) {
+            Ok(info) => self.note_info(&info),
+            Err(error) => tracing::debug!(%error, "unreadable INFO from the NATS server ignored"),
+        }
+    }
+
     /// The most header + payload bytes a delivered message may announce.
     fn max_body(&self) -> usize {
         self.max_payload
@@ -1161,8 +1215,12 @@ impl Inner {
             }
             // Before the inbox case: a request whose reply subject is refused names the inbox too.
             ServerOp::Err(error) if is_publish_refusal(&error) => {
-                let refused = self.refused.fetch_add(1, Ordering::AcqRel) + 1;
-                tracing::warn!(%error, refused_total = refused, "NATS refused a publish; uplink confirmations in flight fail and devices resend");
+                if refusal_may_be_uplink(&error) {
+                    let refused = self.refused.fetch_add(1, Ordering::AcqRel) + 1;
+                    tracing::warn!(%error, refused_total = refused, "NATS refused a publish; uplink confirmations in flight fail and devices resend");
+                } else {
+                    tracing::warn!(%error, "NATS refused a publish that is not uplink (a reply to a request received before a reconnect, to a reused reply subject or after 2 minutes, or a claim); uplink confirmations are unaffected");
+                }
             }
             // A NATS user without `devgate.inbox.>` (a config from before this prefix): the
             // server refuses the inbox subscription, every claim waits out its timeout and
@@ -1172,9 +1230,35 @@ impl Inner {
                 inbox = %self.inbox,
                 "NATS refused this gateway's reply inbox: every login waits claim_timeout_ms and split sessions are not healed; allow the gateway user to subscribe to devgate.inbox.> (nats/accounts.conf)"
             ),
+            // After the inbox case. The server keeps the connection but registers no interest:
+            // a device welcomed on it would be unreachable ("no responders" to services, and a
+            // login elsewhere would not find it). Its subscription ends, and so does the login
+            // or session (`unavailable`); the device reconnects, perhaps to a gateway allowed.
+            ServerOp::Err(error) if is_subscription_refusal(&error) => {
+                let ended = refused_subject(&error).map_or(0, |subject| self.end_refused(subject));
+                tracing::error!(%error, ended, "NATS refused a subscription: its sessions end; allow the gateway user to subscribe to device.*.down (nats/accounts.conf) and check the account's max_subs");
+            }
             ServerOp::Err(error) => tracing::warn!(%error, "NATS server error"),
-            ServerOp::Info(_) | ServerOp::Ok => {}
+            ServerOp::Info(info) => self.note_info_bytes(&info),
+            ServerOp::Ok => {}
         }
+    }
+
+    /// Ends every subscription to `subject` (the server refused it); returns how many.
+    fn end_refused(&self, subject: &str) -> usize {
+        let ended: Vec<Arc<Slot>> = {
+            let mut subs = lock(&self.subs);
+            let sids: Vec<u64> = subs
+                .iter()
+                .filter(|(_, slot)| &*slot.subject == subject)
+                .map(|(sid, _)| *sid)
+                .collect();
+            sids.iter().filter_map(|sid| subs.remove(sid)).collect()
+        };
+        for slot in &ended {
+            slot.close();
+        }
+        ended.len()
     }
 
     /// A message for a sid this link no longer has: the server still routes its subject here.
@@ -1202,6 +1286,47 @@ impl Inner {
             "message for an unknown subscription dropped"
         );
     }
+}
+
+/// Whether a refused publish could be an uplink message, whose refusal must spoil the
+/// confirmations in flight (the `-ERR` does not say which message it was). Uplink goes to
+/// `device.<id>.up` without a reply subject, so a refusal naming another subject, or a reply
+/// subject (`... for Publish with Reply of ...`), cannot be one. Replies are the common case:
+/// `allow_responses` admits one reply per request received on the same connection within 2
+/// minutes, so replies after a reconnect are refused; they must not make every device on the
+/// gateway resend its uplink. An unreadable refusal counts, to be safe.
+fn refusal_may_be_uplink(error: &str) -> bool {
+    const REPLY: &str = "permissions violation for publish with reply of ";
+    if error.to_ascii_lowercase().starts_with(REPLY) {
+        return false;
+    }
+    match refused_subject(error) {
+        // Device ids have no dots, so an uplink subject has exactly three tokens.
+        Some(subject) => matches!(
+            subject.split('.').collect::<Vec<_>>().as_slice(),
+            ["device", _, "up"]
+        ),
+        None => true,
+    }
+}
+
+/// The subject a permissions `-ERR` names (`... Publish to "<subject>"`, `... Subscription to
+/// "<subject>"`), if it reads as one.
+fn refused_subject(error: &str) -> Option<&str> {
+    let lower = error.to_ascii_lowercase();
+    let at = ["for publish to ", "for subscription to "]
+        .iter()
+        .find_map(|p| lower.find(p).map(|i| i + p.len()))?;
+    error.get(at..)?.trim().strip_prefix('"')?.strip_suffix('"')
+}
+
+/// Whether a `-ERR` reports a refused subscription (`Permissions Violation for Subscription to
+/// ...`); the server keeps the connection open after it.
+fn is_subscription_refusal(error: &str) -> bool {
+    const PREFIX: &str = "Permissions Violation for Subscription";
+    error
+        .get(..PREFIX.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(PREFIX))
 }
 
 /// Whether a `-ERR` reports a dropped publish (`Permissions Violation for Publish to ...` or
@@ -1404,6 +1529,130 @@ mod tests {
             before.1,
             "the connection epoch is for reconnects"
         );
+    }
+
+    #[test]
+    fn a_refused_reply_or_claim_does_not_spoil_uplink_confirmations() {
+        let link = idle_link();
+        link.inner.on_connect();
+        let before = link.confirm_epoch();
+        for not_uplink in [
+            // A reply to a request received before a reconnect (allow_responses).
+            "Permissions Violation for Publish to \"_INBOX.svc.1\"",
+            "permissions violation for publish to \"reply.custom\"",
+            "Permissions Violation for Publish to \"device.a.down\"",
+            "Permissions Violation for Publish to \"device.a.up.more\"",
+            "Permissions Violation for Publish with Reply of \"devgate.inbox.x.1\"",
+        ] {
+            link.inner.dispatch(ServerOp::Err(not_uplink.into()));
+            assert_eq!(link.confirm_epoch(), before, "{not_uplink}");
+        }
+        // Uplink, or a refusal whose subject cannot be read: confirmations in flight fail.
+        for (i, maybe_uplink) in [
+            "Permissions Violation for Publish to \"device.a.up\"",
+            "Permissions Violation for Publish to device.a.up",
+            "Permissions Violation for Publish",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            link.inner.dispatch(ServerOp::Err(maybe_uplink.into()));
+            assert_eq!(
+                link.confirm_epoch(),
+                before + 1 + i as u64,
+                "{maybe_uplink}"
+            );
+        }
+    }
+
+    #[test]
+    fn max_payload_follows_the_info_that_answers_connect() {
+        let link = idle_link();
+        link.inner.on_connect();
+        let payload = vec![0u8; 2000];
+        link.publish_now("device.a.up", None, Headers::None, &payload)
+            .expect("within the default 1 MiB");
+        // With account limits, the INFO after CONNECT carries the account's max_payload.
+        link.inner.dispatch(ServerOp::Info(Bytes::from_static(
+            b"{\"max_payload\":1000,\"connect_info\":true}",
+        )));
+        assert!(matches!(
+            link.publish_now("device.a.up", None, Headers::None, &payload),
+            Err(LinkError::TooLarge {
+                len: 2000,
+                max: 1000
+            })
+        ));
+        // An INFO without it (cluster updates) or unreadable changes nothing.
+        for info in [&b"{\"connect_urls\":[\"a:4222\"]}"[..], b"{not json"] {
+            link.inner
+                .dispatch(ServerOp::Info(Bytes::copy_from_slice(info)));
+            assert!(
+                link.publish_now("device.a.up", None, Headers::None, &payload)
+                    .is_err()
+            );
+        }
+    }
+
+    #[test]
+    fn ipv6_servers_need_brackets_and_take_the_default_port() {
+        let hosts = |list: &str| -> Vec<(String, u16)> {
+            parse_servers(list)
+                .expect("valid")
+                .into_iter()
+                .map(|s| (s.host, s.port))
+                .collect()
+        };
+        assert_eq!(
+            hosts("nats://[::1], tls://[fd00::7]:4333, nats://a:1, b, u:p@[::2]"),
+            vec![
+                ("::1".to_owned(), 4222),
+                ("fd00::7".to_owned(), 4333),
+                ("a".to_owned(), 1),
+                ("b".to_owned(), 4222),
+                ("::2".to_owned(), 4222),
+            ]
+        );
+        for (bad, why) in [
+            ("nats://::1", "brackets"),
+            ("nats://[::1", "closing ]"),
+            ("nats://[::1]4222", ":port"),
+            ("nats://a:x", "not a number"),
+        ] {
+            let err = parse_servers(bad).expect_err(bad).to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_subscription_queue_is_bounded_in_bytes_too() {
+        let link = idle_link();
+        link.inner.on_connect();
+        let mut sub = link.subscribe("device.x.down");
+        let mib = |sid: u64| ServerOp::Msg {
+            sid,
+            msg: Msg::new(
+                Bytes::from_static(b"device.x.down"),
+                None,
+                None,
+                Bytes::from(vec![7u8; 1024 * 1024]),
+            ),
+        };
+        // 16 messages of 1 MiB (plus their subjects) are more than SLOT_BYTES_LIMIT: the last
+        // is dropped, though far fewer than SLOT_LIMIT messages wait.
+        for _ in 0..16 {
+            link.inner.dispatch(mib(sub.sid));
+        }
+        let mut queued = 0;
+        while sub.try_next().is_some() {
+            queued += 1;
+        }
+        assert_eq!(queued, 15);
+        // Taken out, their bytes are free again.
+        for _ in 0..15 {
+            link.inner.dispatch(mib(sub.sid));
+        }
+        assert_eq!(std::iter::from_fn(|| sub.try_next()).count(), 15);
     }
 
     #[test]

@@ -7,8 +7,9 @@
 //! has processed everything the connection sent before. One such round trip confirms a whole
 //! batch of UPs from all sessions. If the connection was re-established in between (the epoch
 //! moved), bytes may have died in the old socket, so that batch is reported unconfirmed and
-//! the devices resend. So is a batch during which the server refused a publish (a permission
-//! `-ERR`, after which the connection stays open): the epoch moves for that too.
+//! the devices resend. So is a batch during which the server refused a publish to an uplink
+//! subject (a permission `-ERR`, after which the connection stays open): the epoch moves for
+//! that too. Refused replies do not move it (see `link::Link::confirm_epoch`).
 
 pub mod link;
 pub mod tls;

@@ -58,6 +58,14 @@ pub struct Msg {
 }
 
 impl Msg {
+    /// The bytes it holds (subject, reply, headers, payload), for queue limits.
+    pub fn size(&self) -> usize {
+        self.subject.len()
+            + self.reply.as_ref().map_or(0, Bytes::len)
+            + self.headers.as_ref().map_or(0, Bytes::len)
+            + self.payload.len()
+    }
+
     /// A message built locally (tests, and replies synthesised by the client).
     pub fn new(
         subject: Bytes,
