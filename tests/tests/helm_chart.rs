@@ -1529,6 +1529,7 @@ fn notes_tell_how_to_connect_a_device_curl_the_bridge_and_use_the_nats_cli() {
                 "devgate-device-tls -o jsonpath='{.data.ca\\.crt}'",
                 "--tls-ca device-ca.crt --tls-server-name devgate-nginx --devices 3",
                 "carry the label(s) devgate.io/nats-client=true",
+                "service-alt, key nats-service-alt-password",
             ],
         ),
         (
@@ -2794,6 +2795,108 @@ fn secret_checksums(docs: &[Value]) -> BTreeMap<&'static str, Option<String>> {
     .collect()
 }
 
+/// A NATS password changes without cutting anyone off. A NATS user has one password, so
+/// changing it in place leaves the clients still holding the old one locked out until they
+/// restart. Instead the role moves to its twin user, whose password the servers already have
+/// (NATS does not roll), and then the unused user's password changes (only NATS rolls; the
+/// role's pods, on the twin, do not).
+#[test]
+fn a_nats_password_changes_by_moving_the_role_to_its_twin_user() {
+    let c = combo("default");
+    let template = |docs: &[Value], kind: &str, name: &str| {
+        one(docs, kind, &full(name))["spec"]["template"].clone()
+    };
+    let nats_login = |docs: &[Value], name: &str| -> (String, String) {
+        let c = container(one(docs, "Deployment", &full(name)), name);
+        let key = c["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .find(|e| e["name"] == "DEVGATE_NATS_PASSWORD")
+            .expect("password env")["valueFrom"]["secretKeyRef"]["key"]
+            .as_str()
+            .expect("key")
+            .to_owned();
+        (env_value(c, "DEVGATE_NATS_USER"), key)
+    };
+    let given = [
+        "secrets.nats.gatewayPassword=GatewayOne",
+        "secrets.nats.gatewayAltPassword=GatewayAlt",
+    ];
+    let before = render(&c, &given);
+    assert_eq!(
+        nats_login(&before, "gateway"),
+        ("gateway".into(), "nats-gateway-password".into())
+    );
+
+    // 1. The gateways move to gateway-alt: they roll; NATS and bridge-api do not.
+    let moved_sets = [given[0], given[1], "nats.userSlot.gateway=alt"];
+    let moved = render(&c, &moved_sets);
+    assert_eq!(
+        nats_login(&moved, "gateway"),
+        ("gateway-alt".into(), "nats-gateway-alt-password".into())
+    );
+    assert_ne!(
+        template(&before, "Deployment", "gateway"),
+        template(&moved, "Deployment", "gateway")
+    );
+    assert_eq!(
+        template(&before, "StatefulSet", "nats"),
+        template(&moved, "StatefulSet", "nats"),
+        "NATS already knows gateway-alt's password"
+    );
+    assert_eq!(
+        template(&before, "Deployment", "bridge-api"),
+        template(&moved, "Deployment", "bridge-api")
+    );
+
+    // 2. The unused user's password changes: NATS rolls, the gateways (on the twin) do not.
+    let changed_sets = [
+        moved_sets[0],
+        moved_sets[1],
+        moved_sets[2],
+        "secrets.nats.gatewayPassword=GatewayTwo",
+    ];
+    let changed = render(&c, &changed_sets);
+    assert_eq!(
+        template(&moved, "Deployment", "gateway"),
+        template(&changed, "Deployment", "gateway"),
+        "nobody is on the user whose password changed"
+    );
+    assert_ne!(
+        template(&moved, "StatefulSet", "nats"),
+        template(&changed, "StatefulSet", "nats")
+    );
+    let secret = secret_data(&changed);
+    assert_eq!(secret["nats-gateway-password"], "GatewayTwo");
+    assert_eq!(secret["nats-gateway-alt-password"], "GatewayAlt");
+    // The NATS pods get every user's password, twins included.
+    let nats = container(one(&changed, "StatefulSet", &full("nats")), "nats");
+    for var in [
+        "DEVGATE_NATS_GATEWAY_ALT_PASSWORD",
+        "DEVGATE_NATS_BRIDGE_API_ALT_PASSWORD",
+        "DEVGATE_NATS_LB_SYNC_ALT_PASSWORD",
+        "DEVGATE_NATS_SERVICE_ALT_PASSWORD",
+    ] {
+        assert!(
+            nats["env"]
+                .as_array()
+                .expect("env")
+                .iter()
+                .any(|e| e["name"] == var),
+            "{var}"
+        );
+    }
+
+    // The twins are the chart's own NATS's; an existing NATS has the users it has.
+    assert_refused(
+        &combo("external-nats-values"),
+        &["nats.userSlot.bridgeApi=alt"],
+        "nats.userSlot.bridgeApi=alt is for the chart's own NATS",
+    );
+    assert_refused(&c, &["nats.userSlot.gateway=b"], "must be primary or alt");
+}
+
 /// Pods read Secret values only when they start: an upgrade that changes a token or password
 /// rolls exactly the workloads that read it, and nothing else (a generated secret, kept across
 /// upgrades, never does).
@@ -2833,6 +2936,9 @@ fn a_changed_secret_value_rolls_exactly_the_workloads_that_read_it() {
             &["bridge-api", "nats"],
         ),
         ("secrets.nats.servicePassword=AnotherPassword", &["nats"]),
+        // The twin users: only NATS has them until a role moves to one.
+        ("secrets.nats.gatewayAltPassword=AnotherPassword", &["nats"]),
+        ("secrets.nats.serviceAltPassword=AnotherPassword", &["nats"]),
         ("secrets.nats.routePassword=AnotherPassword", &["nats"]),
     ] {
         let changed = secret_checksums(&render(&default, &[set]));

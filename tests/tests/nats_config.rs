@@ -45,6 +45,26 @@ const USERS: &[(&str, &str, &str)] = &[
         "service-test-pass",
     ),
     ("sys", "DEVGATE_NATS_SYS_PASSWORD", "sys-test-pass"),
+    (
+        "gateway-alt",
+        "DEVGATE_NATS_GATEWAY_ALT_PASSWORD",
+        "gateway-alt-test-pass",
+    ),
+    (
+        "bridge-api-alt",
+        "DEVGATE_NATS_BRIDGE_API_ALT_PASSWORD",
+        "bridge-alt-test-pass",
+    ),
+    (
+        "lb-sync-alt",
+        "DEVGATE_NATS_LB_SYNC_ALT_PASSWORD",
+        "lb-alt-test-pass",
+    ),
+    (
+        "service-alt",
+        "DEVGATE_NATS_SERVICE_ALT_PASSWORD",
+        "service-alt-test-pass",
+    ),
 ];
 
 fn nats_dir() -> PathBuf {
@@ -364,7 +384,7 @@ impl AuthNats {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let mut options =
             ConnectOptions::with_user_and_password(user.into(), password(user).into());
-        if user == "gateway" {
+        if user.starts_with("gateway") {
             // A gateway's replies come back under its own prefix (it may not read `_INBOX.>`).
             let prefix = subjects::GATEWAY_INBOX_PREFIX.trim_end_matches('.');
             options = options.custom_inbox_prefix(prefix);
@@ -393,13 +413,18 @@ impl AuthNats {
 
     /// A real gateway logged in as the `gateway` user.
     async fn gateway(&self, instance: &str) -> Gateway {
+        self.gateway_as(instance, "gateway").await
+    }
+
+    /// A real gateway logged in as `user`.
+    async fn gateway_as(&self, instance: &str, user: &str) -> Gateway {
         start_with(Config {
             listen: "127.0.0.1:0".parse().expect("addr"),
             http_listen: "127.0.0.1:0".parse().expect("addr"),
             nats_url: self.url(),
             nats_tls_ca: self.tls().then(|| tls_fixture("ca.pem")),
-            nats_user: Some("gateway".into()),
-            nats_password: Some(Secret::new(password("gateway"))),
+            nats_user: Some(user.into()),
+            nats_password: Some(Secret::new(password(user))),
             instance_id: Some(instance.to_owned()),
             auth_secret: Some(Secret::new(SECRET)),
             drain_window_ms: 300,
@@ -765,6 +790,19 @@ async fn lb_sync_only_hears_announcements() {
 #[tokio::test]
 async fn a_wrong_password_is_refused() {
     let nats = AuthNats::start();
+    // Passwords are per user: a twin's is not its role's, nor the other way round.
+    for (user, other) in [("service", "service-alt"), ("gateway-alt", "gateway")] {
+        let err = ConnectOptions::with_user_and_password(user.into(), password(other).into())
+            .connect(nats.url())
+            .await
+            .expect_err("another user's password must be refused");
+        assert!(
+            err.to_string().to_lowercase().contains("authorization"),
+            "{user}: {err}"
+        );
+    }
+    drop(nats);
+    let nats = AuthNats::start();
     let err = ConnectOptions::with_user_and_password("service".into(), "not-the-password".into())
         .connect(nats.url())
         .await
@@ -918,4 +956,146 @@ async fn the_real_bridge_api_works_under_its_nats_user() {
         stream.push_str(&String::from_utf8_lossy(&chunk));
     }
     gw.shutdown().await.expect("gateway stops");
+}
+
+/// Each role's `-alt` twin has the role's permissions under its own password, so clients can
+/// move to it while the role's password changes (docs/deploy.md, "Rotating NATS passwords").
+#[tokio::test]
+async fn each_roles_alt_twin_has_the_roles_permissions() {
+    let nats = AuthNats::start();
+    // A real gateway under gateway-alt: its logins' claims, downlink and acknowledged uplink
+    // work, for a service under service-alt.
+    let gw = nats.gateway_as("gw-alt", "gateway-alt").await;
+    let (mut dev, welcome) = tokio::time::timeout(WAIT, device(&gw, "dev-alt"))
+        .await
+        .expect("the login's claims are answered");
+    let (service, mut errors) = nats.connect("service-alt").await;
+    let reply = service
+        .request(subjects::down(&id("dev-alt")), Bytes::from_static(b"hi"))
+        .await
+        .expect("the holding gateway answers");
+    let reply: DeliveryReply = serde_json::from_slice(&reply.payload).expect("json reply");
+    assert_eq!(reply.status, DeliveryStatus::Sent);
+    assert_eq!(reply.session, welcome.session);
+    let (_, payload) = tokio::time::timeout(WAIT, dev.recv_down())
+        .await
+        .expect("in time")
+        .expect("down");
+    assert_eq!(&payload[..], b"hi");
+    let mut up = service.subscribe(subjects::ALL_UP).await.expect("sub up");
+    devgate_tests::nats::barrier(&service, "device.barrier-probe.down").await;
+    dev.send_up(3, Bytes::from_static(b"reading"))
+        .await
+        .expect("send up");
+    let msg = tokio::time::timeout(WAIT, up.next())
+        .await
+        .expect("uplink in time")
+        .expect("open");
+    assert_eq!(&msg.payload[..], b"reading");
+    let acked = tokio::time::timeout(WAIT, dev.recv_ack())
+        .await
+        .expect("ack in time")
+        .expect("ack");
+    assert_eq!(acked, 3);
+
+    // And the role's limits: service-alt may not take downlink, lb-sync-alt may not publish.
+    let _denied = service
+        .subscribe("device.nobody.down")
+        .await
+        .expect("client-side subscribe");
+    violation(&mut errors, "subscription", "device.nobody.down").await;
+    let (lb, mut lb_errors) = nats.connect("lb-sync-alt").await;
+    lb.publish("device.dev-alt.down", Bytes::from_static(b"forged"))
+        .await
+        .expect("client-side publish");
+    lb.flush().await.expect("flush");
+    violation(&mut lb_errors, "publish", "device.dev-alt.down").await;
+    // bridge-api-alt may send its barrier request: "no responders", not a refused publish
+    // (which would time out).
+    let (bridge, _) = nats.connect("bridge-api-alt").await;
+    let err = bridge
+        .request("devgate.barrier.bridge-api", Bytes::new())
+        .await
+        .expect_err("nobody listens on the barrier");
+    assert_eq!(
+        err.kind(),
+        async_nats::RequestErrorKind::NoResponders,
+        "{err}"
+    );
+}
+
+/// What the twins are for: NATS restarting with a new password for a user nobody is on (the
+/// rolling restart after `secrets.nats.gatewayPassword` changed) leaves the clients on its twin
+/// alone. The gateway reconnects under `gateway-alt`, its device's session carries on, and the
+/// old `gateway` password no longer opens anything.
+#[tokio::test]
+async fn a_gateway_on_the_twin_rides_out_a_restart_that_changes_the_other_password() {
+    const NEW: &str = "gateway-new-pass";
+    let nats = AuthNats::start();
+    let port = nats.port;
+    let gw = nats.gateway_as("gw-alt", "gateway-alt").await;
+    let (mut dev, welcome) = tokio::time::timeout(WAIT, device(&gw, "dev-r"))
+        .await
+        .expect("login in time");
+    drop(nats);
+    let env: Vec<(&str, &str)> = user_env()
+        .into_iter()
+        .map(|(var, pass)| {
+            let pass = if var == "DEVGATE_NATS_GATEWAY_PASSWORD" {
+                NEW
+            } else {
+                pass
+            };
+            (var, pass)
+        })
+        .collect();
+    let port_arg = port.to_string();
+    let nats = AuthNats::start_config(
+        &nats_dir().join("local-auth.conf"),
+        &["-m", "0", "-p", &port_arg],
+        env,
+        None,
+    );
+    let (service, _) = nats.connect("service").await;
+    // The gateway reconnects on its own (backoff) and subscribes its sessions again: the
+    // device is reachable once a request is answered.
+    let reply = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match service
+                .request(
+                    subjects::down(&id("dev-r")),
+                    Bytes::from_static(b"still here"),
+                )
+                .await
+            {
+                Ok(reply) => break reply,
+                Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                    // Not resubscribed yet: wait for the next presence of interest.
+                    tokio::task::yield_now().await;
+                    let _ = service.flush().await;
+                }
+                Err(e) => panic!("request failed: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("the gateway came back under gateway-alt");
+    let reply: DeliveryReply = serde_json::from_slice(&reply.payload).expect("json reply");
+    assert_eq!(reply.status, DeliveryStatus::Sent);
+    assert_eq!(reply.session, welcome.session, "the same session");
+    let (_, payload) = tokio::time::timeout(WAIT, dev.recv_down())
+        .await
+        .expect("in time")
+        .expect("down");
+    assert_eq!(&payload[..], b"still here");
+    // The changed user: the old password is refused, the new one accepted.
+    let old = ConnectOptions::with_user_and_password("gateway".into(), password("gateway").into())
+        .connect(nats.url())
+        .await;
+    assert!(old.is_err(), "the old gateway password still works");
+    ConnectOptions::with_user_and_password("gateway".into(), NEW.into())
+        .custom_inbox_prefix(subjects::GATEWAY_INBOX_PREFIX.trim_end_matches('.'))
+        .connect(nats.url())
+        .await
+        .expect("the new gateway password works");
 }

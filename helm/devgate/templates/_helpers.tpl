@@ -102,18 +102,16 @@ nats.external.users.
 {{- define "devgate.nats.env" -}}
 {{- $ := index . 0 -}}
 {{- $role := index . 1 -}}
-{{- $users := dict "gateway" "gateway" "bridgeApi" "bridge-api" -}}
-{{- $keys := dict "gateway" "nats-gateway-password" "bridgeApi" "nats-bridge-api-password" -}}
 - name: DEVGATE_NATS_URL
   value: {{ include "devgate.nats.url" $ | quote }}
 {{- if include "devgate.nats.auth" $ }}
 - name: DEVGATE_NATS_USER
-  value: {{ ternary (get $users $role) (get $.Values.nats.external.users $role) $.Values.nats.enabled | quote }}
+  value: {{ ternary (include "devgate.nats.user" (list $ $role)) (get $.Values.nats.external.users $role) $.Values.nats.enabled | quote }}
 - name: DEVGATE_NATS_PASSWORD
   valueFrom:
     secretKeyRef:
       name: {{ include "devgate.secretName" $ }}
-      key: {{ get $keys $role }}
+      key: {{ include "devgate.nats.passwordKey" (list $ $role) }}
 {{- end }}
 {{- if include "devgate.nats.clientTlsSecret" $ }}
 - name: DEVGATE_NATS_TLS_CA
@@ -125,6 +123,35 @@ nats.external.users.
   value: /etc/devgate/nats-tls/tls.key
 {{- end }}
 {{- end }}
+{{- end -}}
+
+{{/*
+Which of its role's two NATS users a component connects as (nats.userSlot.<role>): the role's
+own (gateway, bridge-api) or its twin (gateway-alt, bridge-api-alt), each with its own password,
+so that a password changes without cutting anyone off (docs/deploy.md#rotating-nats-passwords).
+An existing NATS has the users it has (nats.external.users). Args: (list $ role).
+*/}}
+{{- define "devgate.nats.alt" -}}
+{{- $ := index . 0 -}}
+{{- $role := index . 1 -}}
+{{- $slot := get $.Values.nats.userSlot $role -}}
+{{- if not (has $slot (list "primary" "alt")) -}}
+{{- fail (printf "nats.userSlot.%s must be primary or alt, got %v" $role $slot) -}}
+{{- end -}}
+{{- if and (eq $slot "alt") (not $.Values.nats.enabled) -}}
+{{- fail (printf "nats.userSlot.%s=alt is for the chart's own NATS; for an existing NATS set nats.external.users.%s and the Secret's password instead" $role $role) -}}
+{{- end -}}
+{{- if eq $slot "alt" }}alt{{ end -}}
+{{- end -}}
+
+{{- define "devgate.nats.user" -}}
+{{- $base := get (dict "gateway" "gateway" "bridgeApi" "bridge-api") (index . 1) -}}
+{{- $base }}{{ if include "devgate.nats.alt" . }}-alt{{ end -}}
+{{- end -}}
+
+{{- define "devgate.nats.passwordKey" -}}
+{{- $base := get (dict "gateway" "gateway" "bridgeApi" "bridge-api") (index . 1) -}}
+nats-{{ $base }}{{ if include "devgate.nats.alt" . }}-alt{{ end }}-password
 {{- end -}}
 
 {{/* The Secret a NATS client mounts for TLS: nats.tls (in-cluster) or nats.external.tls
@@ -351,6 +378,9 @@ here, so the chart test can stand a file in for the cluster. Call with (list $ n
 {{- if not (kindIs "map" .Values.gateway.uplinkRate) -}}
 {{- fail "gateway.uplinkRate is missing: this chart version added the gateway's and bridge-api's limits as values (gateway.maxHandshakes, bridgeApi.maxTails, ...). Upgrade with --reset-then-reuse-values (not --reuse-values)" -}}
 {{- end -}}
+{{- if not (kindIs "map" .Values.nats.userSlot) -}}
+{{- fail "nats.userSlot is missing: this chart version added twin NATS users for password changes without an interruption (docs/deploy.md#rotating-nats-passwords). Upgrade with --reset-then-reuse-values (not --reuse-values)" -}}
+{{- end -}}
 {{- if not (kindIs "map" .Values.networkPolicy) -}}
 {{- fail "networkPolicy is missing: this chart version added NetworkPolicies (docs/deploy.md, section Network policies). Upgrade with --reset-then-reuse-values (not --reuse-values)" -}}
 {{- end -}}
@@ -385,7 +415,11 @@ the chart does not know (restart the pods after changing that Secret).
   "nats-lb-sync-password" (toString (default "" $s.nats.lbSyncPassword))
   "nats-service-password" (toString (default "" $s.nats.servicePassword))
   "nats-sys-password" (toString (default "" $s.nats.sysPassword))
-  "nats-route-password" (toString (default "" $s.nats.routePassword)) -}}
+  "nats-route-password" (toString (default "" $s.nats.routePassword))
+  "nats-gateway-alt-password" (toString (default "" $s.nats.gatewayAltPassword))
+  "nats-bridge-api-alt-password" (toString (default "" $s.nats.bridgeApiAltPassword))
+  "nats-lb-sync-alt-password" (toString (default "" $s.nats.lbSyncAltPassword))
+  "nats-service-alt-password" (toString (default "" $s.nats.serviceAltPassword)) -}}
 {{- $parts := list -}}
 {{- range $key := rest . -}}
 {{- if not (hasKey $given $key) -}}
