@@ -448,8 +448,7 @@ async fn a_lone_token_in_the_url_is_an_auth_token() {
     live(&link).await;
 }
 
-/// NATS refusing a subscription (the gateway user's permissions, or the account's `max_subs`)
-/// registers no interest: the link ends that subscription and no other, so a session on it
+/// NATS refusing a subscription (the gateway user's permissions) registers no interest: the link ends that subscription and no other, so a session on it
 /// cannot be welcomed where nothing reaches it.
 #[tokio::test]
 async fn a_subscription_the_server_refuses_ends_and_others_carry_on() {

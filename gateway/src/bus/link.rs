@@ -356,7 +356,10 @@ impl Slot {
             return Ok(None);
         }
         let size = msg.size();
-        if q.msgs.len() >= SLOT_LIMIT || q.bytes.saturating_add(size) > SLOT_BYTES_LIMIT {
+        // An empty queue takes any message: one larger than the byte limit (a server whose
+        // max_payload exceeds it) still reaches the session, whose own limits answer it.
+        let over_bytes = !q.msgs.is_empty() && q.bytes.saturating_add(size) > SLOT_BYTES_LIMIT;
+        if q.msgs.len() >= SLOT_LIMIT || over_bytes {
             return Err(SlotFull);
         }
         q.bytes += size;
@@ -1235,8 +1238,17 @@ impl Inner {
             // login elsewhere would not find it). Its subscription ends, and so does the login
             // or session (`unavailable`); the device reconnects, perhaps to a gateway allowed.
             ServerOp::Err(error) if is_subscription_refusal(&error) => {
-                let ended = refused_subject(&error).map_or(0, |subject| self.end_refused(subject));
-                tracing::error!(%error, ended, "NATS refused a subscription: its sessions end; allow the gateway user to subscribe to device.*.down (nats/accounts.conf) and check the account's max_subs");
+                let ended = refused_subject(&error)
+                    .map_or(0, |subject| self.end_refused(subject, refused_sid(&error)));
+                tracing::error!(%error, ended, "NATS refused a subscription: a device's ends with its session; others are sent again after the next reconnect; allow the gateway user to subscribe to device.*.down (nats/accounts.conf)");
+            }
+            // Names no subject, so the session it was for cannot be told: say what it means.
+            ServerOp::Err(error)
+                if error
+                    .to_ascii_lowercase()
+                    .contains("maximum subscriptions exceeded") =>
+            {
+                tracing::error!(%error, "NATS refused a subscription over the account's or user's max_subs: a device logged in here may be unreachable; raise max_subs above the devices per gateway");
             }
             ServerOp::Err(error) => tracing::warn!(%error, "NATS server error"),
             ServerOp::Info(info) => self.note_info_bytes(&info),
@@ -1244,13 +1256,24 @@ impl Inner {
         }
     }
 
-    /// Ends every subscription to `subject` (the server refused it); returns how many.
-    fn end_refused(&self, subject: &str) -> usize {
+    /// Ends the device subscriptions to `subject` the server refused (only `sid` when the
+    /// refusal names one: a config reload revoking a live subscription does); returns how many.
+    /// Only a device's downlink ends: its session then ends too, and the device reconnects,
+    /// perhaps to a gateway that may subscribe. The gateway's own subscriptions (stats,
+    /// sessions, its inbox) stay in the table, so the next connection, perhaps under fixed
+    /// permissions, subscribes them again.
+    fn end_refused(&self, subject: &str, sid: Option<u64>) -> usize {
+        if !matches!(
+            subject.split('.').collect::<Vec<_>>().as_slice(),
+            ["device", _, "down"]
+        ) {
+            return 0;
+        }
         let ended: Vec<Arc<Slot>> = {
             let mut subs = lock(&self.subs);
             let sids: Vec<u64> = subs
                 .iter()
-                .filter(|(_, slot)| &*slot.subject == subject)
+                .filter(|(s, slot)| &*slot.subject == subject && sid.is_none_or(|sid| sid == **s))
                 .map(|(sid, _)| *sid)
                 .collect();
             sids.iter().filter_map(|sid| subs.remove(sid)).collect()
@@ -1317,7 +1340,21 @@ fn refused_subject(error: &str) -> Option<&str> {
     let at = ["for publish to ", "for subscription to "]
         .iter()
         .find_map(|p| lower.find(p).map(|i| i + p.len()))?;
-    error.get(at..)?.trim().strip_prefix('"')?.strip_suffix('"')
+    quoted(error.get(at..)?.trim_start())
+}
+
+/// The sid a refusal names: a config reload that revokes a live subscription reports
+/// `... Subscription to "<subject>" (sid "<sid>")`; a refused `SUB` names none.
+fn refused_sid(error: &str) -> Option<u64> {
+    const SID: &str = "(sid ";
+    let at = error.find(SID)? + SID.len();
+    quoted(error.get(at..)?)?.parse().ok()
+}
+
+/// The text between a leading `"` and the next one.
+fn quoted(text: &str) -> Option<&str> {
+    let rest = text.strip_prefix('"')?;
+    rest.get(..rest.find('"')?)
 }
 
 /// Whether a `-ERR` reports a refused subscription (`Permissions Violation for Subscription to
@@ -1653,6 +1690,73 @@ mod tests {
             link.inner.dispatch(mib(sub.sid));
         }
         assert_eq!(std::iter::from_fn(|| sub.try_next()).count(), 15);
+    }
+
+    #[test]
+    fn a_refused_device_subscription_ends_and_the_gateways_own_are_kept() {
+        let link = idle_link();
+        link.inner.on_connect();
+        let mut device = link.subscribe("device.a.down");
+        let stats = link.subscribe("devgate.gateways.stats");
+        for subject in ["device.a.down", "devgate.gateways.stats"] {
+            link.inner.dispatch(ServerOp::Err(format!(
+                "Permissions Violation for Subscription to \"{subject}\""
+            )));
+        }
+        assert!(device.is_ended());
+        assert!(device.try_next().is_none());
+        assert!(!stats.is_ended(), "the gateway's own subscription is kept");
+        // ...and subscribed again by the next connection, perhaps under fixed permissions.
+        link.inner.on_disconnect();
+        written(&link);
+        link.inner.on_connect();
+        let out = written(&link);
+        assert!(
+            out.contains(&format!("SUB devgate.gateways.stats {}", stats.sid)),
+            "{out}"
+        );
+        assert!(!out.contains("device.a.down"), "{out}");
+    }
+
+    #[test]
+    fn a_reload_revoking_one_live_subscription_ends_that_one() {
+        let link = idle_link();
+        link.inner.on_connect();
+        // Two sessions of one device on this gateway for a moment (a local takeover).
+        let old = link.subscribe("device.a.down");
+        let new = link.subscribe("device.a.down");
+        link.inner.dispatch(ServerOp::Err(format!(
+            "Permissions Violation for Subscription to \"device.a.down\" (sid \"{}\")",
+            old.sid
+        )));
+        assert!(old.is_ended());
+        assert!(!new.is_ended());
+    }
+
+    #[test]
+    fn an_empty_subscription_queue_takes_a_message_beyond_the_byte_limit() {
+        let link = idle_link();
+        link.inner.on_connect();
+        let mut sub = link.subscribe("device.x.down");
+        let huge = |sid: u64| ServerOp::Msg {
+            sid,
+            msg: Msg::new(
+                Bytes::from_static(b"device.x.down"),
+                None,
+                None,
+                Bytes::from(vec![1u8; SLOT_BYTES_LIMIT + 1]),
+            ),
+        };
+        link.inner.dispatch(huge(sub.sid));
+        link.inner.dispatch(huge(sub.sid));
+        assert!(
+            sub.try_next().is_some(),
+            "the session gets it and answers it"
+        );
+        assert!(
+            sub.try_next().is_none(),
+            "a second one behind it is dropped"
+        );
     }
 
     #[test]
