@@ -3486,6 +3486,21 @@ fn alerts_are_complete_documented_labelled_and_can_be_left_out() {
     ] {
         assert_refused(&combo("default"), &[value], needle);
     }
+    // A release upgraded with --reuse-values from a chart without these values renders (off),
+    // and one without nats.userSlot stops with the way out.
+    let docs = render(
+        &combo("default"),
+        &[
+            "metrics.prometheusRule=null",
+            "metrics.grafanaDashboard=null",
+        ],
+    );
+    assert!(kind(&docs, "PrometheusRule").is_empty());
+    assert_refused(
+        &combo("default"),
+        &["nats.userSlot=null"],
+        "nats.userSlot is missing",
+    );
     // Off by default: a cluster without prometheus-operator has none of its kinds.
     let docs = render(&combo("default"), &[]);
     assert!(
