@@ -119,19 +119,21 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
 /// anything but a read with a read-only token with `403 forbidden`.
 pub async fn require_token(
     State(auth): State<ApiAuth>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
     let header = request
         .headers()
         .get(header::AUTHORIZATION)
         .map(|v| v.as_bytes());
-    match auth.grant(header) {
-        Some(Grant::Full) => Ok(next.run(request).await),
-        Some(Grant::ReadOnly) if is_read(request.method()) => Ok(next.run(request).await),
-        Some(Grant::ReadOnly) => Err(ApiError::Forbidden),
-        None => Err(ApiError::Unauthorized),
-    }
+    let grant = match auth.grant(header) {
+        Some(Grant::ReadOnly) if !is_read(request.method()) => return Err(ApiError::Forbidden),
+        Some(grant) => grant,
+        None => return Err(ApiError::Unauthorized),
+    };
+    // Handlers whose limits depend on the caller's kind (the SSE tails) read it from here.
+    request.extensions_mut().insert(grant);
+    Ok(next.run(request).await)
 }
 
 /// Whether a request only reads: the methods a read token may use.

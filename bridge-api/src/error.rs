@@ -78,13 +78,15 @@ pub enum ApiError {
     /// Opening one more SSE tail would exceed `max_tails`, or for a `-` tail `max_wildcard_tails`.
     #[error(
         "too many {} tails are open (at most {limit}); retry after {TAILS_RETRY_AFTER_S}s",
-        if *every_device { "every-device (`-`)" } else { "uplink" }
+        if *read_only { "read-only token" } else if *every_device { "every-device (`-`)" } else { "uplink" }
     )]
     TooManyTails {
         /// The limit that was reached.
         limit: usize,
         /// Whether it was the limit of `-` tails.
         every_device: bool,
+        /// Whether it was the share of read-only tokens (half of `max_tails`).
+        read_only: bool,
     },
     /// The gateway wrote the frame but the device did not ACK in the gateway's ack timeout.
     #[error("the device did not acknowledge in time ({reason})")]
@@ -281,6 +283,7 @@ mod tests {
                 ApiError::TooManyTails {
                     limit: 4,
                     every_device: true,
+                    read_only: false,
                 },
                 429,
                 "too_many_tails",

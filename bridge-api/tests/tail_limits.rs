@@ -191,3 +191,46 @@ async fn a_tail_that_is_not_read_lags_at_its_byte_bound_before_its_message_bound
     }
     bridge.stop().await;
 }
+
+/// A read-only token (the kind that sits in a dashboard) may hold at most half the tail slots,
+/// so it cannot lock the services holding full tokens out of tails.
+#[tokio::test]
+async fn read_only_tokens_hold_at_most_half_the_tails() {
+    const READER: &str = "a-read-only-token-for-tails";
+    let nats = NatsServer::start();
+    let bridge = Bridge::start_with(Config {
+        max_tails: 4,
+        max_wildcard_tails: 4,
+        api_read_tokens: vec![devgate_gateway::common::Secret::new(READER)],
+        ..bridge_config(&nats)
+    })
+    .await;
+    let as_reader = |id: &str| {
+        bridge
+            .http
+            .get(bridge.url(&format!("/v1/devices/{id}/messages")))
+            .bearer_auth(READER)
+            .send()
+    };
+    let reader_a = as_reader("dev-a").await.expect("HTTP request");
+    assert_eq!(reader_a.status(), 200);
+    let reader_b = as_reader("-").await.expect("HTTP request");
+    assert_eq!(reader_b.status(), 200);
+    assert_refused(
+        as_reader("dev-c").await.expect("HTTP request"),
+        "read-only token tails",
+    )
+    .await;
+    // The other half is the full tokens'.
+    let full_c = tail(&bridge, "dev-c").await;
+    assert_eq!(full_c.status(), 200);
+    let full_d = tail(&bridge, "dev-d").await;
+    assert_eq!(full_d.status(), 200);
+    assert_refused(tail(&bridge, "dev-e").await, "uplink tails").await;
+    // A reader leaving frees its share's slot.
+    drop(reader_a);
+    await_open_tails(&bridge, "device", 2).await;
+    let again = as_reader("dev-a").await.expect("HTTP request");
+    assert_eq!(again.status(), 200);
+    drop((reader_b, full_c, full_d, again));
+}

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use async_nats::{Message, Subscriber};
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use base64::Engine;
 use devgate_gateway::contract::{headers, subjects};
@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 
 use crate::AppState;
+use crate::auth::Grant;
 use crate::config::Config;
 use crate::error::{ApiError, ErrorBody};
 use crate::metrics::Metrics;
@@ -73,13 +74,17 @@ pub struct Lagged {
 }
 
 /// The slots for concurrent tails: every tail takes one of `max_tails`, a `-` tail also one of
-/// `max_wildcard_tails`. Refusing at once (never queueing) keeps a burst of tails from holding
-/// requests open.
+/// `max_wildcard_tails`, and a read-only token's tail also one of half of `max_tails`, so that
+/// a dashboard credential (the kind that sits in a browser) cannot take every slot from the
+/// services holding full tokens. Refusing at once (never queueing) keeps a burst of tails from
+/// holding requests open.
 pub struct TailLimits {
     all: Arc<Semaphore>,
     every_device: Arc<Semaphore>,
+    read_only: Arc<Semaphore>,
     max_tails: usize,
     max_wildcard_tails: usize,
+    max_read_only_tails: usize,
 }
 
 impl TailLimits {
@@ -88,22 +93,44 @@ impl TailLimits {
         // Validation keeps both far below the semaphore's maximum; the `min` only makes an
         // unvalidated config unable to panic here.
         let permits = |n: usize| n.min(Semaphore::MAX_PERMITS);
+        let max_read_only_tails = config.max_tails / 2;
         TailLimits {
             all: Arc::new(Semaphore::new(permits(config.max_tails))),
             every_device: Arc::new(Semaphore::new(permits(config.max_wildcard_tails))),
+            read_only: Arc::new(Semaphore::new(permits(max_read_only_tails))),
             max_tails: config.max_tails,
             max_wildcard_tails: config.max_wildcard_tails,
+            max_read_only_tails,
         }
     }
 
     /// Takes a slot for one tail, or says which limit is reached.
-    fn acquire(&self, every_device: bool, metrics: &Metrics) -> Result<TailSlot, ApiError> {
+    fn acquire(
+        &self,
+        every_device: bool,
+        grant: Grant,
+        metrics: &Metrics,
+    ) -> Result<TailSlot, ApiError> {
         // The semaphores are never closed, so a failure always means "no permit left".
+        let read_only =
+            if grant == Grant::ReadOnly {
+                let permit = self.read_only.clone().try_acquire_owned().map_err(|_| {
+                    ApiError::TooManyTails {
+                        limit: self.max_read_only_tails,
+                        every_device: false,
+                        read_only: true,
+                    }
+                })?;
+                Some(permit)
+            } else {
+                None
+            };
         let wildcard = if every_device {
             let permit = self.every_device.clone().try_acquire_owned().map_err(|_| {
                 ApiError::TooManyTails {
                     limit: self.max_wildcard_tails,
                     every_device: true,
+                    read_only: false,
                 }
             })?;
             Some(permit)
@@ -117,12 +144,14 @@ impl TailLimits {
             .map_err(|_| ApiError::TooManyTails {
                 limit: self.max_tails,
                 every_device: false,
+                read_only: false,
             })?;
         let open = metrics.sse_tails(every_device);
         open.inc();
         Ok(TailSlot {
             _all: all,
             _wildcard: wildcard,
+            _read_only: read_only,
             _open: OpenTail(open),
         })
     }
@@ -135,6 +164,7 @@ impl TailLimits {
 struct TailSlot {
     _all: OwnedSemaphorePermit,
     _wildcard: Option<OwnedSemaphorePermit>,
+    _read_only: Option<OwnedSemaphorePermit>,
     _open: OpenTail,
 }
 
@@ -185,6 +215,7 @@ fn cost(message: &Message) -> usize {
 )]
 pub async fn tail_device(
     State(state): State<AppState>,
+    grant: Option<Extension<Grant>>,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let Path(id) = id?;
@@ -195,7 +226,8 @@ pub async fn tail_device(
         subjects::up(&device_id(&id)?)
     };
     // Before subscribing: a refused tail costs NATS nothing.
-    let slot = state.tails.acquire(every_device, &state.metrics)?;
+    let grant = grant.map_or(Grant::Full, |Extension(g)| g);
+    let slot = state.tails.acquire(every_device, grant, &state.metrics)?;
     let subscriber = state
         .bus
         .subscribe(subject.clone())
