@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use async_nats::{Client, ConnectOptions, Event, HeaderMap};
 use bytes::Bytes;
+use devgate_gateway::client::DeviceClient;
 use devgate_gateway::common::Secret;
 use devgate_gateway::config::Config;
 use devgate_gateway::contract::{
@@ -461,6 +462,48 @@ async fn violation(errors: &mut tokio::sync::mpsc::Receiver<String>, kind: &str,
     );
 }
 
+/// `service` reaches device `id` (a request answered `sent` by its session `session`, and
+/// the DOWN delivered), and hears its uplink: an UP asking for an ACK arrives on
+/// `device.*.up`, and the device gets its ACK, which the gateway gives only after NATS
+/// confirmed the UP under the gateway's permissions. Returns the uplink subscription.
+async fn reaches_and_hears(
+    service: &Client,
+    dev: &mut DeviceClient,
+    id_: &str,
+    session: &str,
+) -> async_nats::Subscriber {
+    let reply = service
+        .request(subjects::down(&id(id_)), Bytes::from_static(b"hello"))
+        .await
+        .expect("the holding gateway answers the service");
+    let reply: DeliveryReply = serde_json::from_slice(&reply.payload).expect("json reply");
+    assert_eq!(reply.status, DeliveryStatus::Sent);
+    assert_eq!(reply.session, session);
+    let (_, payload) = tokio::time::timeout(WAIT, dev.recv_down())
+        .await
+        .expect("in time")
+        .expect("down");
+    assert_eq!(&payload[..], b"hello");
+
+    let mut up = service.subscribe(subjects::ALL_UP).await.expect("sub up");
+    devgate_tests::nats::barrier(service, "device.barrier-probe.down").await;
+    dev.send_up(7, Bytes::from_static(b"reading"))
+        .await
+        .expect("send up");
+    let msg = tokio::time::timeout(WAIT, up.next())
+        .await
+        .expect("uplink in time")
+        .expect("open");
+    assert_eq!(msg.subject.as_str(), format!("device.{id_}.up"));
+    assert_eq!(&msg.payload[..], b"reading");
+    let acked = tokio::time::timeout(WAIT, dev.recv_ack())
+        .await
+        .expect("ack in time")
+        .expect("ack");
+    assert_eq!(acked, 7);
+    up
+}
+
 fn id(s: &str) -> DeviceId {
     DeviceId::parse(s).expect("valid id")
 }
@@ -484,38 +527,9 @@ async fn a_service_reaches_devices_but_cannot_take_their_downlink() {
         .expect("the login's claims are answered");
     let (service, mut errors) = nats.connect("service").await;
 
-    // Publish / request on device.*.down, replies on _INBOX.>: the gateway answers.
-    let reply = service
-        .request(subjects::down(&id("dev-1")), Bytes::from_static(b"hello"))
-        .await
-        .expect("the holding gateway answers the service");
-    let reply: DeliveryReply = serde_json::from_slice(&reply.payload).expect("json reply");
-    assert_eq!(reply.status, DeliveryStatus::Sent);
-    assert_eq!(reply.session, welcome.session);
-    let (_, payload) = tokio::time::timeout(WAIT, dev.recv_down())
-        .await
-        .expect("in time")
-        .expect("down");
-    assert_eq!(&payload[..], b"hello");
-
-    // Subscribe device.*.up: an UP asking for an ACK arrives, and the gateway's confirmation
-    // works under its permissions, so the device gets its ACK.
-    let mut up = service.subscribe(subjects::ALL_UP).await.expect("sub up");
-    devgate_tests::nats::barrier(&service, "device.barrier-probe.down").await;
-    dev.send_up(7, Bytes::from_static(b"reading"))
-        .await
-        .expect("send up");
-    let msg = tokio::time::timeout(WAIT, up.next())
-        .await
-        .expect("uplink in time")
-        .expect("open");
-    assert_eq!(msg.subject.as_str(), "device.dev-1.up");
-    assert_eq!(&msg.payload[..], b"reading");
-    let acked = tokio::time::timeout(WAIT, dev.recv_ack())
-        .await
-        .expect("ack in time")
-        .expect("ack");
-    assert_eq!(acked, 7);
+    // Publish / request on device.*.down, replies on _INBOX.>: the gateway answers; an UP
+    // asking for an ACK arrives, and the gateway's confirmation works under its permissions.
+    let mut up = reaches_and_hears(&service, &mut dev, "dev-1", &welcome.session).await;
 
     // A service may not listen on device.*.down: the server refuses the subscription, so it
     // registers no interest and an offline device still means "no responders" at once.
@@ -970,33 +984,7 @@ async fn each_roles_alt_twin_has_the_roles_permissions() {
         .await
         .expect("the login's claims are answered");
     let (service, mut errors) = nats.connect("service-alt").await;
-    let reply = service
-        .request(subjects::down(&id("dev-alt")), Bytes::from_static(b"hi"))
-        .await
-        .expect("the holding gateway answers");
-    let reply: DeliveryReply = serde_json::from_slice(&reply.payload).expect("json reply");
-    assert_eq!(reply.status, DeliveryStatus::Sent);
-    assert_eq!(reply.session, welcome.session);
-    let (_, payload) = tokio::time::timeout(WAIT, dev.recv_down())
-        .await
-        .expect("in time")
-        .expect("down");
-    assert_eq!(&payload[..], b"hi");
-    let mut up = service.subscribe(subjects::ALL_UP).await.expect("sub up");
-    devgate_tests::nats::barrier(&service, "device.barrier-probe.down").await;
-    dev.send_up(3, Bytes::from_static(b"reading"))
-        .await
-        .expect("send up");
-    let msg = tokio::time::timeout(WAIT, up.next())
-        .await
-        .expect("uplink in time")
-        .expect("open");
-    assert_eq!(&msg.payload[..], b"reading");
-    let acked = tokio::time::timeout(WAIT, dev.recv_ack())
-        .await
-        .expect("ack in time")
-        .expect("ack");
-    assert_eq!(acked, 3);
+    let _up = reaches_and_hears(&service, &mut dev, "dev-alt", &welcome.session).await;
 
     // And the role's limits: service-alt may not take downlink, lb-sync-alt may not publish.
     let _denied = service
