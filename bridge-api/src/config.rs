@@ -66,9 +66,9 @@ pub struct Config {
     /// 16 MiB per slow client. Full means the same drop-and-`lagged` policy. Must hold the largest
     /// uplink (`max_frame_len` + [`TAIL_ENVELOPE_SLACK`]) so an empty buffer admits any message.
     pub tail_buffer_bytes: usize,
-    /// Most SSE tails open at once, every kind together; one more is refused with 429
-    /// `too_many_tails`. With `tail_buffer_bytes` this bounds the tails' memory
-    /// (`max_tails` × `tail_buffer_bytes`).
+    /// Most SSE tails open at once, every kind together, of which read-only tokens may hold
+    /// half (rounded down, at least 1); one more is refused with 429 `too_many_tails`. With
+    /// `tail_buffer_bytes` this bounds the tails' memory (`max_tails` × `tail_buffer_bytes`).
     pub max_tails: usize,
     /// Most `-` (every-device) tails open at once, within `max_tails`: each carries the whole
     /// fleet's uplink through this process, so far fewer are allowed than single-device tails.
@@ -367,7 +367,8 @@ pub struct Cli {
     #[arg(long, env = "DEVGATE_TAIL_BUFFER_BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tail_buffer_bytes: Option<usize>,
-    /// Most SSE tails open at once; more get 429 too_many_tails [default: 64].
+    /// Most SSE tails open at once, half of them (at least 1) for read-only tokens; more get
+    /// 429 too_many_tails [default: 64].
     #[arg(long, env = "DEVGATE_MAX_TAILS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_tails: Option<usize>,

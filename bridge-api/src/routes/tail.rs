@@ -93,7 +93,8 @@ impl TailLimits {
         // Validation keeps both far below the semaphore's maximum; the `min` only makes an
         // unvalidated config unable to panic here.
         let permits = |n: usize| n.min(Semaphore::MAX_PERMITS);
-        let max_read_only_tails = config.max_tails / 2;
+        // Half, rounded down, but at least one: with `max_tails` 1 a read token may still tail.
+        let max_read_only_tails = (config.max_tails / 2).max(1);
         TailLimits {
             all: Arc::new(Semaphore::new(permits(config.max_tails))),
             every_device: Arc::new(Semaphore::new(permits(config.max_wildcard_tails))),
@@ -206,7 +207,7 @@ fn cost(message: &Message) -> usize {
         (status = 200, description = "An endless SSE stream of uplink events", content_type = "text/event-stream", body = UplinkEvent),
         (status = 400, description = "Bad device id", body = ErrorBody),
         (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
-        (status = 429, description = "`too_many_tails`: --max-tails tails are already open, or for `-` --max-wildcard-tails every-device tails; see Retry-After", body = ErrorBody,
+        (status = 429, description = "`too_many_tails`: --max-tails tails are already open, or for `-` --max-wildcard-tails every-device tails, or for a read-only token half of --max-tails (rounded down, at least 1) read-only tails; see Retry-After", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
         (status = 500, description = "`internal`: the subscription could not be made", body = ErrorBody),
         (status = 503, description = "`nats_unavailable`", body = ErrorBody),
@@ -226,7 +227,9 @@ pub async fn tail_device(
         subjects::up(&device_id(&id)?)
     };
     // Before subscribing: a refused tail costs NATS nothing.
-    let grant = grant.map_or(Grant::Full, |Extension(g)| g);
+    // Every `/v1` route is behind `require_token`, which sets it; were one ever mounted outside,
+    // the tail would count as a read-only one (fail closed), not escape that share.
+    let grant = grant.map_or(Grant::ReadOnly, |Extension(g)| g);
     let slot = state.tails.acquire(every_device, grant, &state.metrics)?;
     let subscriber = state
         .bus
@@ -358,4 +361,49 @@ fn uplink_event(message: &Message) -> Event {
             payload,
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_only_tokens_get_half_the_tails_and_at_least_one() {
+        let metrics = Metrics::new();
+        for (max_tails, read_only) in [(64, 32), (3, 1), (1, 1)] {
+            let limits = TailLimits::new(&Config {
+                max_tails,
+                max_wildcard_tails: 1,
+                ..Config::default()
+            });
+            let held: Vec<TailSlot> = (0..read_only)
+                .map(|_| {
+                    limits
+                        .acquire(false, Grant::ReadOnly, &metrics)
+                        .unwrap_or_else(|e| panic!("{max_tails}: {e}"))
+                })
+                .collect();
+            let refused = limits.acquire(false, Grant::ReadOnly, &metrics);
+            assert!(
+                matches!(
+                    refused,
+                    Err(ApiError::TooManyTails {
+                        read_only: true,
+                        ..
+                    })
+                ),
+                "{max_tails}: a read-only tail beyond {read_only}"
+            );
+            // The rest is the full tokens', all at once.
+            let full: Vec<TailSlot> = (read_only..max_tails)
+                .map(|_| {
+                    limits
+                        .acquire(false, Grant::Full, &metrics)
+                        .unwrap_or_else(|e| panic!("{max_tails}: {e}"))
+                })
+                .collect();
+            drop(full);
+            drop(held);
+        }
+    }
 }
