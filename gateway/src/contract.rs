@@ -102,6 +102,17 @@ pub mod subjects {
     /// Every device's uplink, for services that consume all of it.
     pub const ALL_UP: &str = "device.*.up";
 
+    /// The device id of `device.<id>.<kind>` (`kind` such as `"up"` or `"down"`), if `subject`
+    /// is one: a subject read back from NATS (an error naming it) is recognised here, where
+    /// the subjects are spelled.
+    pub fn device_in<'s>(subject: &'s str, kind: &str) -> Option<&'s str> {
+        let id = subject
+            .strip_prefix("device.")?
+            .strip_suffix(kind)?
+            .strip_suffix('.')?;
+        (!id.is_empty() && !id.contains('.')).then_some(id)
+    }
+
     /// Connected / disconnected events of one device.
     pub fn presence_events(id: &DeviceId) -> String {
         format!("device.{id}.presence")
@@ -446,6 +457,22 @@ pub struct ControlError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_subjects_are_recognised_by_kind() {
+        assert_eq!(subjects::device_in("device.a-1.up", "up"), Some("a-1"));
+        assert_eq!(subjects::device_in("device.a.down", "down"), Some("a"));
+        for not_it in [
+            "device.a.down",
+            "device.a.up.more",
+            "device..up",
+            "devices.a.up",
+            "_INBOX.x.up",
+            "device.a.b.up",
+        ] {
+            assert_eq!(subjects::device_in(not_it, "up"), None, "{not_it}");
+        }
+    }
 
     #[test]
     fn device_ids_follow_the_subject_token_rules() {

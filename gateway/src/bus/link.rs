@@ -1263,10 +1263,7 @@ impl Inner {
     /// sessions, its inbox) stay in the table, so the next connection, perhaps under fixed
     /// permissions, subscribes them again.
     fn end_refused(&self, subject: &str, sid: Option<u64>) -> usize {
-        if !matches!(
-            subject.split('.').collect::<Vec<_>>().as_slice(),
-            ["device", _, "down"]
-        ) {
+        if subjects::device_in(subject, "down").is_none() {
             return 0;
         }
         let ended: Vec<Arc<Slot>> = {
@@ -1324,11 +1321,7 @@ fn refusal_may_be_uplink(error: &str) -> bool {
         return false;
     }
     match refused_subject(error) {
-        // Device ids have no dots, so an uplink subject has exactly three tokens.
-        Some(subject) => matches!(
-            subject.split('.').collect::<Vec<_>>().as_slice(),
-            ["device", _, "up"]
-        ),
+        Some(subject) => subjects::device_in(subject, "up").is_some(),
         None => true,
     }
 }
