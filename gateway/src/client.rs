@@ -55,9 +55,9 @@ pub trait DeviceIo: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> DeviceIo for T {}
 
 /// TLS towards the address devices dial, for deployments where the balancer (nginx, see
-/// lb-sync's `--tls-cert`) terminates TLS: the CAs that vouch for its certificate, the name to
-/// check it against, and optionally the device's own certificate for balancers that verify
-/// devices.
+/// lb-sync's `--tls-cert`) or the gateway (`--device-tls-cert`) terminates TLS: the CAs that
+/// vouch for its certificate, the name to check it against, and optionally the device's own
+/// certificate for those that verify devices.
 #[derive(Clone)]
 pub struct DeviceTls {
     config: Arc<rustls::ClientConfig>,
@@ -143,7 +143,7 @@ impl DeviceClient {
             Some(tls) => tls.wrap(stream).await?,
             None => Box::new(stream),
         };
-        Self::login(io, &hello).await
+        Self::login_over(io, &hello).await
     }
 
     /// Logs in over an existing stream (e.g. one that already sent a PROXY header).
@@ -152,10 +152,12 @@ impl DeviceClient {
         hello: &Hello,
     ) -> Result<(DeviceClient, Welcome), ClientError> {
         let _ = stream.set_nodelay(true);
-        Self::login(Box::new(stream), hello).await
+        Self::login_over(Box::new(stream), hello).await
     }
 
-    async fn login(
+    /// Logs in over any byte stream: a TLS session the caller set up itself (after a PROXY
+    /// header, with its own verifier), or plain TCP.
+    pub async fn login_over(
         io: Box<dyn DeviceIo>,
         hello: &Hello,
     ) -> Result<(DeviceClient, Welcome), ClientError> {

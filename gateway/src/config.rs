@@ -54,6 +54,19 @@ pub struct Config {
     pub denied_devices_file: Option<PathBuf>,
     /// How often `denied_devices_file` is checked for changes.
     pub denied_devices_check_ms: u64,
+    /// PEM certificate chain for TLS that the gateway terminates itself (with
+    /// `device_tls_key`). Needed to bind client certificates to device ids
+    /// (`device_tls_client_ca`); otherwise TLS at nginx (lb-sync `--tls-cert`) does as well.
+    /// With it, the device listener speaks only TLS.
+    pub device_tls_cert: Option<PathBuf>,
+    /// PEM private key of `device_tls_cert`.
+    pub device_tls_key: Option<PathBuf>,
+    /// PEM CAs that issue device certificates: every device must then present one, and a
+    /// login is refused unless the certificate names its id (subject CN or a DNS SAN), so a
+    /// leaked token alone no longer lets anyone pose as its device.
+    pub device_tls_client_ca: Option<PathBuf>,
+    /// How often the device TLS files are checked for a renewal.
+    pub device_tls_check_ms: u64,
     /// Logins (past the token and denylist checks) one device id may make to this gateway per
     /// `login_window_s`; more are
     /// refused `overloaded` until the window ends. Stops two clients sharing an id (a cloned
@@ -134,6 +147,10 @@ impl Default for Config {
             auth_secret_previous: None,
             denied_devices_file: None,
             denied_devices_check_ms: 5_000,
+            device_tls_cert: None,
+            device_tls_key: None,
+            device_tls_client_ca: None,
+            device_tls_check_ms: 10_000,
             max_logins_per_id: 20,
             login_window_s: 60,
             insecure_no_auth: false,
@@ -248,6 +265,7 @@ impl Validate for Config {
             ("up_burst_ms", self.up_burst_ms),
             ("listen_backlog", u64::from(self.listen_backlog)),
             ("denied_devices_check_ms", self.denied_devices_check_ms),
+            ("device_tls_check_ms", self.device_tls_check_ms),
             ("login_window_s", self.login_window_s),
         ] {
             if value == 0 {
@@ -275,6 +293,7 @@ impl Validate for Config {
                 self.denied_devices_check_ms,
                 DAY_MS,
             ),
+            ("device_tls_check_ms", self.device_tls_check_ms, DAY_MS),
             ("login_window_s", self.login_window_s, DAY_S),
         ] {
             if value > limit {
@@ -294,6 +313,21 @@ impl Validate for Config {
         }
         if let Err(e) = crate::bus::tls::NatsTlsSettings::nats_tls_checked(self) {
             problems.push(e);
+        }
+        if self.device_tls_cert.is_some() != self.device_tls_key.is_some() {
+            problems.push("device_tls_cert and device_tls_key go together".to_owned());
+        }
+        if self.device_tls_client_ca.is_some() && self.device_tls_cert.is_none() {
+            problems.push(
+                "device_tls_client_ca needs device_tls_cert and device_tls_key (certificates \
+                 are bound to device ids only where the gateway terminates TLS)"
+                    .to_owned(),
+            );
+        }
+        if let Some(files) = self.device_tls_files()
+            && let Err(e) = crate::device_tls::DeviceTls::load(files)
+        {
+            problems.push(e.to_string());
         }
         if problems.is_empty() {
             Ok(())
@@ -332,6 +366,19 @@ impl Config {
             return SocketAddr::new(pod_ip.parse().unwrap_or(bound.ip()), bound.port()).to_string();
         }
         bound.to_string()
+    }
+
+    /// The device TLS files, when the gateway terminates TLS itself.
+    pub fn device_tls_files(&self) -> Option<crate::device_tls::DeviceTlsFiles> {
+        let (cert, key) = self
+            .device_tls_cert
+            .clone()
+            .zip(self.device_tls_key.clone())?;
+        Some(crate::device_tls::DeviceTlsFiles {
+            cert,
+            key,
+            client_ca: self.device_tls_client_ca.clone(),
+        })
     }
 
     /// The first frame's limit: `max_hello_len`, capped by `max_frame_len`.
@@ -437,6 +484,22 @@ pub struct Cli {
     #[arg(long, env = "DEVGATE_DENIED_DEVICES_CHECK_MS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub denied_devices_check_ms: Option<u64>,
+    /// PEM certificate for TLS terminated by the gateway (with --device-tls-key).
+    #[arg(long, env = "DEVGATE_DEVICE_TLS_CERT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_tls_cert: Option<PathBuf>,
+    /// PEM private key of --device-tls-cert.
+    #[arg(long, env = "DEVGATE_DEVICE_TLS_KEY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_tls_key: Option<PathBuf>,
+    /// PEM CAs of device certificates: devices must present one naming their id.
+    #[arg(long, env = "DEVGATE_DEVICE_TLS_CLIENT_CA")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_tls_client_ca: Option<PathBuf>,
+    /// How often the device TLS files are checked for a renewal, in ms [default: 10000].
+    #[arg(long, env = "DEVGATE_DEVICE_TLS_CHECK_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_tls_check_ms: Option<u64>,
     /// Logins one device id may make per login window; 0: no limit [default: 20].
     #[arg(long, env = "DEVGATE_MAX_LOGINS_PER_ID")]
     #[serde(skip_serializing_if = "Option::is_none")]

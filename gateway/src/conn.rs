@@ -5,8 +5,13 @@
 //! keeps 8 KiB per direction for the life of the connection). All waiting is readiness
 //! polling (`poll_read_ready` / `poll_write_ready`), which makes both operations cancel-safe
 //! inside `select!` and adds no per-session future state.
+//!
+//! A connection is either plaintext or TLS that the gateway terminates itself
+//! ([`crate::device_tls`]). TLS is driven here by hand with rustls over the same readiness
+//! polling, instead of through an `AsyncRead` wrapper, so both kinds keep the properties above.
 
-use std::io;
+use std::io::{self, Read, Write};
+use std::sync::{Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BytesMut};
@@ -18,11 +23,218 @@ use crate::codec::{CodecError, Frame, FrameCodec};
 /// How much to read per syscall while a device is sending.
 const READ_CHUNK: usize = 4096;
 
-/// One device connection: the socket plus independent read and write halves, so a session can
-/// wait on both at once in one `select!` (they borrow disjoint fields; the socket is shared).
+/// The byte stream of one device: the socket, and the TLS state when the gateway terminates
+/// TLS. Shared by a session's reader and writer (`&self` everywhere), so the TLS state sits
+/// behind a mutex that is only ever taken inside one poll, never across an await.
+pub struct DeviceStream {
+    tcp: TcpStream,
+    /// Boxed: a plaintext session pays one pointer for it.
+    tls: Option<Box<Mutex<rustls::ServerConnection>>>,
+}
+
+/// `std::io` on a non-blocking tokio socket: `try_read`/`try_write` clear the socket's
+/// readiness on `WouldBlock`, so the next `poll_*_ready` waits for real.
+struct SocketIo<'a>(&'a TcpStream);
+
+impl Read for SocketIo<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.try_read(buf)
+    }
+}
+
+impl Write for SocketIo<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl DeviceStream {
+    /// A plaintext connection.
+    pub fn plain(tcp: TcpStream) -> Self {
+        DeviceStream { tcp, tls: None }
+    }
+
+    /// A connection whose TLS handshake is complete ([`crate::device_tls::accept`]).
+    pub fn tls(tcp: TcpStream, tls: rustls::ServerConnection) -> Self {
+        DeviceStream {
+            tcp,
+            tls: Some(Box::new(Mutex::new(tls))),
+        }
+    }
+
+    /// Whether the gateway terminates TLS on this connection.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Runs `f` on the TLS state (the peer's certificate, after the handshake); `None` for
+    /// a plaintext connection.
+    pub fn with_tls<R>(&self, f: impl FnOnce(&rustls::ServerConnection) -> R) -> Option<R> {
+        self.tls.as_deref().map(|tls| f(&Self::lock(tls)))
+    }
+
+    fn lock(tls: &Mutex<rustls::ServerConnection>) -> MutexGuard<'_, rustls::ServerConnection> {
+        // A panic while holding the lock leaves rustls' state as consistent as rustls left it;
+        // the connection's own error handling decides what happens next.
+        tls.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Reads what is available into `buf` (`Ok(0)`: the peer closed). Waits for readiness.
+    /// An empty `buf` is released while waiting, so an idle session keeps no read buffer.
+    pub fn poll_read_buf(
+        &self,
+        buf: &mut BytesMut,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        let Some(state) = self.tls.as_deref() else {
+            return self.poll_read_plain(buf, cx);
+        };
+        loop {
+            let mut tls = Self::lock(state);
+            // Plaintext rustls already holds comes first: it may have arrived with the
+            // handshake, and the socket will not signal it again.
+            let mut chunk = [0u8; READ_CHUNK];
+            match tls.reader().read(&mut chunk) {
+                Ok(n) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // The peer closed the TCP connection without a TLS close_notify.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Poll::Ready(Ok(0)),
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+            if buf.is_empty() {
+                *buf = BytesMut::new();
+            }
+            drop(tls);
+            ready!(self.tcp.poll_read_ready(cx))?;
+            let mut tls = Self::lock(state);
+            match tls.read_tls(&mut SocketIo(&self.tcp)) {
+                Ok(0) => return Poll::Ready(Ok(0)),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+            if let Err(e) = tls.process_new_packets() {
+                // Tell the peer why (rustls queued an alert), as far as the socket takes it.
+                let _ = flush_tls(&mut tls, &self.tcp);
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
+            }
+            // A key update or ticket queued records of its own: send them while here.
+            let _ = flush_tls(&mut tls, &self.tcp);
+        }
+    }
+
+    fn poll_read_plain(&self, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.tcp.poll_read_ready(cx))?;
+            buf.reserve(READ_CHUNK);
+            match self.tcp.try_read_buf(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Readiness was stale (now cleared, so the next poll waits): give the
+                    // reserved chunk back first, or every idle session would keep READ_CHUNK.
+                    if buf.is_empty() {
+                        *buf = BytesMut::new();
+                    }
+                }
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
+    /// Writes what the connection takes right now: `Err(WouldBlock)` when it takes nothing.
+    /// With TLS, "taken" means encrypted and queued in rustls, which sends it as the socket
+    /// allows ([`DeviceStream::has_unsent`] says when some is left).
+    pub fn try_write(&self, data: &[u8]) -> io::Result<usize> {
+        let Some(tls) = &self.tls else {
+            return self.tcp.try_write(data);
+        };
+        let mut tls = Self::lock(tls);
+        // Older records first, and no new plaintext while the socket is full: what rustls
+        // holds stays bounded by what the socket refused once.
+        if !flush_tls(&mut tls, &self.tcp)? {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = tls.writer().write(data)?;
+        flush_tls(&mut tls, &self.tcp)?;
+        if n == 0 {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    }
+
+    /// Waits until the socket may take more.
+    pub fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.tcp.poll_write_ready(cx)
+    }
+
+    /// TLS records encrypted but not yet on the socket.
+    pub fn has_unsent(&self) -> bool {
+        self.tls
+            .as_deref()
+            .is_some_and(|tls| Self::lock(tls).wants_write())
+    }
+
+    /// Sends what rustls holds, waiting for the socket as needed.
+    pub fn poll_flush(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(tls) = &self.tls else {
+            return Poll::Ready(Ok(()));
+        };
+        loop {
+            if flush_tls(&mut Self::lock(tls), &self.tcp)? {
+                return Poll::Ready(Ok(()));
+            }
+            ready!(self.tcp.poll_write_ready(cx))?;
+        }
+    }
+
+    /// Closes the write side: a TLS `close_notify` first, then the TCP FIN.
+    pub async fn shutdown(&mut self) -> io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        if let Some(tls) = &self.tls {
+            Self::lock(tls).send_close_notify();
+            std::future::poll_fn(|cx| self.poll_flush(cx)).await?;
+        }
+        self.tcp.shutdown().await
+    }
+
+    /// The plaintext socket, for what happens before any frame (refusing an overloaded
+    /// connection without TLS).
+    pub fn tcp(&self) -> &TcpStream {
+        &self.tcp
+    }
+}
+
+/// Writes rustls' pending records to the socket until it has none (`Ok(true)`) or the socket
+/// is full (`Ok(false)`).
+pub(crate) fn flush_tls(tls: &mut rustls::ServerConnection, tcp: &TcpStream) -> io::Result<bool> {
+    while tls.wants_write() {
+        match tls.write_tls(&mut SocketIo(tcp)) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// Reads TLS records from the socket into rustls (`Ok(0)`: the peer closed). For the handshake.
+pub(crate) fn read_tls(tls: &mut rustls::ServerConnection, tcp: &TcpStream) -> io::Result<usize> {
+    tls.read_tls(&mut SocketIo(tcp))
+}
+
+/// One device connection: the stream plus independent read and write halves, so a session can
+/// wait on both at once in one `select!` (they borrow disjoint fields; the stream is shared).
 pub struct Conn {
-    /// The socket (`readable`/`writable`/`try_*` only need `&TcpStream`).
-    pub stream: TcpStream,
+    /// The byte stream (every operation on it takes `&self`).
+    pub stream: DeviceStream,
     /// Incoming frames.
     pub reader: FrameReader,
     /// Outgoing frames.
@@ -45,8 +257,9 @@ pub struct FrameWriter {
 }
 
 impl Conn {
-    /// Wraps an accepted socket; `leftover` holds bytes already read (after a PROXY header).
-    pub fn new(stream: TcpStream, codec: FrameCodec, leftover: BytesMut) -> Self {
+    /// Wraps an accepted connection; `leftover` holds bytes already read (after a PROXY
+    /// header or with the HELLO).
+    pub fn new(stream: DeviceStream, codec: FrameCodec, leftover: BytesMut) -> Self {
         Conn {
             stream,
             reader: FrameReader {
@@ -67,6 +280,11 @@ impl Conn {
         self.reader.read_frame(&self.stream).await
     }
 
+    /// Something queued has not reached the socket yet: frames, or TLS records.
+    pub fn write_pending(&self) -> bool {
+        self.writer.pending() > 0 || self.stream.has_unsent()
+    }
+
     /// Writes everything queued (used before closing, bounded by the caller's timeout).
     pub async fn flush(&mut self) -> io::Result<()> {
         while self.writer.pending() > 0 {
@@ -74,7 +292,7 @@ impl Conn {
                 return Err(io::ErrorKind::WriteZero.into());
             }
         }
-        Ok(())
+        std::future::poll_fn(|cx| self.stream.poll_flush(cx)).await
     }
 
     /// Queues `frame`, writes everything within `limit`, then closes the write side: the last
@@ -84,18 +302,14 @@ impl Conn {
             let _ = self.writer.queue(frame);
         }
         let _ = tokio::time::timeout(limit, self.flush()).await;
-        let _ = tokio::time::timeout(limit, async {
-            use tokio::io::AsyncWriteExt;
-            self.stream.shutdown().await
-        })
-        .await;
+        let _ = tokio::time::timeout(limit, self.stream.shutdown()).await;
     }
 }
 
 impl FrameReader {
     /// The next frame from `stream`; `None` when the peer closed. Cancel-safe: partial frames
     /// stay in the buffer.
-    pub async fn read_frame(&mut self, stream: &TcpStream) -> Result<Option<Frame>, CodecError> {
+    pub async fn read_frame(&mut self, stream: &DeviceStream) -> Result<Option<Frame>, CodecError> {
         std::future::poll_fn(|cx| self.poll_frame(stream, cx)).await
     }
 
@@ -104,7 +318,7 @@ impl FrameReader {
     /// (~200 bytes) to every idle session's task.
     pub fn poll_frame(
         &mut self,
-        stream: &TcpStream,
+        stream: &DeviceStream,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Option<Frame>, CodecError>> {
         loop {
@@ -114,19 +328,8 @@ impl FrameReader {
                 }
                 return Poll::Ready(Ok(Some(frame)));
             }
-            ready!(stream.poll_read_ready(cx))?;
-            self.buf.reserve(READ_CHUNK);
-            match stream.try_read_buf(&mut self.buf) {
-                Ok(0) => return Poll::Ready(Ok(None)),
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Readiness was stale (now cleared, so the next poll waits): give the
-                    // reserved chunk back first, or every idle session would keep READ_CHUNK.
-                    if self.buf.is_empty() {
-                        self.buf = BytesMut::new();
-                    }
-                }
-                Err(e) => return Poll::Ready(Err(e.into())),
+            if ready!(stream.poll_read_buf(&mut self.buf, cx))? == 0 {
+                return Poll::Ready(Ok(None));
             }
         }
     }
@@ -147,22 +350,25 @@ impl FrameWriter {
         self.buf.len()
     }
 
-    /// Total bytes written to the socket so far.
+    /// Total bytes written to the stream so far.
     pub fn written(&self) -> u64 {
         self.written
     }
 
-    /// Writes as much of the queue as the socket takes, waiting until it takes something.
+    /// Writes as much of the queue as the stream takes, waiting until it takes something.
     /// Cancel-safe.
-    pub async fn write_some(&mut self, stream: &TcpStream) -> io::Result<usize> {
+    pub async fn write_some(&mut self, stream: &DeviceStream) -> io::Result<usize> {
         std::future::poll_fn(|cx| self.poll_write_some(stream, cx)).await
     }
 
-    /// Writes as much of the queue as the socket takes right now, without waiting: `Ok(0)`
+    /// Writes as much of the queue as the stream takes right now, without waiting: `Ok(0)`
     /// when it takes nothing (the caller then waits on [`FrameWriter::poll_write_some`]).
     /// A session calls this right after queueing, because the socket almost always has room
     /// and another turn of its event loop would cost a wakeup per message.
-    pub fn try_write_some(&mut self, stream: &TcpStream) -> io::Result<usize> {
+    pub fn try_write_some(&mut self, stream: &DeviceStream) -> io::Result<usize> {
+        if self.buf.is_empty() {
+            return Ok(0);
+        }
         match stream.try_write(&self.buf) {
             Ok(n) => {
                 self.advance(n);
@@ -182,15 +388,20 @@ impl FrameWriter {
     }
 
     /// Poll form of [`FrameWriter::write_some`] (stateless, like
-    /// [`FrameReader::poll_frame`]).
+    /// [`FrameReader::poll_frame`]). With nothing queued it sends what TLS still holds and
+    /// answers `Ok(0)`.
     pub fn poll_write_some(
         &mut self,
-        stream: &TcpStream,
+        stream: &DeviceStream,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<usize>> {
         loop {
+            if self.pending() == 0 {
+                ready!(stream.poll_flush(cx))?;
+                return Poll::Ready(Ok(0));
+            }
             match self.try_write_some(stream)? {
-                0 if self.pending() > 0 => ready!(stream.poll_write_ready(cx))?,
+                0 => ready!(stream.poll_write_ready(cx))?,
                 n => return Poll::Ready(Ok(n)),
             }
         }

@@ -19,6 +19,7 @@ pub mod conn;
 pub mod contract;
 mod control;
 pub mod denylist;
+pub mod device_tls;
 mod log_budget;
 mod login_limit;
 pub mod metrics;

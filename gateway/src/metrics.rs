@@ -153,6 +153,18 @@ pub struct Metrics {
     /// again. The error counter rises once per broken content, so only this tells an alert
     /// that the list in force is still not the one the operator wrote.
     pub denylist_stale: Gauge,
+    /// TLS handshakes with devices that failed (`device_tls_*`): a device without a trusted
+    /// certificate, a plaintext device on the TLS port, a scanner. Counted, not logged one
+    /// by one, since any peer can cause them.
+    pub tls_handshake_failures: Counter,
+    /// Logins refused because the device's certificate names another device id.
+    pub tls_identity_mismatches: Counter,
+    /// 1 while the device TLS files cannot be read or do not make a valid configuration, so
+    /// the previous certificate stays in use (a renewal that is not being served).
+    pub tls_stale: Gauge,
+    /// When the device TLS certificate in use expires (Unix seconds): what an alert on a
+    /// renewal that never happened watches.
+    pub tls_certificate_expiry: Gauge,
     /// Logins that displaced an older session of the same device.
     pub takeovers: Counter,
     /// Sessions released because a reclaim (sent after a gateway's NATS reconnect) found a
@@ -247,6 +259,26 @@ impl Metrics {
             reg,
             "denylist_stale",
             "1 while the denylist file is unreadable or invalid and the previous list stays in force",
+        );
+        let tls_handshake_failures = counter(
+            reg,
+            "tls_handshake_failures",
+            "Device TLS handshakes that failed (untrusted or missing certificate, not TLS)",
+        );
+        let tls_identity_mismatches = counter(
+            reg,
+            "tls_identity_mismatches",
+            "Logins refused because the client certificate names another device id",
+        );
+        let tls_stale = gauge(
+            reg,
+            "tls_stale",
+            "1 while the device TLS files are unreadable or invalid and the previous ones stay in use",
+        );
+        let tls_certificate_expiry = gauge(
+            reg,
+            "tls_certificate_expiry_timestamp_seconds",
+            "Expiry of the device TLS certificate in use, in Unix seconds (0 without device TLS)",
         );
         let takeovers = counter(reg, "takeovers", "Logins that replaced an older session");
         let reclaims_lost = counter(
@@ -358,6 +390,10 @@ impl Metrics {
             revoked_sessions,
             denylist_errors,
             denylist_stale,
+            tls_handshake_failures,
+            tls_identity_mismatches,
+            tls_stale,
+            tls_certificate_expiry,
             takeovers,
             reclaims_lost,
             nats_connected,

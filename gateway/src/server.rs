@@ -54,6 +54,10 @@ pub enum GatewayError {
     /// The denylist could not be loaded: starting without it would re-admit revoked devices.
     #[error(transparent)]
     Denylist(#[from] DenylistError),
+    /// The device TLS files could not be loaded: starting in plaintext instead would expose
+    /// every device's token.
+    #[error(transparent)]
+    DeviceTls(#[from] crate::device_tls::DeviceTlsError),
 }
 
 /// State every task of one gateway instance shares.
@@ -69,6 +73,9 @@ pub(crate) struct Shared {
     pub(crate) metrics: Metrics,
     /// Device ids refused at login (`denied_devices_file`).
     pub(crate) denylist: Denylist,
+    /// TLS the gateway terminates itself (`device_tls_*`); `None`: devices speak plaintext
+    /// here (TLS, if any, ends at nginx).
+    pub(crate) device_tls: Option<crate::device_tls::DeviceTls>,
     /// Logins per device id in the current window (`max_logins_per_id`).
     pub(crate) login_limit: LoginLimit,
     /// Caps the log lines of refused connections, which an unauthenticated peer can cause at
@@ -263,6 +270,26 @@ async fn build(
         }
         None => None,
     };
+    let device_tls = match config.device_tls_files() {
+        Some(files) => {
+            let tls = crate::device_tls::DeviceTls::load(files)?;
+            metrics
+                .tls_certificate_expiry
+                .set(i64::try_from(tls.not_after()).unwrap_or(i64::MAX));
+            tracing::info!(
+                instance = %instance,
+                binds_ids = tls.binds_ids(),
+                "device TLS terminated by the gateway{}",
+                if tls.binds_ids() {
+                    "; client certificates must name the device id"
+                } else {
+                    ""
+                }
+            );
+            Some(tls)
+        }
+        None => None,
+    };
     let hard_stop = CancellationToken::new();
     let bus = Bus::connect(&config, instance, metrics.clone(), hard_stop.clone()).await?;
     let auth = config.device_auth();
@@ -299,6 +326,7 @@ async fn build(
         registry: Registry::default(),
         metrics,
         denylist,
+        device_tls,
         refusal_logs: LogBudget::new(REFUSAL_LOGS_PER_SECOND),
         login_limit: LoginLimit::new(config.max_logins_per_id, config.login_window_s),
         draining: CancellationToken::new(),
@@ -333,6 +361,7 @@ async fn serve(
     let reclaim_task = reclaim::spawn(shared.clone());
     let denylist_task =
         denylist_file.map(|(path, loaded)| crate::denylist::spawn(shared.clone(), path, loaded));
+    let device_tls_task = crate::device_tls::spawn(shared.clone());
     tracing::info!(
         instance = %shared.instance,
         advertise_addr = %shared.advertise_addr,
@@ -348,7 +377,11 @@ async fn serve(
                 Ok((stream, peer)) => {
                     if connections.len() >= shared.config.max_connections {
                         shared.metrics.error(ErrorCode::Overloaded);
-                        tokio::spawn(refuse_overloaded(stream));
+                        if shared.device_tls.is_none() {
+                            tokio::spawn(refuse_overloaded(stream));
+                        }
+                        // With TLS the ERROR would cost a handshake, exactly when the gateway
+                        // is full: the connection is just closed (dropped).
                         continue;
                     }
                     let Some(slot) = HandshakeSlot::try_acquire(&shared) else {
@@ -374,7 +407,7 @@ async fn serve(
     drain(&shared, &connections).await;
     let _ = control_task.await;
     let _ = reclaim_task.await;
-    if let Some(task) = denylist_task {
+    for task in [denylist_task, device_tls_task].into_iter().flatten() {
         let _ = task.await;
     }
     let _ = http_task.await;
@@ -429,7 +462,8 @@ async fn drain(shared: &Arc<Shared>, connections: &TaskTracker) {
 /// refused at once, with `ERROR overloaded` written only if the socket takes it immediately
 /// (it always has room on a fresh connection), and closed when `stream` is dropped. No task,
 /// no timer, no buffer: a flood of silent connections costs the gateway nothing beyond the
-/// slots it already holds, and the device retries later like after any `overloaded`.
+/// slots it already holds, and the device retries later like after any `overloaded`. With
+/// device TLS the connection is only closed: a plaintext ERROR means nothing to a TLS client.
 fn refuse_handshakes_full(shared: &Shared, stream: &tokio::net::TcpStream, peer: SocketAddr) {
     shared.metrics.error(ErrorCode::Overloaded);
     shared.metrics.handshakes_refused.inc();
@@ -439,6 +473,9 @@ fn refuse_handshakes_full(shared: &Shared, stream: &tokio::net::TcpStream, peer:
         max_handshakes = shared.config.max_handshakes,
         "refusing connection: too many handshakes in progress"
     );
+    if shared.device_tls.is_some() {
+        return;
+    }
     let frame = Frame::json(
         Frame::Error,
         &ErrorBody {
@@ -456,7 +493,11 @@ fn refuse_handshakes_full(shared: &Shared, stream: &tokio::net::TcpStream, peer:
 }
 
 async fn refuse_overloaded(stream: tokio::net::TcpStream) {
-    let mut conn = crate::conn::Conn::new(stream, FrameCodec::default(), bytes::BytesMut::new());
+    let mut conn = crate::conn::Conn::new(
+        crate::conn::DeviceStream::plain(stream),
+        FrameCodec::default(),
+        bytes::BytesMut::new(),
+    );
     let frame = Frame::json(
         Frame::Error,
         &ErrorBody {

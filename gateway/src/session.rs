@@ -34,7 +34,7 @@ use crate::auth::Verdict;
 use crate::bus::{Headers, LinkError, Msg, RequestError, Subscription};
 use crate::codec::{ErrorBody, ErrorCode, Frame, GoAway, GoAwayReason, Hello, HelloLogin, Welcome};
 use crate::common::{unix_ms, unix_ns};
-use crate::conn::Conn;
+use crate::conn::{Conn, DeviceStream};
 use crate::contract::{
     ClaimKey, ClaimReply, ClaimRequest, DeliveryReply, DeliveryStatus, DeviceId, KickReply,
     PresenceEvent, PresenceEventKind, PresenceInfo, SessionSummary, headers, subjects,
@@ -188,6 +188,15 @@ async fn greet_in_slot(
             }
         }
     }
+    let stream = match &shared.device_tls {
+        None => DeviceStream::plain(stream),
+        // With TLS even a refused PROXY header is answered inside TLS when the peer's bytes
+        // are a ClientHello (a device dialling the gateway directly), so it can read why.
+        Some(tls) => match accept_tls(shared, stream, tls, &mut leftover, hello_deadline).await {
+            Some(stream) => stream,
+            None => return None,
+        },
+    };
     if let Some(r) = refusal {
         let mut conn = Conn::new(stream, shared.codec, BytesMut::new());
         refuse(shared, &mut conn, remote, None, r).await;
@@ -220,11 +229,42 @@ async fn greet_in_slot(
     }
 }
 
+/// The TLS handshake of a device connection, within the HELLO deadline; `None` when it failed
+/// (counted and closed: before TLS there is no way to tell the device why in a frame; rustls
+/// sent it an alert).
+async fn accept_tls(
+    shared: &Shared,
+    tcp: TcpStream,
+    tls: &crate::device_tls::DeviceTls,
+    leftover: &mut BytesMut,
+    deadline: Instant,
+) -> Option<DeviceStream> {
+    let accepted = tokio::select! {
+        r = tokio::time::timeout_at(deadline, crate::device_tls::accept(&tcp, tls.config(), leftover)) => r,
+        () = shared.draining.cancelled() => return None,
+    };
+    let error = match accepted {
+        Ok(Ok(server)) => return Some(DeviceStream::tls(tcp, server)),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "no TLS handshake before the HELLO deadline".to_owned(),
+    };
+    shared.metrics.tls_handshake_failures.inc();
+    if let Some(suppressed) = shared.refusal_logs.admit(unix_ms() / 1000) {
+        tracing::info!(
+            remote = ?tcp.peer_addr().ok(),
+            %error,
+            suppressed,
+            "device TLS handshake failed"
+        );
+    }
+    None
+}
+
 /// Reads the first frame with the HELLO limit (`max_hello_len`), into `buf`, which keeps any
-/// bytes after it. Unlike a session's reader this needs no stateless polling: it runs once.
+/// bytes after it.
 async fn read_first_frame(
     shared: &Shared,
-    stream: &TcpStream,
+    stream: &DeviceStream,
     buf: &mut BytesMut,
 ) -> Result<Option<Frame>, crate::codec::CodecError> {
     use tokio_util::codec::Decoder;
@@ -233,21 +273,11 @@ async fn read_first_frame(
         if let Some(frame) = codec.decode(buf)? {
             return Ok(Some(frame));
         }
-        stream.readable().await?;
-        // The codec reserved room for the rest of the (bounded) frame; a little more for
-        // the 4-byte length itself.
-        buf.reserve(HELLO_READ_CHUNK);
-        match stream.try_read_buf(buf) {
-            Ok(0) => return Ok(None),
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e.into()),
+        if std::future::poll_fn(|cx| stream.poll_read_buf(buf, cx)).await? == 0 {
+            return Ok(None);
         }
     }
 }
-
-/// How much a read before HELLO asks for at least: one typical HELLO in one syscall.
-const HELLO_READ_CHUNK: usize = 512;
 
 /// Sends an ERROR frame, counts it, and closes.
 async fn refuse(
@@ -311,7 +341,7 @@ fn goaway_frame(shared: &Shared, reason: GoAwayReason) -> Frame {
 /// Reads and checks HELLO. `Err(None)`: the peer left silently.
 async fn handshake(
     shared: &Shared,
-    stream: &TcpStream,
+    stream: &DeviceStream,
     buf: &mut BytesMut,
     deadline: Instant,
 ) -> Result<(DeviceId, Hello, Verdict), Option<Refusal>> {
@@ -360,6 +390,14 @@ async fn handshake(
             ErrorCode::Unauthorized,
             "token does not match the device id",
         )));
+    }
+    // After the token too: only the holder of the id's token learns what its certificate is
+    // not.
+    if shared.device_tls.as_ref().is_some_and(|t| t.binds_ids())
+        && let Some(Err(why)) = stream.with_tls(|tls| crate::device_tls::check_binding(tls, &id))
+    {
+        shared.metrics.tls_identity_mismatches.inc();
+        return Err(Some(Refusal::new(ErrorCode::Unauthorized, why)));
     }
     // After the token: only the device's own token learns that its id is revoked.
     if shared.denylist.contains(&id) {
@@ -1210,7 +1248,7 @@ impl Session {
         if let Some((_, t)) = self.ack_deadlines.front() {
             d = d.min(*t);
         }
-        if self.conn.writer.pending() > 0 {
+        if self.conn.write_pending() {
             d = d.min(self.last_write + Duration::from_millis(self.shared.config.write_timeout_ms));
         }
         d
@@ -1253,6 +1291,7 @@ impl Session {
                 && bus_up
                 && self.uplink.len() < max_inflight
                 && self.conn.writer.pending() < queue_limit;
+            let write_pending = self.conn.write_pending();
             // The select only picks what happened; handling it comes after, once the branch
             // futures are dropped. (Awaiting inside a branch would keep them all alive beside
             // the handler's own state, and a session future's size is paid by every idle
@@ -1261,7 +1300,7 @@ impl Session {
                 cmd = self.commands.recv() => Event::Command(cmd),
                 () = &mut hard_stop => Event::HardStop,
                 msg = self.sub.next() => Event::Bus(msg),
-                written = std::future::poll_fn(|cx| self.conn.writer.poll_write_some(&self.conn.stream, cx)), if self.conn.writer.pending() > 0 => Event::Written(written),
+                written = std::future::poll_fn(|cx| self.conn.writer.poll_write_some(&self.conn.stream, cx)), if write_pending => Event::Written(written),
                 frame = std::future::poll_fn(|cx| self.conn.reader.poll_frame(&self.conn.stream, cx)), if can_read => Event::Frame(frame),
                 (seq, ok) = std::future::poll_fn(|cx| poll_uplink(&mut self.uplink, cx)), if !self.uplink.is_empty() => Event::Uplink { seq, ok },
                 () = &mut timer => Event::Timer,
@@ -1319,7 +1358,7 @@ impl Session {
                 Event::BusState(true) => Ok(()),
                 Event::BusState(false) => Err(End::Shutdown),
             };
-            if result.is_ok() && !just_wrote && self.conn.writer.pending() > 0 {
+            if result.is_ok() && !just_wrote && self.conn.write_pending() {
                 result = self.write_now();
             }
             if let Err(end) = result {
@@ -1694,7 +1733,7 @@ impl Session {
             )));
         }
         let write_limit = Duration::from_millis(self.shared.config.write_timeout_ms);
-        if self.conn.writer.pending() > 0 && now >= self.last_write + write_limit {
+        if self.conn.write_pending() && now >= self.last_write + write_limit {
             return Err(End::Error(Refusal::new(
                 ErrorCode::SlowConsumer,
                 format!("no write progress for {} ms", write_limit.as_millis()),
@@ -1756,11 +1795,7 @@ impl Session {
         let write_limit = LAST_WORDS.max(Duration::from_millis(100));
         let _ = tokio::time::timeout(write_limit, self.conn.flush()).await;
         self.resolve_sent();
-        let _ = tokio::time::timeout(write_limit, async {
-            use tokio::io::AsyncWriteExt;
-            self.conn.stream.shutdown().await
-        })
-        .await;
+        let _ = tokio::time::timeout(write_limit, self.conn.stream.shutdown()).await;
         End::GoAway(reason)
     }
 

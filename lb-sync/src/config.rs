@@ -136,7 +136,8 @@ pub struct Config {
     /// and the gateways usually run elsewhere [default: `kube_namespace`].
     pub configmap_namespace: Option<String>,
     /// PEM certificate chain nginx presents to devices: with `tls_key`, nginx terminates TLS
-    /// on `listen`. Without, devices connect in plaintext (and lb-sync warns).
+    /// on `listen`. Without, devices' TLS passes through (`tls_passthrough`) or they connect in
+    /// plaintext (`insecure_plaintext`, and lb-sync warns).
     pub tls_cert: Option<PathBuf>,
     /// Private key of `tls_cert`.
     pub tls_key: Option<PathBuf>,
@@ -159,6 +160,10 @@ pub struct Config {
     /// the network unencrypted. For a lab, or when TLS ends before nginx; it must be asked for,
     /// and lb-sync says so in its log at start.
     pub insecure_plaintext: bool,
+    /// Devices' TLS ends at the gateways (their `--device-tls-cert`); nginx forwards the
+    /// encrypted bytes untouched. Only a gateway can bind a device's client certificate to its
+    /// device id: nginx cannot hand the certificate on, so terminating TLS there would lose it.
+    pub tls_passthrough: bool,
     /// Log format.
     pub log_format: LogFormat,
 }
@@ -213,6 +218,7 @@ impl Default for Config {
             tls_session_timeout_s: 3600,
             tls_check_interval_s: 10,
             insecure_plaintext: false,
+            tls_passthrough: false,
             log_format: LogFormat::Text,
         }
     }
@@ -521,16 +527,28 @@ impl Config {
     /// reads them at every reload), and TLS needs the file sink, whose nginx lb-sync
     /// controls (an ingress controller terminates TLS with its own settings).
     fn validate_device_tls(&self, problems: &mut Vec<String>) {
-        if self.tls_cert.is_some() != self.tls_key.is_some() {
-            problems.push("tls_cert and tls_key go together".to_owned());
-        }
-        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
-            problems
-                .push("tls_client_ca needs tls_cert and tls_key (mutual TLS is TLS)".to_owned());
+        if self.tls_passthrough {
+            // Reported instead of the pairing checks below, whose advice (add the other file)
+            // would only lead to the same contradiction.
+            self.validate_tls_passthrough(problems);
+        } else {
+            if self.tls_cert.is_some() != self.tls_key.is_some() {
+                problems.push("tls_cert and tls_key go together".to_owned());
+            }
+            if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
+                problems.push(
+                    "tls_client_ca needs tls_cert and tls_key (mutual TLS is TLS)".to_owned(),
+                );
+            }
         }
         if self.tls_client_ca.is_none() && self.tls_verify_depth != DEFAULT_VERIFY_DEPTH {
+            let fix = if self.tls_passthrough {
+                "with tls_passthrough the gateways check them"
+            } else {
+                "give tls_client_ca"
+            };
             problems.push(format!(
-                "tls_verify_depth {} only applies to device certificates: give tls_client_ca",
+                "tls_verify_depth {} only applies to device certificates: {fix}",
                 self.tls_verify_depth
             ));
         }
@@ -563,10 +581,15 @@ impl Config {
             }
         }
         let Some(tls) = self.device_tls() else {
-            if !self.insecure_plaintext && self.tls_cert.is_none() && self.tls_key.is_none() {
+            if !self.insecure_plaintext
+                && !self.tls_passthrough
+                && self.tls_cert.is_none()
+                && self.tls_key.is_none()
+            {
                 problems.push(
                     "devices would connect in plaintext: give tls_cert and tls_key (nginx \
-                     terminates TLS), or insecure_plaintext to accept that their tokens and \
+                     terminates TLS), tls_passthrough (the gateways terminate TLS with their \
+                     --device-tls-cert), or insecure_plaintext to accept that their tokens and \
                      messages cross the network unencrypted"
                         .to_owned(),
                 );
@@ -595,6 +618,39 @@ impl Config {
                 }
                 Ok(_) => {}
             }
+        }
+    }
+
+    /// Refuses, with `tls_passthrough`, every setting that says device TLS ends elsewhere or
+    /// not at all: nginx cannot check a client certificate in a session it does not terminate,
+    /// and `insecure_plaintext` says devices have no TLS, which gateways expecting a handshake
+    /// would refuse. Either way the operator meant something other than what would run.
+    fn validate_tls_passthrough(&self, problems: &mut Vec<String>) {
+        for (key, given) in [
+            ("tls_cert", self.tls_cert.is_some()),
+            ("tls_key", self.tls_key.is_some()),
+        ] {
+            if given {
+                problems.push(format!(
+                    "tls_passthrough contradicts {key}: TLS ends either at nginx or at the \
+                     gateways, not both"
+                ));
+            }
+        }
+        if self.tls_client_ca.is_some() {
+            problems.push(
+                "tls_passthrough contradicts tls_client_ca: nginx cannot check device \
+                 certificates in TLS it passes through; give the gateways \
+                 --device-tls-client-ca instead"
+                    .to_owned(),
+            );
+        }
+        if self.insecure_plaintext {
+            problems.push(
+                "tls_passthrough contradicts insecure_plaintext: devices' TLS either passes \
+                 through to the gateways or devices connect in plaintext; choose one"
+                    .to_owned(),
+            );
         }
     }
 
@@ -630,6 +686,7 @@ impl Config {
             max_fails: self.max_fails,
             fail_timeout_s: self.fail_timeout_s,
             tls: self.device_tls(),
+            tls_passthrough: self.tls_passthrough,
         }
     }
 
@@ -866,6 +923,11 @@ pub struct Cli {
     #[arg(long, env = "DEVGATE_INSECURE_PLAINTEXT", num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub insecure_plaintext: Option<bool>,
+    /// Devices' TLS ends at the gateways (their --device-tls-cert): nginx forwards the encrypted
+    /// bytes untouched, so gateways can bind client certificates to device ids.
+    #[arg(long, env = "DEVGATE_TLS_PASSTHROUGH", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_passthrough: Option<bool>,
     /// Log format [default: text].
     #[arg(long, env = "DEVGATE_LOG_FORMAT")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -1190,6 +1252,11 @@ mod tests {
                 .contains("devices would connect in plaintext"),
             "{err}"
         );
+        assert!(
+            err.to_string()
+                .contains("tls_passthrough (the gateways terminate TLS"),
+            "the third way out is named: {err}"
+        );
         let (cert, key) = (fixture("server.pem"), fixture("server.key"));
         let mut args = vec!["--tls-cert", &cert, "--tls-key", &key];
         args.extend(out_flag());
@@ -1210,6 +1277,135 @@ mod tests {
                 .contains("devices would connect in plaintext"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn tls_passthrough_is_neither_plaintext_nor_nginx_tls() {
+        let mut args = vec!["--tls-passthrough"];
+        args.extend(tls_out_flag());
+        let c = cli(&args)
+            .into_config()
+            .expect("passthrough with the file sink");
+        assert!(c.tls_passthrough);
+        assert!(!c.insecure_plaintext);
+        let settings = c.render_settings();
+        assert_eq!(settings.tls, None, "nginx terminates nothing");
+        assert!(settings.tls_passthrough);
+        // The ingress controller's stream-snippets listener is plain, so passthrough fits it.
+        let mut args = vec!["--tls-passthrough"];
+        args.extend(&KUBE_TO_CONFIGMAP[1..]);
+        let c = cli(&args)
+            .into_config()
+            .expect("passthrough with the configmap sink");
+        assert_eq!(c.sink, SinkKind::Configmap);
+        assert!(c.render_settings().tls_passthrough);
+        let mut args = vec!["--tls-passthrough", "false"];
+        args.extend(tls_out_flag());
+        let err = cli(&args).into_config().expect_err("turned off");
+        assert!(
+            err.to_string()
+                .contains("devices would connect in plaintext"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn tls_passthrough_contradicts_every_nginx_tls_file() {
+        let (cert, key, ca) = (
+            fixture("server.pem"),
+            fixture("server.key"),
+            fixture("ca.pem"),
+        );
+        let both = "TLS ends either at nginx or at the gateways, not both";
+        let cases: Vec<(Vec<&str>, Vec<String>)> = vec![
+            (
+                vec!["--tls-cert", &cert, "--tls-key", &key],
+                vec![
+                    format!("tls_passthrough contradicts tls_cert: {both}"),
+                    format!("tls_passthrough contradicts tls_key: {both}"),
+                ],
+            ),
+            (
+                vec!["--tls-cert", &cert],
+                vec![format!("tls_passthrough contradicts tls_cert: {both}")],
+            ),
+            (
+                vec!["--tls-key", &key],
+                vec![format!("tls_passthrough contradicts tls_key: {both}")],
+            ),
+            (
+                vec!["--tls-client-ca", &ca],
+                vec![
+                    "tls_passthrough contradicts tls_client_ca: nginx cannot check device \
+                     certificates in TLS it passes through; give the gateways \
+                     --device-tls-client-ca instead"
+                        .to_owned(),
+                ],
+            ),
+            (
+                vec!["--tls-verify-depth", "5"],
+                vec![
+                    "tls_verify_depth 5 only applies to device certificates: with \
+                     tls_passthrough the gateways check them"
+                        .to_owned(),
+                ],
+            ),
+        ];
+        for (mut args, expected) in cases {
+            args.push("--tls-passthrough");
+            args.extend(tls_out_flag());
+            let err = cli(&args).into_config().expect_err("contradiction");
+            let msg = err.to_string();
+            for needle in expected {
+                assert!(
+                    msg.contains(&needle),
+                    "{args:?}: {needle} missing from {msg}"
+                );
+            }
+            // The pairing advice (add the other file) would only lead to the same refusal.
+            for misleading in ["go together", "mutual TLS is TLS", "give tls_client_ca"] {
+                assert!(!msg.contains(misleading), "{args:?}: {msg}");
+            }
+        }
+    }
+
+    #[test]
+    fn tls_passthrough_contradicts_insecure_plaintext() {
+        let mut args = vec!["--tls-passthrough"];
+        args.extend(out_flag());
+        let err = cli(&args).into_config().expect_err("both");
+        assert!(
+            err.to_string().contains(
+                "tls_passthrough contradicts insecure_plaintext: devices' TLS either passes \
+                 through to the gateways or devices connect in plaintext; choose one"
+            ),
+            "{err}"
+        );
+        let err = cli(&["--tls-passthrough"]
+            .iter()
+            .chain(&KUBE_TO_CONFIGMAP)
+            .copied()
+            .collect::<Vec<_>>())
+        .into_config()
+        .expect_err("both, configmap sink");
+        assert!(
+            err.to_string()
+                .contains("tls_passthrough contradicts insecure_plaintext"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn tls_passthrough_is_a_config_file_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("lb.toml");
+        std::fs::write(&file, "output = \"/tmp/u.conf\"\ntls_passthrough = true\n")
+            .expect("write config");
+        let c = cli(&["--config", file.to_str().expect("utf8")])
+            .into_config()
+            .expect("passthrough from the file");
+        assert!(c.tls_passthrough);
+        assert!(c.render_settings().tls_passthrough);
     }
 
     #[test]

@@ -192,12 +192,23 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<LbSync
             let (tls_tx, tls_rx) = tokio::sync::watch::channel(tls.fingerprint.clone());
             Some((files, tls_tx, tls_rx))
         }
+        None if settings.tls_passthrough => {
+            tracing::info!(
+                listen = %config.listen,
+                proxy_protocol = config.proxy_protocol,
+                "device TLS passes through nginx to the gateways (--tls-passthrough): they \
+                 terminate it with their --device-tls-cert; nginx forwards the encrypted bytes \
+                 untouched"
+            );
+            None
+        }
         None => {
             tracing::warn!(
                 listen = %config.listen,
                 "INSECURE (--insecure-plaintext): devices connect to nginx in PLAINTEXT; their \
                  tokens and messages cross the network unencrypted. Give --tls-cert and \
-                 --tls-key to terminate TLS at nginx."
+                 --tls-key to terminate TLS at nginx, or --tls-passthrough when the gateways \
+                 terminate it."
             );
             None
         }

@@ -114,8 +114,14 @@ pub struct RenderSettings {
     pub max_fails: u32,
     /// nginx `fail_timeout`, seconds.
     pub fail_timeout_s: u64,
-    /// TLS for devices, terminated by nginx; `None`: devices connect in plaintext.
+    /// TLS for devices, terminated by nginx; `None`: the listener is plain (devices' TLS
+    /// passes through, or there is none).
     pub tls: Option<TlsSettings>,
+    /// With `tls` `None`: the devices' TLS passes through to the gateways. The listener is plain
+    /// either way; a comment says why, so nobody reading the nginx config takes the missing
+    /// `ssl` for a mistake and "fixes" it by terminating TLS, which would break the gateways'
+    /// binding of client certificates to device ids. Validation refuses it together with `tls`.
+    pub tls_passthrough: bool,
 }
 
 /// How nginx terminates the devices' TLS. nginx reads the files itself; lb-sync only names them
@@ -164,6 +170,7 @@ impl Default for RenderSettings {
             max_fails: 3,
             fail_timeout_s: 10,
             tls: None,
+            tls_passthrough: false,
         }
     }
 }
@@ -208,6 +215,12 @@ pub fn render(set: &DesiredSet, s: &RenderSettings) -> String {
     match &s.tls {
         None => {
             let _ = writeln!(out, "    listen {};", s.listen);
+            if s.tls_passthrough {
+                let _ = writeln!(
+                    out,
+                    "    # No ssl: device TLS passes through to the gateways (--device-tls-cert)."
+                );
+            }
         }
         Some(tls) => render_tls(&mut out, s.listen, name, tls),
     }
@@ -347,6 +360,7 @@ mod tests {
             max_fails: 1,
             fail_timeout_s: 5,
             tls: None,
+            tls_passthrough: false,
         };
         let set = DesiredSet::from_endpoints(&[ep("127.0.0.1:7001", EndpointState::Ready, None)]);
         golden("proxy_protocol.conf", &render(&set, &settings));
@@ -389,6 +403,31 @@ mod tests {
             "tls_client_ca.conf",
             &render(&DesiredSet::default(), &settings),
         );
+    }
+
+    #[test]
+    fn passed_through_tls_leaves_the_listener_plain_and_says_why() {
+        let settings = RenderSettings {
+            proxy_protocol: true,
+            tls_passthrough: true,
+            ..RenderSettings::default()
+        };
+        let set = DesiredSet::from_endpoints(&[ep("10.0.0.2:7000", EndpointState::Ready, None)]);
+        let text = render(&set, &settings);
+        golden("tls_passthrough.conf", &text);
+        assert!(!text.contains("ssl;") && !text.contains("ssl_"), "{text}");
+        assert!(
+            text.contains("device TLS passes through to the gateways"),
+            "{text}"
+        );
+        let plain = render(
+            &set,
+            &RenderSettings {
+                tls_passthrough: false,
+                ..settings
+            },
+        );
+        assert!(!plain.contains("passes through"), "{plain}");
     }
 
     #[test]

@@ -215,3 +215,22 @@ pub async fn read_error(stream: tokio::net::TcpStream) -> devgate_gateway::codec
         }
     }
 }
+
+/// A control request for `op` to device `id` (presence, kick, ...), its answer parsed as `T`;
+/// panics unless it is answered within 5 s.
+pub async fn control<T: serde::de::DeserializeOwned>(
+    service: &async_nats::Client,
+    id: &str,
+    op: devgate_gateway::contract::subjects::ControlOp,
+) -> T {
+    use devgate_gateway::contract::{DeviceId, headers, subjects};
+    let down = subjects::down(&DeviceId::parse(id).expect("device id"));
+    let reply = tokio::time::timeout(
+        Duration::from_secs(5),
+        service.request_with_headers(down, headers::control(op), Bytes::new()),
+    )
+    .await
+    .expect("answered in time")
+    .expect("answered");
+    serde_json::from_slice(&reply.payload).expect("json reply")
+}

@@ -14,7 +14,7 @@ use devgate_gateway::contract::{
 };
 use devgate_tests::NatsServer;
 use devgate_tests::gateway::{
-    device, downs_until_goaway, metric_reaches, next_frame, start, token,
+    control, device, downs_until_goaway, metric_reaches, next_frame, start, token,
 };
 use futures::StreamExt;
 use tokio::net::TcpStream;
@@ -50,22 +50,6 @@ fn assert_identity_headers(event: &PresenceEvent, h: &HeaderMap) {
         get(headers::GATEWAY).as_deref(),
         Some(event.gateway.as_str())
     );
-}
-
-/// A control request for `op` to `id`, its answer parsed as `T`.
-async fn control<T: serde::de::DeserializeOwned>(
-    service: &async_nats::Client,
-    id: &str,
-    op: ControlOp,
-) -> T {
-    let reply = tokio::time::timeout(
-        WAIT,
-        service.request_with_headers(down(id), headers::control(op), Bytes::new()),
-    )
-    .await
-    .expect("answered in time")
-    .expect("answered");
-    serde_json::from_slice(&reply.payload).expect("json reply")
 }
 
 /// A data request to `id`, its DeliveryReply.

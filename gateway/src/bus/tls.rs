@@ -98,7 +98,7 @@ pub fn client_config_named(
     Ok(Arc::new(config))
 }
 
-fn certificates(what: String, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub(crate) fn certificates(what: String, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let err = |reason: String| TlsError::File {
         what: what.clone(),
         path: path.to_owned(),
