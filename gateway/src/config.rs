@@ -775,6 +775,82 @@ mod tests {
     }
 
     #[test]
+    fn device_tls_files_are_checked_together_and_loaded_before_start() {
+        let fixture = |name: &str| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../tests/fixtures/tls")
+                .join(name)
+                .display()
+                .to_string()
+        };
+        let (cert, key, ca) = (
+            fixture("server.pem"),
+            fixture("server.key"),
+            fixture("ca.pem"),
+        );
+        let ok = cli(&[
+            "--insecure-no-auth",
+            "--device-tls-cert",
+            &cert,
+            "--device-tls-key",
+            &key,
+            "--device-tls-client-ca",
+            &ca,
+        ])
+        .into_config()
+        .expect("valid device TLS");
+        let files = ok.device_tls_files().expect("device TLS configured");
+        assert_eq!(files.client_ca.as_deref(), Some(std::path::Path::new(&ca)));
+        assert!(
+            cli(&["--insecure-no-auth"])
+                .into_config()
+                .expect("valid")
+                .device_tls_files()
+                .is_none()
+        );
+
+        let err = cli(&["--insecure-no-auth", "--device-tls-cert", &cert])
+            .into_config()
+            .expect_err("a certificate without its key");
+        assert!(
+            err.to_string()
+                .contains("device_tls_cert and device_tls_key go together"),
+            "{err}"
+        );
+        let err = cli(&["--insecure-no-auth", "--device-tls-client-ca", &ca])
+            .into_config()
+            .expect_err("a client CA without TLS at the gateway");
+        assert!(
+            err.to_string()
+                .contains("device_tls_client_ca needs device_tls_cert"),
+            "{err}"
+        );
+        // A key that does not match: refused at start, not at the first device's handshake.
+        let err = cli(&[
+            "--insecure-no-auth",
+            "--device-tls-cert",
+            &cert,
+            "--device-tls-key",
+            &fixture("device.key"),
+        ])
+        .into_config()
+        .expect_err("mismatched key");
+        assert!(
+            err.to_string()
+                .contains("device_tls_cert and device_tls_key:"),
+            "{err}"
+        );
+        let err = cli(&["--insecure-no-auth", "--device-tls-check-ms", "0"])
+            .into_config()
+            .expect_err("zero period");
+        assert!(
+            err.to_string()
+                .contains("device_tls_check_ms must be greater than 0"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn secret_is_masked_in_debug() {
         let c = cli(&["--auth-secret", "super-secret-value-123"])
             .into_config()

@@ -10,7 +10,7 @@
 //! ([`crate::device_tls`]). TLS is driven here by hand with rustls over the same readiness
 //! polling, instead of through an `AsyncRead` wrapper, so both kinds keep the properties above.
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::sync::{Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 
@@ -98,10 +98,13 @@ impl DeviceStream {
             let mut tls = Self::lock(state);
             // Plaintext rustls already holds comes first: it may have arrived with the
             // handshake, and the socket will not signal it again.
-            let mut chunk = [0u8; READ_CHUNK];
-            match tls.reader().read(&mut chunk) {
-                Ok(n) => {
-                    buf.extend_from_slice(&chunk[..n]);
+            let mut reader = tls.reader();
+            match reader.fill_buf() {
+                Ok(chunk) => {
+                    let n = chunk.len();
+                    buf.extend_from_slice(chunk);
+                    reader.consume(n);
+                    // 0: the peer's close_notify, after everything it sent.
                     return Poll::Ready(Ok(n));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -126,7 +129,8 @@ impl DeviceStream {
                 let _ = flush_tls(&mut tls, &self.tcp);
                 return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
             }
-            // A key update or ticket queued records of its own: send them while here.
+            // Records rustls queued while reading (alerts) go out while here; what the socket
+            // does not take goes with the next write (rustls answers a key update then too).
             let _ = flush_tls(&mut tls, &self.tcp);
         }
     }
@@ -162,10 +166,12 @@ impl DeviceStream {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         let n = tls.writer().write(data)?;
-        flush_tls(&mut tls, &self.tcp)?;
         if n == 0 {
-            return Err(io::ErrorKind::WouldBlock.into());
+            // rustls took nothing although its output was empty: an error, not a WouldBlock,
+            // because the socket's readiness was not cleared and a retry would spin.
+            return Err(io::ErrorKind::WriteZero.into());
         }
+        flush_tls(&mut tls, &self.tcp)?;
         Ok(n)
     }
 
@@ -252,7 +258,12 @@ pub struct FrameReader {
 pub struct FrameWriter {
     codec: FrameCodec,
     buf: BytesMut,
+    /// Bytes on the socket: what `sent` answers and the write-stall clock go by.
     written: u64,
+    /// Bytes handed to TLS whose records are not all on the socket yet. They count as
+    /// pending, not written: a `sent` answered for them could be lost with the connection,
+    /// and the session queue limit must include them.
+    in_tls: u64,
     queued: u64,
 }
 
@@ -270,6 +281,7 @@ impl Conn {
                 codec,
                 buf: BytesMut::new(),
                 written: 0,
+                in_tls: 0,
                 queued: 0,
             },
         }
@@ -288,7 +300,7 @@ impl Conn {
     /// Writes everything queued (used before closing, bounded by the caller's timeout).
     pub async fn flush(&mut self) -> io::Result<()> {
         while self.writer.pending() > 0 {
-            if self.writer.write_some(&self.stream).await? == 0 {
+            if self.writer.write_some(&self.stream).await? == 0 && self.writer.pending() > 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
         }
@@ -345,12 +357,12 @@ impl FrameWriter {
         Ok(self.queued)
     }
 
-    /// Bytes queued but not yet written.
+    /// Bytes queued but not yet on the socket (with TLS: including what rustls holds).
     pub fn pending(&self) -> usize {
-        self.buf.len()
+        self.buf.len() + self.in_tls as usize
     }
 
-    /// Total bytes written to the stream so far.
+    /// Total bytes on the socket so far.
     pub fn written(&self) -> u64 {
         self.written
     }
@@ -367,11 +379,20 @@ impl FrameWriter {
     /// and another turn of its event loop would cost a wakeup per message.
     pub fn try_write_some(&mut self, stream: &DeviceStream) -> io::Result<usize> {
         if self.buf.is_empty() {
-            return Ok(0);
+            return Ok(self.settle(stream));
         }
         match stream.try_write(&self.buf) {
             Ok(n) => {
-                self.advance(n);
+                self.buf.advance(n);
+                if self.buf.is_empty() {
+                    self.buf = BytesMut::new();
+                }
+                if stream.is_tls() {
+                    self.in_tls += n as u64;
+                    self.settle(stream);
+                } else {
+                    self.written += n as u64;
+                }
                 Ok(n)
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
@@ -379,31 +400,148 @@ impl FrameWriter {
         }
     }
 
-    fn advance(&mut self, n: usize) {
-        self.buf.advance(n);
-        self.written += n as u64;
-        if self.buf.is_empty() {
-            self.buf = BytesMut::new();
+    /// Counts what TLS handed to the socket as written once rustls holds nothing more;
+    /// returns how many bytes that was.
+    fn settle(&mut self, stream: &DeviceStream) -> usize {
+        if self.in_tls == 0 || stream.has_unsent() {
+            return 0;
         }
+        let n = std::mem::take(&mut self.in_tls);
+        self.written += n;
+        n as usize
     }
 
     /// Poll form of [`FrameWriter::write_some`] (stateless, like
-    /// [`FrameReader::poll_frame`]). With nothing queued it sends what TLS still holds and
-    /// answers `Ok(0)`.
+    /// [`FrameReader::poll_frame`]). With no frame left to hand over it sends what TLS still
+    /// holds, answering how many bytes of it thereby reached the socket.
     pub fn poll_write_some(
         &mut self,
         stream: &DeviceStream,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<usize>> {
         loop {
-            if self.pending() == 0 {
+            if self.buf.is_empty() {
                 ready!(stream.poll_flush(cx))?;
-                return Poll::Ready(Ok(0));
+                return Poll::Ready(Ok(self.settle(stream)));
             }
             match self.try_write_some(stream)? {
                 0 => ready!(stream.poll_write_ready(cx))?,
                 n => return Poll::Ready(Ok(n)),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::Frame;
+    use bytes::Bytes;
+    use std::path::PathBuf;
+    use tokio::io::AsyncReadExt;
+
+    fn fixture(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/tls")
+            .join(name)
+    }
+
+    /// A TLS connection over loopback whose client reads nothing yet, with small socket
+    /// buffers so that the server's writes stall early: the server side as a `Conn`.
+    async fn stalled_tls_pair() -> (Conn, tokio_rustls::client::TlsStream<TcpStream>) {
+        let server_config = crate::device_tls::DeviceTls::load(crate::device_tls::DeviceTlsFiles {
+            cert: fixture("server.pem"),
+            key: fixture("server.key"),
+            client_ca: None,
+        })
+        .expect("server TLS")
+        .config();
+        let client_config = crate::bus::tls::client_config_named(
+            &crate::bus::tls::TlsFiles {
+                ca: Some(fixture("ca.pem")),
+                client: None,
+            },
+            "tls",
+        )
+        .expect("client TLS");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("rcvbuf");
+        let dial = async {
+            let tcp = socket.connect(addr).await.expect("connect");
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+            tokio_rustls::TlsConnector::from(client_config)
+                .connect(name, tcp)
+                .await
+                .expect("client handshake")
+        };
+        let serve = async {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let tls = crate::device_tls::accept(&tcp, server_config, &mut BytesMut::new())
+                .await
+                .expect("server handshake");
+            DeviceStream::tls(tcp, tls)
+        };
+        let (client, stream) = tokio::join!(dial, serve);
+        (
+            Conn::new(stream, FrameCodec::default(), BytesMut::new()),
+            client,
+        )
+    }
+
+    #[tokio::test]
+    async fn bytes_rustls_still_holds_are_pending_not_written() {
+        let (mut conn, mut client) = stalled_tls_pair().await;
+        let frame = || Frame::Down {
+            seq: 0,
+            payload: Bytes::from(vec![b'x'; 8000]),
+        };
+        let mut queued = 0;
+        // Hand frames over until the socket refuses more (loopback send buffers grow to
+        // 4 MiB by default); rustls then holds records too.
+        for _ in 0..2000 {
+            queued = conn.writer.queue(frame()).expect("queue");
+            conn.writer.try_write_some(&conn.stream).expect("write");
+            if conn.stream.has_unsent() {
+                break;
+            }
+        }
+        assert!(
+            conn.stream.has_unsent(),
+            "the stall never reached rustls: written {} pending {} queued {queued}",
+            conn.writer.written(),
+            conn.writer.pending()
+        );
+        // Whatever rustls holds is pending: `sent` must not be answered for it.
+        assert!(conn.writer.pending() > 0);
+        assert!(
+            conn.writer.written() < queued,
+            "{} of {queued}",
+            conn.writer.written()
+        );
+        assert_eq!(conn.writer.written() + conn.writer.pending() as u64, queued);
+
+        // Once the device reads, everything reaches the socket and counts as written.
+        let reader = tokio::spawn(async move {
+            let mut sink = vec![0u8; 1 << 16];
+            let mut total = 0u64;
+            while total < queued {
+                let n = client.read(&mut sink).await.expect("read");
+                assert!(n > 0, "closed early");
+                total += n as u64;
+            }
+            total
+        });
+        tokio::time::timeout(std::time::Duration::from_secs(10), conn.flush())
+            .await
+            .expect("flushed in time")
+            .expect("flush");
+        assert_eq!(conn.writer.written(), queued);
+        assert_eq!(conn.writer.pending(), 0);
+        assert!(!conn.stream.has_unsent());
+        assert_eq!(reader.await.expect("reader"), queued);
     }
 }

@@ -79,13 +79,18 @@ impl DeviceTlsFiles {
                 path: path.clone(),
                 reason,
             };
-            let len = std::fs::metadata(path)
-                .map_err(|e| err(e.to_string()))?
-                .len();
-            if len > MAX_FILE_BYTES {
-                return Err(err(format!("{len} bytes; a PEM file is far smaller")));
+            use std::io::Read;
+            let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+            let mut bytes = Vec::new();
+            file.take(MAX_FILE_BYTES + 1)
+                .read_to_end(&mut bytes)
+                .map_err(|e| err(e.to_string()))?;
+            if bytes.len() as u64 > MAX_FILE_BYTES {
+                return Err(err(format!(
+                    "over {MAX_FILE_BYTES} bytes; a PEM file is far smaller"
+                )));
             }
-            std::fs::read(path).map_err(|e| err(e.to_string()))
+            Ok(bytes)
         };
         Ok(Contents {
             cert: read("device_tls_cert", &self.cert)?,
@@ -356,8 +361,9 @@ pub(crate) async fn accept(
     }
 }
 
-/// The device ids a certificate can stand for: the subject's common names and the DNS names
-/// of its subjectAltName extension.
+/// The device ids a certificate can stand for: the DNS names of its subjectAltName extension,
+/// or, when it has none, its subject's common names. As in RFC 6125 the CN is ignored beside
+/// DNS SANs: a CA that vets only the SANs must not have issued a usable CN by accident.
 pub fn certificate_names(der: &[u8]) -> Result<Vec<String>, String> {
     use x509_cert::der::Decode;
     use x509_cert::der::asn1::{Ia5StringRef, PrintableStringRef, Utf8StringRef};
@@ -365,7 +371,22 @@ pub fn certificate_names(der: &[u8]) -> Result<Vec<String>, String> {
     use x509_cert::ext::pkix::name::GeneralName;
 
     let cert = x509_cert::Certificate::from_der(der).map_err(|e| e.to_string())?;
-    let mut names = Vec::new();
+    let mut dns_names = Vec::new();
+    if let Some((_, san)) = cert
+        .tbs_certificate
+        .get::<SubjectAltName>()
+        .map_err(|e| e.to_string())?
+    {
+        for name in san.0 {
+            if let GeneralName::DnsName(dns) = name {
+                dns_names.push(dns.as_str().to_owned());
+            }
+        }
+    }
+    if !dns_names.is_empty() {
+        return Ok(dns_names);
+    }
+    let mut common_names = Vec::new();
     for rdn in cert.tbs_certificate.subject.0.iter() {
         for atv in rdn.0.iter() {
             if atv.oid != x509_cert::der::oid::db::rfc4519::CN {
@@ -377,22 +398,17 @@ pub fn certificate_names(der: &[u8]) -> Result<Vec<String>, String> {
                 .or_else(|_| PrintableStringRef::try_from(value).map(|s| s.as_str().to_owned()))
                 .or_else(|_| Ia5StringRef::try_from(value).map(|s| s.as_str().to_owned()));
             if let Ok(text) = text {
-                names.push(text);
+                common_names.push(text);
             }
         }
     }
-    if let Some((_, san)) = cert
-        .tbs_certificate
-        .get::<SubjectAltName>()
-        .map_err(|e| e.to_string())?
-    {
-        for name in san.0 {
-            if let GeneralName::DnsName(dns) = name {
-                names.push(dns.as_str().to_owned());
-            }
-        }
-    }
-    Ok(names)
+    Ok(common_names)
+}
+
+/// When the first certificate of a PEM file expires, in Unix seconds (what
+/// `devgate_gateway_tls_certificate_expiry_timestamp_seconds` shows for it).
+pub fn not_after_pem(pem: &[u8]) -> Result<u64, String> {
+    not_after(&pem_certificates(pem)?[0])
 }
 
 /// When the certificate expires, in Unix seconds.
@@ -459,7 +475,12 @@ mod tests {
         // CN localhost, SAN IP:127.0.0.1 and DNS:localhost: IP SANs are not device ids.
         assert_eq!(
             certificate_names(&der("server.pem")).expect("parses"),
-            ["localhost", "localhost"]
+            ["localhost"]
+        );
+        // CN not-the-id, SAN DNS:dev-5: the SAN alone counts.
+        assert_eq!(
+            certificate_names(&der("device-san.pem")).expect("parses"),
+            ["dev-5"]
         );
     }
 

@@ -190,12 +190,28 @@ async fn greet_in_slot(
     }
     let stream = match &shared.device_tls {
         None => DeviceStream::plain(stream),
-        // With TLS even a refused PROXY header is answered inside TLS when the peer's bytes
-        // are a ClientHello (a device dialling the gateway directly), so it can read why.
-        Some(tls) => match accept_tls(shared, stream, tls, &mut leftover, hello_deadline).await {
-            Some(stream) => stream,
-            None => return None,
-        },
+        Some(tls) => {
+            let mut deadline = hello_deadline;
+            if let Some(r) = &refusal {
+                // A refused PROXY phase is answered inside TLS only when the peer's bytes are
+                // a ClientHello (a device dialling the gateway directly), and only briefly:
+                // a refused peer must not hold a handshake slot for the HELLO timeout.
+                if leftover.first() != Some(&TLS_HANDSHAKE_RECORD) {
+                    refuse_unheard(shared, remote, r);
+                    return None;
+                }
+                deadline = deadline.min(Instant::now() + LAST_WORDS);
+            }
+            match accept_tls(shared, stream, tls, &mut leftover, deadline, remote).await {
+                Some(stream) => stream,
+                None => {
+                    if let Some(r) = &refusal {
+                        refuse_unheard(shared, remote, r);
+                    }
+                    return None;
+                }
+            }
+        }
     };
     if let Some(r) = refusal {
         let mut conn = Conn::new(stream, shared.codec, BytesMut::new());
@@ -229,15 +245,34 @@ async fn greet_in_slot(
     }
 }
 
-/// The TLS handshake of a device connection, within the HELLO deadline; `None` when it failed
-/// (counted and closed: before TLS there is no way to tell the device why in a frame; rustls
-/// sent it an alert).
+/// The first byte of a TLS handshake record (a ClientHello starts with it).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Counts and logs a refusal that cannot be told to the peer (no TLS session to say it in),
+/// then the connection is closed by dropping it.
+fn refuse_unheard(shared: &Shared, remote: SocketAddr, refusal: &Refusal) {
+    shared.metrics.error(refusal.code);
+    if let Some(suppressed) = shared.refusal_logs.admit(unix_ms() / 1000) {
+        tracing::info!(
+            remote = %remote,
+            code = refusal.code.as_str(),
+            message = %refusal.message,
+            suppressed,
+            "refusing device connection before TLS (closed without an ERROR)"
+        );
+    }
+}
+
+/// The TLS handshake of a device connection, by `deadline`; `None` when it failed (counted
+/// and closed: before TLS there is no way to tell the device why in a frame; rustls sent it
+/// an alert).
 async fn accept_tls(
     shared: &Shared,
     tcp: TcpStream,
     tls: &crate::device_tls::DeviceTls,
     leftover: &mut BytesMut,
     deadline: Instant,
+    remote: SocketAddr,
 ) -> Option<DeviceStream> {
     let accepted = tokio::select! {
         r = tokio::time::timeout_at(deadline, crate::device_tls::accept(&tcp, tls.config(), leftover)) => r,
@@ -251,7 +286,7 @@ async fn accept_tls(
     shared.metrics.tls_handshake_failures.inc();
     if let Some(suppressed) = shared.refusal_logs.admit(unix_ms() / 1000) {
         tracing::info!(
-            remote = ?tcp.peer_addr().ok(),
+            remote = %remote,
             %error,
             suppressed,
             "device TLS handshake failed"
@@ -393,11 +428,14 @@ async fn handshake(
     }
     // After the token too: only the holder of the id's token learns what its certificate is
     // not.
-    if shared.device_tls.as_ref().is_some_and(|t| t.binds_ids())
-        && let Some(Err(why)) = stream.with_tls(|tls| crate::device_tls::check_binding(tls, &id))
-    {
-        shared.metrics.tls_identity_mismatches.inc();
-        return Err(Some(Refusal::new(ErrorCode::Unauthorized, why)));
+    if shared.device_tls.as_ref().is_some_and(|t| t.binds_ids()) {
+        let binding = stream
+            .with_tls(|tls| crate::device_tls::check_binding(tls, &id))
+            .unwrap_or_else(|| Err("not a TLS connection".to_owned()));
+        if let Err(why) = binding {
+            shared.metrics.tls_identity_mismatches.inc();
+            return Err(Some(Refusal::new(ErrorCode::Unauthorized, why)));
+        }
     }
     // After the token: only the device's own token learns that its id is revoked.
     if shared.denylist.contains(&id) {

@@ -157,7 +157,10 @@ async fn devices_log_in_over_tls_the_gateway_terminates_and_messages_flow_both_w
     let (_, reason) = downs_until_goaway(&mut dev).await;
     assert_eq!(reason, GoAwayReason::Draining);
     assert!(
-        matches!(tokio::time::timeout(WAIT, dev.next_frame()).await, Ok(Ok(None))),
+        matches!(
+            tokio::time::timeout(WAIT, dev.next_frame()).await,
+            Ok(Ok(None))
+        ),
         "the session ends with a clean TLS close"
     );
     stopping.await.expect("joined").expect("stopped cleanly");
@@ -252,6 +255,22 @@ async fn with_a_client_ca_a_device_certificate_must_name_the_device_id() {
         }
     }
     metric_reaches(&gw, "devgate_gateway_tls_handshake_failures_total 2").await;
+
+    // A certificate naming dev-5 in its SAN and something else in its CN: the SAN counts,
+    // the CN beside it does not (RFC 6125).
+    let san = device_tls(Some("device-san"));
+    let (mut fifth, _) = login(&gw, &san, "dev-5")
+        .await
+        .expect("the SAN's id logs in");
+    match login(&gw, &san, "not-the-id").await {
+        Err(ClientError::Refused(e)) => {
+            assert_eq!(e.code, ErrorCode::Unauthorized);
+            assert!(e.message.contains("issued to \"dev-5\""), "{}", e.message);
+        }
+        other => panic!("expected unauthorized, got {:?}", other.map(|(_, w)| w)),
+    }
+    metric_reaches(&gw, "devgate_gateway_tls_identity_mismatches_total 2").await;
+    reaches(&service, &mut fifth, "dev-5", b"five").await;
 
     // A certificate under two intermediate CAs, sent with its chain.
     let (mut second, _) = login(&gw, &device_tls(Some("device-chained")), "dev-2")
@@ -378,6 +397,25 @@ async fn a_proxy_header_may_precede_the_client_hello_in_the_same_segment() {
     reaches(&service, &mut dev, "dev-p", b"unaffected").await;
 }
 
+#[tokio::test]
+async fn a_peer_outside_the_trusted_cidrs_is_closed_at_once_not_after_the_hello_timeout() {
+    let nats = NatsServer::start();
+    let mut c = tls_config(&nats, "gw-far", false);
+    c.proxy_protocol = true;
+    c.proxy_trusted_cidrs = vec!["10.0.0.0/8".parse().expect("cidr")];
+    // Far beyond WAIT: only an immediate close passes.
+    c.hello_timeout_ms = 60_000;
+    let gw = start_with(c).await;
+    let mut silent = TcpStream::connect(gw.device_addr()).await.expect("connect");
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read(&mut silent, &mut byte))
+        .await
+        .expect("closed at once, not held for the HELLO timeout");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    metric_reaches(&gw, "devgate_gateway_proxy_untrusted_total 1").await;
+    metric_reaches(&gw, "devgate_gateway_handshakes 0").await;
+}
+
 /// The DER certificate a new TLS connection to `gw` is served.
 async fn served_certificate(gw: &Gateway) -> Vec<u8> {
     let config = client_config_named(
@@ -409,6 +447,14 @@ fn der(pem: &PathBuf) -> Vec<u8> {
         .to_vec()
 }
 
+/// Replaces `to` with a copy of `from` in one step (as a Secret volume's symlink swap does),
+/// so the gateway never reads a half-written file.
+fn replace(from: &std::path::Path, to: &std::path::Path) {
+    let staging = to.with_extension("new");
+    std::fs::copy(from, &staging).expect("copy");
+    std::fs::rename(&staging, to).expect("rename");
+}
+
 #[tokio::test]
 async fn a_renewed_certificate_reaches_new_connections_and_live_sessions_stay() {
     let nats = NatsServer::start();
@@ -431,17 +477,29 @@ async fn a_renewed_certificate_reaches_new_connections_and_live_sessions_stay() 
     );
     let (mut dev, _) = login(&gw, &device_tls(None), "dev-r").await.expect("login");
 
+    let expiry = |pem: &str| {
+        format!(
+            "devgate_gateway_tls_certificate_expiry_timestamp_seconds {}",
+            devgate_gateway::device_tls::not_after_pem(
+                &std::fs::read(tls_fixture(pem)).expect("read")
+            )
+            .expect("expiry")
+        )
+    };
+    metric_reaches(&gw, &expiry("server.pem")).await;
+
     // Half a renewal (the new certificate, the old key) is refused and flagged; the old
     // certificate stays in use.
-    std::fs::copy(tls_fixture("server-rotated.pem"), &cert).expect("copy");
+    replace(&tls_fixture("server-rotated.pem"), &cert);
     metric_reaches(&gw, "devgate_gateway_tls_stale 1").await;
     assert_eq!(
         served_certificate(&gw).await,
         der(&tls_fixture("server.pem"))
     );
 
-    std::fs::copy(tls_fixture("server-rotated.key"), &key).expect("copy");
+    replace(&tls_fixture("server-rotated.key"), &key);
     metric_reaches(&gw, "devgate_gateway_tls_stale 0").await;
+    metric_reaches(&gw, &expiry("server-rotated.pem")).await;
     assert_eq!(
         served_certificate(&gw).await,
         der(&tls_fixture("server-rotated.pem"))
