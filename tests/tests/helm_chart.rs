@@ -414,7 +414,8 @@ fn run_pod_command(cmd: &str, root: &Path) -> Output {
     run(Command::new(tool("nginx", "NGINX_BIN")).args(args))
 }
 
-/// The nginx pod's absolute paths, moved under a test directory.
+/// The nginx pod's absolute paths (and the gateway pod's device TLS directories), moved under
+/// a test directory.
 fn relocate(s: &str, root: &Path) -> String {
     [
         "/etc/devgate-nginx",
@@ -422,6 +423,8 @@ fn relocate(s: &str, root: &Path) -> String {
         "/var/run/devgate-nginx",
         "/etc/devgate-device-tls",
         "/etc/devgate-device-ca",
+        GATEWAY_DEVICE_TLS_DIR,
+        GATEWAY_DEVICE_CLIENT_CA_DIR,
     ]
     .iter()
     .fold(s.to_owned(), |s, p| {
@@ -476,15 +479,15 @@ fn lb_sync_render(lb: &Value, root: &Path) -> String {
     devgate_lb_sync::render::render(&DesiredSet::from_endpoints(&[gateway]), &settings)
 }
 
-/// Puts the device TLS files where the nginx container mounts them (moved under `root`), as
-/// the volume's items name them: the chart's own generated Secret, or test fixtures standing
-/// in for an existing Secret (`tls.crt`/`tls.key`: the test server certificate; `ca.crt`: the
-/// test CA).
-fn place_device_tls(docs: &[Value], root: &Path, deploy: &Value) {
+/// Puts the device TLS files where container `in_container` of `deploy` (nginx, or with
+/// passthrough the gateway) mounts them (moved under `root`), as the volume's items name them:
+/// the chart's own generated Secret, or test fixtures standing in for an existing Secret
+/// (`tls.crt`/`tls.key`: the test server certificate; `ca.crt`: the test CA).
+fn place_device_tls(docs: &[Value], root: &Path, deploy: &Value, in_container: &str) {
     let volumes = deploy["spec"]["template"]["spec"]["volumes"]
         .as_array()
         .expect("volumes");
-    let mounts = container(deploy, "nginx")["volumeMounts"]
+    let mounts = container(deploy, in_container)["volumeMounts"]
         .as_array()
         .expect("mounts");
     for volume in ["device-tls", "device-client-ca"] {
@@ -495,7 +498,7 @@ fn place_device_tls(docs: &[Value], root: &Path, deploy: &Value) {
             .iter()
             .find(|m| m["name"] == volume)
             .and_then(|m| m["mountPath"].as_str())
-            .unwrap_or_else(|| panic!("nginx does not mount {volume}"));
+            .unwrap_or_else(|| panic!("{in_container} does not mount {volume}"));
         let dir = format!("{}{dir}", root.display());
         std::fs::create_dir_all(&dir).expect("mkdir");
         let secret = v["secret"]["secretName"].as_str().expect("secretName");
@@ -548,6 +551,7 @@ fn the_rendered_nginx_config_passes_nginx_t_through_lb_syncs_own_command() {
         ("hostnetwork-values", "generate"),
         ("device-tls-secret-values", "secret"),
         ("device-plaintext-values", "plaintext"),
+        ("device-tls-passthrough-values", "passthrough"),
     ] {
         // One combination also raises the upstream zone's floor.
         let zone = if name == "hostnetwork-values" {
@@ -650,7 +654,7 @@ fn the_rendered_nginx_config_passes_nginx_t_through_lb_syncs_own_command() {
             text(&out)
         );
         // ...and with what lb-sync renders from the pod's own settings.
-        place_device_tls(&docs, root.path(), deploy);
+        place_device_tls(&docs, root.path(), deploy, "nginx");
         let upstream = lb_sync_render(lb, root.path());
         assert!(upstream.contains("proxy_protocol on;"), "{upstream}");
         assert!(
@@ -659,6 +663,14 @@ fn the_rendered_nginx_config_passes_nginx_t_through_lb_syncs_own_command() {
         );
         match tls {
             "plaintext" => assert!(!upstream.contains("ssl"), "{name}: {upstream}"),
+            // A plain listener; only lb-sync's comment says why there is no ssl.
+            "passthrough" => assert!(
+                upstream.contains("passes through to the gateways")
+                    && upstream
+                        .lines()
+                        .all(|l| l.trim().starts_with('#') || !l.contains("ssl")),
+                "{name}: {upstream}"
+            ),
             "secret" => {
                 assert!(upstream.contains("ssl_verify_client on;"), "{upstream}");
                 assert!(upstream.contains("ssl_verify_depth 3;"), "{upstream}");
@@ -853,7 +865,7 @@ fn nginx_answers_its_liveness_port_before_lb_syncs_first_apply() {
         .map(|w| w[1].clone())
         .expect("nginx -c");
     std::fs::write(&conf_path, relocate(conf, root.path())).expect("write nginx.conf");
-    place_device_tls(&docs, root.path(), deploy);
+    place_device_tls(&docs, root.path(), deploy, "nginx");
 
     let (program, args) = argv.split_first().expect("command");
     assert_eq!(program, "nginx");
@@ -1462,7 +1474,7 @@ fn bad_values_fail_with_a_clear_message() {
         (vec!["gateway.heartbeatS=60"], "proxyTimeoutS"),
         (
             vec!["nginx.tls.mode=off"],
-            "choose generate, secret or plaintext",
+            "choose generate, secret, passthrough or plaintext",
         ),
         (vec!["nginx.tls=null"], "--reset-then-reuse-values"),
         (vec!["nginx.tls.ca.cert=x"], "go together"),
@@ -1481,7 +1493,7 @@ fn bad_values_fail_with_a_clear_message() {
         ),
         (
             vec!["nginx.tls.existingSecret=device-tls"],
-            "with nginx.tls.mode=secret only",
+            "with nginx.tls.mode=secret or passthrough only",
         ),
         (
             vec!["nginx.tls.mode=plaintext", "nginx.tls.clientCaSecret=ca"],
@@ -1492,7 +1504,7 @@ fn bad_values_fail_with_a_clear_message() {
                 "loadBalancer.mode=ingressController",
                 "ingressController.configMapName=nginx-config",
             ],
-            "set nginx.tls.mode=plaintext to acknowledge",
+            "set nginx.tls.mode=passthrough for TLS at the gateways (the controller forwards it), or set nginx.tls.mode=plaintext to acknowledge",
         ),
     ] {
         assert_refused(&default, &sets, needle);
@@ -1541,6 +1553,16 @@ fn notes_tell_how_to_connect_a_device_curl_the_bridge_and_use_the_nats_cli() {
             ],
         ),
         ("device-plaintext-values", vec!["WARNING", "PLAINTEXT"]),
+        (
+            "device-tls-passthrough-values",
+            vec![
+                "TLS ends at the gateways (nginx.tls.mode=passthrough): nginx passes the devices'",
+                "Secret devgate-device-tls",
+                "ca.crt of Secret devgate-device-client-ca that names",
+                "their device id (as a DNS subjectAltName",
+                "--tls-cert dev-1.crt --tls-key dev-1.key --devices 1",
+            ],
+        ),
         ("loadbalancer-values", vec!["loadBalancer.ingress", "curl"]),
         ("hostnetwork-values", vec!["<node IP>:7000"]),
         (
@@ -2474,6 +2496,12 @@ fn network_policies_follow_their_values_and_disappear_when_disabled() {
 /// from the rendered Secret, the pod's name and address), parsed as flags ([`env_flags`]) and
 /// checked by the gateway's own validation, as at its start.
 fn gateway_config(docs: &[Value]) -> devgate_gateway::config::Config {
+    gateway_config_in(docs, None)
+}
+
+/// [`gateway_config`], with the pod's device TLS paths moved under `root` (where
+/// [`place_device_tls`] put the files): the gateway's validation loads them.
+fn gateway_config_in(docs: &[Value], root: Option<&Path>) -> devgate_gateway::config::Config {
     let deploy = one(docs, "Deployment", &full("gateway"));
     let env = pod_env(
         container(deploy, "gateway"),
@@ -2482,7 +2510,12 @@ fn gateway_config(docs: &[Value]) -> devgate_gateway::config::Config {
     );
     let args = env_flags(
         "devgate-gateway",
-        env.into_iter().filter(|(name, _)| name != "POD_IP"),
+        env.into_iter()
+            .filter(|(name, _)| name != "POD_IP")
+            .map(|(name, value)| match root {
+                Some(root) => (name, relocate(&value, root)),
+                None => (name, value),
+            }),
     );
     let cli = <devgate_gateway::config::Cli as clap::Parser>::try_parse_from(&args)
         .unwrap_or_else(|e| panic!("the gateway refuses the chart's env {args:?}: {e}"));
@@ -2545,14 +2578,7 @@ const DENYLIST_FILE: &str = "/etc/devgate/denied-devices/denied-devices";
 
 /// The gateway pod's `denied-devices` volume and the gateway container's mount of it.
 fn denylist_volume(docs: &[Value]) -> (Option<&Value>, Option<&Value>) {
-    let deploy = one(docs, "Deployment", &full("gateway"));
-    let volume = deploy["spec"]["template"]["spec"]["volumes"]
-        .as_array()
-        .and_then(|v| v.iter().find(|v| v["name"] == "denied-devices"));
-    let mount = container(deploy, "gateway")["volumeMounts"]
-        .as_array()
-        .and_then(|m| m.iter().find(|m| m["name"] == "denied-devices"));
-    (volume, mount)
+    gateway_volume(docs, "denied-devices")
 }
 
 /// Every limit is a value rendered explicitly, and the defaults are the binaries' own: the
@@ -3145,6 +3171,521 @@ fn the_device_denylist_is_a_directory_mounted_configmap_the_gateway_reads() {
             "{ids}: expected {needle:?} in:\n{err}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Device TLS at the gateways (nginx.tls.mode=passthrough)
+// ---------------------------------------------------------------------------------------------
+
+/// Where the gateway container mounts the device TLS Secret and the client CA Secret.
+const GATEWAY_DEVICE_TLS_DIR: &str = "/etc/devgate/device-tls";
+const GATEWAY_DEVICE_CLIENT_CA_DIR: &str = "/etc/devgate/device-client-ca";
+
+/// The gateway pod's volume `name` and the gateway container's mount of it.
+fn gateway_volume<'a>(docs: &'a [Value], name: &str) -> (Option<&'a Value>, Option<&'a Value>) {
+    let deploy = one(docs, "Deployment", &full("gateway"));
+    let volume = deploy["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == name));
+    let mount = container(deploy, "gateway")["volumeMounts"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["name"] == name));
+    (volume, mount)
+}
+
+/// The gateway's device TLS as in the pod: the files placed where its volumes mount them (the
+/// rendered Secret, or fixtures for Secrets made outside the chart), its env parsed and checked
+/// by the gateway's own validation (which loads them), and what it then serves.
+fn gateway_device_tls(
+    docs: &[Value],
+    root: &Path,
+) -> (
+    devgate_gateway::config::Config,
+    devgate_gateway::device_tls::DeviceTls,
+) {
+    let deploy = one(docs, "Deployment", &full("gateway"));
+    place_device_tls(docs, root, deploy, "gateway");
+    let config = gateway_config_in(docs, Some(root));
+    let files = config
+        .device_tls_files()
+        .expect("the gateway terminates device TLS");
+    let tls = devgate_gateway::device_tls::DeviceTls::load(files)
+        .unwrap_or_else(|e| panic!("the gateway cannot load the mounted files: {e}"));
+    (config, tls)
+}
+
+/// A device's TLS handshake with a gateway serving `server`, in memory: the device trusts the
+/// PEM CA file `ca`, checks `name`, and presents the fixture certificate `device` (and its key)
+/// when given. `Err` says which side refused, and why.
+fn device_handshake(
+    server: std::sync::Arc<rustls::ServerConfig>,
+    ca: &Path,
+    name: &str,
+    device: Option<&str>,
+) -> Result<(), String> {
+    use devgate_gateway::bus::tls::{TlsFiles, client_config_named};
+    use devgate_tests::nats::tls_fixture;
+
+    let files = TlsFiles {
+        ca: Some(ca.to_path_buf()),
+        client: device.map(|d| {
+            (
+                tls_fixture(&format!("{d}.pem")),
+                tls_fixture(&format!("{d}.key")),
+            )
+        }),
+    };
+    let client_config = client_config_named(&files, "device").expect("device TLS settings");
+    let name = rustls::pki_types::ServerName::try_from(name.to_owned()).expect("server name");
+    let mut device = rustls::Connection::from(
+        rustls::ClientConnection::new(client_config, name).expect("client connection"),
+    );
+    let mut gateway =
+        rustls::Connection::from(rustls::ServerConnection::new(server).expect("server connection"));
+    // Moves what `from` has to send into `to`.
+    fn pump(from: &mut rustls::Connection, to: &mut rustls::Connection) -> Result<(), String> {
+        let mut bytes = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut bytes).expect("write to memory");
+        }
+        let mut rest = &bytes[..];
+        while !rest.is_empty() {
+            to.read_tls(&mut rest).expect("read from memory");
+            to.process_new_packets().map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+    for _ in 0..10 {
+        if !device.is_handshaking() && !gateway.is_handshaking() {
+            return Ok(());
+        }
+        pump(&mut device, &mut gateway).map_err(|e| format!("the gateway refused: {e}"))?;
+        pump(&mut gateway, &mut device).map_err(|e| format!("the device refused: {e}"))?;
+    }
+    Err("the handshake did not finish".to_owned())
+}
+
+/// With `nginx.tls.mode=passthrough` the gateways end the devices' TLS: the certificate Secret
+/// (here cert-manager's) and the device CA are Secret volumes mounted as directories (a subPath
+/// mount never sees a renewal), readable by the gateway's user, and the env names the files;
+/// the gateway's own validation loads them, and it then serves a TLS that only devices holding a
+/// certificate from that CA complete, bound to their ids. Without a client CA nothing of it is
+/// mounted or set.
+#[test]
+fn passthrough_mounts_the_device_certificate_and_client_ca_into_the_gateways() {
+    use devgate_tests::nats::tls_fixture;
+
+    let docs = render(&combo("device-tls-passthrough-values"), &[]);
+    let deploy = one(&docs, "Deployment", &full("gateway"));
+    let gw = container(deploy, "gateway");
+    let env = env_values(gw);
+    for (name, value) in [
+        (
+            "DEVGATE_DEVICE_TLS_CERT",
+            format!("{GATEWAY_DEVICE_TLS_DIR}/tls.crt"),
+        ),
+        (
+            "DEVGATE_DEVICE_TLS_KEY",
+            format!("{GATEWAY_DEVICE_TLS_DIR}/tls.key"),
+        ),
+        (
+            "DEVGATE_DEVICE_TLS_CLIENT_CA",
+            format!("{GATEWAY_DEVICE_CLIENT_CA_DIR}/ca.crt"),
+        ),
+        ("DEVGATE_DEVICE_TLS_CHECK_MS", "10000".to_owned()),
+    ] {
+        assert_eq!(env.get(name), Some(&value), "{name}");
+    }
+    let (volume, mount) = gateway_volume(&docs, "device-tls");
+    assert_eq!(
+        volume,
+        Some(&json!({"name": "device-tls", "secret": {
+            "secretName": "devgate-device-tls",
+            "defaultMode": 0o440,
+            "items": [{"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}],
+        }}))
+    );
+    assert_eq!(
+        mount,
+        Some(&json!({"name": "device-tls", "mountPath": GATEWAY_DEVICE_TLS_DIR, "readOnly": true})),
+        "a directory mount, without subPath"
+    );
+    let (volume, mount) = gateway_volume(&docs, "device-client-ca");
+    assert_eq!(
+        volume,
+        Some(&json!({"name": "device-client-ca", "secret": {
+            "secretName": "devgate-device-client-ca",
+            "defaultMode": 0o440,
+            "items": [{"key": "ca.crt", "path": "ca.crt"}],
+        }}))
+    );
+    assert_eq!(
+        mount,
+        Some(
+            &json!({"name": "device-client-ca", "mountPath": GATEWAY_DEVICE_CLIENT_CA_DIR, "readOnly": true})
+        )
+    );
+    // 0440 files belong to root and the pod's fsGroup: the gateway's user must be in it.
+    let pod_security = &deploy["spec"]["template"]["spec"]["securityContext"];
+    assert_eq!(pod_security["fsGroup"], pod_security["runAsGroup"]);
+
+    // The gateway's own validation accepts the env with the files in place (the test server
+    // certificate and CA standing in for the Secrets), and the TLS it serves takes a device
+    // certificate from the client CA, and no other, for the name devices dial.
+    let root = tempfile::tempdir().expect("tempdir");
+    let (config, tls) = gateway_device_tls(&docs, root.path());
+    assert_eq!(
+        config.device_tls_files(),
+        Some(devgate_gateway::device_tls::DeviceTlsFiles {
+            cert: PathBuf::from(relocate(
+                &format!("{GATEWAY_DEVICE_TLS_DIR}/tls.crt"),
+                root.path()
+            )),
+            key: PathBuf::from(relocate(
+                &format!("{GATEWAY_DEVICE_TLS_DIR}/tls.key"),
+                root.path()
+            )),
+            client_ca: Some(PathBuf::from(relocate(
+                &format!("{GATEWAY_DEVICE_CLIENT_CA_DIR}/ca.crt"),
+                root.path()
+            ))),
+        })
+    );
+    assert_eq!(config.device_tls_check_ms, 10_000);
+    assert!(tls.binds_ids(), "certificates are bound to device ids");
+    let ca = tls_fixture("ca.pem");
+    device_handshake(tls.config(), &ca, "localhost", Some("device"))
+        .expect("a device certificate from the client CA");
+    for (device, why) in [
+        (None, "no device certificate"),
+        (
+            Some("untrusted-device"),
+            "a certificate the client CA did not sign",
+        ),
+    ] {
+        let err = device_handshake(tls.config(), &ca, "localhost", device)
+            .expect_err(&format!("{why} must be refused"));
+        assert!(err.starts_with("the gateway refused"), "{why}: {err}");
+    }
+
+    // The renewal check follows nginx.tls.checkIntervalS; without a client CA, no CA at all.
+    let docs = render(
+        &combo("device-tls-passthrough-values"),
+        &["nginx.tls.clientCaSecret=", "nginx.tls.checkIntervalS=30"],
+    );
+    let env = env_values(container(
+        one(&docs, "Deployment", &full("gateway")),
+        "gateway",
+    ));
+    assert!(!env.contains_key("DEVGATE_DEVICE_TLS_CLIENT_CA"), "{env:?}");
+    assert_eq!(gateway_volume(&docs, "device-client-ca"), (None, None));
+    let root = tempfile::tempdir().expect("tempdir");
+    let (config, tls) = gateway_device_tls(&docs, root.path());
+    assert_eq!(config.device_tls_check_ms, 30_000);
+    assert!(!tls.binds_ids());
+    device_handshake(tls.config(), &ca, "localhost", None).expect("TLS without a client CA");
+
+    // nginx terminating TLS (the default): the gateways have none of it.
+    let docs = render(&combo("default"), &[]);
+    let env = env_values(container(
+        one(&docs, "Deployment", &full("gateway")),
+        "gateway",
+    ));
+    assert!(
+        env.keys().all(|k| !k.starts_with("DEVGATE_DEVICE_TLS_")),
+        "{env:?}"
+    );
+    assert_eq!(gateway_volume(&docs, "device-tls"), (None, None));
+    assert!(gateway_config(&docs).device_tls_files().is_none());
+}
+
+/// Without `existingSecret`, passthrough uses the chart's generated certificate (the same
+/// Secret and CA nginx would use, so moving from nginx's TLS to the gateways' keeps what devices
+/// trust), and the gateways serve it for the names devices dial. A new certificate (here: each
+/// `helm template` issues one) changes nothing in the gateways' pod template, since they re-read
+/// the files: a renewal rolls no gateway.
+#[test]
+fn passthrough_serves_the_generated_certificate_and_a_renewal_rolls_no_gateway() {
+    let sets = [
+        "nginx.tls.mode=passthrough",
+        "nginx.tls.dnsNames={devices.example.com}",
+    ];
+    let docs = render(&combo("default"), &sets);
+    let tls_secret = one(&docs, "Secret", &full("device-tls"));
+    assert_eq!(
+        gateway_volume(&docs, "device-tls")
+            .0
+            .map(|v| &v["secret"]["secretName"]),
+        Some(&json!(full("device-tls")))
+    );
+    let root = tempfile::tempdir().expect("tempdir");
+    let (_, tls) = gateway_device_tls(&docs, root.path());
+    let ca = root.path().join("device-ca.crt");
+    std::fs::write(
+        &ca,
+        base64_decode(tls_secret["data"]["ca.crt"].as_str().expect("ca.crt")),
+    )
+    .expect("write CA");
+    for name in [full("nginx"), "devices.example.com".to_owned()] {
+        device_handshake(tls.config(), &ca, &name, None)
+            .unwrap_or_else(|e| panic!("devices dialling {name}: {e}"));
+    }
+    let err = device_handshake(tls.config(), &ca, "elsewhere.example.com", None)
+        .expect_err("a name not in the certificate");
+    assert!(err.starts_with("the device refused"), "{err}");
+    // Any certificate expiring in a century or less, still valid: what the alert watches.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    assert!(tls.not_after() > now, "{}", tls.not_after());
+
+    let again = render(&combo("default"), &sets);
+    assert_ne!(
+        one(&again, "Secret", &full("device-tls"))["data"]["tls.crt"],
+        tls_secret["data"]["tls.crt"],
+        "each render without the cluster issues a new certificate"
+    );
+    let template =
+        |docs: &[Value]| one(docs, "Deployment", &full("gateway"))["spec"]["template"].clone();
+    assert_eq!(
+        template(&again),
+        template(&docs),
+        "a new certificate must not roll the gateways"
+    );
+
+    // An install with nginx's TLS upgraded to passthrough keeps the CA and the certificate.
+    let installed = secrets_of(&render(
+        &combo("default"),
+        &["nginx.tls.dnsNames={devices.example.com}"],
+    ));
+    let upgraded = secrets_of(&render_against(&installed, &sets).expect("upgrade"));
+    for name in [full("device-ca"), full("device-tls")] {
+        assert_eq!(upgraded[&name]["data"], installed[&name]["data"], "{name}");
+    }
+}
+
+/// nginx does no TLS with passthrough: its pod mounts no device TLS, lb-sync is told to pass the
+/// bytes through (its own validation accepts the env: neither TLS nor plaintext asked for) and
+/// renders a plain listener that `nginx -t` accepts (in
+/// `the_rendered_nginx_config_passes_nginx_t_through_lb_syncs_own_command`).
+#[test]
+fn passthrough_leaves_nginx_without_tls_and_tells_lb_sync_to_pass_the_bytes_through() {
+    let docs = render(&combo("device-tls-passthrough-values"), &[]);
+    let deploy = one(&docs, "Deployment", &full("nginx"));
+    let spec = &deploy["spec"]["template"]["spec"];
+    let names = |list: &Value| -> Vec<String> {
+        list.as_array()
+            .into_iter()
+            .flatten()
+            .map(|v| v["name"].as_str().expect("name").to_owned())
+            .collect()
+    };
+    for name in names(&spec["volumes"])
+        .into_iter()
+        .chain(names(&container(deploy, "nginx")["volumeMounts"]))
+        .chain(names(&container(deploy, "lb-sync")["volumeMounts"]))
+    {
+        assert!(!name.starts_with("device-"), "nginx's pod has {name}");
+    }
+    let lb = container(deploy, "lb-sync");
+    let env = env_values(lb);
+    assert_eq!(
+        env.get("DEVGATE_TLS_PASSTHROUGH").map(String::as_str),
+        Some("true")
+    );
+    for absent in [
+        "DEVGATE_TLS_CERT",
+        "DEVGATE_TLS_KEY",
+        "DEVGATE_TLS_CLIENT_CA",
+        "DEVGATE_INSECURE_PLAINTEXT",
+    ] {
+        assert!(!env.contains_key(absent), "{absent}: {env:?}");
+    }
+    let root = tempfile::tempdir().expect("tempdir");
+    // The upstream's directory, which lb-sync checks at its start.
+    let output = relocate(&env["DEVGATE_OUTPUT"], root.path());
+    std::fs::create_dir_all(Path::new(&output).parent().expect("directory")).expect("mkdir");
+    let config = lb_sync_config(lb, root.path());
+    assert!(config.tls_passthrough && !config.insecure_plaintext);
+    assert!(
+        config.render_settings().tls.is_none(),
+        "nginx terminates nothing"
+    );
+    let upstream = lb_sync_render(lb, root.path());
+    assert!(upstream.contains("listen 0.0.0.0:7000;"), "{upstream}");
+    assert!(
+        upstream.contains("device TLS passes through to the gateways"),
+        "{upstream}"
+    );
+    assert!(
+        upstream
+            .lines()
+            .map(str::trim)
+            .all(|l| l.starts_with('#') || !l.contains("ssl")),
+        "{upstream}"
+    );
+}
+
+/// The ingress controller's stream listener forwards bytes, so TLS at the gateways works
+/// behind it: lb-sync asks for passthrough (its configmap sink accepts it), and the gateways
+/// serve a certificate for the controller's name, which the values must give.
+#[test]
+fn passthrough_works_behind_the_ingress_controller() {
+    let sets = [
+        "nginx.tls.mode=passthrough",
+        "nginx.tls.dnsNames={devices.example.com}",
+    ];
+    for name in [
+        "ingress-controller-values",
+        "ingress-controller-other-namespace-values",
+    ] {
+        let docs = render(&combo(name), &sets);
+        let lb = container(one(&docs, "Deployment", &full("lb-sync")), "lb-sync");
+        let env = env_values(lb);
+        assert_eq!(
+            env.get("DEVGATE_TLS_PASSTHROUGH").map(String::as_str),
+            Some("true"),
+            "{name}"
+        );
+        assert!(!env.contains_key("DEVGATE_INSECURE_PLAINTEXT"), "{name}");
+        let root = tempfile::tempdir().expect("tempdir");
+        let config = lb_sync_config(lb, root.path());
+        assert_eq!(config.sink, devgate_lb_sync::config::SinkKind::Configmap);
+        assert!(
+            config.tls_passthrough && !config.insecure_plaintext,
+            "{name}"
+        );
+        let (_, tls) = gateway_device_tls(&docs, root.path());
+        let ca = root.path().join("device-ca.crt");
+        std::fs::write(
+            &ca,
+            base64_decode(
+                one(&docs, "Secret", &full("device-tls"))["data"]["ca.crt"]
+                    .as_str()
+                    .expect("ca.crt"),
+            ),
+        )
+        .expect("write CA");
+        device_handshake(tls.config(), &ca, "devices.example.com", None)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    // The controller's name is not the chart's to know.
+    assert_refused(
+        &combo("ingress-controller-values"),
+        &["nginx.tls.mode=passthrough"],
+        "whose name the generated certificate cannot know",
+    );
+    // A certificate of one's own names it already.
+    let docs = render(
+        &combo("ingress-controller-values"),
+        &[
+            "nginx.tls.mode=passthrough",
+            "nginx.tls.existingSecret=devgate-device-tls",
+        ],
+    );
+    assert!(
+        kind(&docs, "Secret")
+            .iter()
+            .all(|s| s["metadata"]["name"] != full("device-tls").as_str())
+    );
+    assert_eq!(
+        gateway_volume(&docs, "device-tls")
+            .0
+            .map(|v| &v["secret"]["secretName"]),
+        Some(&json!("devgate-device-tls"))
+    );
+}
+
+/// What passthrough cannot do is refused with the way out: nginx's TLS settings that the
+/// gateways do not have, a CA for a certificate the chart does not generate, device TLS
+/// through extraEnv, and no check interval.
+#[test]
+fn passthrough_refuses_settings_the_gateways_would_not_honour() {
+    let passthrough = combo("device-tls-passthrough-values");
+    for (sets, needle) in [
+        (
+            vec!["nginx.tls.protocols={TLSv1.3}"],
+            "nginx.tls.protocols [TLSv1.3] are nginx's: with nginx.tls.mode=passthrough the gateways",
+        ),
+        (
+            vec!["nginx.tls.verifyDepth=1"],
+            "nginx.tls.verifyDepth 1 is nginx's: with nginx.tls.mode=passthrough the gateways check",
+        ),
+        (
+            vec!["nginx.tls.ca.cert=x", "nginx.tls.ca.key=y"],
+            "or passthrough without nginx.tls.existingSecret",
+        ),
+        (
+            vec![
+                "gateway.extraEnv[0].name=DEVGATE_DEVICE_TLS_CHECK_MS",
+                "gateway.extraEnv[0].value=1000",
+            ],
+            "TLS at the gateways is nginx.tls.mode=passthrough",
+        ),
+        (
+            vec!["nginx.tls.checkIntervalS=0"],
+            "nginx.tls.checkIntervalS must be at least 1",
+        ),
+        (
+            vec!["nginx.tls.checkIntervalS=10s"],
+            "nginx.tls.checkIntervalS must be a whole number",
+        ),
+    ] {
+        assert_refused(&passthrough, &sets, needle);
+    }
+    // Device TLS through extraEnv is refused in nginx's modes too: nginx would terminate TLS
+    // in front of gateways that expect a handshake.
+    assert_refused(
+        &combo("default"),
+        &[
+            "gateway.extraEnv[0].name=DEVGATE_DEVICE_TLS_CERT",
+            "gateway.extraEnv[0].value=/tls/tls.crt",
+        ],
+        "gateway.extraEnv sets DEVGATE_DEVICE_TLS_CERT: TLS at the gateways is nginx.tls.mode=passthrough",
+    );
+    // The default protocols in another order are the same set.
+    render(&passthrough, &["nginx.tls.protocols={TLSv1.3,TLSv1.2}"]);
+}
+
+/// A Secret's files belong to root (and the pod's fsGroup): a container that does not run as
+/// root reads those not readable by all (the chart's 0440) only through its pod's fsGroup.
+#[test]
+fn every_mounted_secret_is_readable_by_its_containers_user() {
+    let mut checked = 0;
+    for c in combos() {
+        // As given, and with TLS at the gateways (where the values allow it).
+        let passthrough = [
+            "nginx.tls.mode=passthrough",
+            "nginx.tls.clientCaSecret=ca",
+            "nginx.tls.dnsNames={devices.example.com}",
+        ];
+        for sets in [&[][..], &passthrough[..]] {
+            let Ok(yaml) = try_template(&c, sets) else {
+                continue;
+            };
+            for (workload, spec) in pod_specs(&parse(&yaml)) {
+                let pod = &spec["securityContext"];
+                for v in spec["volumes"].as_array().into_iter().flatten() {
+                    let Some(mode) = v["secret"]["defaultMode"].as_u64() else {
+                        continue;
+                    };
+                    if mode & 0o004 != 0 || pod["runAsUser"] == 0 {
+                        continue;
+                    }
+                    checked += 1;
+                    assert!(
+                        mode & 0o040 != 0 && pod["fsGroup"].is_u64(),
+                        "{} ({}): Secret volume {} ({mode:o}) is unreadable without an fsGroup",
+                        workload["metadata"]["name"],
+                        c.name,
+                        v["name"]
+                    );
+                }
+            }
+        }
+    }
+    assert!(checked > 10, "{checked} Secret volumes checked");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -200,7 +200,6 @@ grace + 5 s margin. */}}
 {{- add .Values.gateway.preStopSleepSeconds $drainS 5 5 -}}
 {{- end -}}
 
-{{/* The Secret holding the devices' server certificate (tls.crt, tls.key) for nginx. */}}
 {{/*
 An existing Secret of the release's namespace, by name: a dict, empty when there is none (and
 always under `helm template`, which has no cluster). Every lookup of the chart goes through
@@ -211,17 +210,42 @@ here, so the chart test can stand a file in for the cluster. Call with (list $ n
 {{- lookup "v1" "Secret" $root.Release.Namespace (index . 1) | toYaml -}}
 {{- end -}}
 
+{{/* The Secret holding the devices' server certificate (tls.crt, tls.key): the one named by
+nginx.tls.existingSecret (modes secret and passthrough), else the chart's generated one. */}}
 {{- define "devgate.deviceTls.secret" -}}
-{{- if eq .Values.nginx.tls.mode "secret" -}}
+{{- if .Values.nginx.tls.existingSecret -}}
 {{ .Values.nginx.tls.existingSecret }}
 {{- else -}}
 {{ include "devgate.fullname" . }}-device-tls
 {{- end -}}
 {{- end -}}
 
+{{/* "true" when nginx terminates the devices' TLS (nginx.tls.mode generate or secret). */}}
+{{- define "devgate.deviceTls.atNginx" -}}
+{{- if has .Values.nginx.tls.mode (list "generate" "secret") }}true{{ end -}}
+{{- end -}}
+
+{{/* "true" when the gateways terminate the devices' TLS (nginx.tls.mode=passthrough): nginx,
+or the ingress controller, forwards the TLS bytes untouched. */}}
+{{- define "devgate.deviceTls.atGateways" -}}
+{{- if eq .Values.nginx.tls.mode "passthrough" }}true{{ end -}}
+{{- end -}}
+
+{{/* "true" when the chart generates the device server certificate (Secret
+<fullname>-device-tls): mode generate with the chart's nginx, or passthrough without
+nginx.tls.existingSecret. */}}
+{{- define "devgate.deviceTls.generated" -}}
+{{- if or (and (eq .Values.nginx.tls.mode "generate") (eq .Values.loadBalancer.mode "nginx")) (and (include "devgate.deviceTls.atGateways" .) (not .Values.nginx.tls.existingSecret)) }}true{{ end -}}
+{{- end -}}
+
+{{/* Where the gateway container finds the device TLS files (nginx.tls.mode=passthrough):
+directory mounts (never subPath, which the kubelet does not update on renewal). */}}
+{{- define "devgate.gateway.deviceTlsDir" -}}/etc/devgate/device-tls{{- end -}}
+{{- define "devgate.gateway.deviceClientCaDir" -}}/etc/devgate/device-client-ca{{- end -}}
+
 {{/* Volume mounts of the device TLS files, shared by nginx and lb-sync (nginx mode). */}}
 {{- define "devgate.deviceTls.mounts" -}}
-{{- if ne .Values.nginx.tls.mode "plaintext" }}
+{{- if include "devgate.deviceTls.atNginx" . }}
 - name: device-tls
   mountPath: /etc/devgate-device-tls
   readOnly: true
@@ -244,14 +268,14 @@ here, so the chart test can stand a file in for the cluster. Call with (list $ n
 {{- if not (kindIs "map" .Values.nginx.tls) -}}
 {{- fail "nginx.tls is missing: this chart version added device TLS. Upgrade with --reset-then-reuse-values (not --reuse-values), and see docs/deploy.md, section Upgrading to device TLS" -}}
 {{- end -}}
-{{- if not (has .Values.nginx.tls.mode (list "generate" "secret" "plaintext")) -}}
-{{- fail (printf "nginx.tls.mode %q: choose generate, secret or plaintext" .Values.nginx.tls.mode) -}}
+{{- if not (has .Values.nginx.tls.mode (list "generate" "secret" "passthrough" "plaintext")) -}}
+{{- fail (printf "nginx.tls.mode %q: choose generate, secret, passthrough or plaintext" .Values.nginx.tls.mode) -}}
 {{- end -}}
 {{- if and (eq .Values.nginx.tls.mode "secret") (not .Values.nginx.tls.existingSecret) -}}
 {{- fail "nginx.tls.mode=secret needs nginx.tls.existingSecret (a Secret with tls.crt and tls.key, e.g. from cert-manager)" -}}
 {{- end -}}
-{{- if and .Values.nginx.tls.existingSecret (ne .Values.nginx.tls.mode "secret") -}}
-{{- fail "nginx.tls.existingSecret is used with nginx.tls.mode=secret only" -}}
+{{- if and .Values.nginx.tls.existingSecret (not (has .Values.nginx.tls.mode (list "secret" "passthrough"))) -}}
+{{- fail "nginx.tls.existingSecret is used with nginx.tls.mode=secret or passthrough only" -}}
 {{- end -}}
 {{- if not (has .Values.nginx.tls.keyAlgorithm (list "ecdsa" "rsa")) -}}
 {{- fail (printf "nginx.tls.keyAlgorithm %q: choose ecdsa or rsa" .Values.nginx.tls.keyAlgorithm) -}}
@@ -259,14 +283,32 @@ here, so the chart test can stand a file in for the cluster. Call with (list $ n
 {{- if ne (not .Values.nginx.tls.ca.cert) (not .Values.nginx.tls.ca.key) -}}
 {{- fail "nginx.tls.ca.cert and nginx.tls.ca.key go together" -}}
 {{- end -}}
-{{- if and .Values.nginx.tls.ca.cert (ne .Values.nginx.tls.mode "generate") -}}
-{{- fail "nginx.tls.ca signs the generated certificate: it is used with nginx.tls.mode=generate only" -}}
+{{- if and .Values.nginx.tls.ca.cert (not (include "devgate.deviceTls.generated" .)) -}}
+{{- fail "nginx.tls.ca signs the generated certificate: it is used with nginx.tls.mode=generate only, or passthrough without nginx.tls.existingSecret" -}}
 {{- end -}}
 {{- if and (eq .Values.nginx.tls.mode "plaintext") .Values.nginx.tls.clientCaSecret -}}
-{{- fail "nginx.tls.clientCaSecret (device certificates) needs TLS: nginx.tls.mode generate or secret" -}}
+{{- fail "nginx.tls.clientCaSecret (device certificates) needs TLS: nginx.tls.mode generate, secret or passthrough" -}}
 {{- end -}}
-{{- if and (eq .Values.loadBalancer.mode "ingressController") (ne .Values.nginx.tls.mode "plaintext") -}}
-{{- fail "loadBalancer.mode=ingressController: lb-sync renders the controller's device listener, in plaintext (device TLS is then only possible on a load balancer in front of the controller); set nginx.tls.mode=plaintext to acknowledge it" -}}
+{{- if and (eq .Values.loadBalancer.mode "ingressController") (include "devgate.deviceTls.atNginx" .) -}}
+{{- fail "loadBalancer.mode=ingressController: lb-sync renders the controller's device listener without TLS of its own; set nginx.tls.mode=passthrough for TLS at the gateways (the controller forwards it), or set nginx.tls.mode=plaintext to acknowledge plaintext (or TLS on a load balancer in front of the controller)" -}}
+{{- end -}}
+{{- if include "devgate.deviceTls.atGateways" . -}}
+{{- if and (eq .Values.loadBalancer.mode "ingressController") (not .Values.nginx.tls.existingSecret) (not .Values.nginx.tls.dnsNames) (not .Values.nginx.tls.ipAddresses) -}}
+{{- fail "nginx.tls.mode=passthrough with loadBalancer.mode=ingressController: devices dial the controller, whose name the generated certificate cannot know; set nginx.tls.dnsNames or nginx.tls.ipAddresses to what devices dial, or nginx.tls.existingSecret" -}}
+{{- end -}}
+{{- $protocols := sortAlpha (default (list) .Values.nginx.tls.protocols) -}}
+{{- if ne (toJson $protocols) (toJson (list "TLSv1.2" "TLSv1.3")) -}}
+{{- fail (printf "nginx.tls.protocols %v are nginx's: with nginx.tls.mode=passthrough the gateways terminate TLS and offer TLSv1.2 and TLSv1.3; keep the default [TLSv1.2, TLSv1.3], or let nginx terminate TLS (mode generate or secret)" .Values.nginx.tls.protocols) -}}
+{{- end -}}
+{{- if ne (int .Values.nginx.tls.verifyDepth) 3 -}}
+{{- fail (printf "nginx.tls.verifyDepth %v is nginx's: with nginx.tls.mode=passthrough the gateways check device certificates (any chain up to nginx.tls.clientCaSecret); keep the default 3" .Values.nginx.tls.verifyDepth) -}}
+{{- end -}}
+{{- end -}}
+{{- if ne .Values.nginx.tls.mode "plaintext" -}}
+{{- $_ := include "devgate.count" (list "nginx.tls.checkIntervalS" .Values.nginx.tls.checkIntervalS) -}}
+{{- if lt (int64 .Values.nginx.tls.checkIntervalS) 1 -}}
+{{- fail "nginx.tls.checkIntervalS must be at least 1 (seconds between checks of the TLS files for a renewal)" -}}
+{{- end -}}
 {{- end -}}
 {{- if and .Values.nats.enabled (eq (mod (int .Values.nats.replicas) 2) 0) -}}
 {{- fail (printf "nats.replicas %v: use an odd number (1, 3, 5) so JetStream keeps a quorum" .Values.nats.replicas) -}}
@@ -351,6 +393,13 @@ here, so the chart test can stand a file in for the cluster. Call with (list $ n
 {{- $chartEnv := dict
   "gateway" (list "DEVGATE_AUTH_SECRET" "DEVGATE_AUTH_SECRET_PREVIOUS" "DEVGATE_PROXY_PROTOCOL" "DEVGATE_PROXY_TRUSTED_CIDRS" "DEVGATE_DRAIN_WINDOW_MS" "DEVGATE_DRAIN_RECONNECT_JITTER_MS" "DEVGATE_MAX_CONNECTIONS" "DEVGATE_MAX_FRAME_LEN" "DEVGATE_HEARTBEAT_S" "DEVGATE_MAX_HANDSHAKES" "DEVGATE_MAX_HELLO_LEN" "DEVGATE_HELLO_TIMEOUT_MS" "DEVGATE_SESSION_QUEUE_BYTES" "DEVGATE_MAX_INFLIGHT" "DEVGATE_ACK_TIMEOUT_MS" "DEVGATE_WRITE_TIMEOUT_MS" "DEVGATE_MAX_LOGINS_PER_ID" "DEVGATE_LOGIN_WINDOW_S" "DEVGATE_UP_RATE_MSGS" "DEVGATE_UP_RATE_BYTES" "DEVGATE_UP_BURST_MS" "DEVGATE_DENIED_DEVICES_FILE" "DEVGATE_LOG_FORMAT")
   "bridgeApi" (list "DEVGATE_API_TOKEN" "DEVGATE_API_READ_TOKEN" "DEVGATE_MAX_FRAME_LEN" "DEVGATE_MAX_TAILS" "DEVGATE_MAX_WILDCARD_TAILS" "DEVGATE_TAIL_BUFFER_BYTES" "DEVGATE_DEFAULT_TIMEOUT_MS" "DEVGATE_REQUEST_TIMEOUT_MS" "DEVGATE_BULK_MAX_DEVICES" "DEVGATE_BULK_CONCURRENCY" "DEVGATE_LOG_FORMAT") -}}
+{{- /* TLS at the gateways is a mode of its own: through extraEnv, nginx would still terminate
+     TLS (or speak plaintext) in front of gateways that expect a TLS handshake. */ -}}
+{{- range .Values.gateway.extraEnv -}}
+{{- if hasPrefix "DEVGATE_DEVICE_TLS_" (toString .name) -}}
+{{- fail (printf "gateway.extraEnv sets %s: TLS at the gateways is nginx.tls.mode=passthrough, which sets it (certificate from nginx.tls.existingSecret or generated, client CA from nginx.tls.clientCaSecret, checks every nginx.tls.checkIntervalS)" .name) -}}
+{{- end -}}
+{{- end -}}
 {{- range $component, $names := $chartEnv -}}
 {{- range (get $.Values $component).extraEnv -}}
 {{- if has .name $names -}}
