@@ -776,13 +776,7 @@ mod tests {
 
     #[test]
     fn device_tls_files_are_checked_together_and_loaded_before_start() {
-        let fixture = |name: &str| {
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../tests/fixtures/tls")
-                .join(name)
-                .display()
-                .to_string()
-        };
+        let fixture = |name: &str| crate::device_tls::fixture(name).display().to_string();
         let (cert, key, ca) = (
             fixture("server.pem"),
             fixture("server.key"),

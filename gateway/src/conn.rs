@@ -436,15 +436,9 @@ impl FrameWriter {
 mod tests {
     use super::*;
     use crate::codec::Frame;
+    use crate::device_tls::fixture;
     use bytes::Bytes;
-    use std::path::PathBuf;
     use tokio::io::AsyncReadExt;
-
-    fn fixture(name: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../tests/fixtures/tls")
-            .join(name)
-    }
 
     /// A TLS connection over loopback whose client reads nothing yet, with small socket
     /// buffers so that the server's writes stall early: the server side as a `Conn`.

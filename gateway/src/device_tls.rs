@@ -447,15 +447,17 @@ pub(crate) fn check_binding(tls: &rustls::ServerConnection, id: &DeviceId) -> Re
     ))
 }
 
+/// A file of the test TLS material (`tests/fixtures/tls`), for the crate's unit tests.
+#[cfg(test)]
+pub(crate) fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/tls")
+        .join(name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn fixture(name: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../tests/fixtures/tls")
-            .join(name)
-    }
 
     fn der(name: &str) -> Vec<u8> {
         let pem = std::fs::read(fixture(name)).expect("fixture");

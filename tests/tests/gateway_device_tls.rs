@@ -72,6 +72,18 @@ async fn login(
     .expect("login answered in time")
 }
 
+/// The gateway's refusal of a login, checked to carry `code`; its message is returned.
+fn refused<T>(result: Result<T, ClientError>, code: ErrorCode) -> String {
+    match result {
+        Err(ClientError::Refused(e)) => {
+            assert_eq!(e.code, code, "{}", e.message);
+            e.message
+        }
+        Err(other) => panic!("expected a refusal ({}), got {other}", code.as_str()),
+        Ok(_) => panic!("expected a refusal ({}), got a login", code.as_str()),
+    }
+}
+
 fn down(id: &str) -> String {
     subjects::down(&DeviceId::parse(id).expect("id"))
 }
@@ -215,17 +227,11 @@ async fn with_a_client_ca_a_device_certificate_must_name_the_device_id() {
         .expect("its own id logs in");
 
     // The same certificate with another device's valid token: the token alone is not enough.
-    match login(&gw, &dev1, "dev-3").await {
-        Err(ClientError::Refused(e)) => {
-            assert_eq!(e.code, ErrorCode::Unauthorized);
-            assert!(
-                e.message.contains("issued to \"dev-1\"") && e.message.contains("\"dev-3\""),
-                "{}",
-                e.message
-            );
-        }
-        other => panic!("expected unauthorized, got {:?}", other.map(|(_, w)| w)),
-    }
+    let why = refused(login(&gw, &dev1, "dev-3").await, ErrorCode::Unauthorized);
+    assert!(
+        why.contains("issued to \"dev-1\"") && why.contains("\"dev-3\""),
+        "{why}"
+    );
     metric_reaches(&gw, "devgate_gateway_tls_identity_mismatches_total 1").await;
 
     // A wrong token still fails as a wrong token, certificate or not.
@@ -235,10 +241,7 @@ async fn with_a_client_ca_a_device_certificate_must_name_the_device_id() {
     )
     .await
     .expect("in time");
-    match wrong_token {
-        Err(ClientError::Refused(e)) => assert_eq!(e.code, ErrorCode::Unauthorized),
-        other => panic!("expected unauthorized, got {:?}", other.map(|(_, w)| w)),
-    }
+    refused(wrong_token, ErrorCode::Unauthorized);
 
     // No certificate, or one the CA did not issue: the handshake fails (TLS 1.3 reports it
     // at the client's first read), nobody is welcomed.
@@ -262,13 +265,11 @@ async fn with_a_client_ca_a_device_certificate_must_name_the_device_id() {
     let (mut fifth, _) = login(&gw, &san, "dev-5")
         .await
         .expect("the SAN's id logs in");
-    match login(&gw, &san, "not-the-id").await {
-        Err(ClientError::Refused(e)) => {
-            assert_eq!(e.code, ErrorCode::Unauthorized);
-            assert!(e.message.contains("issued to \"dev-5\""), "{}", e.message);
-        }
-        other => panic!("expected unauthorized, got {:?}", other.map(|(_, w)| w)),
-    }
+    let why = refused(
+        login(&gw, &san, "not-the-id").await,
+        ErrorCode::Unauthorized,
+    );
+    assert!(why.contains("issued to \"dev-5\""), "{why}");
     metric_reaches(&gw, "devgate_gateway_tls_identity_mismatches_total 2").await;
     reaches(&service, &mut fifth, "dev-5", b"five").await;
 
@@ -387,13 +388,11 @@ async fn a_proxy_header_may_precede_the_client_hello_in_the_same_segment() {
     reaches(&service, &mut dev, "dev-p", b"through the balancer").await;
 
     // A device dialling the gateway directly (no PROXY header) hears why, inside TLS.
-    match proxied_tls_login(&gw, b"", "dev-q").await {
-        Err(ClientError::Refused(e)) => {
-            assert_eq!(e.code, ErrorCode::ProtocolViolation);
-            assert!(e.message.contains("PROXY"), "{}", e.message);
-        }
-        other => panic!("expected a refusal, got {:?}", other.map(|(_, w)| w)),
-    }
+    let why = refused(
+        proxied_tls_login(&gw, b"", "dev-q").await,
+        ErrorCode::ProtocolViolation,
+    );
+    assert!(why.contains("PROXY"), "{why}");
     reaches(&service, &mut dev, "dev-p", b"unaffected").await;
 }
 

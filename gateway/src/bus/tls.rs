@@ -98,7 +98,10 @@ pub fn client_config_named(
     Ok(Arc::new(config))
 }
 
-pub(crate) fn certificates(what: String, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub(crate) fn certificates(
+    what: String,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let err = |reason: String| TlsError::File {
         what: what.clone(),
         path: path.to_owned(),
