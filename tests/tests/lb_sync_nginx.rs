@@ -24,7 +24,14 @@ struct LbSync {
 }
 
 impl LbSync {
+    /// lb-sync for plaintext devices.
     fn start(nats: &NatsServer, nginx: &Nginx) -> LbSync {
+        Self::start_with(nats, nginx, "--insecure-plaintext")
+    }
+
+    /// lb-sync with `device_tls` saying where device TLS ends (`--insecure-plaintext`: nowhere;
+    /// `--tls-passthrough`: at the gateways).
+    fn start_with(nats: &NatsServer, nginx: &Nginx, device_tls: &str) -> LbSync {
         let ops = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let child = Command::new(workspace_bin("devgate-lb-sync"))
             .args([
@@ -42,7 +49,7 @@ impl LbSync {
             .args(["--listen", &nginx.addr().to_string()])
             .args(["--http-listen", &ops.to_string()])
             .arg("--proxy-protocol")
-            .arg("--insecure-plaintext")
+            .arg(device_tls)
             .stdin(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("starting devgate-lb-sync: {e}"));
@@ -196,4 +203,76 @@ async fn nginx_follows_real_gateways() {
     }
     gw2.shutdown().await.expect("gw-2 shuts down");
     gw3.shutdown().await.expect("gw-3 shuts down");
+}
+
+/// TLS ending at the gateways, through nginx as lb-sync renders it with `--tls-passthrough`:
+/// nginx sends the PROXY header and forwards the device's TLS untouched, the gateway reads the
+/// header, terminates TLS and binds the client certificate to the device id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_reach_gateways_that_terminate_tls_through_nginx() {
+    use devgate_gateway::bus::tls::TlsFiles;
+    use devgate_gateway::client::{ClientError, DeviceTls};
+    use devgate_gateway::codec::{ErrorCode, Hello};
+    use devgate_gateway::contract::PresenceInfo;
+    use devgate_gateway::contract::subjects::ControlOp;
+    use devgate_tests::nats::tls_fixture;
+
+    let nats = NatsServer::start();
+    let nginx = Nginx::start(placeholder_stream);
+    let mut c = config(&nats, "gw-tls");
+    c.proxy_protocol = true;
+    c.proxy_trusted_cidrs = vec!["127.0.0.0/8".parse().expect("cidr")];
+    c.device_tls_cert = Some(tls_fixture("server.pem"));
+    c.device_tls_key = Some(tls_fixture("server.key"));
+    c.device_tls_client_ca = Some(tls_fixture("ca.pem"));
+    let gw = start_with(c).await;
+    let lb = LbSync::start_with(&nats, &nginx, "--tls-passthrough");
+    settled(&lb, &nginx, 1).await;
+    assert!(
+        upstream(&nginx).contains("passes through to the gateways")
+            && !upstream(&nginx).contains(" ssl;"),
+        "{}",
+        upstream(&nginx)
+    );
+
+    let tls = DeviceTls::new(
+        &TlsFiles {
+            ca: Some(tls_fixture("ca.pem")),
+            client: Some((tls_fixture("device.pem"), tls_fixture("device.key"))),
+        },
+        "localhost",
+    )
+    .expect("device TLS");
+    let login = |id: &'static str| {
+        let tls = tls.clone();
+        let addr = nginx.addr();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let local = tcp.local_addr().expect("local address");
+            let hello = Hello {
+                device_id: id.into(),
+                token: token(id),
+                metadata: Default::default(),
+            };
+            let io = tls.wrap(tcp).await?;
+            let login = DeviceClient::login_over(io, &hello);
+            let (client, _) = tokio::time::timeout(Duration::from_secs(5), login)
+                .await
+                .expect("answered in time")?;
+            Ok::<_, ClientError>((client, local))
+        }
+    };
+    // device.pem names dev-1: it logs in as dev-1, through nginx, with its own address.
+    let (_dev, local) = login("dev-1").await.expect("dev-1 logs in through nginx");
+    let service = nats.client().await;
+    let info: PresenceInfo =
+        devgate_tests::gateway::control(&service, "dev-1", ControlOp::Presence).await;
+    assert_eq!(info.remote_addr, local.to_string());
+    assert_eq!(info.gateway, "gw-tls");
+    // The same certificate with another id's valid token is refused by the gateway.
+    match login("dev-2").await {
+        Err(ClientError::Refused(e)) => assert_eq!(e.code, ErrorCode::Unauthorized),
+        other => panic!("expected unauthorized, got {:?}", other.map(|(_, a)| a)),
+    }
+    gw.shutdown().await.expect("gateway shuts down");
 }
