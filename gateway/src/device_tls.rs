@@ -308,6 +308,10 @@ pub(crate) fn spawn(shared: Arc<Shared>) -> Option<JoinHandle<()>> {
 /// Why a device's TLS handshake failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
+    /// The peer closed without sending a byte: a TCP health check (nginx's readiness probe
+    /// through the balancer, a cloud load balancer's), not a device. Not a failure.
+    #[error("connection closed before any TLS byte")]
+    Silent,
     /// The peer closed before the handshake completed.
     #[error("connection closed during the TLS handshake")]
     Closed,
@@ -329,6 +333,7 @@ pub(crate) async fn accept(
     leftover: &mut BytesMut,
 ) -> Result<rustls::ServerConnection, HandshakeError> {
     let mut tls = rustls::ServerConnection::new(config)?;
+    let mut heard = !leftover.is_empty();
     let fail = |tls: &mut rustls::ServerConnection, tcp: &TcpStream, e: rustls::Error| {
         // Send rustls' alert, as far as the socket takes it: the device learns why.
         let _ = crate::conn::flush_tls(tls, tcp);
@@ -350,8 +355,9 @@ pub(crate) async fn accept(
         }
         tcp.readable().await?;
         match crate::conn::read_tls(&mut tls, tcp) {
-            Ok(0) => return Err(HandshakeError::Closed),
-            Ok(_) => {}
+            Ok(0) if heard => return Err(HandshakeError::Closed),
+            Ok(0) => return Err(HandshakeError::Silent),
+            Ok(_) => heard = true,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e.into()),
         }

@@ -280,6 +280,9 @@ async fn accept_tls(
     };
     let error = match accepted {
         Ok(Ok(server)) => return Some(DeviceStream::tls(tcp, server)),
+        // A health check connects and closes; plaintext devices' silent closes are not
+        // counted either.
+        Ok(Err(crate::device_tls::HandshakeError::Silent)) => return None,
         Ok(Err(e)) => e.to_string(),
         Err(_) => "no TLS handshake before the HELLO deadline".to_owned(),
     };

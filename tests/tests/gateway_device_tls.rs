@@ -185,6 +185,8 @@ async fn a_plaintext_device_on_the_tls_port_is_counted_and_closed_and_tls_device
     let service = nats.client().await;
     let (mut dev, _) = login(&gw, &device_tls(None), "dev-a").await.expect("login");
 
+    // A TCP health check (connect, close) is not a failed handshake; a plaintext device is.
+    drop(TcpStream::connect(gw.device_addr()).await.expect("connect"));
     let plain = tokio::time::timeout(
         WAIT,
         DeviceClient::connect(gw.device_addr(), "dev-b", &token("dev-b")),
@@ -195,6 +197,8 @@ async fn a_plaintext_device_on_the_tls_port_is_counted_and_closed_and_tls_device
         plain.is_err(),
         "a plaintext HELLO must not log in over a TLS port"
     );
+    // Once both connections are over, the count is final: the probe did not add to it.
+    metric_reaches(&gw, "devgate_gateway_connections 1").await;
     metric_reaches(&gw, "devgate_gateway_tls_handshake_failures_total 1").await;
 
     // A device that does not trust the gateway's certificate gives up itself.

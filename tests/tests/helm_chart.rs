@@ -1598,12 +1598,17 @@ fn notes_tell_how_to_connect_a_device_curl_the_bridge_and_use_the_nats_cli() {
 
 /// The NOTES `helm install` prints for a combination.
 fn notes(name: &str) -> String {
+    notes_with(name, &[])
+}
+
+/// The NOTES for a combination with `sets` on top.
+fn notes_with(name: &str, sets: &[&str]) -> String {
     let c = combo(name);
     let out = run(Command::new(helm_bin())
         .args(["install", RELEASE])
         .arg(chart())
         .args(["--namespace", NAMESPACE, "--dry-run=client"])
-        .args(values_args(&c, &[]))
+        .args(values_args(&c, sets))
         .env("KUBECONFIG", "/nonexistent"));
     let all = text(&out);
     assert!(out.status.success(), "{name}: {all}");
@@ -3631,9 +3636,26 @@ fn passthrough_refuses_settings_the_gateways_would_not_honour() {
             vec!["nginx.tls.checkIntervalS=10s"],
             "nginx.tls.checkIntervalS must be a whole number",
         ),
+        // The gateway refuses a period over a day: its pods would crash-loop.
+        (
+            vec!["nginx.tls.checkIntervalS=86401"],
+            "nginx.tls.checkIntervalS 86401: with nginx.tls.mode=passthrough the gateways re-read",
+        ),
     ] {
         assert_refused(&passthrough, &sets, needle);
     }
+    template(&passthrough, &["nginx.tls.checkIntervalS=86400"]);
+    // One Secret for the server certificate and the device CA is allowed, with a warning.
+    let shared_ca = notes_with(
+        "device-tls-passthrough-values",
+        &["nginx.tls.clientCaSecret=devgate-device-tls"],
+    );
+    assert!(
+        shared_ca.contains("WARNING: this is also the gateways' own certificate Secret"),
+        "{shared_ca}"
+    );
+    let own_ca = notes("device-tls-passthrough-values");
+    assert!(!own_ca.contains("WARNING: this is also"), "{own_ca}");
     // Device TLS through extraEnv is refused in nginx's modes too: nginx would terminate TLS
     // in front of gateways that expect a handshake.
     assert_refused(

@@ -274,6 +274,9 @@ directory mounts (never subPath, which the kubelet does not update on renewal). 
 {{- if and (eq .Values.nginx.tls.mode "secret") (not .Values.nginx.tls.existingSecret) -}}
 {{- fail "nginx.tls.mode=secret needs nginx.tls.existingSecret (a Secret with tls.crt and tls.key, e.g. from cert-manager)" -}}
 {{- end -}}
+{{- if and (eq .Values.loadBalancer.mode "ingressController") (include "devgate.deviceTls.atNginx" .) -}}
+{{- fail "loadBalancer.mode=ingressController: lb-sync renders the controller's device listener without TLS of its own; set nginx.tls.mode=passthrough for TLS at the gateways (the controller forwards it), or set nginx.tls.mode=plaintext to acknowledge plaintext (or TLS on a load balancer in front of the controller)" -}}
+{{- end -}}
 {{- if and .Values.nginx.tls.existingSecret (not (has .Values.nginx.tls.mode (list "secret" "passthrough"))) -}}
 {{- fail "nginx.tls.existingSecret is used with nginx.tls.mode=secret or passthrough only" -}}
 {{- end -}}
@@ -288,9 +291,6 @@ directory mounts (never subPath, which the kubelet does not update on renewal). 
 {{- end -}}
 {{- if and (eq .Values.nginx.tls.mode "plaintext") .Values.nginx.tls.clientCaSecret -}}
 {{- fail "nginx.tls.clientCaSecret (device certificates) needs TLS: nginx.tls.mode generate, secret or passthrough" -}}
-{{- end -}}
-{{- if and (eq .Values.loadBalancer.mode "ingressController") (include "devgate.deviceTls.atNginx" .) -}}
-{{- fail "loadBalancer.mode=ingressController: lb-sync renders the controller's device listener without TLS of its own; set nginx.tls.mode=passthrough for TLS at the gateways (the controller forwards it), or set nginx.tls.mode=plaintext to acknowledge plaintext (or TLS on a load balancer in front of the controller)" -}}
 {{- end -}}
 {{- if include "devgate.deviceTls.atGateways" . -}}
 {{- if and (eq .Values.loadBalancer.mode "ingressController") (not .Values.nginx.tls.existingSecret) (not .Values.nginx.tls.dnsNames) (not .Values.nginx.tls.ipAddresses) -}}
@@ -308,6 +308,9 @@ directory mounts (never subPath, which the kubelet does not update on renewal). 
 {{- $_ := include "devgate.count" (list "nginx.tls.checkIntervalS" .Values.nginx.tls.checkIntervalS) -}}
 {{- if lt (int64 .Values.nginx.tls.checkIntervalS) 1 -}}
 {{- fail "nginx.tls.checkIntervalS must be at least 1 (seconds between checks of the TLS files for a renewal)" -}}
+{{- end -}}
+{{- if and (include "devgate.deviceTls.atGateways" .) (gt (int64 .Values.nginx.tls.checkIntervalS) 86400) -}}
+{{- fail (printf "nginx.tls.checkIntervalS %v: with nginx.tls.mode=passthrough the gateways re-read the TLS files at most a day apart (86400)" .Values.nginx.tls.checkIntervalS) -}}
 {{- end -}}
 {{- end -}}
 {{- if and .Values.nats.enabled (eq (mod (int .Values.nats.replicas) 2) 0) -}}
