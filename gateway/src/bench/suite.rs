@@ -65,6 +65,17 @@ pub struct SuiteConfig {
     /// Gateway processes in the scale-out run (each holding the largest `sessions` step, behind
     /// one NATS); 0 skips it.
     pub scale_out_gateways: usize,
+    /// PEM certificate for TLS terminated by the gateways (`--device-tls-cert`), with
+    /// `device_tls_key` and `device_tls_ca`: every devgate device then logs in over TLS (full
+    /// handshakes), so the figures include what TLS at the gateway costs. The peer stays
+    /// plaintext: compare such a run with a plaintext one, not with Mosquitto.
+    pub device_tls_cert: Option<PathBuf>,
+    /// Its private key.
+    pub device_tls_key: Option<PathBuf>,
+    /// The CA the devices trust for it.
+    pub device_tls_ca: Option<PathBuf>,
+    /// The name the devices check the certificate against.
+    pub device_tls_server_name: String,
 }
 
 impl Default for SuiteConfig {
@@ -86,11 +97,42 @@ impl Default for SuiteConfig {
             uplink_devices: 1_000,
             http_conns: 32,
             scale_out_gateways: 3,
+            device_tls_cert: None,
+            device_tls_key: None,
+            device_tls_ca: None,
+            device_tls_server_name: "localhost".into(),
         }
     }
 }
 
 impl SuiteConfig {
+    /// The gateway's device TLS flags, when the run is over TLS.
+    fn gateway_tls_args(&self) -> Vec<String> {
+        match (&self.device_tls_cert, &self.device_tls_key) {
+            (Some(cert), Some(key)) => vec![
+                "--device-tls-cert".into(),
+                cert.display().to_string(),
+                "--device-tls-key".into(),
+                key.display().to_string(),
+            ],
+            _ => Vec::new(),
+        }
+    }
+
+    /// What devgate devices use to dial a gateway of this run; `None`: plaintext.
+    fn fleet_tls(&self, protocol: Protocol) -> Option<crate::bench::fleet::FleetTls> {
+        if protocol != Protocol::Devgate {
+            return None;
+        }
+        self.device_tls_ca
+            .as_ref()
+            .map(|ca| crate::bench::fleet::FleetTls {
+                ca: ca.clone(),
+                server_name: self.device_tls_server_name.clone(),
+                resume: false,
+            })
+    }
+
     /// Checks the values together; every problem is reported.
     pub fn validate(&self) -> Result<(), String> {
         let mut problems = Vec::new();
@@ -135,6 +177,15 @@ impl SuiteConfig {
         }
         if self.fanin.is_empty() || self.fanin.contains(&0) {
             problems.push("fanin must list connection counts > 0".to_owned());
+        }
+        let tls_files = [
+            &self.device_tls_cert,
+            &self.device_tls_key,
+            &self.device_tls_ca,
+        ];
+        if tls_files.iter().any(|f| f.is_some()) && !tls_files.iter().all(|f| f.is_some()) {
+            problems
+                .push("device_tls_cert, device_tls_key and device_tls_ca go together".to_owned());
         }
         if problems.is_empty() {
             Ok(())
@@ -726,21 +777,23 @@ impl System {
             System::Devgate => {
                 let http_port = procs::free_port()?;
                 let http = SocketAddr::from(([127, 0, 0, 1], http_port));
+                let mut args = vec![
+                    "--listen".into(),
+                    addr.to_string(),
+                    "--http-listen".into(),
+                    http.to_string(),
+                    "--nats-url".into(),
+                    nats_url.to_owned(),
+                    "--instance-id".into(),
+                    instance.to_owned(),
+                    "--auth-secret".into(),
+                    AUTH_SECRET.into(),
+                ];
+                args.extend(config.gateway_tls_args());
                 let server = Server::spawn(
                     "devgate-gateway",
                     &config.bin_dir.join("devgate-gateway"),
-                    &[
-                        "--listen".into(),
-                        addr.to_string(),
-                        "--http-listen".into(),
-                        http.to_string(),
-                        "--nats-url".into(),
-                        nats_url.to_owned(),
-                        "--instance-id".into(),
-                        instance.to_owned(),
-                        "--auth-secret".into(),
-                        AUTH_SECRET.into(),
-                    ],
+                    &args,
                     &[("RUST_LOG", "warn")],
                     &config.work_dir.join(format!("{instance}.log")),
                 )?;
@@ -880,7 +933,7 @@ async fn run_system(
             auth_secret: Some(Secret::new(AUTH_SECRET)),
             connect_concurrency: config.connect_concurrency,
             ping_s: 15,
-            tls: None,
+            tls: config.fleet_tls(system.protocol()),
         };
         fleets.push(FleetClient::Process(Box::new(WorkerProcess::spawn(
             &exe, &fleet,
@@ -1118,7 +1171,7 @@ async fn scale_out(config: &SuiteConfig, nats_url: &str) -> Result<ScaleOut, Ben
                 auth_secret: Some(Secret::new(AUTH_SECRET)),
                 connect_concurrency: config.connect_concurrency,
                 ping_s: 15,
-                tls: None,
+                tls: config.fleet_tls(Protocol::Devgate),
             };
             fleets.push(FleetClient::Process(Box::new(WorkerProcess::spawn(
                 &exe, &fleet,

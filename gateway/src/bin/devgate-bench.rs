@@ -31,7 +31,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run the whole comparison (devgate, Mosquitto, NATS floor) and write the results JSON.
-    Suite(SuiteCli),
+    Suite(Box<SuiteCli>),
     /// Connect simulated devices to a gateway (or MQTT broker) and hold them.
     Devices(DevicesCli),
     /// (internal) A fleet driven over stdin/stdout by `suite`.
@@ -137,6 +137,23 @@ struct SuiteCli {
     #[arg(long, env = "DEVGATE_BENCH_SCALE_OUT_GATEWAYS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     scale_out_gateways: Option<usize>,
+    /// Devices log in over TLS that the gateways terminate, with this PEM certificate (and
+    /// --device-tls-key, --device-tls-ca); the peer stays plaintext.
+    #[arg(long, env = "DEVGATE_BENCH_DEVICE_TLS_CERT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device_tls_cert: Option<PathBuf>,
+    /// Private key of --device-tls-cert.
+    #[arg(long, env = "DEVGATE_BENCH_DEVICE_TLS_KEY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device_tls_key: Option<PathBuf>,
+    /// CA the devices trust for --device-tls-cert.
+    #[arg(long, env = "DEVGATE_BENCH_DEVICE_TLS_CA")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device_tls_ca: Option<PathBuf>,
+    /// Name the devices check the certificate against [default: localhost].
+    #[arg(long, env = "DEVGATE_BENCH_DEVICE_TLS_SERVER_NAME")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device_tls_server_name: Option<String>,
 }
 
 impl SuiteCli {
