@@ -23,6 +23,9 @@ use crate::codec::{CodecError, Frame, FrameCodec};
 /// How much to read per syscall while a device is sending.
 const READ_CHUNK: usize = 4096;
 
+/// Most plaintext handed to rustls at once: one TLS record.
+const TLS_BATCH: usize = 16 * 1024;
+
 /// The byte stream of one device: the socket, and the TLS state when the gateway terminates
 /// TLS. Shared by a session's reader and writer (`&self` everywhere), so the TLS state sits
 /// behind a mutex that is only ever taken inside one poll, never across an await.
@@ -165,7 +168,9 @@ impl DeviceStream {
         if !flush_tls(&mut tls, &self.tcp)? {
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        let n = tls.writer().write(data)?;
+        // One record's worth at a time: what rustls holds for a stalled device stays one
+        // record, not its 64 KiB buffer.
+        let n = tls.writer().write(&data[..data.len().min(TLS_BATCH)])?;
         if n == 0 {
             // rustls took nothing although its output was empty: an error, not a WouldBlock,
             // because the socket's readiness was not cleared and a retry would spin.
@@ -173,6 +178,15 @@ impl DeviceStream {
         }
         flush_tls(&mut tls, &self.tcp)?;
         Ok(n)
+    }
+
+    /// Sends what rustls holds without waiting: `Ok(true)` once it holds nothing (always for
+    /// plaintext), `Ok(false)` when the socket is full.
+    pub fn try_flush(&self) -> io::Result<bool> {
+        match &self.tls {
+            None => Ok(true),
+            Some(tls) => flush_tls(&mut Self::lock(tls), &self.tcp),
+        }
     }
 
     /// Waits until the socket may take more.
@@ -377,9 +391,19 @@ impl FrameWriter {
     /// when it takes nothing (the caller then waits on [`FrameWriter::poll_write_some`]).
     /// A session calls this right after queueing, because the socket almost always has room
     /// and another turn of its event loop would cost a wakeup per message.
+    /// With TLS the count includes bytes handed over earlier that have just reached the socket.
     pub fn try_write_some(&mut self, stream: &DeviceStream) -> io::Result<usize> {
+        let mut settled = 0;
+        if stream.is_tls() {
+            // Earlier records first: once they are all out, the bytes they carry are written,
+            // whatever happens to the next batch (which may fill the socket again).
+            if !stream.try_flush()? {
+                return Ok(0);
+            }
+            settled = self.settle(stream);
+        }
         if self.buf.is_empty() {
-            return Ok(self.settle(stream));
+            return Ok(settled);
         }
         match stream.try_write(&self.buf) {
             Ok(n) => {
@@ -389,13 +413,13 @@ impl FrameWriter {
                 }
                 if stream.is_tls() {
                     self.in_tls += n as u64;
-                    self.settle(stream);
+                    settled += self.settle(stream);
                 } else {
                     self.written += n as u64;
                 }
-                Ok(n)
+                Ok(n.max(settled))
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(settled),
             Err(e) => Err(e),
         }
     }
@@ -474,6 +498,11 @@ mod tests {
         };
         let serve = async {
             let (tcp, _) = listener.accept().await.expect("accept");
+            // A small send buffer, as on a slow link: room comes back a little at a time, so
+            // a batch often fits only in part.
+            #[cfg(target_os = "linux")]
+            nix::sys::socket::setsockopt(&tcp, nix::sys::socket::sockopt::SndBuf, &4096)
+                .expect("sndbuf");
             let tls = crate::device_tls::accept(&tcp, server_config, &mut BytesMut::new())
                 .await
                 .expect("server handshake");
@@ -518,10 +547,43 @@ mod tests {
         );
         assert_eq!(conn.writer.written() + conn.writer.pending() as u64, queued);
 
+        // The device reads slowly while more keeps coming, so the socket stays full: what it
+        // has read can never be more than what counts as written plus the one batch rustls
+        // may hold. (Counting only after rustls empties completely would hold `written` back
+        // for as long as the congestion lasts.)
+        let mut already = 0u64;
+        let mut chunk = vec![0u8; 4096];
+        let congested = async {
+            while already < 4 << 20 {
+                if conn.writer.pending() < 256 * 1024 {
+                    queued = conn.writer.queue(frame()).expect("queue");
+                }
+                tokio::select! {
+                    read = client.read(&mut chunk) => {
+                        let n = read.expect("read");
+                        assert!(n > 0, "closed early");
+                        already += n as u64;
+                    }
+                    wrote = conn.writer.write_some(&conn.stream) => {
+                        wrote.expect("write");
+                    }
+                }
+                assert!(
+                    already <= conn.writer.written() + TLS_BATCH as u64,
+                    "the device read {already} bytes, but only {} count as written",
+                    conn.writer.written()
+                );
+                assert_eq!(conn.writer.written() + conn.writer.pending() as u64, queued);
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(20), congested)
+            .await
+            .expect("4 MiB through a congested socket in time");
+
         // Once the device reads, everything reaches the socket and counts as written.
         let reader = tokio::spawn(async move {
             let mut sink = vec![0u8; 1 << 16];
-            let mut total = 0u64;
+            let mut total = already;
             while total < queued {
                 let n = client.read(&mut sink).await.expect("read");
                 assert!(n > 0, "closed early");

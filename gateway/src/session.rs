@@ -193,9 +193,11 @@ async fn greet_in_slot(
         Some(tls) => {
             let mut deadline = hello_deadline;
             if let Some(r) = &refusal {
-                // A refused PROXY phase is answered inside TLS only when the peer's bytes are
-                // a ClientHello (a device dialling the gateway directly), and only briefly:
-                // a refused peer must not hold a handshake slot for the HELLO timeout.
+                // A refused PROXY phase is answered inside TLS only when the peer's bytes
+                // read so far are a ClientHello (a device dialling a gateway directly from a
+                // trusted address, its missing header refused), and only briefly: a refused
+                // peer must not hold a handshake slot for the HELLO timeout. A peer outside
+                // `proxy_trusted_cidrs` is never read from, so it is closed without a word.
                 if leftover.first() != Some(&TLS_HANDSHAKE_RECORD) {
                     refuse_unheard(shared, remote, r);
                     return None;
