@@ -738,6 +738,10 @@ impl Link {
         if !self.wbuf.is_empty() {
             self.wr.write_all(&self.wbuf).await?;
             self.wbuf.clear();
+            // Over TLS, `write_all` can leave records in the TLS layer when the socket is
+            // full; they would wait there for the next write (a ping, 15 s later), so a run's
+            // last messages would seem lost. A no-op for plain TCP.
+            self.wr.flush().await?;
         }
         Ok(())
     }
