@@ -308,8 +308,9 @@ pub(crate) fn spawn(shared: Arc<Shared>) -> Option<JoinHandle<()>> {
 /// Why a device's TLS handshake failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
-    /// The peer closed without sending a byte: a TCP health check (nginx's readiness probe
-    /// through the balancer, a cloud load balancer's), not a device. Not a failure.
+    /// The peer closed (or reset) without sending a byte: a TCP health check (nginx's
+    /// readiness probe through the balancer, a cloud load balancer's), not a device. Not a
+    /// failure.
     #[error("connection closed before any TLS byte")]
     Silent,
     /// The peer closed before the handshake completed.
@@ -359,6 +360,10 @@ pub(crate) async fn accept(
             Ok(0) => return Err(HandshakeError::Silent),
             Ok(_) => heard = true,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            // Health checks often end with a reset instead of a FIN.
+            Err(e) if !heard && e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Err(HandshakeError::Silent);
+            }
             Err(e) => return Err(e.into()),
         }
         if let Err(e) = tls.process_new_packets() {

@@ -185,8 +185,14 @@ async fn a_plaintext_device_on_the_tls_port_is_counted_and_closed_and_tls_device
     let service = nats.client().await;
     let (mut dev, _) = login(&gw, &device_tls(None), "dev-a").await.expect("login");
 
-    // A TCP health check (connect, close) is not a failed handshake; a plaintext device is.
+    // TCP health checks (connect, then close or reset) are not failed handshakes; a plaintext
+    // device is.
     drop(TcpStream::connect(gw.device_addr()).await.expect("connect"));
+    let reset = TcpStream::connect(gw.device_addr()).await.expect("connect");
+    reset
+        .set_zero_linger()
+        .expect("linger 0: close with a reset");
+    drop(reset);
     let plain = tokio::time::timeout(
         WAIT,
         DeviceClient::connect(gw.device_addr(), "dev-b", &token("dev-b")),
