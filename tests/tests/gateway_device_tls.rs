@@ -344,19 +344,24 @@ impl AsyncWrite for PrefixFirstWrite {
     }
 }
 
-async fn proxied_tls_login(
-    gw: &Gateway,
-    header: &[u8],
-    id: &str,
-) -> Result<(DeviceClient, devgate_gateway::codec::Welcome), ClientError> {
-    let config = client_config_named(
+/// A TLS client configuration that trusts the test CA and presents no certificate.
+fn trusting_client() -> Arc<rustls::ClientConfig> {
+    client_config_named(
         &TlsFiles {
             ca: Some(tls_fixture("ca.pem")),
             client: None,
         },
         "tls",
     )
-    .expect("client config");
+    .expect("client config")
+}
+
+async fn proxied_tls_login(
+    gw: &Gateway,
+    header: &[u8],
+    id: &str,
+) -> Result<(DeviceClient, devgate_gateway::codec::Welcome), ClientError> {
+    let config = trusting_client();
     let tcp = TcpStream::connect(gw.device_addr()).await.expect("connect");
     let io = PrefixFirstWrite {
         inner: tcp,
@@ -427,14 +432,7 @@ async fn a_peer_outside_the_trusted_cidrs_is_closed_at_once_not_after_the_hello_
 
 /// The DER certificate a new TLS connection to `gw` is served.
 async fn served_certificate(gw: &Gateway) -> Vec<u8> {
-    let config = client_config_named(
-        &TlsFiles {
-            ca: Some(tls_fixture("ca.pem")),
-            client: None,
-        },
-        "tls",
-    )
-    .expect("client config");
+    let config = trusting_client();
     let tcp = TcpStream::connect(gw.device_addr()).await.expect("connect");
     let tls = tokio_rustls::TlsConnector::from(config)
         .connect(ServerName::try_from("localhost").expect("name"), tcp)
