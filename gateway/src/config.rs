@@ -67,6 +67,10 @@ pub struct Config {
     pub device_tls_client_ca: Option<PathBuf>,
     /// How often the device TLS files are checked for a renewal.
     pub device_tls_check_ms: u64,
+    /// What authenticates a device: its token (the default; with `device_tls_client_ca` its
+    /// certificate must name its id as well), or its client certificate alone, for fleets
+    /// provisioned with per-device certificates and no fleet secret.
+    pub device_auth: DeviceAuthMode,
     /// Logins (past the token and denylist checks) one device id may make to this gateway per
     /// `login_window_s`; more are
     /// refused `overloaded` until the window ends. Stops two clients sharing an id (a cloned
@@ -151,6 +155,7 @@ impl Default for Config {
             device_tls_key: None,
             device_tls_client_ca: None,
             device_tls_check_ms: 10_000,
+            device_auth: DeviceAuthMode::Token,
             max_logins_per_id: 20,
             login_window_s: 60,
             insecure_no_auth: false,
@@ -178,6 +183,19 @@ impl Default for Config {
     }
 }
 
+/// What authenticates a device at login.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceAuthMode {
+    /// The HELLO token (HMAC of the id under the fleet secret), and with a client CA also a
+    /// certificate naming the id.
+    #[default]
+    Token,
+    /// A client certificate from `device_tls_client_ca` naming the id; the HELLO token is
+    /// ignored.
+    Certificate,
+}
+
 /// Smallest and largest accepted `max_frame_len`: room for an UP header, and well under NATS's
 /// default 1 MiB `max_payload` so every accepted frame can be published.
 const FRAME_LEN_RANGE: std::ops::RangeInclusive<usize> = 64..=(1 << 20) - 4096;
@@ -198,6 +216,29 @@ impl Validate for Config {
     fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
         match (&self.auth_secret, self.insecure_no_auth) {
+            _ if self.device_auth == DeviceAuthMode::Certificate => {
+                if self.device_tls_client_ca.is_none() {
+                    problems.push(
+                        "device_auth=certificate needs device_tls_client_ca (with \
+                         device_tls_cert and device_tls_key): the certificate is what \
+                         authenticates"
+                            .to_owned(),
+                    );
+                }
+                if self.insecure_no_auth {
+                    problems.push(
+                        "device_auth=certificate and --insecure-no-auth contradict each other"
+                            .to_owned(),
+                    );
+                }
+                if self.auth_secret.is_some() || self.auth_secret_previous.is_some() {
+                    problems.push(
+                        "--auth-secret is not used with device_auth=certificate (tokens are \
+                         ignored); leave it out"
+                            .to_owned(),
+                    );
+                }
+            }
             (None, false) => problems.push(
                 "devices must authenticate: set --auth-secret (DEVGATE_AUTH_SECRET), or pass \
                  --insecure-no-auth to run without device authentication"
@@ -211,7 +252,9 @@ impl Validate for Config {
             }
             _ => {}
         }
-        if let Some(previous) = &self.auth_secret_previous {
+        if let Some(previous) = &self.auth_secret_previous
+            && self.device_auth == DeviceAuthMode::Token
+        {
             match &self.auth_secret {
                 _ if self.insecure_no_auth => problems.push(
                     "--auth-secret-previous and --insecure-no-auth contradict each other"
@@ -345,6 +388,9 @@ impl Config {
 
     /// The device authentication this config asks for.
     pub fn device_auth(&self) -> DeviceAuth {
+        if self.device_auth == DeviceAuthMode::Certificate {
+            return DeviceAuth::Certificate;
+        }
         match &self.auth_secret {
             Some(secret) if !self.insecure_no_auth => DeviceAuth::Hmac {
                 current: secret.clone(),
@@ -588,6 +634,11 @@ pub struct Cli {
     #[arg(long, env = "DEVGATE_CLAIM_TIMEOUT_MS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub claim_timeout_ms: Option<u64>,
+    /// What authenticates devices: their token, or their client certificate alone
+    /// (needs --device-tls-client-ca) [default: token].
+    #[arg(long, value_enum, env = "DEVGATE_DEVICE_AUTH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_auth: Option<DeviceAuthMode>,
     /// Log format [default: text].
     #[arg(long, env = "DEVGATE_LOG_FORMAT")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -840,6 +891,70 @@ mod tests {
         assert!(
             err.to_string()
                 .contains("device_tls_check_ms must be greater than 0"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn certificate_authentication_needs_a_client_ca_and_no_fleet_secret() {
+        let fixture = |name: &str| crate::device_tls::fixture(name).display().to_string();
+        let (cert, key, ca) = (
+            fixture("server.pem"),
+            fixture("server.key"),
+            fixture("ca.pem"),
+        );
+        let tls = [
+            "--device-tls-cert",
+            cert.as_str(),
+            "--device-tls-key",
+            key.as_str(),
+        ];
+        let with = |extra: &[&str]| {
+            let mut args = tls.to_vec();
+            args.extend_from_slice(extra);
+            cli(&args).into_config()
+        };
+        let ok = with(&[
+            "--device-auth",
+            "certificate",
+            "--device-tls-client-ca",
+            &ca,
+        ])
+        .expect("certificates alone authenticate");
+        assert!(matches!(ok.device_auth(), DeviceAuth::Certificate));
+
+        let err = with(&["--device-auth", "certificate"]).expect_err("no client CA");
+        assert!(
+            err.to_string()
+                .contains("device_auth=certificate needs device_tls_client_ca"),
+            "{err}"
+        );
+        let err = with(&[
+            "--device-auth",
+            "certificate",
+            "--device-tls-client-ca",
+            &ca,
+            "--auth-secret",
+            "0123456789abcdef0123",
+        ])
+        .expect_err("a fleet secret nobody would use");
+        assert!(
+            err.to_string().contains("--auth-secret is not used"),
+            "{err}"
+        );
+        let err = with(&[
+            "--device-auth",
+            "certificate",
+            "--device-tls-client-ca",
+            &ca,
+            "--insecure-no-auth",
+        ])
+        .expect_err("contradiction");
+        assert!(err.to_string().contains("contradict"), "{err}");
+        // Tokens stay the default: without a secret, the old refusal.
+        let err = with(&["--device-tls-client-ca", &ca]).expect_err("no secret");
+        assert!(
+            err.to_string().contains("devices must authenticate"),
             "{err}"
         );
     }

@@ -306,6 +306,11 @@ async fn build(
              --auth-secret-previous once devgate_gateway_logins_previous_secret_total stops rising"
         ),
         DeviceAuth::Hmac { previous: None, .. } => {}
+        DeviceAuth::Certificate => tracing::info!(
+            instance = %instance,
+            "devices authenticate with a client certificate naming their id (--device-auth \
+             certificate); HELLO tokens are ignored"
+        ),
     }
     if config.proxy_protocol && config.proxy_trusted_cidrs.is_empty() {
         tracing::warn!(

@@ -433,7 +433,11 @@ async fn handshake(
     }
     // After the token too: only the holder of the id's token learns what its certificate is
     // not.
-    if shared.device_tls.as_ref().is_some_and(|t| t.binds_ids()) {
+    // With certificate authentication the binding *is* the authentication: it runs even if
+    // the gateway were started without a client CA (an unvalidated config), and then refuses.
+    if shared.device_tls.as_ref().is_some_and(|t| t.binds_ids())
+        || matches!(shared.auth, crate::auth::DeviceAuth::Certificate)
+    {
         let binding = stream
             .with_tls(|tls| crate::device_tls::check_binding(tls, &id))
             .unwrap_or_else(|| Err("not a TLS connection".to_owned()));

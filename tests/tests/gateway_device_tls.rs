@@ -295,6 +295,62 @@ async fn with_a_client_ca_a_device_certificate_must_name_the_device_id() {
     metric_reaches(&gw, "devgate_gateway_takeovers_total 0").await;
 }
 
+#[tokio::test]
+async fn with_certificate_authentication_the_certificate_alone_logs_a_device_in() {
+    use devgate_gateway::config::DeviceAuthMode;
+    let nats = NatsServer::start();
+    let gw = start_with(Config {
+        auth_secret: None,
+        device_auth: DeviceAuthMode::Certificate,
+        ..tls_config(&nats, "gw-cert", true)
+    })
+    .await;
+    let service = nats.client().await;
+    let dev1 = device_tls(Some("device"));
+    let login_without_token = |id: &'static str| {
+        let dev1 = dev1.clone();
+        let addr = gw.device_addr();
+        async move {
+            tokio::time::timeout(WAIT, DeviceClient::connect_over(addr, Some(&dev1), id, ""))
+                .await
+                .expect("answered in time")
+        }
+    };
+    let (mut dev, _) = login_without_token("dev-1")
+        .await
+        .expect("the certificate naming dev-1 is enough");
+    reaches(&service, &mut dev, "dev-1", b"no token needed").await;
+    let why = refused(login_without_token("dev-3").await, ErrorCode::Unauthorized);
+    assert!(why.contains("issued to \"dev-1\""), "{why}");
+    match login(&gw, &device_tls(None), "dev-1").await {
+        Err(ClientError::Tls(_) | ClientError::Codec(_) | ClientError::Closed) => {}
+        other => panic!("expected a TLS failure, got {:?}", other.map(|(_, w)| w)),
+    }
+    reaches(&service, &mut dev, "dev-1", b"still the only dev-1").await;
+}
+
+/// Certificate authentication fails closed: a gateway started (past validation, as a library
+/// user could) without TLS admits nobody, rather than everybody.
+#[tokio::test]
+async fn certificate_authentication_without_tls_admits_nobody() {
+    use devgate_gateway::config::DeviceAuthMode;
+    let nats = NatsServer::start();
+    let config = Config {
+        auth_secret: None,
+        device_auth: DeviceAuthMode::Certificate,
+        ..config(&nats, "gw-misconfigured")
+    };
+    let gw = Gateway::start(config).await.expect("starts");
+    tokio::time::timeout(Duration::from_secs(10), gw.wait_connected())
+        .await
+        .expect("connected to NATS");
+    let plain = tokio::time::timeout(WAIT, DeviceClient::connect(gw.device_addr(), "dev-1", ""))
+        .await
+        .expect("answered in time");
+    let why = refused(plain, ErrorCode::Unauthorized);
+    assert!(why.contains("not a TLS connection"), "{why}");
+}
+
 /// A client socket that sends `prefix` in the same write as the first bytes written to it
 /// (the ClientHello): how nginx forwards a PROXY header and the data behind it in one segment,
 /// so the gateway reads the start of the handshake along with the header.
