@@ -3650,10 +3650,13 @@ fn passthrough_refuses_settings_the_gateways_would_not_honour() {
         "device-tls-passthrough-values",
         &["nginx.tls.clientCaSecret=devgate-device-tls"],
     );
-    assert!(
-        shared_ca.contains("WARNING: this is also the gateways' own certificate Secret"),
-        "{shared_ca}"
-    );
+    for needle in [
+        "WARNING: this is also the gateways' own certificate Secret",
+        // A CN counts as well as a DNS SAN, and with tokens the token is still needed.
+        "any certificate it signs that names a device id\n   passes that device's certificate check",
+    ] {
+        assert!(shared_ca.contains(needle), "{needle:?}: {shared_ca}");
+    }
     let own_ca = notes("device-tls-passthrough-values");
     assert!(!own_ca.contains("WARNING: this is also"), "{own_ca}");
     // Device TLS through extraEnv is refused in nginx's modes too: nginx would terminate TLS
@@ -3668,6 +3671,191 @@ fn passthrough_refuses_settings_the_gateways_would_not_honour() {
     );
     // The default protocols in another order are the same set.
     render(&passthrough, &["nginx.tls.protocols={TLSv1.3,TLSv1.2}"]);
+}
+
+/// Names of the gateway container's env entries, literal or from a Secret.
+fn gateway_env_names(docs: &[Value]) -> Vec<String> {
+    container(one(docs, "Deployment", &full("gateway")), "gateway")["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .map(|e| e["name"].as_str().expect("name").to_owned())
+        .collect()
+}
+
+/// `gateway.deviceAuth=certificate`: the device's certificate alone authenticates it. The
+/// gateways get `DEVGATE_DEVICE_AUTH=certificate` and no fleet secret (which they refuse), their
+/// own validation accepts the env with the files in place, and a changed fleet secret rolls no
+/// gateway. The default stays token: the fleet secret and no `DEVGATE_DEVICE_AUTH`.
+#[test]
+fn certificate_device_auth_gives_the_gateways_no_fleet_secret() {
+    use devgate_gateway::auth::DeviceAuth;
+    use devgate_gateway::config::DeviceAuthMode;
+
+    let passthrough = combo("device-tls-passthrough-values");
+    let certificate = ["gateway.deviceAuth=certificate"];
+    let docs = render(&passthrough, &certificate);
+    let names = gateway_env_names(&docs);
+    assert!(
+        !names.iter().any(|n| n.starts_with("DEVGATE_AUTH_SECRET")),
+        "no fleet secret for the gateway: {names:?}"
+    );
+    let env = env_values(container(
+        one(&docs, "Deployment", &full("gateway")),
+        "gateway",
+    ));
+    assert_eq!(
+        env.get("DEVGATE_DEVICE_AUTH").map(String::as_str),
+        Some("certificate")
+    );
+    let root = tempfile::tempdir().expect("tempdir");
+    let (config, tls) = gateway_device_tls(&docs, root.path());
+    assert_eq!(config.device_auth, DeviceAuthMode::Certificate);
+    assert!(config.auth_secret.is_none() && config.auth_secret_previous.is_none());
+    assert!(matches!(config.device_auth(), DeviceAuth::Certificate));
+    assert!(tls.binds_ids(), "certificates are bound to device ids");
+    // The Secret keeps the key (for a switch back), but the gateway does not read it: changing
+    // it must not roll the gateways.
+    assert!(secret_data(&docs).contains_key("device-auth-secret"));
+    let gateway_sum = |sets: &[&str]| {
+        secret_checksums(&render(&passthrough, sets))["gateway"]
+            .clone()
+            .expect("checksum/secrets")
+    };
+    assert_eq!(
+        gateway_sum(&["gateway.deviceAuth=certificate"]),
+        gateway_sum(&[
+            "gateway.deviceAuth=certificate",
+            "secrets.deviceAuthSecret=another-fleet-secret-0123",
+        ]),
+        "the fleet secret rolls no gateway that does not read it"
+    );
+    assert_ne!(
+        gateway_sum(&["gateway.deviceAuth=certificate"]),
+        gateway_sum(&[
+            "gateway.deviceAuth=certificate",
+            "secrets.nats.gatewayPassword=AnotherPassword",
+        ]),
+        "the gateway's NATS password still rolls it"
+    );
+
+    // NOTES: no token to compute; the simulator needs only the device's certificate.
+    let cert_notes = notes_with("device-tls-passthrough-values", &certificate);
+    for needle in [
+        "Devices authenticate with their TLS client certificate alone (gateway.deviceAuth=certificate)",
+        "it alone logs them in as that id",
+        "without DEVGATE_AUTH_SECRET it sends an empty token",
+        "--tls-cert dev-1.crt --tls-key dev-1.key --devices 1",
+    ] {
+        assert!(
+            cert_notes.contains(needle),
+            "NOTES lack {needle:?}:\n{cert_notes}"
+        );
+    }
+    for absent in ["openssl dgst", "device-auth-secret", "a leaked token"] {
+        assert!(
+            !cert_notes.contains(absent),
+            "NOTES mention {absent:?}:\n{cert_notes}"
+        );
+    }
+
+    // The default is token, with or without TLS at the gateways.
+    let default = combo("default");
+    for (c, sets, tls_at_gateways) in [
+        (&passthrough, &[][..], true),
+        (&passthrough, &["gateway.deviceAuth=token"][..], true),
+        (&default, &[][..], false),
+    ] {
+        let docs = render(c, sets);
+        let names = gateway_env_names(&docs);
+        assert!(
+            !names.iter().any(|n| n == "DEVGATE_DEVICE_AUTH"),
+            "{names:?}"
+        );
+        assert!(
+            names.iter().any(|n| n == "DEVGATE_AUTH_SECRET"),
+            "{names:?}"
+        );
+        let root = tempfile::tempdir().expect("tempdir");
+        let config = if tls_at_gateways {
+            gateway_device_tls(&docs, root.path()).0
+        } else {
+            gateway_config(&docs)
+        };
+        assert_eq!(config.device_auth, DeviceAuthMode::Token, "{sets:?}");
+        assert!(matches!(config.device_auth(), DeviceAuth::Hmac { .. }));
+    }
+    let notes = notes("device-tls-passthrough-values");
+    assert!(notes.contains("openssl dgst"), "{notes}");
+    assert!(
+        !notes.contains("gateway.deviceAuth=certificate)"),
+        "{notes}"
+    );
+}
+
+/// What certificate authentication cannot work without, or would not use, is refused with the
+/// way out: TLS ending anywhere but the gateways, no client CA, a previous fleet secret, the
+/// setting through extraEnv, and an unknown mode.
+#[test]
+fn certificate_device_auth_refuses_what_it_cannot_honour() {
+    let passthrough = combo("device-tls-passthrough-values");
+    let default = combo("default");
+    for (c, sets, needle) in [
+        (
+            &default,
+            vec!["gateway.deviceAuth=certificate"],
+            "gateway.deviceAuth=certificate: the gateways check the device certificates themselves, so device TLS must end at them; set nginx.tls.mode=passthrough (not generate)",
+        ),
+        (
+            &default,
+            vec![
+                "gateway.deviceAuth=certificate",
+                "nginx.tls.clientCaSecret=devgate-device-client-ca",
+            ],
+            "set nginx.tls.mode=passthrough (not generate)",
+        ),
+        (
+            &default,
+            vec!["gateway.deviceAuth=certificate", "nginx.tls.mode=plaintext"],
+            "set nginx.tls.mode=passthrough (not plaintext)",
+        ),
+        (
+            &passthrough,
+            vec![
+                "gateway.deviceAuth=certificate",
+                "nginx.tls.clientCaSecret=",
+            ],
+            "gateway.deviceAuth=certificate needs nginx.tls.clientCaSecret",
+        ),
+        (
+            &passthrough,
+            vec![
+                "gateway.deviceAuth=certificate",
+                "secrets.deviceAuthSecretPrevious=a-previous-fleet-secret-0",
+            ],
+            "secrets.deviceAuthSecretPrevious is not used with gateway.deviceAuth=certificate",
+        ),
+        (
+            &passthrough,
+            vec![
+                "gateway.extraEnv[0].name=DEVGATE_DEVICE_AUTH",
+                "gateway.extraEnv[0].value=certificate",
+            ],
+            "gateway.extraEnv sets DEVGATE_DEVICE_AUTH, which the chart sets from its own value",
+        ),
+        (
+            &passthrough,
+            vec!["gateway.deviceAuth=hmac"],
+            "gateway.deviceAuth \"hmac\": choose token",
+        ),
+    ] {
+        assert_refused(c, &sets, needle);
+    }
+    // A previous fleet secret is still fine with tokens.
+    template(
+        &passthrough,
+        &["secrets.deviceAuthSecretPrevious=a-previous-fleet-secret-0"],
+    );
 }
 
 /// A Secret's files belong to root (and the pod's fsGroup): a container that does not run as

@@ -238,6 +238,13 @@ nginx.tls.existingSecret. */}}
 {{- if or (and (eq .Values.nginx.tls.mode "generate") (eq .Values.loadBalancer.mode "nginx")) (and (include "devgate.deviceTls.atGateways" .) (not .Values.nginx.tls.existingSecret)) }}true{{ end -}}
 {{- end -}}
 
+{{/* "true" when the device's TLS client certificate alone authenticates it
+(gateway.deviceAuth=certificate): the gateways then take no fleet secret. A value missing after
+--reuse-values from an older chart is token, the only way there was. */}}
+{{- define "devgate.gateway.certificateAuth" -}}
+{{- if eq (toString (default "token" .Values.gateway.deviceAuth)) "certificate" }}true{{ end -}}
+{{- end -}}
+
 {{/* Where the gateway container finds the device TLS files (nginx.tls.mode=passthrough):
 directory mounts (never subPath, which the kubelet does not update on renewal). */}}
 {{- define "devgate.gateway.deviceTlsDir" -}}/etc/devgate/device-tls{{- end -}}
@@ -302,6 +309,20 @@ directory mounts (never subPath, which the kubelet does not update on renewal). 
 {{- end -}}
 {{- if ne (int .Values.nginx.tls.verifyDepth) 3 -}}
 {{- fail (printf "nginx.tls.verifyDepth %v is nginx's: with nginx.tls.mode=passthrough the gateways check device certificates (any chain up to nginx.tls.clientCaSecret); keep the default 3" .Values.nginx.tls.verifyDepth) -}}
+{{- end -}}
+{{- end -}}
+{{- if not (has (toString (default "token" .Values.gateway.deviceAuth)) (list "token" "certificate")) -}}
+{{- fail (printf "gateway.deviceAuth %q: choose token (the fleet secret's HELLO tokens) or certificate (the device's TLS client certificate alone)" (toString .Values.gateway.deviceAuth)) -}}
+{{- end -}}
+{{- if include "devgate.gateway.certificateAuth" . -}}
+{{- if not (include "devgate.deviceTls.atGateways" .) -}}
+{{- fail (printf "gateway.deviceAuth=certificate: the gateways check the device certificates themselves, so device TLS must end at them; set nginx.tls.mode=passthrough (not %s) and nginx.tls.clientCaSecret" .Values.nginx.tls.mode) -}}
+{{- end -}}
+{{- if not .Values.nginx.tls.clientCaSecret -}}
+{{- fail "gateway.deviceAuth=certificate needs nginx.tls.clientCaSecret: a Secret whose ca.crt issues the device certificates (each naming its device id), which is all that authenticates a device" -}}
+{{- end -}}
+{{- if .Values.secrets.deviceAuthSecretPrevious -}}
+{{- fail "secrets.deviceAuthSecretPrevious is not used with gateway.deviceAuth=certificate: the gateways take no fleet secret (HELLO tokens are ignored); unset it" -}}
 {{- end -}}
 {{- end -}}
 {{- if ne .Values.nginx.tls.mode "plaintext" -}}
@@ -394,7 +415,7 @@ directory mounts (never subPath, which the kubelet does not update on renewal). 
 {{- /* The chart sets these itself; a second entry of the same name in extraEnv would be
      ambiguous (and Kubernetes keeps one of them). */ -}}
 {{- $chartEnv := dict
-  "gateway" (list "DEVGATE_AUTH_SECRET" "DEVGATE_AUTH_SECRET_PREVIOUS" "DEVGATE_PROXY_PROTOCOL" "DEVGATE_PROXY_TRUSTED_CIDRS" "DEVGATE_DRAIN_WINDOW_MS" "DEVGATE_DRAIN_RECONNECT_JITTER_MS" "DEVGATE_MAX_CONNECTIONS" "DEVGATE_MAX_FRAME_LEN" "DEVGATE_HEARTBEAT_S" "DEVGATE_MAX_HANDSHAKES" "DEVGATE_MAX_HELLO_LEN" "DEVGATE_HELLO_TIMEOUT_MS" "DEVGATE_SESSION_QUEUE_BYTES" "DEVGATE_MAX_INFLIGHT" "DEVGATE_ACK_TIMEOUT_MS" "DEVGATE_WRITE_TIMEOUT_MS" "DEVGATE_MAX_LOGINS_PER_ID" "DEVGATE_LOGIN_WINDOW_S" "DEVGATE_UP_RATE_MSGS" "DEVGATE_UP_RATE_BYTES" "DEVGATE_UP_BURST_MS" "DEVGATE_DENIED_DEVICES_FILE" "DEVGATE_LOG_FORMAT")
+  "gateway" (list "DEVGATE_DEVICE_AUTH" "DEVGATE_AUTH_SECRET" "DEVGATE_AUTH_SECRET_PREVIOUS" "DEVGATE_PROXY_PROTOCOL" "DEVGATE_PROXY_TRUSTED_CIDRS" "DEVGATE_DRAIN_WINDOW_MS" "DEVGATE_DRAIN_RECONNECT_JITTER_MS" "DEVGATE_MAX_CONNECTIONS" "DEVGATE_MAX_FRAME_LEN" "DEVGATE_HEARTBEAT_S" "DEVGATE_MAX_HANDSHAKES" "DEVGATE_MAX_HELLO_LEN" "DEVGATE_HELLO_TIMEOUT_MS" "DEVGATE_SESSION_QUEUE_BYTES" "DEVGATE_MAX_INFLIGHT" "DEVGATE_ACK_TIMEOUT_MS" "DEVGATE_WRITE_TIMEOUT_MS" "DEVGATE_MAX_LOGINS_PER_ID" "DEVGATE_LOGIN_WINDOW_S" "DEVGATE_UP_RATE_MSGS" "DEVGATE_UP_RATE_BYTES" "DEVGATE_UP_BURST_MS" "DEVGATE_DENIED_DEVICES_FILE" "DEVGATE_LOG_FORMAT")
   "bridgeApi" (list "DEVGATE_API_TOKEN" "DEVGATE_API_READ_TOKEN" "DEVGATE_MAX_FRAME_LEN" "DEVGATE_MAX_TAILS" "DEVGATE_MAX_WILDCARD_TAILS" "DEVGATE_TAIL_BUFFER_BYTES" "DEVGATE_DEFAULT_TIMEOUT_MS" "DEVGATE_REQUEST_TIMEOUT_MS" "DEVGATE_BULK_MAX_DEVICES" "DEVGATE_BULK_CONCURRENCY" "DEVGATE_LOG_FORMAT") -}}
 {{- /* TLS at the gateways is a mode of its own: through extraEnv, nginx would still terminate
      TLS (or speak plaintext) in front of gateways that expect a TLS handshake. */ -}}
