@@ -661,6 +661,13 @@ mod tests {
             .expect("flags parse")
     }
 
+    /// `args` fail validation with a message containing `needle`.
+    fn refused<S: AsRef<str>>(args: &[S], needle: &str) {
+        let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
+        let err = cli(&args).into_config().expect_err(needle);
+        assert!(err.to_string().contains(needle), "{needle:?} not in: {err}");
+    }
+
     #[test]
     fn auth_is_required_unless_insecure_is_explicit() {
         let err = cli(&[]).into_config().expect_err("no auth must fail");
@@ -854,44 +861,28 @@ mod tests {
                 .is_none()
         );
 
-        let err = cli(&["--insecure-no-auth", "--device-tls-cert", &cert])
-            .into_config()
-            .expect_err("a certificate without its key");
-        assert!(
-            err.to_string()
-                .contains("device_tls_cert and device_tls_key go together"),
-            "{err}"
+        refused(
+            &["--insecure-no-auth", "--device-tls-cert", &cert],
+            "device_tls_cert and device_tls_key go together",
         );
-        let err = cli(&["--insecure-no-auth", "--device-tls-client-ca", &ca])
-            .into_config()
-            .expect_err("a client CA without TLS at the gateway");
-        assert!(
-            err.to_string()
-                .contains("device_tls_client_ca needs device_tls_cert"),
-            "{err}"
+        refused(
+            &["--insecure-no-auth", "--device-tls-client-ca", &ca],
+            "device_tls_client_ca needs device_tls_cert",
         );
         // A key that does not match: refused at start, not at the first device's handshake.
-        let err = cli(&[
-            "--insecure-no-auth",
-            "--device-tls-cert",
-            &cert,
-            "--device-tls-key",
-            &fixture("device.key"),
-        ])
-        .into_config()
-        .expect_err("mismatched key");
-        assert!(
-            err.to_string()
-                .contains("device_tls_cert and device_tls_key:"),
-            "{err}"
+        refused(
+            &[
+                "--insecure-no-auth",
+                "--device-tls-cert",
+                &cert,
+                "--device-tls-key",
+                &fixture("device.key"),
+            ],
+            "device_tls_cert and device_tls_key:",
         );
-        let err = cli(&["--insecure-no-auth", "--device-tls-check-ms", "0"])
-            .into_config()
-            .expect_err("zero period");
-        assert!(
-            err.to_string()
-                .contains("device_tls_check_ms must be greater than 0"),
-            "{err}"
+        refused(
+            &["--insecure-no-auth", "--device-tls-check-ms", "0"],
+            "device_tls_check_ms must be greater than 0",
         );
     }
 
@@ -909,53 +900,49 @@ mod tests {
             "--device-tls-key",
             key.as_str(),
         ];
-        let with = |extra: &[&str]| {
-            let mut args = tls.to_vec();
-            args.extend_from_slice(extra);
-            cli(&args).into_config()
+        let with = |extra: &[&str]| -> Vec<String> {
+            tls.iter().chain(extra).map(|a| (*a).to_owned()).collect()
         };
         let ok = with(&[
             "--device-auth",
             "certificate",
             "--device-tls-client-ca",
             &ca,
-        ])
-        .expect("certificates alone authenticate");
+        ]);
+        let ok = cli(&ok.iter().map(String::as_str).collect::<Vec<_>>())
+            .into_config()
+            .expect("certificates alone authenticate");
         assert!(matches!(ok.device_auth(), DeviceAuth::Certificate));
 
-        let err = with(&["--device-auth", "certificate"]).expect_err("no client CA");
-        assert!(
-            err.to_string()
-                .contains("device_auth=certificate needs device_tls_client_ca"),
-            "{err}"
+        refused(
+            &with(&["--device-auth", "certificate"]),
+            "device_auth=certificate needs device_tls_client_ca",
         );
-        let err = with(&[
-            "--device-auth",
-            "certificate",
-            "--device-tls-client-ca",
-            &ca,
-            "--auth-secret",
-            "0123456789abcdef0123",
-        ])
-        .expect_err("a fleet secret nobody would use");
-        assert!(
-            err.to_string().contains("--auth-secret is not used"),
-            "{err}"
+        refused(
+            &with(&[
+                "--device-auth",
+                "certificate",
+                "--device-tls-client-ca",
+                &ca,
+                "--auth-secret",
+                "0123456789abcdef0123",
+            ]),
+            "--auth-secret is not used",
         );
-        let err = with(&[
-            "--device-auth",
-            "certificate",
-            "--device-tls-client-ca",
-            &ca,
-            "--insecure-no-auth",
-        ])
-        .expect_err("contradiction");
-        assert!(err.to_string().contains("contradict"), "{err}");
+        refused(
+            &with(&[
+                "--device-auth",
+                "certificate",
+                "--device-tls-client-ca",
+                &ca,
+                "--insecure-no-auth",
+            ]),
+            "contradict",
+        );
         // Tokens stay the default: without a secret, the old refusal.
-        let err = with(&["--device-tls-client-ca", &ca]).expect_err("no secret");
-        assert!(
-            err.to_string().contains("devices must authenticate"),
-            "{err}"
+        refused(
+            &with(&["--device-tls-client-ca", &ca]),
+            "devices must authenticate",
         );
     }
 
