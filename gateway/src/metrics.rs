@@ -177,6 +177,9 @@ pub struct Metrics {
     pub nats_disconnects: Counter,
     /// Messages async-nats dropped because a session did not drain its subscription in time.
     pub nats_slow_consumers: Counter,
+    /// `SUB`s the NATS server refused (the gateway user's permissions, or `max_subs`): each
+    /// ended a device's login or session, which a healthy install never does.
+    pub nats_subscriptions_refused: Counter,
     frames_in: [Counter; 9],
     frames_out: [Counter; 9],
     bytes_in: Counter,
@@ -294,6 +297,12 @@ impl Metrics {
             "Messages the NATS client dropped for a session that did not keep up",
         );
 
+        let nats_subscriptions_refused = counter(
+            reg,
+            "nats_subscriptions_refused",
+            "Subscriptions the NATS server refused (permissions or max_subs); each ended a device's login or session",
+        );
+
         let frames = Family::<FrameLabels, Counter>::default();
         reg.register(
             "frames",
@@ -399,6 +408,7 @@ impl Metrics {
             nats_connected,
             nats_disconnects,
             nats_slow_consumers,
+            nats_subscriptions_refused,
             frames_in,
             frames_out,
             bytes_in,

@@ -525,3 +525,148 @@ async fn a_login_whose_subscription_nats_refuses_is_unavailable_and_others_are_u
         .expect("down");
     assert_eq!(&payload[..], b"hello");
 }
+
+/// Whether `sub` ends (the server refused it) within [`WAIT`].
+async fn ends(sub: &mut Subscription) -> bool {
+    matches!(tokio::time::timeout(WAIT, sub.next()).await, Ok(None))
+}
+
+/// NATS refuses a `SUB` over `max_subs` with an error that names no subject. The link still
+/// ends exactly the refused subscription (the one whose marked `PING` was oldest in flight),
+/// the others keep receiving, and a slot freed by an unsubscribe takes a new one.
+#[tokio::test]
+async fn a_subscription_over_max_subs_ends_and_no_other() {
+    // The link's reply inbox takes one of the three.
+    let (nats, _dir) = nats_with("max_subs: 3\n");
+    let link = link(&nats);
+    connected(&link, true).await;
+    let mut first = link.subscribe("device.first.down");
+    let mut second = link.subscribe("device.second.down");
+    let mut third = link.subscribe("device.third.down");
+    assert!(
+        ends(&mut third).await,
+        "the subscription over the limit ends"
+    );
+    live(&link).await;
+    assert!(
+        !first.is_ended() && !second.is_ended(),
+        "the others live on"
+    );
+    let service = nats.client().await;
+    for (subject, sub) in [
+        ("device.first.down", &mut first),
+        ("device.second.down", &mut second),
+    ] {
+        service
+            .publish(subject, Bytes::from(subject))
+            .await
+            .expect("publish");
+        assert_eq!(&next(sub).await.payload[..], subject.as_bytes());
+    }
+    drop(first);
+    let mut fourth = link.subscribe("device.fourth.down");
+    live(&link).await;
+    assert!(!fourth.is_ended(), "an unsubscribe made room");
+    service
+        .publish("device.fourth.down", Bytes::from("room"))
+        .await
+        .expect("publish");
+    assert_eq!(&next(&mut fourth).await.payload[..], b"room");
+    assert!(link.is_connected(), "the server keeps the connection");
+}
+
+/// After a reconnect to a server with a lower `max_subs`, the resubscriptions the server
+/// refuses end (one here), and every other one is routed as before.
+#[tokio::test]
+async fn resubscriptions_over_a_lowered_max_subs_end_and_the_rest_are_routed() {
+    let (mut nats, dir) = nats_with("max_subs: 4\n");
+    let link = link(&nats);
+    connected(&link, true).await;
+    let names = ["device.a.down", "device.b.down", "device.c.down"];
+    let mut subs: Vec<Subscription> = names.iter().map(|s| link.subscribe(s)).collect();
+    live(&link).await;
+    assert!(subs.iter().all(|s| !s.is_ended()), "all fit under 4");
+
+    nats.stop();
+    connected(&link, false).await;
+    std::fs::write(dir.path().join("nats.conf"), "max_subs: 3\n").expect("lower max_subs");
+    nats.restart();
+    connected(&link, true).await;
+    live(&link).await;
+    let ended: Vec<bool> = subs.iter().map(Subscription::is_ended).collect();
+    assert_eq!(
+        ended.iter().filter(|e| **e).count(),
+        1,
+        "one resubscription is over the limit: {ended:?}"
+    );
+    let service = nats.client().await;
+    for (name, sub) in names.iter().zip(subs.iter_mut()) {
+        if sub.is_ended() {
+            continue;
+        }
+        service
+            .publish(*name, Bytes::from(*name))
+            .await
+            .expect("publish");
+        assert_eq!(&next(sub).await.payload[..], name.as_bytes());
+    }
+}
+
+/// A gateway whose NATS connection reaches `max_subs` refuses the next login `unavailable`
+/// (welcomed, nothing could reach the device), counts it, and keeps serving the devices it
+/// holds; once one leaves, a login fits again.
+#[tokio::test]
+async fn a_login_over_max_subs_is_unavailable_and_the_devices_held_are_unaffected() {
+    use devgate_gateway::client::ClientError;
+    use devgate_gateway::codec::ErrorCode;
+    use devgate_tests::gateway::{device, metric_reaches, start, try_device};
+    // The gateway's own subscriptions (reply inbox, stats, sessions) take 3 of the 5.
+    let (nats, _dir) = nats_with("max_subs: 5\n");
+    let gw = start(&nats, "gw-1").await;
+    let (mut one, _) = device(&gw, "one").await;
+    let (two, _) = device(&gw, "two").await;
+    match try_device(&gw, "three").await {
+        Err(ClientError::Refused(e)) => assert_eq!(e.code, ErrorCode::Unavailable, "{e:?}"),
+        Err(other) => panic!("expected ERROR unavailable, got {other}"),
+        Ok((_, w)) => panic!("welcomed a device nothing can reach: {w:?}"),
+    }
+    metric_reaches(&gw, "devgate_gateway_nats_subscriptions_refused_total 1").await;
+
+    let service = nats.client().await;
+    let reply = tokio::time::timeout(
+        WAIT,
+        service.request("device.one.down", Bytes::from_static(b"still here")),
+    )
+    .await
+    .expect("answered in time")
+    .expect("answered");
+    assert!(
+        String::from_utf8_lossy(&reply.payload).contains("\"sent\""),
+        "{reply:?}"
+    );
+    let (_, payload) = tokio::time::timeout(WAIT, one.recv_down())
+        .await
+        .expect("in time")
+        .expect("down");
+    assert_eq!(&payload[..], b"still here");
+
+    // A session's end drains its subscription before it tells its presence: once the event is
+    // here, the server has freed the slot.
+    let mut presence = service
+        .subscribe("device.two.presence")
+        .await
+        .expect("subscribe");
+    service.flush().await.expect("flush");
+    drop(two);
+    let event = tokio::time::timeout(WAIT, presence.next())
+        .await
+        .expect("presence in time")
+        .expect("presence");
+    assert!(
+        String::from_utf8_lossy(&event.payload).contains("disconnected"),
+        "{event:?}"
+    );
+    try_device(&gw, "three")
+        .await
+        .expect("a login fits once a device left");
+}

@@ -291,8 +291,40 @@ struct Inner {
 struct State {
     out: BytesMut,
     connected: bool,
-    /// One entry per `PING` in flight, oldest first, with the waiter to tell (if any).
-    pongs: VecDeque<(Instant, Option<oneshot::Sender<()>>)>,
+    /// One entry per `PING` in flight, oldest first.
+    pongs: VecDeque<PendingPong>,
+}
+
+/// A `PING` the server has not answered yet.
+struct PendingPong {
+    sent: Instant,
+    /// Who waits for the `PONG`, if anyone.
+    waiter: Option<oneshot::Sender<()>>,
+    /// The sid whose `SUB` went right before this `PING`. The server answers in order, so a
+    /// `-ERR` that arrives while this is the oldest `PING` in flight is about that `SUB`: how
+    /// a refusal for the subscription limit, which names no subject, finds its subscription.
+    after_sub: Option<u64>,
+}
+
+impl PendingPong {
+    fn new(waiter: Option<oneshot::Sender<()>>) -> Self {
+        PendingPong {
+            sent: Instant::now(),
+            waiter,
+            after_sub: None,
+        }
+    }
+}
+
+/// Writes `SUB` and a `PING` right after it that remembers the sid (see
+/// [`PendingPong::after_sub`]); the `PONG` costs the server a few bytes per subscription.
+fn subscribe_marked(st: &mut State, subject: &str, sid: u64) {
+    wire::subscribe(&mut st.out, subject, sid);
+    wire::ping(&mut st.out);
+    st.pongs.push_back(PendingPong {
+        after_sub: Some(sid),
+        ..PendingPong::new(None)
+    });
 }
 
 /// Hashing for sids and request tokens: counters this process hands out, so no attacker
@@ -500,7 +532,7 @@ impl Link {
             let mut st = lock(&self.inner.state);
             lock(&self.inner.subs).insert(sid, slot.clone());
             if st.connected {
-                wire::subscribe(&mut st.out, subject, sid);
+                subscribe_marked(&mut st, subject, sid);
             }
         }
         self.inner.wake_writer.notify_one();
@@ -644,7 +676,7 @@ impl Link {
                 return Err(LinkError::NotConnected);
             }
             wire::ping(&mut st.out);
-            st.pongs.push_back((Instant::now(), Some(tx)));
+            st.pongs.push_back(PendingPong::new(Some(tx)));
         }
         self.inner.wake_writer.notify_one();
         Ok(rx)
@@ -723,7 +755,7 @@ impl Subscription {
                 wire::unsubscribe(&mut st.out, self.sid);
                 wire::ping(&mut st.out);
                 let (tx, rx) = oneshot::channel();
-                st.pongs.push_back((Instant::now(), Some(tx)));
+                st.pongs.push_back(PendingPong::new(Some(tx)));
                 Some(rx)
             } else {
                 lock(&self.inner.subs).remove(&self.sid);
@@ -1090,14 +1122,14 @@ async fn keepalive(inner: &Inner) -> Result<(), ConnError> {
         tick.tick().await;
         {
             let mut st = lock(&inner.state);
-            if let Some((sent, _)) = st.pongs.front() {
-                let waited = sent.elapsed();
+            if let Some(oldest) = st.pongs.front() {
+                let waited = oldest.sent.elapsed();
                 if waited > PING_INTERVAL * 2 {
                     return Err(ConnError::Stale(waited));
                 }
             }
             wire::ping(&mut st.out);
-            st.pongs.push_back((Instant::now(), None));
+            st.pongs.push_back(PendingPong::new(None));
         }
         inner.wake_writer.notify_one();
     }
@@ -1140,10 +1172,10 @@ impl Inner {
             st.out.clear();
             st.pongs.clear();
             let inbox = format!("{}*", self.inbox);
-            wire::subscribe(&mut st.out, &inbox, INBOX_SID);
+            subscribe_marked(&mut st, &inbox, INBOX_SID);
             for (sid, slot) in lock(&self.subs).iter() {
                 if !slot.lock().draining {
-                    wire::subscribe(&mut st.out, &slot.subject, *sid);
+                    subscribe_marked(&mut st, &slot.subject, *sid);
                 }
             }
             st.connected = true;
@@ -1211,8 +1243,8 @@ impl Inner {
                 self.wake_writer.notify_one();
             }
             ServerOp::Pong => {
-                let waiter = lock(&self.state).pongs.pop_front();
-                if let Some((_, Some(tx))) = waiter {
+                let answered = lock(&self.state).pongs.pop_front();
+                if let Some(tx) = answered.and_then(|p| p.waiter) {
                     let _ = tx.send(());
                 }
             }
@@ -1240,20 +1272,39 @@ impl Inner {
             ServerOp::Err(error) if is_subscription_refusal(&error) => {
                 let ended = refused_subject(&error)
                     .map_or(0, |subject| self.end_refused(subject, refused_sid(&error)));
+                self.metrics.nats_subscriptions_refused.inc();
                 tracing::error!(%error, ended, "NATS refused a subscription: a device's ends with its session; others are sent again after the next reconnect; allow the gateway user to subscribe to device.*.down (nats/accounts.conf)");
             }
-            // Names no subject, so the session it was for cannot be told: say what it means.
-            ServerOp::Err(error)
-                if error
-                    .to_ascii_lowercase()
-                    .contains("maximum subscriptions exceeded") =>
-            {
-                tracing::error!(%error, "NATS refused a subscription over the account's or user's max_subs: a device logged in here may be unreachable; raise max_subs above the devices per gateway");
-            }
+            // Names no subject: the `PING` marked after each `SUB` tells which one it was.
+            ServerOp::Err(error) if is_subscription_limit(&error) => self.end_over_limit(&error),
             ServerOp::Err(error) => tracing::warn!(%error, "NATS server error"),
             ServerOp::Info(info) => self.note_info_bytes(&info),
             ServerOp::Ok => {}
         }
+    }
+
+    /// Handles a `SUB` refused for the connection's subscription limit (`max_subs`, of the
+    /// server, the account or the user). Like a permissions refusal, a device's subscription
+    /// ends, and with it its login or session: welcomed, nothing would reach it. The gateway's
+    /// own subscriptions are sent again on the next connection.
+    fn end_over_limit(&self, error: &str) {
+        let sid = lock(&self.state).pongs.front().and_then(|p| p.after_sub);
+        let subject: Option<Box<str>> = match sid {
+            Some(INBOX_SID) => Some(format!("{}*", self.inbox).into()),
+            Some(sid) => lock(&self.subs).get(&sid).map(|slot| slot.subject.clone()),
+            None => None,
+        };
+        let ended = match (&subject, sid) {
+            (Some(subject), Some(sid)) => self.end_refused(subject, Some(sid)),
+            _ => 0,
+        };
+        self.metrics.nats_subscriptions_refused.inc();
+        tracing::error!(
+            %error,
+            subject = subject.as_deref().unwrap_or("(unknown)"),
+            ended,
+            "NATS refused a subscription over max_subs: a device's login or session ends (the device may reconnect to another gateway); raise max_subs above the devices per gateway plus 3"
+        );
     }
 
     /// Ends the device subscriptions to `subject` the server refused (only `sid` when the
@@ -1357,6 +1408,14 @@ fn is_subscription_refusal(error: &str) -> bool {
     error
         .get(..PREFIX.len())
         .is_some_and(|p| p.eq_ignore_ascii_case(PREFIX))
+}
+
+/// Whether a `-ERR` reports a `SUB` refused for the subscription limit (`maximum
+/// subscriptions exceeded`); the server keeps the connection open after it.
+fn is_subscription_limit(error: &str) -> bool {
+    error
+        .to_ascii_lowercase()
+        .contains("maximum subscriptions exceeded")
 }
 
 /// Whether a `-ERR` reports a dropped publish (`Permissions Violation for Publish to ...` or
