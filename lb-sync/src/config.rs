@@ -552,6 +552,9 @@ impl Config {
                 self.tls_verify_depth
             ));
         }
+        if self.tls_cert.is_none() && self.tls_key.is_none() {
+            self.refuse_nginx_tls_settings(problems);
+        }
         if self.tls_protocols.is_empty() {
             problems.push(format!(
                 "tls_protocols must name at least one of {TLS_PROTOCOLS:?}"
@@ -618,6 +621,45 @@ impl Config {
                 }
                 Ok(_) => {}
             }
+        }
+    }
+
+    /// Refuses nginx's TLS settings changed from their defaults when nginx terminates no TLS
+    /// (passthrough or plaintext): ignored, they would let an operator believe, say, that
+    /// devices are held to TLSv1.3 when nothing here enforces it.
+    fn refuse_nginx_tls_settings(&self, problems: &mut Vec<String>) {
+        let defaults = Config::default();
+        let changed = [
+            (
+                "tls_protocols",
+                self.tls_protocols != defaults.tls_protocols,
+            ),
+            (
+                "tls_handshake_timeout_s",
+                self.tls_handshake_timeout_s != defaults.tls_handshake_timeout_s,
+            ),
+            (
+                "tls_session_cache",
+                self.tls_session_cache != defaults.tls_session_cache,
+            ),
+            (
+                "tls_session_timeout_s",
+                self.tls_session_timeout_s != defaults.tls_session_timeout_s,
+            ),
+            (
+                "tls_check_interval_s",
+                self.tls_check_interval_s != defaults.tls_check_interval_s,
+            ),
+        ];
+        let ends = if self.tls_passthrough {
+            "with tls_passthrough the gateways terminate TLS with their own settings"
+        } else {
+            "devices connect in plaintext"
+        };
+        for (name, _) in changed.iter().filter(|(_, changed)| *changed) {
+            problems.push(format!(
+                "{name} only applies when nginx terminates TLS (tls_cert, tls_key): {ends}"
+            ));
         }
     }
 
@@ -1229,6 +1271,19 @@ mod tests {
                 vec!["--tls-verify-depth", "5"],
                 "tls_verify_depth 5 only applies to device certificates",
             ),
+            (
+                vec!["--tls-handshake-timeout-s", "5"],
+                "tls_handshake_timeout_s only applies when nginx terminates TLS (tls_cert, \
+                 tls_key): devices connect in plaintext",
+            ),
+            (
+                vec!["--tls-session-timeout-s", "60"],
+                "tls_session_timeout_s only applies when nginx terminates TLS",
+            ),
+            (
+                vec!["--tls-check-interval-s", "60"],
+                "tls_check_interval_s only applies when nginx terminates TLS",
+            ),
         ];
         for (mut args, expected) in cases {
             args.extend(out_flag());
@@ -1348,6 +1403,15 @@ mod tests {
                     "tls_verify_depth 5 only applies to device certificates: with \
                      tls_passthrough the gateways check them"
                         .to_owned(),
+                ],
+            ),
+            (
+                vec!["--tls-protocols", "TLSv1.3", "--tls-session-cache", "20m"],
+                vec![
+                    "tls_protocols only applies when nginx terminates TLS (tls_cert, tls_key): \
+                     with tls_passthrough the gateways terminate TLS with their own settings"
+                        .to_owned(),
+                    "tls_session_cache only applies when nginx terminates TLS".to_owned(),
                 ],
             ),
         ];
