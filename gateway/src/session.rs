@@ -204,7 +204,18 @@ async fn greet_in_slot(
                 }
                 deadline = deadline.min(Instant::now() + LAST_WORDS);
             }
-            match accept_tls(shared, stream, tls, &mut leftover, deadline, remote).await {
+            let counted = refusal.is_none();
+            match accept_tls(
+                shared,
+                stream,
+                tls,
+                &mut leftover,
+                deadline,
+                remote,
+                counted,
+            )
+            .await
+            {
                 Some(stream) => stream,
                 None => {
                     if let Some(r) = &refusal {
@@ -265,9 +276,10 @@ fn refuse_unheard(shared: &Shared, remote: SocketAddr, refusal: &Refusal) {
     }
 }
 
-/// The TLS handshake of a device connection, by `deadline`; `None` when it failed (counted
-/// and closed: before TLS there is no way to tell the device why in a frame; rustls sent it
-/// an alert).
+/// The TLS handshake of a device connection, by `deadline`; `None` when it failed (closed:
+/// before TLS there is no way to tell the device why in a frame; rustls sent it an alert).
+/// A failure is counted and logged when `counted`; a connection already refused in its PROXY
+/// phase is counted once, as that refusal, whose brief handshake only serves to tell why.
 async fn accept_tls(
     shared: &Shared,
     tcp: TcpStream,
@@ -275,6 +287,7 @@ async fn accept_tls(
     leftover: &mut BytesMut,
     deadline: Instant,
     remote: SocketAddr,
+    counted: bool,
 ) -> Option<DeviceStream> {
     let accepted = tokio::select! {
         r = tokio::time::timeout_at(deadline, crate::device_tls::accept(&tcp, tls.config(), leftover)) => r,
@@ -288,6 +301,9 @@ async fn accept_tls(
         Ok(Err(e)) => e.to_string(),
         Err(_) => "no TLS handshake before the HELLO deadline".to_owned(),
     };
+    if !counted {
+        return None;
+    }
     shared.metrics.tls_handshake_failures.inc();
     if let Some(suppressed) = shared.refusal_logs.admit(unix_ms() / 1000) {
         tracing::info!(

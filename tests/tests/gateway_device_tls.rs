@@ -465,6 +465,28 @@ async fn a_proxy_header_may_precede_the_client_hello_in_the_same_segment() {
     );
     assert!(why.contains("PROXY"), "{why}");
     reaches(&service, &mut dev, "dev-p", b"unaffected").await;
+
+    // Dialled directly by a device that then fails the handshake (it does not trust the
+    // gateway): one refusal, counted once as the missing PROXY header, not also as a failed
+    // handshake (which is counted before the refusal, so it would show by now).
+    let wrong_ca = DeviceTls::new(
+        &TlsFiles {
+            ca: Some(tls_fixture("other-ca.pem")),
+            client: None,
+        },
+        "localhost",
+    )
+    .expect("settings");
+    assert!(matches!(
+        login(&gw, &wrong_ca, "dev-r").await,
+        Err(ClientError::Tls(_))
+    ));
+    metric_reaches(
+        &gw,
+        "devgate_gateway_errors_total{code=\"protocol_violation\"} 2",
+    )
+    .await;
+    metric_reaches(&gw, "devgate_gateway_tls_handshake_failures_total 0").await;
 }
 
 #[tokio::test]
