@@ -177,8 +177,9 @@ pub struct Metrics {
     pub nats_disconnects: Counter,
     /// Messages async-nats dropped because a session did not drain its subscription in time.
     pub nats_slow_consumers: Counter,
-    /// `SUB`s the NATS server refused (the gateway user's permissions, or `max_subs`): each
-    /// ended a device's login or session, which a healthy install never does.
+    /// `SUB`s the NATS server refused (the gateway user's permissions, or `max_subs`): a
+    /// device's ends its login or session, the gateway's own (stats, sessions) stay deaf until
+    /// the next connection. A healthy install never has one.
     pub nats_subscriptions_refused: Counter,
     frames_in: [Counter; 9],
     frames_out: [Counter; 9],
@@ -300,7 +301,7 @@ impl Metrics {
         let nats_subscriptions_refused = counter(
             reg,
             "nats_subscriptions_refused",
-            "Subscriptions the NATS server refused (permissions or max_subs); each ended a device's login or session",
+            "Subscriptions the NATS server refused (permissions or max_subs); a device's ends its login or session",
         );
 
         let frames = Family::<FrameLabels, Counter>::default();

@@ -533,29 +533,34 @@ async fn ends(sub: &mut Subscription) -> bool {
 
 /// NATS refuses a `SUB` over `max_subs` with an error that names no subject. The link still
 /// ends exactly the refused subscription (the one whose marked `PING` was oldest in flight),
-/// the others keep receiving, and a slot freed by an unsubscribe takes a new one.
+/// even when later `SUB`s follow it at once; the others keep receiving.
 #[tokio::test]
 async fn a_subscription_over_max_subs_ends_and_no_other() {
     // The link's reply inbox takes one of the three.
     let (nats, _dir) = nats_with("max_subs: 3\n");
     let link = link(&nats);
     connected(&link, true).await;
-    let mut first = link.subscribe("device.first.down");
+    let first = link.subscribe("device.first.down");
     let mut second = link.subscribe("device.second.down");
+    live(&link).await;
+    // Written back to back: the refused SUB is not the newest one. Blaming the newest would
+    // end `fourth`, which the server took once `first`'s UNSUB made room.
     let mut third = link.subscribe("device.third.down");
+    drop(first);
+    let mut fourth = link.subscribe("device.fourth.down");
     assert!(
         ends(&mut third).await,
         "the subscription over the limit ends"
     );
     live(&link).await;
     assert!(
-        !first.is_ended() && !second.is_ended(),
+        !second.is_ended() && !fourth.is_ended(),
         "the others live on"
     );
     let service = nats.client().await;
     for (subject, sub) in [
-        ("device.first.down", &mut first),
         ("device.second.down", &mut second),
+        ("device.fourth.down", &mut fourth),
     ] {
         service
             .publish(subject, Bytes::from(subject))
@@ -563,44 +568,53 @@ async fn a_subscription_over_max_subs_ends_and_no_other() {
             .expect("publish");
         assert_eq!(&next(sub).await.payload[..], subject.as_bytes());
     }
-    drop(first);
-    let mut fourth = link.subscribe("device.fourth.down");
-    live(&link).await;
-    assert!(!fourth.is_ended(), "an unsubscribe made room");
-    service
-        .publish("device.fourth.down", Bytes::from("room"))
-        .await
-        .expect("publish");
-    assert_eq!(&next(&mut fourth).await.payload[..], b"room");
     assert!(link.is_connected(), "the server keeps the connection");
 }
 
 /// After a reconnect to a server with a lower `max_subs`, the resubscriptions the server
-/// refuses end (one here), and every other one is routed as before.
+/// refuses end, and every other one is routed as before. The link's own (non-device)
+/// subscriptions go first, so they are never the ones refused. (Created second, the own one
+/// is the last a walk of the sid table meets: sent in table order, it would be refused.)
 #[tokio::test]
 async fn resubscriptions_over_a_lowered_max_subs_end_and_the_rest_are_routed() {
-    let (mut nats, dir) = nats_with("max_subs: 4\n");
+    let (mut nats, dir) = nats_with("max_subs: 5\n");
     let link = link(&nats);
     connected(&link, true).await;
-    let names = ["device.a.down", "device.b.down", "device.c.down"];
-    let mut subs: Vec<Subscription> = names.iter().map(|s| link.subscribe(s)).collect();
+    let mut a = link.subscribe("device.a.down");
+    let mut own = link.subscribe("devgate.gateways.stats");
+    let mut b = link.subscribe("device.b.down");
+    let mut c = link.subscribe("device.c.down");
     live(&link).await;
-    assert!(subs.iter().all(|s| !s.is_ended()), "all fit under 4");
+    assert!(
+        [&a, &own, &b, &c].iter().all(|s| !s.is_ended()),
+        "all fit under 5"
+    );
 
     nats.stop();
     connected(&link, false).await;
+    // The inbox, the link's own and one device; two devices are refused.
     std::fs::write(dir.path().join("nats.conf"), "max_subs: 3\n").expect("lower max_subs");
     nats.restart();
     connected(&link, true).await;
     live(&link).await;
-    let ended: Vec<bool> = subs.iter().map(Subscription::is_ended).collect();
+    let mut devices = [
+        ("device.a.down", &mut a),
+        ("device.b.down", &mut b),
+        ("device.c.down", &mut c),
+    ];
+    let ended: Vec<bool> = devices.iter().map(|(_, s)| s.is_ended()).collect();
     assert_eq!(
         ended.iter().filter(|e| **e).count(),
-        1,
-        "one resubscription is over the limit: {ended:?}"
+        2,
+        "two device resubscriptions are over the limit: {ended:?}"
     );
     let service = nats.client().await;
-    for (name, sub) in names.iter().zip(subs.iter_mut()) {
+    service
+        .publish("devgate.gateways.stats", Bytes::from("own"))
+        .await
+        .expect("publish");
+    assert_eq!(&next(&mut own).await.payload[..], b"own");
+    for (name, sub) in &mut devices {
         if sub.is_ended() {
             continue;
         }
@@ -623,6 +637,16 @@ async fn a_login_over_max_subs_is_unavailable_and_the_devices_held_are_unaffecte
     // The gateway's own subscriptions (reply inbox, stats, sessions) take 3 of the 5.
     let (nats, _dir) = nats_with("max_subs: 5\n");
     let gw = start(&nats, "gw-1").await;
+    let service = nats.client().await;
+    // Answered: the stats and sessions subscriptions (written together) are in place, so the
+    // devices' are the ones that meet the limit.
+    tokio::time::timeout(
+        WAIT,
+        service.request("devgate.gateways.stats", Bytes::new()),
+    )
+    .await
+    .expect("stats in time")
+    .expect("stats answered");
     let (mut one, _) = device(&gw, "one").await;
     let (two, _) = device(&gw, "two").await;
     match try_device(&gw, "three").await {
@@ -632,7 +656,6 @@ async fn a_login_over_max_subs_is_unavailable_and_the_devices_held_are_unaffecte
     }
     metric_reaches(&gw, "devgate_gateway_nats_subscriptions_refused_total 1").await;
 
-    let service = nats.client().await;
     let reply = tokio::time::timeout(
         WAIT,
         service.request("device.one.down", Bytes::from_static(b"still here")),

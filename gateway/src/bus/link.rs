@@ -1173,9 +1173,17 @@ impl Inner {
             st.pongs.clear();
             let inbox = format!("{}*", self.inbox);
             subscribe_marked(&mut st, &inbox, INBOX_SID);
-            for (sid, slot) in lock(&self.subs).iter() {
-                if !slot.lock().draining {
-                    subscribe_marked(&mut st, &slot.subject, *sid);
+            // The gateway's own subscriptions first, then the devices': over a lowered
+            // `max_subs` the refused ones are then devices', whose sessions end (and whose
+            // devices reconnect elsewhere), not the stats or sessions subscription, which no
+            // refusal ends and which would stay deaf until the next connection.
+            let subs = lock(&self.subs);
+            for own in [true, false] {
+                for (sid, slot) in subs.iter() {
+                    let is_own = subjects::device_in(&slot.subject, "down").is_none();
+                    if is_own == own && !slot.lock().draining {
+                        subscribe_marked(&mut st, &slot.subject, *sid);
+                    }
                 }
             }
             st.connected = true;
@@ -1287,6 +1295,13 @@ impl Inner {
     /// server, the account or the user). Like a permissions refusal, a device's subscription
     /// ends, and with it its login or session: welcomed, nothing would reach it. The gateway's
     /// own subscriptions are sent again on the next connection.
+    ///
+    /// One case is misattributed: when a server re-authorises a connection already at its
+    /// limit (a config reload, an account update), it sends this error unprompted and closes
+    /// the connection 20 ms later. A `SUB` in flight then may be blamed and its login refused
+    /// `unavailable` (the device retries) although the server took it; every other session
+    /// is resubscribed on the next connection. Keeping `max_subs` above the gateway's need
+    /// avoids both.
     fn end_over_limit(&self, error: &str) {
         let sid = lock(&self.state).pongs.front().and_then(|p| p.after_sub);
         let subject: Option<Box<str>> = match sid {
@@ -1303,7 +1318,7 @@ impl Inner {
             %error,
             subject = subject.as_deref().unwrap_or("(unknown)"),
             ended,
-            "NATS refused a subscription over max_subs: a device's login or session ends (the device may reconnect to another gateway); raise max_subs above the devices per gateway plus 3"
+            "NATS refused a subscription over max_subs: a device's ends its login or session (the device may reconnect to another gateway), the gateway's own stay deaf until the next connection; keep max_subs above the devices per gateway plus 3"
         );
     }
 
