@@ -529,6 +529,8 @@ mod tests {
             heartbeat_ms,
             started_ms: 0,
             stopped: false,
+            seq: 0,
+            conn: 0,
         }
     }
 

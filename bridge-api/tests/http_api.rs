@@ -953,6 +953,8 @@ async fn an_announced_instance_that_does_not_answer_stats_is_named_unavailable()
             heartbeat_ms: 200,
             started_ms: 1,
             stopped: false,
+            seq: 0,
+            conn: 0,
         };
         let body = bytes::Bytes::from(serde_json::to_vec(&announce).expect("json"));
         let mut beat = tokio::time::interval(Duration::from_millis(200));

@@ -383,6 +383,15 @@ pub struct Announce {
     /// forget it now rather than after missed beats. Absent (older gateways): `false`.
     #[serde(default)]
     pub stopped: bool,
+    /// How many announcements this process handed to NATS before this one. Consecutive
+    /// numbers on one connection: a gap tells listeners that announcements were lost on the
+    /// way (a partition between NATS nodes), not merely late. Absent (older gateways): 0.
+    #[serde(default)]
+    pub seq: u64,
+    /// The announcer's NATS connection generation: a gap across a change of it is the
+    /// announcer's own outage, which its own reconnect re-check covers. Absent: 0.
+    #[serde(default)]
+    pub conn: u64,
 }
 
 /// Reply of every instance to a [`subjects::STATS`] scatter request.

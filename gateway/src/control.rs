@@ -34,17 +34,18 @@ async fn run(shared: Arc<Shared>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut connected = shared.bus.connected_watch();
     let mut draining_announced = false;
+    let mut announced = 0;
     loop {
         tokio::select! {
             () = shared.hard_stop.cancelled() => break,
-            _ = tick.tick() => announce(&shared, false).await,
+            _ = tick.tick() => announce(&shared, false, &mut announced),
             () = shared.draining.cancelled(), if !draining_announced => {
                 draining_announced = true;
-                announce(&shared, false).await;
+                announce(&shared, false, &mut announced);
             }
             changed = connected.changed() => {
                 if changed.is_err() { break; }
-                announce(&shared, false).await;
+                announce(&shared, false, &mut announced);
             }
             // Answered through `publish_reply`, which refuses reply subjects under `device.`
             // and `devgate.` (a forged reply subject would publish there as the gateway).
@@ -67,7 +68,7 @@ async fn run(shared: Arc<Shared>) {
         }
     }
     // The last word: stats and session requests go unanswered from here on.
-    announce(&shared, true).await;
+    announce(&shared, true, &mut announced);
 }
 
 fn stats_of(shared: &Shared) -> GatewayStats {
@@ -81,8 +82,11 @@ fn stats_of(shared: &Shared) -> GatewayStats {
     }
 }
 
-async fn announce(shared: &Shared, stopped: bool) {
+/// Publishes this gateway's announcement; `announced` counts those handed to NATS, and
+/// numbers them (a listener that sees a gap knows some were lost on the way: `peers.rs`).
+fn announce(shared: &Shared, stopped: bool, announced: &mut u64) {
     let s = stats_of(shared);
+    let link = shared.bus.link();
     let body = json(&Announce {
         instance: s.instance,
         advertise_addr: s.advertise_addr,
@@ -92,13 +96,12 @@ async fn announce(shared: &Shared, stopped: bool) {
         heartbeat_ms: shared.config.announce_interval_ms,
         started_ms: s.started_ms,
         stopped,
+        seq: *announced,
+        conn: link.epoch(),
     });
-    let published = shared
-        .bus
-        .link()
-        .publish_now(subjects::ANNOUNCE, None, Headers::None, &body);
-    if let Err(error) = published {
-        tracing::debug!(%error, "announce not published");
+    match link.publish_now(subjects::ANNOUNCE, None, Headers::None, &body) {
+        Ok(()) => *announced += 1,
+        Err(error) => tracing::debug!(%error, "announce not published"),
     }
 }
 

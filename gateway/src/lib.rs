@@ -23,6 +23,7 @@ pub mod device_tls;
 mod log_budget;
 mod login_limit;
 pub mod metrics;
+mod peers;
 pub mod proxy_protocol;
 mod reclaim;
 pub mod registry;

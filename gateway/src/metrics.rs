@@ -171,6 +171,12 @@ pub struct Metrics {
     /// newer session of the device elsewhere: a healed split brain, counted on the gateway
     /// whose session yielded, whichever side sent the reclaim.
     pub reclaims_lost: Counter,
+    /// Other gateways heard announcing within their last 3 beats (at least 2 s): fewer here than
+    /// on the other gateways means this one is cut off from part of the NATS cluster.
+    pub peers_visible: Gauge,
+    /// Sweeps started because another gateway's announcements were lost on the way (a NATS
+    /// partition healed): each re-checks every session here.
+    pub partition_sweeps: Counter,
     /// 1 while the NATS connection is up.
     pub nats_connected: Gauge,
     /// NATS connection losses.
@@ -178,8 +184,8 @@ pub struct Metrics {
     /// Messages async-nats dropped because a session did not drain its subscription in time.
     pub nats_slow_consumers: Counter,
     /// `SUB`s the NATS server refused (the gateway user's permissions, or `max_subs`): a
-    /// device's ends its login or session, the gateway's own (stats, sessions) stay deaf until
-    /// the next connection. A healthy install never has one.
+    /// device's ends its login or session, the gateway's own (stats, sessions, announcements)
+    /// stay deaf until the next connection. A healthy install never has one.
     pub nats_subscriptions_refused: Counter,
     frames_in: [Counter; 9],
     frames_out: [Counter; 9],
@@ -289,6 +295,16 @@ impl Metrics {
             reg,
             "reclaims_lost",
             "Sessions released because a reclaim after a NATS reconnect found a newer one elsewhere",
+        );
+        let peers_visible = gauge(
+            reg,
+            "peers_visible",
+            "Other gateways heard announcing within their last 3 beats",
+        );
+        let partition_sweeps = counter(
+            reg,
+            "partition_sweeps",
+            "Re-checks of every session started because another gateway's announcements were lost on the way (a healed NATS partition)",
         );
         let nats_connected = gauge(reg, "nats_connected", "1 while connected to NATS");
         let nats_disconnects = counter(reg, "nats_disconnects", "NATS connection losses");
@@ -406,6 +422,8 @@ impl Metrics {
             tls_certificate_expiry,
             takeovers,
             reclaims_lost,
+            peers_visible,
+            partition_sweeps,
             nats_connected,
             nats_disconnects,
             nats_slow_consumers,

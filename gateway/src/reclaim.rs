@@ -14,11 +14,17 @@
 //! responders", the common case, means nobody else holds the device. `released` means a
 //! session elsewhere let go, but another may remain (a request keeps only the first answer),
 //! so the reclaim is repeated, as a login's claim is.
+//!
+//! The same sweep runs when `peers.rs` finds that another gateway's announcements were lost on
+//! the way: a partition between NATS cluster nodes splits devices the same way without
+//! disconnecting anyone.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::bus::RequestError;
@@ -31,40 +37,63 @@ use crate::session::{ClaimRound, MAX_CLAIM_ROUNDS, claim_request};
 /// reconnect does not flood a NATS server that every other gateway may be reconnecting to.
 const CONCURRENCY: usize = 64;
 
-/// Starts the task; it ends at the gateway's hard stop.
-pub(crate) fn spawn(shared: Arc<Shared>) -> JoinHandle<()> {
-    tokio::spawn(run(shared))
+/// Starts the task; it sweeps after every (re)connect and whenever `heal` rings (another
+/// gateway's announcements were lost; rings during a sweep are kept for one more), and ends
+/// at the gateway's hard stop.
+pub(crate) fn spawn(shared: Arc<Shared>, heal: Arc<Notify>) -> JoinHandle<()> {
+    tokio::spawn(run(shared, heal))
 }
 
-async fn run(shared: Arc<Shared>) {
+async fn run(shared: Arc<Shared>, heal: Arc<Notify>) {
     let link = shared.bus.link().clone();
     let mut connected = shared.bus.connected_watch();
     // The connection generation last swept; the first connect is swept too (it costs nothing:
     // logins wait for NATS, so there are no sessions yet).
     let mut swept = 0;
     loop {
-        tokio::select! {
+        let reconnected = tokio::select! {
             () = shared.hard_stop.cancelled() => return,
-            up = connected.wait_for(|up| *up && link.epoch() != swept) => if up.is_err() { return },
-        }
+            up = connected.wait_for(|up| *up && link.epoch() != swept) => {
+                if up.is_err() {
+                    return;
+                }
+                true
+            }
+            // While disconnected the reconnect's sweep comes anyway.
+            () = heal.notified(), if link.is_connected() => false,
+        };
+        let why = if reconnected {
+            "NATS connected"
+        } else {
+            // Every gateway on the other side of a healed cut rings within about a beat: one
+            // sweep for all of them.
+            let beat = Duration::from_millis(shared.config.announce_interval_ms);
+            tokio::select! {
+                () = shared.hard_stop.cancelled() => return,
+                () = tokio::time::sleep(beat) => {}
+            }
+            let _ = heal.notified().now_or_never();
+            shared.metrics.partition_sweeps.inc();
+            "announcements of another gateway were lost (a NATS partition healed?)"
+        };
         swept = link.epoch();
         // A sweep cut short by another disconnect ends quickly (its requests fail) and the
         // reconnect starts a new one over the sessions of that moment.
         tokio::select! {
             () = shared.hard_stop.cancelled() => return,
-            () = sweep(&shared) => {}
+            () = sweep(&shared, why) => {}
         }
     }
 }
 
 /// Re-asserts the claim of every welcomed session once.
-async fn sweep(shared: &Shared) {
+async fn sweep(shared: &Shared, why: &str) {
     let claims = shared.registry.welcomed_claims();
     if claims.is_empty() {
         return;
     }
     let sessions = claims.len();
-    tracing::info!(instance = %shared.instance, sessions, "NATS connected: re-checking that no other gateway took over a device meanwhile");
+    tracing::info!(instance = %shared.instance, sessions, why, "re-checking that no other gateway took over a device meanwhile");
     let unanswered = AtomicUsize::new(0);
     futures::stream::iter(claims)
         .for_each_concurrent(CONCURRENCY, |(id, session, login_ns)| {
@@ -85,7 +114,7 @@ async fn sweep(shared: &Shared) {
         .await;
     let unanswered = unanswered.into_inner();
     if unanswered > 0 {
-        tracing::warn!(instance = %shared.instance, sessions, unanswered, "reclaims after the reconnect that got no answer");
+        tracing::warn!(instance = %shared.instance, sessions, unanswered, why, "reclaims that got no answer");
     }
 }
 
@@ -130,7 +159,7 @@ async fn reclaim(
                     return Ok(Reclaim::Ended);
                 }
                 shared.metrics.reclaims_lost.inc();
-                tracing::warn!(device_id = %id, session = %key.session, "a newer session of this device was welcomed elsewhere while NATS was away; releasing this one");
+                tracing::warn!(device_id = %id, session = %key.session, "a newer session of this device was welcomed elsewhere while NATS was away or split; releasing this one");
                 return Ok(Reclaim::Lost);
             }
         }

@@ -136,11 +136,14 @@ impl Registry {
         }
     }
 
-    /// Login time of `session`, if it is welcomed and still holds `id` here (not ending).
+    /// Login time of `session`, if it is welcomed and still holds `id` here: not ending, and
+    /// not told to go (a release or revocation on its way, which it has not read yet). A
+    /// session told to go has lost its claim already: re-asserting it, or counting its loss
+    /// again when another gateway's reclaim arrives first, would be wrong.
     pub fn login_ns(&self, id: &DeviceId, session: &str) -> Option<u64> {
         self.lock()
             .get(id)
-            .filter(|e| e.session == session && e.summary.is_some())
+            .filter(|e| e.session == session && e.summary.is_some() && e.commands.is_some())
             .map(|e| e.login_ns)
     }
 
@@ -157,12 +160,12 @@ impl Registry {
         }
     }
 
-    /// Device, session and login time of every welcomed session: the claims to re-assert
+    /// Device, session and login time of every welcomed session not told to go: the claims to re-assert
     /// after a reconnect. (Sessions still logging in run their own claim rounds.)
     pub fn welcomed_claims(&self) -> Vec<(DeviceId, String, u64)> {
         self.lock()
             .iter()
-            .filter(|(_, e)| e.summary.is_some())
+            .filter(|(_, e)| e.summary.is_some() && e.commands.is_some())
             .map(|(id, e)| (id.clone(), e.session.clone(), e.login_ns))
             .collect()
     }
@@ -314,6 +317,15 @@ mod tests {
         assert_eq!(r.login_ns(&id("a"), "s-a"), Some(7));
         assert_eq!(r.login_ns(&id("a"), "s-old"), None);
         assert_eq!(r.login_ns(&id("b"), "s-b"), None, "not welcomed yet");
+        r.insert(id("c"), entry("s-c", true, "c"));
+        // Told to go (the session's end of the channel is gone here, so the send fails, but
+        // the command slot is used up either way).
+        let _ = r.release(&id("c"), "s-c");
+        assert_eq!(
+            r.login_ns(&id("c"), "s-c"),
+            None,
+            "told to go, not yet gone"
+        );
         r.ending(&id("a"), "s-a");
         assert_eq!(r.login_ns(&id("a"), "s-a"), None, "ending");
         assert!(

@@ -363,7 +363,9 @@ async fn serve(
         shared.hard_stop.clone(),
     ));
     let control_task = control::spawn(shared.clone());
-    let reclaim_task = reclaim::spawn(shared.clone());
+    let heal = Arc::new(tokio::sync::Notify::new());
+    let reclaim_task = reclaim::spawn(shared.clone(), heal.clone());
+    let peers_task = crate::peers::spawn(shared.clone(), heal);
     let denylist_task =
         denylist_file.map(|(path, loaded)| crate::denylist::spawn(shared.clone(), path, loaded));
     let device_tls_task = crate::device_tls::spawn(shared.clone());
@@ -412,6 +414,7 @@ async fn serve(
     drain(&shared, &connections).await;
     let _ = control_task.await;
     let _ = reclaim_task.await;
+    let _ = peers_task.await;
     for task in [denylist_task, device_tls_task].into_iter().flatten() {
         let _ = task.await;
     }

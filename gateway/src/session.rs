@@ -1574,7 +1574,9 @@ impl Session {
                 return Ok(());
             }
         };
-        // Without a registry entry a newer local login is already replacing this session.
+        // Without a login time here this session is already on its way out: a newer local
+        // login replaces it, or a release (this gateway's own reclaim lost) or a revocation
+        // was sent to it and is still queued. It yields, but its loss is not counted again.
         let own = self
             .shared
             .registry
@@ -1595,11 +1597,12 @@ impl Session {
                 }
                 Ok(())
             }
-            _ => {
-                tracing::warn!(device_id = %self.id, session = %self.session, newer = %claim.key.session, "a newer session of this device re-asserted its claim after its gateway reconnected; yielding");
+            Some(_) => {
+                tracing::warn!(device_id = %self.id, session = %self.session, newer = %claim.key.session, "a newer session of this device re-asserted its claim (its gateway reconnected, or a NATS partition healed); yielding");
                 self.shared.metrics.reclaims_lost.inc();
                 Err(self.yield_to(msg.reply).await)
             }
+            None => Err(self.yield_to(msg.reply).await),
         }
     }
 

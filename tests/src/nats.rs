@@ -13,6 +13,8 @@ use crate::bins::tool;
 pub struct NatsServer {
     child: Option<Child>,
     port: u16,
+    /// Where it listens for routes from other cluster nodes ([`NatsServer::start_clustered`]).
+    route_port: Option<u16>,
     config: Option<PathBuf>,
     /// Holds a generated config file for as long as the server may restart.
     config_dir: Option<tempfile::TempDir>,
@@ -30,6 +32,15 @@ impl NatsServer {
     }
 
     fn spawn(port: Option<u16>, config: Option<PathBuf>) -> Self {
+        Self::spawn_reporting_routes(port, config).0
+    }
+
+    /// [`NatsServer::spawn`], and where the route port, if the config has a cluster, will be
+    /// reported (after the client port, which this already waited for).
+    fn spawn_reporting_routes(
+        port: Option<u16>,
+        config: Option<PathBuf>,
+    ) -> (Self, mpsc::Receiver<Option<u16>>) {
         let mut cmd = Command::new(tool("nats-server", "NATS_SERVER_BIN"));
         if let Some(c) = &config {
             cmd.arg("-c").arg(c);
@@ -43,15 +54,18 @@ impl NatsServer {
             .unwrap_or_else(|e| panic!("starting nats-server: {e}"));
         let stderr = child.stderr.take().unwrap_or_else(|| unreachable!("piped"));
         let (tx, rx) = mpsc::channel();
+        let (route_tx, route_rx) = mpsc::channel();
         std::thread::spawn(move || {
-            let mut reported = false;
+            let port_after = |line: &str, prefix: &str| -> Option<Option<u16>> {
+                let addr = line.split(prefix).nth(1)?;
+                Some(addr.rsplit(':').next().and_then(|p| p.trim().parse().ok()))
+            };
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if !reported
-                    && let Some(addr) = line.split("Listening for client connections on ").nth(1)
-                {
-                    let port = addr.rsplit(':').next().and_then(|p| p.trim().parse().ok());
+                if let Some(port) = port_after(&line, "Listening for client connections on ") {
                     let _ = tx.send(port);
-                    reported = true;
+                }
+                if let Some(port) = port_after(&line, "Listening for route connections on ") {
+                    let _ = route_tx.send(port);
                 }
             }
         });
@@ -62,12 +76,50 @@ impl NatsServer {
                 panic!("nats-server did not report its port: {other:?}")
             }
         };
-        NatsServer {
+        let server = NatsServer {
             child: Some(child),
             port,
+            route_port: None,
             config,
             config_dir: None,
-        }
+        };
+        (server, route_rx)
+    }
+
+    /// Starts a node of the cluster `devgate-test` that listens for routes on a random port of
+    /// 127.0.0.1 and dials `routes` (other nodes' [`NatsServer::route_addr`], or a
+    /// [`crate::cut::CuttableLink`] in front of one, which a test cuts to partition the
+    /// cluster without disconnecting any client). With two nodes nothing dials around the
+    /// link: the node that accepted the route does not dial it again, and `no_advertise` keeps
+    /// clients to the URL they were given. (A third node could learn another route by gossip.)
+    pub fn start_clustered(routes: &[std::net::SocketAddr]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conf = dir.path().join("cluster.conf");
+        let routes: Vec<String> = routes
+            .iter()
+            .map(|r| format!("\"nats-route://{r}\""))
+            .collect();
+        std::fs::write(
+            &conf,
+            format!(
+                "cluster {{\n  name: devgate-test\n  host: 127.0.0.1\n  port: -1\n  no_advertise: true\n  routes: [{}]\n}}\n",
+                routes.join(", ")
+            ),
+        )
+        .expect("write nats config");
+        let (mut server, route_rx) = Self::spawn_reporting_routes(None, Some(conf));
+        server.config_dir = Some(dir);
+        server.route_port = match route_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Some(p)) => Some(p),
+            other => panic!("nats-server did not report its route port: {other:?}"),
+        };
+        server
+    }
+
+    /// Where a [`NatsServer::start_clustered`] node listens for routes.
+    pub fn route_addr(&self) -> std::net::SocketAddr {
+        let port = self.route_port.expect("a clustered server");
+        ([127, 0, 0, 1], port).into()
     }
 
     /// `nats://127.0.0.1:<port>`.

@@ -634,12 +634,12 @@ async fn a_login_over_max_subs_is_unavailable_and_the_devices_held_are_unaffecte
     use devgate_gateway::client::ClientError;
     use devgate_gateway::codec::ErrorCode;
     use devgate_tests::gateway::{device, metric_reaches, start, try_device};
-    // The gateway's own subscriptions (reply inbox, stats, sessions) take 3 of the 5.
-    let (nats, _dir) = nats_with("max_subs: 5\n");
+    // The gateway's own subscriptions (reply inbox, announcements, stats, sessions) take 4 of the 6.
+    let (nats, _dir) = nats_with("max_subs: 6\n");
     let gw = start(&nats, "gw-1").await;
     let service = nats.client().await;
-    // Answered: the stats and sessions subscriptions (written together) are in place, so the
-    // devices' are the ones that meet the limit.
+    // Answered: the stats and sessions subscriptions (written together) are in place, and the
+    // announcements' before them (at start), so the devices' are the ones that meet the limit.
     tokio::time::timeout(
         WAIT,
         service.request("devgate.gateways.stats", Bytes::new()),

@@ -1175,8 +1175,8 @@ impl Inner {
             subscribe_marked(&mut st, &inbox, INBOX_SID);
             // The gateway's own subscriptions first, then the devices': over a lowered
             // `max_subs` the refused ones are then devices', whose sessions end (and whose
-            // devices reconnect elsewhere), not the stats or sessions subscription, which no
-            // refusal ends and which would stay deaf until the next connection.
+            // devices reconnect elsewhere), not the stats, sessions or announcement ones, which
+            // no refusal ends and which would stay deaf until the next connection.
             let subs = lock(&self.subs);
             for own in [true, false] {
                 for (sid, slot) in subs.iter() {
@@ -1281,7 +1281,7 @@ impl Inner {
                 let ended = refused_subject(&error)
                     .map_or(0, |subject| self.end_refused(subject, refused_sid(&error)));
                 self.metrics.nats_subscriptions_refused.inc();
-                tracing::error!(%error, ended, "NATS refused a subscription: a device's ends with its session; others are sent again after the next reconnect; allow the gateway user to subscribe to device.*.down (nats/accounts.conf)");
+                tracing::error!(%error, ended, "NATS refused a subscription: a device's ends with its session, the gateway's own (stats, sessions, announcements) are sent again after the next reconnect; allow the gateway user to subscribe to the subject named (nats/accounts.conf)");
             }
             // Names no subject: the `PING` marked after each `SUB` tells which one it was.
             ServerOp::Err(error) if is_subscription_limit(&error) => self.end_over_limit(&error),
@@ -1318,7 +1318,7 @@ impl Inner {
             %error,
             subject = subject.as_deref().unwrap_or("(unknown)"),
             ended,
-            "NATS refused a subscription over max_subs: a device's ends its login or session (the device may reconnect to another gateway), the gateway's own stay deaf until the next connection; keep max_subs above the devices per gateway plus 3"
+            "NATS refused a subscription over max_subs: a device's ends its login or session (the device may reconnect to another gateway), the gateway's own stay deaf until the next connection; keep max_subs above the devices per gateway plus 4"
         );
     }
 

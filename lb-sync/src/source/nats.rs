@@ -399,6 +399,8 @@ mod tests {
             heartbeat_ms: 1000,
             started_ms: 1,
             stopped: false,
+            seq: 0,
+            conn: 0,
         }
     }
 

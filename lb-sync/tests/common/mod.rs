@@ -228,6 +228,8 @@ impl Announcer {
                     heartbeat_ms,
                     started_ms: 1,
                     stopped: false,
+                    seq: 0,
+                    conn: 0,
                 };
                 let body = serde_json::to_vec(&a).expect("announce serializes");
                 let _ = client

@@ -1,0 +1,410 @@
+//! Noticing that a NATS partition healed, so the split brain it may have caused is healed too.
+//!
+//! A partition *between NATS cluster nodes* disconnects no gateway: each keeps its connection
+//! to its own side. A device that reconnects across the cut logs in on the other side, its
+//! claim finds no holder (the old session's interest is on the unreachable side), and it wins;
+//! the old session is not told. When the routes come back both sessions are subscribed, and
+//! every message to the device reaches two sessions, until the stale one ends by its idle
+//! timeout. The reconnect sweep (`reclaim.rs`) does not run: no connection was lost.
+//!
+//! What does change is visible: every gateway announces itself on [`subjects::ANNOUNCE`]
+//! every `heartbeat_ms`, numbering its announcements per connection, and the ones published
+//! during the cut never reach the other side. So this task asks for a sweep of this gateway's
+//! sessions when another gateway's numbers skip on the same connection of its own (its own
+//! outage changes that connection, and its own reconnect sweep covers it), or when it first
+//! hears a gateway that has announced more than a start explains (one that started on the
+//! other side during the cut). Numbers, not clocks or silences: a late announcement, a busy
+//! listener or skewed clocks do not look like a partition. Both sides notice, both sweep, and
+//! the reclaims settle each device on its newer session.
+//!
+//! What this cannot see: a cut so short that no announcement was lost (under one beat), and
+//! gateways too old to number their announcements.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::bus::Subscription;
+use crate::contract::{Announce, subjects};
+use crate::server::Shared;
+
+/// Missed beats after which another gateway counts as out of sight (lb-sync's default too);
+/// only for [`PeerView::expire`]'s count, which the alert on partitions watches.
+const EXPIRY_BEATS: u64 = 3;
+
+/// The shortest silence that counts as out of sight, whatever the beat.
+const MIN_EXPIRY: Duration = Duration::from_secs(2);
+
+/// A gateway first heard with more announcements than this behind it was running, out of
+/// earshot, before this gateway could hear it (a start is heard within a beat or two).
+const FIRST_HEARD_SEQ: u64 = EXPIRY_BEATS + 2;
+
+/// How long a gateway out of sight is remembered.
+const FORGET_AFTER: Duration = Duration::from_secs(3600);
+
+/// At most this many gateways are remembered (only gateways may publish announcements);
+/// beyond, the longest unheard go first.
+const MAX_PEERS: usize = 10_000;
+
+/// Why a sweep was asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Heal {
+    /// `missed` announcements of a gateway never arrived, on one connection of its own.
+    Gap { instance: String, missed: u64 },
+    /// A gateway heard for the first time had announced `seq` times already.
+    Unseen { instance: String, seq: u64 },
+}
+
+struct Peer {
+    started_ms: u64,
+    /// The last announcement's connection and number; `None` after this gateway's own outage,
+    /// when nothing it missed counts.
+    last: Option<(u64, u64)>,
+    last_heard: Instant,
+    /// Silence beyond which it is out of sight: [`EXPIRY_BEATS`] of its own heartbeat, at
+    /// least [`MIN_EXPIRY`].
+    expiry: Duration,
+}
+
+/// What this gateway knows of the others, from their announcements. Pure: time comes in.
+pub(crate) struct PeerView {
+    own_instance: String,
+    /// Since when this gateway has been listening on its current connection: a gateway first
+    /// heard less than a few beats after it was not hidden, just not heard yet.
+    listening_since: Instant,
+    peers: HashMap<String, Peer>,
+}
+
+impl PeerView {
+    pub(crate) fn new(own_instance: &str, now: Instant) -> Self {
+        PeerView {
+            own_instance: own_instance.to_owned(),
+            listening_since: now,
+            peers: HashMap::new(),
+        }
+    }
+
+    /// Takes one announcement; says whether it shows that announcements were lost on the way.
+    pub(crate) fn observe(&mut self, a: &Announce, now: Instant) -> Option<Heal> {
+        if a.instance == self.own_instance {
+            return None;
+        }
+        let known = self
+            .peers
+            .get(&a.instance)
+            .is_some_and(|p| p.started_ms == a.started_ms);
+        if a.stopped {
+            if known {
+                self.peers.remove(&a.instance);
+            }
+            return None;
+        }
+        let expiry =
+            Duration::from_millis(a.heartbeat_ms.saturating_mul(EXPIRY_BEATS)).max(MIN_EXPIRY);
+        if known && let Some(peer) = self.peers.get_mut(&a.instance) {
+            let heal = match peer.last {
+                // Late or repeated: nothing new.
+                Some((conn, seq)) if conn == a.conn && a.seq <= seq => return None,
+                Some((conn, seq)) if conn == a.conn && a.seq > seq + 1 => Some(Heal::Gap {
+                    instance: a.instance.clone(),
+                    missed: a.seq - seq - 1,
+                }),
+                // Consecutive; or a new connection of its own (its outage, its sweep); or the
+                // first since this gateway's own outage.
+                _ => None,
+            };
+            peer.last = Some((a.conn, a.seq));
+            peer.last_heard = now;
+            peer.expiry = expiry;
+            return heal;
+        }
+        // New, or restarted (a new process: its sessions are new logins, which claimed).
+        if self.peers.len() >= MAX_PEERS && !self.peers.contains_key(&a.instance) {
+            self.forget_longest_unheard();
+        }
+        self.peers.insert(
+            a.instance.clone(),
+            Peer {
+                started_ms: a.started_ms,
+                last: Some((a.conn, a.seq)),
+                last_heard: now,
+                expiry,
+            },
+        );
+        let listening = now.saturating_duration_since(self.listening_since) > expiry;
+        (a.seq > FIRST_HEARD_SEQ && listening).then(|| Heal::Unseen {
+            instance: a.instance.clone(),
+            seq: a.seq,
+        })
+    }
+
+    /// Forgets the gateways unheard for long, and returns how many were heard within their
+    /// expiry: the gauge an alert compares across gateways.
+    pub(crate) fn expire(&mut self, now: Instant) -> usize {
+        self.peers
+            .retain(|_, p| now.saturating_duration_since(p.last_heard) < FORGET_AFTER);
+        self.peers
+            .values()
+            .filter(|p| now.saturating_duration_since(p.last_heard) <= p.expiry)
+            .count()
+    }
+
+    /// This gateway's own NATS connection is new, or down: it hears nobody, by its own fault,
+    /// and its reconnect sweep covers whatever happened meanwhile. Nothing missed until now
+    /// counts, and gateways first heard from here on may have run all along.
+    pub(crate) fn own_outage(&mut self, now: Instant) {
+        self.listening_since = now;
+        for peer in self.peers.values_mut() {
+            peer.last = None;
+            peer.last_heard = now;
+        }
+    }
+
+    fn forget_longest_unheard(&mut self) {
+        let oldest = self
+            .peers
+            .iter()
+            .min_by_key(|(_, p)| p.last_heard)
+            .map(|(name, _)| name.clone());
+        if let Some(name) = oldest {
+            self.peers.remove(&name);
+        }
+    }
+}
+
+/// Starts the task; it rings `heal` (for `reclaim.rs`) and ends at the gateway's hard stop.
+/// Subscribes before it returns, so the subscription precedes every device's.
+pub(crate) fn spawn(shared: Arc<Shared>, heal: Arc<Notify>) -> JoinHandle<()> {
+    let announces = shared.bus.link().subscribe(subjects::ANNOUNCE);
+    tokio::spawn(run(shared, heal, announces))
+}
+
+async fn run(shared: Arc<Shared>, heal: Arc<Notify>, mut announces: Subscription) {
+    let link = shared.bus.link().clone();
+    let mut view = PeerView::new(&shared.instance, Instant::now());
+    let mut tick = tokio::time::interval(Duration::from_millis(shared.config.announce_interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut epoch = link.epoch();
+    loop {
+        tokio::select! {
+            () = shared.hard_stop.cancelled() => return,
+            msg = announces.next() => {
+                // Only at the link's end: a refused subscription stays in the table (and is
+                // counted and logged by the link, naming the subject).
+                let Some(msg) = msg else { return };
+                if link.epoch() != epoch {
+                    epoch = link.epoch();
+                    view.own_outage(Instant::now());
+                }
+                let Ok(announce) = serde_json::from_slice::<Announce>(&msg.payload) else {
+                    continue;
+                };
+                if let Some(why) = view.observe(&announce, Instant::now()) {
+                    match why {
+                        Heal::Gap { instance, missed } => tracing::warn!(instance = %shared.instance, peer = %instance, missed, "announcements of another gateway were lost on the way (a NATS partition healed?): re-checking that no device is held twice"),
+                        Heal::Unseen { instance, seq } => tracing::warn!(instance = %shared.instance, peer = %instance, announced = seq, "a gateway heard for the first time has been announcing out of earshot (a NATS partition healed?): re-checking that no device is held twice"),
+                    }
+                    heal.notify_one();
+                }
+            }
+            _ = tick.tick() => {
+                let now = Instant::now();
+                if !link.is_connected() || link.epoch() != epoch {
+                    epoch = link.epoch();
+                    view.own_outage(now);
+                }
+                let in_sight = view.expire(now);
+                shared.metrics.peers_visible.set(i64::try_from(in_sight).unwrap_or(i64::MAX));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const START_MS: u64 = 1_000_000;
+
+    fn announce(instance: &str, conn: u64, seq: u64) -> Announce {
+        Announce {
+            instance: instance.into(),
+            advertise_addr: "10.0.0.1:7000".into(),
+            ready: true,
+            draining: false,
+            sessions: 1,
+            heartbeat_ms: 1000,
+            started_ms: START_MS,
+            stopped: false,
+            seq,
+            conn,
+        }
+    }
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    /// A view that has listened for a minute, with `peer` heard at every beat up to seq 60.
+    fn settled(t0: Instant, peer: &str) -> PeerView {
+        let mut view = PeerView::new("me", t0);
+        for seq in 0..=60 {
+            assert_eq!(
+                view.observe(&announce(peer, 1, seq), t0 + secs(seq)),
+                None,
+                "heard from our own start (seq {seq}): nothing missed"
+            );
+        }
+        view
+    }
+
+    #[test]
+    fn consecutive_late_or_repeated_announcements_ask_for_nothing() {
+        let t0 = Instant::now();
+        let mut view = settled(t0, "b");
+        // Ten seconds late but consecutive: a busy sender or listener, not a partition.
+        assert_eq!(view.observe(&announce("b", 1, 61), t0 + secs(75)), None);
+        assert_eq!(view.observe(&announce("b", 1, 61), t0 + secs(75)), None);
+        assert_eq!(view.observe(&announce("b", 1, 60), t0 + secs(75)), None);
+        assert_eq!(view.observe(&announce("b", 1, 62), t0 + secs(76)), None);
+    }
+
+    #[test]
+    fn a_gap_on_one_connection_asks_for_a_sweep_once() {
+        let t0 = Instant::now();
+        let mut view = settled(t0, "b");
+        assert_eq!(
+            view.observe(&announce("b", 1, 62), t0 + secs(62)),
+            Some(Heal::Gap {
+                instance: "b".into(),
+                missed: 1
+            }),
+            "even one lost announcement: the cut was there"
+        );
+        assert_eq!(
+            view.observe(&announce("b", 1, 63), t0 + secs(63)),
+            None,
+            "once"
+        );
+    }
+
+    #[test]
+    fn a_gap_across_the_peers_own_reconnect_is_its_own_outage() {
+        let t0 = Instant::now();
+        let mut view = settled(t0, "b");
+        assert_eq!(view.observe(&announce("b", 2, 70), t0 + secs(70)), None);
+        assert_eq!(view.observe(&announce("b", 2, 71), t0 + secs(71)), None);
+    }
+
+    #[test]
+    fn what_this_gateway_missed_in_its_own_outage_does_not_count() {
+        let t0 = Instant::now();
+        let mut view = settled(t0, "b");
+        view.own_outage(t0 + secs(80));
+        assert_eq!(view.observe(&announce("b", 1, 80), t0 + secs(80)), None);
+        assert_eq!(
+            view.observe(&announce("b", 1, 82), t0 + secs(82)),
+            Some(Heal::Gap {
+                instance: "b".into(),
+                missed: 1
+            }),
+            "counted again from the first announcement after it"
+        );
+    }
+
+    #[test]
+    fn a_gateway_first_heard_with_many_announcements_behind_it_asks_for_a_sweep() {
+        let t0 = Instant::now();
+        let mut view = settled(t0, "b");
+        // Announced 30 times out of earshot: it started on the other side of a partition.
+        assert_eq!(
+            view.observe(&announce("c", 1, 30), t0 + secs(61)),
+            Some(Heal::Unseen {
+                instance: "c".into(),
+                seq: 30
+            })
+        );
+        // Heard at its start, however long its start took (a slow first NATS connect
+        // announces nothing: only what reached NATS is numbered).
+        assert_eq!(view.observe(&announce("d", 1, 0), t0 + secs(61)), None);
+        assert_eq!(view.observe(&announce("e", 3, 1), t0 + secs(61)), None);
+        // "b" restarted: a new process, heard as it starts.
+        let restarted = Announce {
+            started_ms: START_MS + 60_000,
+            ..announce("b", 1, 1)
+        };
+        assert_eq!(view.observe(&restarted, t0 + secs(61)), None);
+    }
+
+    #[test]
+    fn right_after_its_own_start_or_reconnect_every_gateway_is_new_to_it() {
+        let t0 = Instant::now();
+        let mut view = PeerView::new("me", t0);
+        assert_eq!(view.observe(&announce("b", 1, 500), t0 + secs(1)), None);
+        let mut view = settled(t0, "b");
+        view.own_outage(t0 + secs(100));
+        assert_eq!(view.observe(&announce("c", 1, 500), t0 + secs(101)), None);
+        assert_eq!(
+            view.observe(&announce("f", 1, 500), t0 + secs(104)),
+            Some(Heal::Unseen {
+                instance: "f".into(),
+                seq: 500
+            }),
+            "listening again for longer than an expiry"
+        );
+    }
+
+    #[test]
+    fn in_sight_counts_the_gateways_heard_within_three_beats() {
+        let t0 = Instant::now();
+        let mut view = settled(t0, "b");
+        assert_eq!(view.expire(t0 + secs(63)), 1, "three beats: still in sight");
+        assert_eq!(view.expire(t0 + secs(64)), 0);
+        view.own_outage(t0 + secs(64));
+        assert_eq!(view.expire(t0 + secs(65)), 1, "its own outage hides nobody");
+    }
+
+    #[test]
+    fn its_own_and_stopped_announcements_are_no_peers() {
+        let t0 = Instant::now();
+        let mut view = settled(t0, "b");
+        assert_eq!(view.observe(&announce("me", 1, 500), t0 + secs(61)), None);
+        // A late last word of an earlier process with the same name changes nothing.
+        let old_stop = Announce {
+            stopped: true,
+            started_ms: START_MS - 1,
+            ..announce("b", 1, 9)
+        };
+        assert_eq!(view.observe(&old_stop, t0 + secs(61)), None);
+        assert_eq!(view.expire(t0 + secs(61)), 1);
+        let stopped = Announce {
+            stopped: true,
+            ..announce("b", 1, 61)
+        };
+        assert_eq!(view.observe(&stopped, t0 + secs(61)), None);
+        assert_eq!(
+            view.expire(t0 + secs(61)),
+            0,
+            "a stopped gateway is forgotten"
+        );
+    }
+
+    #[test]
+    fn the_remembered_gateways_are_bounded() {
+        let t0 = Instant::now();
+        let mut view = PeerView::new("me", t0);
+        for i in 0..MAX_PEERS + 10 {
+            let now = t0 + Duration::from_millis(i as u64);
+            view.observe(&announce(&format!("g{i}"), 1, 0), now);
+        }
+        assert_eq!(view.peers.len(), MAX_PEERS);
+        assert!(
+            !view.peers.contains_key("g0"),
+            "the longest unheard went first"
+        );
+    }
+}
