@@ -103,6 +103,37 @@ pub async fn metric_reaches(gw: &Gateway, line: &str) {
     }
 }
 
+/// A request from `service` to device `id` that `dev` receives as `payload`; returns the
+/// gateway's answer, checked to be `sent` (which gateway and session wrote it).
+pub async fn request_reaches(
+    service: &async_nats::Client,
+    dev: &mut DeviceClient,
+    id: &str,
+    payload: &'static [u8],
+) -> devgate_gateway::contract::DeliveryReply {
+    let wait = Duration::from_secs(10);
+    let reply = tokio::time::timeout(
+        wait,
+        service.request(format!("device.{id}.down"), Bytes::from_static(payload)),
+    )
+    .await
+    .expect("answered in time")
+    .expect("answered");
+    let reply: devgate_gateway::contract::DeliveryReply =
+        serde_json::from_slice(&reply.payload).expect("delivery reply");
+    assert_eq!(
+        reply.status,
+        devgate_gateway::contract::DeliveryStatus::Sent,
+        "{reply:?}"
+    );
+    let (_, received) = tokio::time::timeout(wait, dev.recv_down())
+        .await
+        .expect("DOWN in time")
+        .expect("DOWN");
+    assert_eq!(&received[..], payload);
+    reply
+}
+
 /// Reads frames until the gateway's GOAWAY; returns the DOWN payloads seen before it.
 pub async fn downs_until_goaway(dev: &mut DeviceClient) -> (Vec<Bytes>, GoAwayReason) {
     let mut seen = Vec::new();

@@ -59,6 +59,18 @@ fn device_tls(cert: Option<&str>) -> DeviceTls {
     .expect("device TLS settings")
 }
 
+/// A device's TLS settings that trust another CA than the gateway's: its handshake fails.
+fn distrusting_device_tls() -> DeviceTls {
+    DeviceTls::new(
+        &TlsFiles {
+            ca: Some(tls_fixture("other-ca.pem")),
+            client: None,
+        },
+        "localhost",
+    )
+    .expect("settings")
+}
+
 async fn login(
     gw: &Gateway,
     tls: &DeviceTls,
@@ -208,14 +220,7 @@ async fn a_plaintext_device_on_the_tls_port_is_counted_and_closed_and_tls_device
     metric_reaches(&gw, "devgate_gateway_tls_handshake_failures_total 1").await;
 
     // A device that does not trust the gateway's certificate gives up itself.
-    let wrong_ca = DeviceTls::new(
-        &TlsFiles {
-            ca: Some(tls_fixture("other-ca.pem")),
-            client: None,
-        },
-        "localhost",
-    )
-    .expect("settings");
+    let wrong_ca = distrusting_device_tls();
     match login(&gw, &wrong_ca, "dev-c").await {
         Err(ClientError::Tls(e)) => assert!(e.to_string().contains("certificate"), "{e}"),
         other => panic!("expected a TLS failure, got {:?}", other.map(|(_, w)| w)),
@@ -469,14 +474,7 @@ async fn a_proxy_header_may_precede_the_client_hello_in_the_same_segment() {
     // Dialled directly by a device that then fails the handshake (it does not trust the
     // gateway): one refusal, counted once as the missing PROXY header, not also as a failed
     // handshake (which is counted before the refusal, so it would show by now).
-    let wrong_ca = DeviceTls::new(
-        &TlsFiles {
-            ca: Some(tls_fixture("other-ca.pem")),
-            client: None,
-        },
-        "localhost",
-    )
-    .expect("settings");
+    let wrong_ca = distrusting_device_tls();
     assert!(matches!(
         login(&gw, &wrong_ca, "dev-r").await,
         Err(ClientError::Tls(_))

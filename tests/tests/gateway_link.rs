@@ -481,14 +481,37 @@ async fn a_subscription_the_server_refuses_ends_and_others_carry_on() {
     assert!(link.is_connected(), "the server keeps the connection");
 }
 
+/// A login the gateway refused `unavailable`, as it must when NATS refused the device's
+/// subscription (welcomed, nothing could reach the device).
+fn assert_unavailable(
+    login: Result<
+        (
+            devgate_gateway::client::DeviceClient,
+            devgate_gateway::codec::Welcome,
+        ),
+        devgate_gateway::client::ClientError,
+    >,
+) {
+    use devgate_gateway::client::ClientError;
+    match login {
+        Err(ClientError::Refused(e)) => {
+            assert_eq!(
+                e.code,
+                devgate_gateway::codec::ErrorCode::Unavailable,
+                "{e:?}"
+            );
+        }
+        Err(other) => panic!("expected ERROR unavailable, got {other}"),
+        Ok((_, w)) => panic!("welcomed a device nothing can reach: {w:?}"),
+    }
+}
+
 /// A gateway whose NATS user may not subscribe to one device's downlink refuses that device's
 /// login (`unavailable`, it may reconnect to another gateway) instead of welcoming a session no
 /// message can reach; other devices log in and are reached as usual.
 #[tokio::test]
 async fn a_login_whose_subscription_nats_refuses_is_unavailable_and_others_are_unaffected() {
-    use devgate_gateway::client::ClientError;
-    use devgate_gateway::codec::ErrorCode;
-    use devgate_tests::gateway::{config, device, start_with, try_device};
+    use devgate_tests::gateway::{config, device, request_reaches, start_with, try_device};
     let (nats, _dir) = nats_with(
         "authorization {\n  users = [\n    { user: gw, password: pw, permissions: { subscribe: { allow: [\">\"], deny: [\"device.forbidden.down\"] } } }\n    { user: svc, password: svc }\n  ]\n}\n",
     );
@@ -496,34 +519,13 @@ async fn a_login_whose_subscription_nats_refuses_is_unavailable_and_others_are_u
     cfg.nats_user = Some("gw".into());
     cfg.nats_password = Some(Secret::new("pw"));
     let gw = start_with(cfg).await;
-    match try_device(&gw, "forbidden").await {
-        Err(ClientError::Refused(e)) => {
-            assert_eq!(e.code, ErrorCode::Unavailable, "{e:?}");
-        }
-        Err(other) => panic!("expected ERROR unavailable, got {other}"),
-        Ok((_, w)) => panic!("welcomed a device nothing can reach: {w:?}"),
-    }
+    assert_unavailable(try_device(&gw, "forbidden").await);
     let (mut dev, _) = device(&gw, "allowed").await;
     let service = async_nats::ConnectOptions::with_user_and_password("svc".into(), "svc".into())
         .connect(nats.url())
         .await
         .expect("service connects");
-    let reply = tokio::time::timeout(
-        WAIT,
-        service.request("device.allowed.down", Bytes::from_static(b"hello")),
-    )
-    .await
-    .expect("answered in time")
-    .expect("answered");
-    assert!(
-        String::from_utf8_lossy(&reply.payload).contains("\"sent\""),
-        "{reply:?}"
-    );
-    let (_, payload) = tokio::time::timeout(WAIT, dev.recv_down())
-        .await
-        .expect("in time")
-        .expect("down");
-    assert_eq!(&payload[..], b"hello");
+    request_reaches(&service, &mut dev, "allowed", b"hello").await;
 }
 
 /// Whether `sub` ends (the server refused it) within [`WAIT`].
@@ -631,9 +633,7 @@ async fn resubscriptions_over_a_lowered_max_subs_end_and_the_rest_are_routed() {
 /// holds; once one leaves, a login fits again.
 #[tokio::test]
 async fn a_login_over_max_subs_is_unavailable_and_the_devices_held_are_unaffected() {
-    use devgate_gateway::client::ClientError;
-    use devgate_gateway::codec::ErrorCode;
-    use devgate_tests::gateway::{device, metric_reaches, start, try_device};
+    use devgate_tests::gateway::{device, metric_reaches, request_reaches, start, try_device};
     // The gateway's own subscriptions (reply inbox, announcements, stats, sessions) take 4 of the 6.
     let (nats, _dir) = nats_with("max_subs: 6\n");
     let gw = start(&nats, "gw-1").await;
@@ -649,29 +649,9 @@ async fn a_login_over_max_subs_is_unavailable_and_the_devices_held_are_unaffecte
     .expect("stats answered");
     let (mut one, _) = device(&gw, "one").await;
     let (two, _) = device(&gw, "two").await;
-    match try_device(&gw, "three").await {
-        Err(ClientError::Refused(e)) => assert_eq!(e.code, ErrorCode::Unavailable, "{e:?}"),
-        Err(other) => panic!("expected ERROR unavailable, got {other}"),
-        Ok((_, w)) => panic!("welcomed a device nothing can reach: {w:?}"),
-    }
+    assert_unavailable(try_device(&gw, "three").await);
     metric_reaches(&gw, "devgate_gateway_nats_subscriptions_refused_total 1").await;
-
-    let reply = tokio::time::timeout(
-        WAIT,
-        service.request("device.one.down", Bytes::from_static(b"still here")),
-    )
-    .await
-    .expect("answered in time")
-    .expect("answered");
-    assert!(
-        String::from_utf8_lossy(&reply.payload).contains("\"sent\""),
-        "{reply:?}"
-    );
-    let (_, payload) = tokio::time::timeout(WAIT, one.recv_down())
-        .await
-        .expect("in time")
-        .expect("down");
-    assert_eq!(&payload[..], b"still here");
+    request_reaches(&service, &mut one, "one", b"still here").await;
 
     // A session's end drains its subscription before it tells its presence: once the event is
     // here, the server has freed the slot.
@@ -679,7 +659,7 @@ async fn a_login_over_max_subs_is_unavailable_and_the_devices_held_are_unaffecte
         .subscribe("device.two.presence")
         .await
         .expect("subscribe");
-    service.flush().await.expect("flush");
+    devgate_tests::nats::processed(&service).await;
     drop(two);
     let event = tokio::time::timeout(WAIT, presence.next())
         .await

@@ -6,10 +6,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use devgate_gateway::codec::GoAwayReason;
-use devgate_gateway::contract::DeliveryReply;
 use devgate_tests::NatsServer;
 use devgate_tests::cut::CuttableLink;
-use devgate_tests::gateway::{device, downs_until_goaway, metric_reaches, start};
+use devgate_tests::gateway::{device, downs_until_goaway, metric_reaches, request_reaches, start};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -45,21 +44,6 @@ async fn routed(a: &async_nats::Client, b: &async_nats::Client) {
     }
 }
 
-async fn delivered(
-    service: &async_nats::Client,
-    id: &str,
-    payload: &'static [u8],
-) -> DeliveryReply {
-    let reply = tokio::time::timeout(
-        WAIT,
-        service.request(format!("device.{id}.down"), Bytes::from_static(payload)),
-    )
-    .await
-    .expect("answered in time")
-    .expect("answered");
-    serde_json::from_slice(&reply.payload).expect("delivery reply")
-}
-
 #[tokio::test]
 async fn a_device_split_by_a_nats_partition_settles_on_its_newer_session_when_it_heals() {
     let side_a = NatsServer::start_clustered(&[]);
@@ -86,11 +70,10 @@ async fn a_device_split_by_a_nats_partition_settles_on_its_newer_session_when_it
     // The device comes back on the other side: nobody there holds it, so it is welcomed.
     let (mut new, welcome) = device(&gw_b, "split").await;
     // The split: each side routes the device to its own session.
-    assert_eq!(
-        delivered(&service_a, "split", b"a-side").await.gateway,
-        "gw-a"
-    );
-    assert_eq!(&old.recv_down().await.expect("down").1[..], b"a-side");
+    let reply = request_reaches(&service_a, &mut old, "split", b"a-side").await;
+    assert_eq!(reply.gateway, "gw-a");
+    let reply = request_reaches(&service_b, &mut new, "split", b"b-side").await;
+    assert_eq!(reply.gateway, "gw-b");
 
     // The routes come back. The gateways hear each other again and re-check their sessions:
     // the older one yields, and is told so.
@@ -98,21 +81,17 @@ async fn a_device_split_by_a_nats_partition_settles_on_its_newer_session_when_it
     let (_, reason) = downs_until_goaway(&mut old).await;
     assert_eq!(reason, GoAwayReason::Replaced);
     routed(&service_a, &service_b).await;
-    let reply = delivered(&service_a, "split", b"healed").await;
+    let reply = request_reaches(&service_a, &mut new, "split", b"healed").await;
     assert_eq!(
         (reply.gateway.as_str(), reply.session.as_str()),
         ("gw-b", welcome.session.as_str())
     );
-    assert_eq!(&new.recv_down().await.expect("down").1[..], b"healed");
     metric_reaches(&gw_a, "devgate_gateway_reclaims_lost_total 1").await;
     // Both sides noticed, once each.
     metric_reaches(&gw_a, "devgate_gateway_partition_sweeps_total 1").await;
     metric_reaches(&gw_b, "devgate_gateway_partition_sweeps_total 1").await;
 
     // A device only one side ever held is left alone.
-    assert_eq!(
-        delivered(&service_b, "bystander", b"still").await.gateway,
-        "gw-a"
-    );
-    assert_eq!(&bystander.recv_down().await.expect("down").1[..], b"still");
+    let reply = request_reaches(&service_b, &mut bystander, "bystander", b"still").await;
+    assert_eq!(reply.gateway, "gw-a");
 }
