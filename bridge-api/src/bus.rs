@@ -531,6 +531,7 @@ mod tests {
             stopped: false,
             seq: 0,
             conn: 0,
+            conn_seq: 0,
         }
     }
 

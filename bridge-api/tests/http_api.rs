@@ -955,6 +955,7 @@ async fn an_announced_instance_that_does_not_answer_stats_is_named_unavailable()
             stopped: false,
             seq: 0,
             conn: 0,
+            conn_seq: 0,
         };
         let body = bytes::Bytes::from(serde_json::to_vec(&announce).expect("json"));
         let mut beat = tokio::time::interval(Duration::from_millis(200));

@@ -388,10 +388,14 @@ pub struct Announce {
     /// way (a partition between NATS nodes), not merely late. Absent (older gateways): 0.
     #[serde(default)]
     pub seq: u64,
-    /// The announcer's NATS connection generation: a gap across a change of it is the
-    /// announcer's own outage, which its own reconnect re-check covers. Absent: 0.
+    /// The announcer's NATS connection generation. Absent (older gateways): 0.
     #[serde(default)]
     pub conn: u64,
+    /// The `seq` of the announcer's first announcement on this connection: with the last one
+    /// heard on the previous connection, it tells what was lost before the announcer's own
+    /// outage (a cut then) from what its outage explains. Absent: 0.
+    #[serde(default)]
+    pub conn_seq: u64,
 }
 
 /// Reply of every instance to a [`subjects::STATS`] scatter request.

@@ -34,7 +34,7 @@ async fn run(shared: Arc<Shared>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut connected = shared.bus.connected_watch();
     let mut draining_announced = false;
-    let mut announced = 0;
+    let mut announced = Announced::default();
     loop {
         tokio::select! {
             () = shared.hard_stop.cancelled() => break,
@@ -82,11 +82,24 @@ fn stats_of(shared: &Shared) -> GatewayStats {
     }
 }
 
-/// Publishes this gateway's announcement; `announced` counts those handed to NATS, and
-/// numbers them (a listener that sees a gap knows some were lost on the way: `peers.rs`).
-fn announce(shared: &Shared, stopped: bool, announced: &mut u64) {
+/// How many announcements this process handed to NATS, and where the current connection's
+/// began: the numbering listeners check for lost ones (`peers.rs`).
+#[derive(Default)]
+struct Announced {
+    count: u64,
+    conn: u64,
+    conn_first: u64,
+}
+
+/// Publishes this gateway's announcement, numbered (see [`Announced`]).
+fn announce(shared: &Shared, stopped: bool, announced: &mut Announced) {
     let s = stats_of(shared);
     let link = shared.bus.link();
+    let conn = link.epoch();
+    if conn != announced.conn {
+        announced.conn = conn;
+        announced.conn_first = announced.count;
+    }
     let body = json(&Announce {
         instance: s.instance,
         advertise_addr: s.advertise_addr,
@@ -96,11 +109,12 @@ fn announce(shared: &Shared, stopped: bool, announced: &mut u64) {
         heartbeat_ms: shared.config.announce_interval_ms,
         started_ms: s.started_ms,
         stopped,
-        seq: *announced,
-        conn: link.epoch(),
+        seq: announced.count,
+        conn,
+        conn_seq: announced.conn_first,
     });
     match link.publish_now(subjects::ANNOUNCE, None, Headers::None, &body) {
-        Ok(()) => *announced += 1,
+        Ok(()) => announced.count += 1,
         Err(error) => tracing::debug!(%error, "announce not published"),
     }
 }

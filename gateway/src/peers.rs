@@ -5,20 +5,24 @@
 //! claim finds no holder (the old session's interest is on the unreachable side), and it wins;
 //! the old session is not told. When the routes come back both sessions are subscribed, and
 //! every message to the device reaches two sessions, until the stale one ends by its idle
-//! timeout. The reconnect sweep (`reclaim.rs`) does not run: no connection was lost.
+//! timeout. The reconnect sweep (`reclaim.rs`) does not help: no connection was lost, or one
+//! was and came back while the cut still stood, when its reclaims could reach nobody.
 //!
 //! What does change is visible: every gateway announces itself on [`subjects::ANNOUNCE`]
-//! every `heartbeat_ms`, numbering its announcements per connection, and the ones published
-//! during the cut never reach the other side. So this task asks for a sweep of this gateway's
-//! sessions when another gateway's numbers skip on the same connection of its own (its own
-//! outage changes that connection, and its own reconnect sweep covers it), or when it first
-//! hears a gateway that has announced more than a start explains (one that started on the
-//! other side during the cut). Numbers, not clocks or silences: a late announcement, a busy
-//! listener or skewed clocks do not look like a partition. Both sides notice, both sweep, and
-//! the reclaims settle each device on its newer session.
+//! every `heartbeat_ms`, numbering its announcements, and the ones published during the cut
+//! never reach the other side. So this task asks for a sweep of this gateway's sessions when
+//! it hears, from another gateway:
+//! - a skip in the numbers on one of its connections (lost on the way: a cut);
+//! - across its reconnect, more lost before it than an outage explains, or any lost after it;
+//! - after this gateway's own reconnect, its first announcement only later than its expiry
+//!   (the cut outlived this gateway's own reconnect sweep);
+//! - a first announcement with more numbers behind it than a start explains (it started on the
+//!   other side during the cut).
 //!
-//! What this cannot see: a cut so short that no announcement was lost (under one beat), and
-//! gateways too old to number their announcements.
+//! Numbers, not clocks or silences: a late announcement, a busy listener or skewed clocks do
+//! not look like a partition. Both sides notice, both sweep, and the reclaims settle each
+//! device on its newer session. What this cannot see: a cut so short that it loses no
+//! announcement (under one beat), and gateways too old to number their announcements.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,8 +36,7 @@ use crate::bus::Subscription;
 use crate::contract::{Announce, subjects};
 use crate::server::Shared;
 
-/// Missed beats after which another gateway counts as out of sight (lb-sync's default too);
-/// only for [`PeerView::expire`]'s count, which the alert on partitions watches.
+/// Missed beats after which another gateway counts as out of sight (lb-sync's default too).
 const EXPIRY_BEATS: u64 = 3;
 
 /// The shortest silence that counts as out of sight, whatever the beat.
@@ -42,6 +45,10 @@ const MIN_EXPIRY: Duration = Duration::from_secs(2);
 /// A gateway first heard with more announcements than this behind it was running, out of
 /// earshot, before this gateway could hear it (a start is heard within a beat or two).
 const FIRST_HEARD_SEQ: u64 = EXPIRY_BEATS + 2;
+
+/// Announcements a gateway's own outage may lose at its end (in its write buffer, or on the
+/// dying connection) without a cut: announcements go out once per beat.
+const LOST_TO_OUTAGE: u64 = 2;
 
 /// How long a gateway out of sight is remembered.
 const FORGET_AFTER: Duration = Duration::from_secs(3600);
@@ -53,17 +60,19 @@ const MAX_PEERS: usize = 10_000;
 /// Why a sweep was asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Heal {
-    /// `missed` announcements of a gateway never arrived, on one connection of its own.
+    /// `missed` announcements of a gateway never arrived.
     Gap { instance: String, missed: u64 },
     /// A gateway heard for the first time had announced `seq` times already.
     Unseen { instance: String, seq: u64 },
+    /// After this gateway's own reconnect, a gateway was first heard `after` it.
+    Unheard { instance: String, after: Duration },
 }
 
 struct Peer {
-    started_ms: u64,
-    /// The last announcement's connection and number; `None` after this gateway's own outage,
-    /// when nothing it missed counts.
-    last: Option<(u64, u64)>,
+    /// The last announcement's connection and number.
+    last: (u64, u64),
+    /// Set by this gateway's own outage: the next announcement re-synchronises.
+    resync: bool,
     last_heard: Instant,
     /// Silence beyond which it is out of sight: [`EXPIRY_BEATS`] of its own heartbeat, at
     /// least [`MIN_EXPIRY`].
@@ -71,12 +80,13 @@ struct Peer {
 }
 
 /// What this gateway knows of the others, from their announcements. Pure: time comes in.
+/// Keyed by instance and start: two processes under one name (a misconfiguration) are two
+/// gateways here, not one restarting at every beat.
 pub(crate) struct PeerView {
     own_instance: String,
-    /// Since when this gateway has been listening on its current connection: a gateway first
-    /// heard less than a few beats after it was not hidden, just not heard yet.
+    /// Since when this gateway has been listening on its current connection.
     listening_since: Instant,
-    peers: HashMap<String, Peer>,
+    peers: HashMap<(String, u64), Peer>,
 }
 
 impl PeerView {
@@ -93,50 +103,62 @@ impl PeerView {
         if a.instance == self.own_instance {
             return None;
         }
-        let known = self
-            .peers
-            .get(&a.instance)
-            .is_some_and(|p| p.started_ms == a.started_ms);
+        let key = (a.instance.clone(), a.started_ms);
         if a.stopped {
-            if known {
-                self.peers.remove(&a.instance);
-            }
+            self.peers.remove(&key);
             return None;
         }
         let expiry =
             Duration::from_millis(a.heartbeat_ms.saturating_mul(EXPIRY_BEATS)).max(MIN_EXPIRY);
-        if known && let Some(peer) = self.peers.get_mut(&a.instance) {
-            let heal = match peer.last {
-                // Late or repeated: nothing new.
-                Some((conn, seq)) if conn == a.conn && a.seq <= seq => return None,
-                Some((conn, seq)) if conn == a.conn && a.seq > seq + 1 => Some(Heal::Gap {
-                    instance: a.instance.clone(),
-                    missed: a.seq - seq - 1,
-                }),
-                // Consecutive; or a new connection of its own (its outage, its sweep); or the
-                // first since this gateway's own outage.
-                _ => None,
-            };
-            peer.last = Some((a.conn, a.seq));
+        // Older gateways number nothing (and connect at least once before announcing, so a
+        // numbered one never says connection 0): kept in sight, never a reason to sweep.
+        let numbered = a.conn != 0;
+        let listening = now.saturating_duration_since(self.listening_since);
+        if let Some(peer) = self.peers.get_mut(&key) {
             peer.last_heard = now;
             peer.expiry = expiry;
+            if !numbered {
+                return None;
+            }
+            let (conn, seq) = peer.last;
+            let heal = if peer.resync {
+                peer.resync = false;
+                (listening > expiry).then(|| Heal::Unheard {
+                    instance: a.instance.clone(),
+                    after: listening,
+                })
+            } else if a.conn < conn || (a.conn == conn && a.seq <= seq) {
+                // From an earlier connection, late, or repeated: nothing new.
+                return None;
+            } else {
+                let missed = if a.conn == conn {
+                    a.seq - seq - 1
+                } else {
+                    // Before its own outage (beyond what an outage loses), and since.
+                    let before = a.conn_seq.saturating_sub(seq + 1);
+                    before.saturating_sub(LOST_TO_OUTAGE) + a.seq.saturating_sub(a.conn_seq)
+                };
+                (missed > 0).then(|| Heal::Gap {
+                    instance: a.instance.clone(),
+                    missed,
+                })
+            };
+            peer.last = (a.conn, a.seq);
             return heal;
         }
-        // New, or restarted (a new process: its sessions are new logins, which claimed).
-        if self.peers.len() >= MAX_PEERS && !self.peers.contains_key(&a.instance) {
+        if self.peers.len() >= MAX_PEERS {
             self.forget_longest_unheard();
         }
         self.peers.insert(
-            a.instance.clone(),
+            key,
             Peer {
-                started_ms: a.started_ms,
-                last: Some((a.conn, a.seq)),
+                last: (a.conn, a.seq),
+                resync: false,
                 last_heard: now,
                 expiry,
             },
         );
-        let listening = now.saturating_duration_since(self.listening_since) > expiry;
-        (a.seq > FIRST_HEARD_SEQ && listening).then(|| Heal::Unseen {
+        (numbered && a.seq > FIRST_HEARD_SEQ && listening > expiry).then(|| Heal::Unseen {
             instance: a.instance.clone(),
             seq: a.seq,
         })
@@ -154,12 +176,13 @@ impl PeerView {
     }
 
     /// This gateway's own NATS connection is new, or down: it hears nobody, by its own fault,
-    /// and its reconnect sweep covers whatever happened meanwhile. Nothing missed until now
-    /// counts, and gateways first heard from here on may have run all along.
+    /// and its reconnect sweep covers what happened until now. What it missed meanwhile does
+    /// not count; a gateway not heard again within its expiry of the reconnect does (the cut,
+    /// if any, outlived that sweep).
     pub(crate) fn own_outage(&mut self, now: Instant) {
         self.listening_since = now;
         for peer in self.peers.values_mut() {
-            peer.last = None;
+            peer.resync = true;
             peer.last_heard = now;
         }
     }
@@ -169,9 +192,9 @@ impl PeerView {
             .peers
             .iter()
             .min_by_key(|(_, p)| p.last_heard)
-            .map(|(name, _)| name.clone());
-        if let Some(name) = oldest {
-            self.peers.remove(&name);
+            .map(|(key, _)| key.clone());
+        if let Some(key) = oldest {
+            self.peers.remove(&key);
         }
     }
 }
@@ -198,7 +221,8 @@ async fn run(shared: Arc<Shared>, heal: Arc<Notify>, mut announces: Subscription
                 let Some(msg) = msg else { return };
                 if link.epoch() != epoch {
                     epoch = link.epoch();
-                    view.own_outage(Instant::now());
+                    own_outage(&mut view, &mut announces);
+                    continue;
                 }
                 let Ok(announce) = serde_json::from_slice::<Announce>(&msg.payload) else {
                     continue;
@@ -207,6 +231,7 @@ async fn run(shared: Arc<Shared>, heal: Arc<Notify>, mut announces: Subscription
                     match why {
                         Heal::Gap { instance, missed } => tracing::warn!(instance = %shared.instance, peer = %instance, missed, "announcements of another gateway were lost on the way (a NATS partition healed?): re-checking that no device is held twice"),
                         Heal::Unseen { instance, seq } => tracing::warn!(instance = %shared.instance, peer = %instance, announced = seq, "a gateway heard for the first time has been announcing out of earshot (a NATS partition healed?): re-checking that no device is held twice"),
+                        Heal::Unheard { instance, after } => tracing::warn!(instance = %shared.instance, peer = %instance, after_ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX), "a gateway was heard only long after this gateway's reconnect (a NATS partition outlived it?): re-checking that no device is held twice"),
                     }
                     heal.notify_one();
                 }
@@ -215,13 +240,20 @@ async fn run(shared: Arc<Shared>, heal: Arc<Notify>, mut announces: Subscription
                 let now = Instant::now();
                 if !link.is_connected() || link.epoch() != epoch {
                     epoch = link.epoch();
-                    view.own_outage(now);
+                    own_outage(&mut view, &mut announces);
                 }
                 let in_sight = view.expire(now);
                 shared.metrics.peers_visible.set(i64::try_from(in_sight).unwrap_or(i64::MAX));
             }
         }
     }
+}
+
+/// [`PeerView::own_outage`], and what the previous connection left in the queue goes: read
+/// after the new connection's first announcements, it would look like a skip.
+fn own_outage(view: &mut PeerView, announces: &mut Subscription) {
+    while announces.try_next().is_some() {}
+    view.own_outage(Instant::now());
 }
 
 #[cfg(test)]
@@ -242,6 +274,15 @@ mod tests {
             stopped: false,
             seq,
             conn,
+            conn_seq: 0,
+        }
+    }
+
+    /// An announcement on a later connection of its own, which began at `conn_seq`.
+    fn reconnected(instance: &str, conn: u64, conn_seq: u64, seq: u64) -> Announce {
+        Announce {
+            conn_seq,
+            ..announce(instance, conn, seq)
         }
     }
 
@@ -262,6 +303,13 @@ mod tests {
         view
     }
 
+    fn gap(instance: &str, missed: u64) -> Option<Heal> {
+        Some(Heal::Gap {
+            instance: instance.into(),
+            missed,
+        })
+    }
+
     #[test]
     fn consecutive_late_or_repeated_announcements_ask_for_nothing() {
         let t0 = Instant::now();
@@ -271,18 +319,20 @@ mod tests {
         assert_eq!(view.observe(&announce("b", 1, 61), t0 + secs(75)), None);
         assert_eq!(view.observe(&announce("b", 1, 60), t0 + secs(75)), None);
         assert_eq!(view.observe(&announce("b", 1, 62), t0 + secs(76)), None);
+        assert_eq!(
+            view.expire(t0 + secs(78)),
+            1,
+            "a late one keeps it in sight"
+        );
     }
 
     #[test]
-    fn a_gap_on_one_connection_asks_for_a_sweep_once() {
+    fn a_skip_on_one_connection_asks_for_a_sweep_once() {
         let t0 = Instant::now();
         let mut view = settled(t0, "b");
         assert_eq!(
             view.observe(&announce("b", 1, 62), t0 + secs(62)),
-            Some(Heal::Gap {
-                instance: "b".into(),
-                missed: 1
-            }),
+            gap("b", 1),
             "even one lost announcement: the cut was there"
         );
         assert_eq!(
@@ -293,26 +343,58 @@ mod tests {
     }
 
     #[test]
-    fn a_gap_across_the_peers_own_reconnect_is_its_own_outage() {
+    fn across_the_peers_reconnect_only_what_its_outage_does_not_explain_counts() {
         let t0 = Instant::now();
+        // Its outage lost the last two it wrote (61, 62); the new connection starts at 63.
         let mut view = settled(t0, "b");
-        assert_eq!(view.observe(&announce("b", 2, 70), t0 + secs(70)), None);
-        assert_eq!(view.observe(&announce("b", 2, 71), t0 + secs(71)), None);
+        assert_eq!(
+            view.observe(&reconnected("b", 2, 63, 63), t0 + secs(70)),
+            None
+        );
+        assert_eq!(
+            view.observe(&reconnected("b", 2, 63, 64), t0 + secs(71)),
+            None
+        );
+        // Ten lost before its outage: a cut came first (and its reconnect sweep, during the
+        // cut, reached nobody).
+        let mut view = settled(t0, "b");
+        assert_eq!(
+            view.observe(&reconnected("b", 2, 71, 71), t0 + secs(80)),
+            gap("b", 8)
+        );
+        // Lost after its reconnect: the cut outlived its outage.
+        let mut view = settled(t0, "b");
+        assert_eq!(
+            view.observe(&reconnected("b", 2, 61, 75), t0 + secs(80)),
+            gap("b", 14)
+        );
+        // Late words from its earlier connection change nothing.
+        assert_eq!(view.observe(&announce("b", 1, 60), t0 + secs(80)), None);
     }
 
     #[test]
-    fn what_this_gateway_missed_in_its_own_outage_does_not_count() {
+    fn after_its_own_reconnect_a_gateway_heard_late_asks_for_a_sweep() {
         let t0 = Instant::now();
         let mut view = settled(t0, "b");
-        view.own_outage(t0 + secs(80));
-        assert_eq!(view.observe(&announce("b", 1, 80), t0 + secs(80)), None);
+        let back = t0 + secs(100);
+        view.own_outage(back);
+        // Heard within its expiry of the reconnect: nothing missed counts.
+        assert_eq!(view.observe(&announce("b", 1, 90), back + secs(1)), None);
+        assert_eq!(view.observe(&announce("b", 1, 91), back + secs(2)), None);
+        // Heard only later: the cut outlived this gateway's reconnect sweep.
+        let mut view = settled(t0, "b");
+        view.own_outage(back);
         assert_eq!(
-            view.observe(&announce("b", 1, 82), t0 + secs(82)),
-            Some(Heal::Gap {
+            view.observe(&announce("b", 1, 95), back + secs(5)),
+            Some(Heal::Unheard {
                 instance: "b".into(),
-                missed: 1
-            }),
-            "counted again from the first announcement after it"
+                after: secs(5)
+            })
+        );
+        assert_eq!(
+            view.observe(&announce("b", 1, 96), back + secs(6)),
+            None,
+            "once"
         );
     }
 
@@ -331,7 +413,10 @@ mod tests {
         // Heard at its start, however long its start took (a slow first NATS connect
         // announces nothing: only what reached NATS is numbered).
         assert_eq!(view.observe(&announce("d", 1, 0), t0 + secs(61)), None);
-        assert_eq!(view.observe(&announce("e", 3, 1), t0 + secs(61)), None);
+        assert_eq!(
+            view.observe(&reconnected("e", 3, 0, 1), t0 + secs(61)),
+            None
+        );
         // "b" restarted: a new process, heard as it starts.
         let restarted = Announce {
             started_ms: START_MS + 60_000,
@@ -356,6 +441,32 @@ mod tests {
             }),
             "listening again for longer than an expiry"
         );
+    }
+
+    #[test]
+    fn two_processes_under_one_name_are_two_gateways_not_endless_restarts() {
+        let t0 = Instant::now();
+        let mut view = PeerView::new("me", t0);
+        let twin = |seq| Announce {
+            started_ms: START_MS + 5,
+            ..announce("b", 1, seq)
+        };
+        for seq in 0..30 {
+            let now = t0 + secs(seq);
+            assert_eq!(view.observe(&announce("b", 1, seq + 100), now), None);
+            assert_eq!(view.observe(&twin(seq), now), None);
+        }
+        assert_eq!(view.expire(t0 + secs(30)), 2);
+    }
+
+    #[test]
+    fn gateways_that_number_nothing_stay_in_sight_and_never_ask_for_a_sweep() {
+        let t0 = Instant::now();
+        let mut view = PeerView::new("me", t0);
+        for beat in 0..60 {
+            assert_eq!(view.observe(&announce("old", 0, 0), t0 + secs(beat)), None);
+        }
+        assert_eq!(view.expire(t0 + secs(60)), 1);
     }
 
     #[test]
@@ -403,7 +514,7 @@ mod tests {
         }
         assert_eq!(view.peers.len(), MAX_PEERS);
         assert!(
-            !view.peers.contains_key("g0"),
+            !view.peers.contains_key(&("g0".to_owned(), START_MS)),
             "the longest unheard went first"
         );
     }

@@ -26,6 +26,7 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::bus::RequestError;
 use crate::contract::{ClaimKey, DeviceId, subjects, subjects::ControlOp};
@@ -36,6 +37,9 @@ use crate::session::{ClaimRound, MAX_CLAIM_ROUNDS, claim_request};
 /// Reclaims in flight at once: enough to finish 100k sessions in seconds, few enough that a
 /// reconnect does not flood a NATS server that every other gateway may be reconnecting to.
 const CONCURRENCY: usize = 64;
+
+/// Partition sweeps are at least this many beats apart (and 5 s).
+const PARTITION_SWEEP_SPACING: u32 = 5;
 
 /// Starts the task; it sweeps after every (re)connect and whenever `heal` rings (another
 /// gateway's announcements were lost; rings during a sweep are kept for one more), and ends
@@ -50,6 +54,7 @@ async fn run(shared: Arc<Shared>, heal: Arc<Notify>) {
     // The connection generation last swept; the first connect is swept too (it costs nothing:
     // logins wait for NATS, so there are no sessions yet).
     let mut swept = 0;
+    let mut last_partition_sweep: Option<Instant> = None;
     loop {
         let reconnected = tokio::select! {
             () = shared.hard_stop.cancelled() => return,
@@ -66,13 +71,24 @@ async fn run(shared: Arc<Shared>, heal: Arc<Notify>) {
             "NATS connected"
         } else {
             // Every gateway on the other side of a healed cut rings within about a beat: one
-            // sweep for all of them.
+            // sweep for all of them. And a route that keeps flapping sweeps at most every
+            // PARTITION_SWEEP_SPACING beats (5 s at least), not at every ring.
             let beat = Duration::from_millis(shared.config.announce_interval_ms);
+            let spacing = (beat * PARTITION_SWEEP_SPACING).max(Duration::from_secs(5));
+            let mut at = Instant::now() + beat;
+            if let Some(last) = last_partition_sweep {
+                at = at.max(last + spacing);
+            }
             tokio::select! {
                 () = shared.hard_stop.cancelled() => return,
-                () = tokio::time::sleep(beat) => {}
+                () = tokio::time::sleep_until(at) => {}
             }
             let _ = heal.notified().now_or_never();
+            if !link.is_connected() {
+                // Its reconnect sweep comes instead.
+                continue;
+            }
+            last_partition_sweep = Some(Instant::now());
             shared.metrics.partition_sweeps.inc();
             "announcements of another gateway were lost (a NATS partition healed?)"
         };
@@ -142,7 +158,7 @@ async fn reclaim(
     for _ in 0..MAX_CLAIM_ROUNDS {
         // Only for a session that still holds the device here: the key of one that ended
         // would make a live holder elsewhere yield for nothing.
-        if shared.registry.login_ns(&id, &key.session) != Some(key.login_ns) {
+        if shared.registry.unreleased_login_ns(&id, &key.session) != Some(key.login_ns) {
             return Ok(Reclaim::Ended);
         }
         match claim_request(shared, ControlOp::Reclaim, &down, &key, true).await? {

@@ -136,15 +136,31 @@ impl Registry {
         }
     }
 
-    /// Login time of `session`, if it is welcomed and still holds `id` here: not ending, and
-    /// not told to go (a release or revocation on its way, which it has not read yet). A
-    /// session told to go has lost its claim already: re-asserting it, or counting its loss
-    /// again when another gateway's reclaim arrives first, would be wrong.
+    /// Login time of `session`, if it is welcomed and still holds `id` here (not ending): the
+    /// key it compares a reclaim against. A session told to go (draining, revoked, released)
+    /// still has one: until it leaves, a claim older than it must not win.
     pub fn login_ns(&self, id: &DeviceId, session: &str) -> Option<u64> {
+        self.lock()
+            .get(id)
+            .filter(|e| e.session == session && e.summary.is_some())
+            .map(|e| e.login_ns)
+    }
+
+    /// [`Registry::login_ns`] of a session that no command was sent to yet: one whose claim a
+    /// sweep may still re-assert (one told to go is leaving anyway).
+    pub fn unreleased_login_ns(&self, id: &DeviceId, session: &str) -> Option<u64> {
         self.lock()
             .get(id)
             .filter(|e| e.session == session && e.summary.is_some() && e.commands.is_some())
             .map(|e| e.login_ns)
+    }
+
+    /// Whether `session` was told to release `id` (its own gateway's reclaim lost, and
+    /// counted it): another gateway's reclaim reaching it before it leaves is no new loss.
+    pub fn releasing(&self, id: &DeviceId, session: &str) -> bool {
+        self.lock()
+            .get(id)
+            .is_some_and(|e| e.session == session && e.releasing.is_some())
     }
 
     /// Marks `session` as ending: it leaves the listings and is no longer re-asserted by a
@@ -174,7 +190,12 @@ impl Registry {
     /// sent to it yet. Returns whether it was told.
     pub fn release(&self, id: &DeviceId, session: &str) -> bool {
         let mut map = self.lock();
-        let Some(entry) = map.get_mut(id).filter(|e| e.session == session) else {
+        // An ending session (it yielded to another gateway's reclaim meanwhile, say) has let
+        // go already.
+        let Some(entry) = map
+            .get_mut(id)
+            .filter(|e| e.session == session && e.summary.is_some())
+        else {
             return false;
         };
         let Some(commands) = entry.commands.take() else {
@@ -318,16 +339,25 @@ mod tests {
         assert_eq!(r.login_ns(&id("a"), "s-old"), None);
         assert_eq!(r.login_ns(&id("b"), "s-b"), None, "not welcomed yet");
         r.insert(id("c"), entry("s-c", true, "c"));
+        assert!(!r.releasing(&id("c"), "s-c"));
         // Told to go (the session's end of the channel is gone here, so the send fails, but
         // the command slot is used up either way).
         let _ = r.release(&id("c"), "s-c");
+        assert!(r.releasing(&id("c"), "s-c"));
+        assert_eq!(
+            r.unreleased_login_ns(&id("c"), "s-c"),
+            None,
+            "told to go: not re-asserted"
+        );
         assert_eq!(
             r.login_ns(&id("c"), "s-c"),
-            None,
-            "told to go, not yet gone"
+            Some(7),
+            "still holds its key against older claims until it leaves"
         );
+        assert!(!r.release(&id("c"), "s-c"), "told once");
         r.ending(&id("a"), "s-a");
         assert_eq!(r.login_ns(&id("a"), "s-a"), None, "ending");
+        assert!(!r.release(&id("a"), "s-a"), "an ending session has let go");
         assert!(
             r.welcomed_claims().is_empty(),
             "an ending session is not re-asserted"
@@ -345,7 +375,8 @@ mod tests {
                 login_ns: 7,
                 commands: Some(tx),
                 releasing: None,
-                summary: None,
+                // Welcomed: only a session that holds the device is released.
+                summary: entry("s-a", true, "a").summary,
                 replaces_welcomed: false,
             },
         );

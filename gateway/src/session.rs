@@ -1574,9 +1574,8 @@ impl Session {
                 return Ok(());
             }
         };
-        // Without a login time here this session is already on its way out: a newer local
-        // login replaces it, or a release (this gateway's own reclaim lost) or a revocation
-        // was sent to it and is still queued. It yields, but its loss is not counted again.
+        // Without a login time here this session is already ending (a newer local login
+        // replaces it).
         let own = self
             .shared
             .registry
@@ -1599,7 +1598,10 @@ impl Session {
             }
             Some(_) => {
                 tracing::warn!(device_id = %self.id, session = %self.session, newer = %claim.key.session, "a newer session of this device re-asserted its claim (its gateway reconnected, or a NATS partition healed); yielding");
-                self.shared.metrics.reclaims_lost.inc();
+                // Told to release by this gateway's own reclaim, which counted the loss.
+                if !self.shared.registry.releasing(&self.id, &self.session) {
+                    self.shared.metrics.reclaims_lost.inc();
+                }
                 Err(self.yield_to(msg.reply).await)
             }
             None => Err(self.yield_to(msg.reply).await),

@@ -401,6 +401,7 @@ mod tests {
             stopped: false,
             seq: 0,
             conn: 0,
+            conn_seq: 0,
         }
     }
 

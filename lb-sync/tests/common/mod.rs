@@ -230,6 +230,7 @@ impl Announcer {
                     stopped: false,
                     seq: 0,
                     conn: 0,
+                    conn_seq: 0,
                 };
                 let body = serde_json::to_vec(&a).expect("announce serializes");
                 let _ = client
