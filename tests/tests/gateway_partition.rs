@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use devgate_gateway::codec::GoAwayReason;
+use devgate_gateway::client::DeviceClient;
+use devgate_gateway::codec::{GoAwayReason, Welcome};
 use devgate_gateway::config::Config;
 use devgate_gateway::server::Gateway;
 use devgate_tests::NatsServer;
@@ -104,79 +105,79 @@ async fn in_sight(a: &Gateway, b: &Gateway, visible: bool) {
     metric_reaches(b, &line).await;
 }
 
-#[tokio::test]
-async fn a_device_split_by_a_nats_partition_settles_on_its_newer_session_when_it_heals() {
-    let Cluster {
-        side_a,
-        side_b,
-        route,
-        service_a,
-        service_b,
-    } = cluster().await;
-    let gw_a = start(&side_a, "gw-a").await;
-    let gw_b = start(&side_b, "gw-b").await;
-    in_sight(&gw_a, &gw_b, true).await;
-    let (mut old, _) = device(&gw_a, "split").await;
-    let (mut bystander, _) = device(&gw_a, "bystander").await;
-    // Hearing each other, beat after beat, is no partition.
-    announcements(&service_a, "gw-b", 5).await;
-    announcements(&service_b, "gw-a", 5).await;
-    metric_reaches(&gw_a, "devgate_gateway_partition_sweeps_total 0").await;
-    metric_reaches(&gw_b, "devgate_gateway_partition_sweeps_total 0").await;
-
-    // The routes break; both gateways keep their own connections and lose sight of each other.
-    route.cut();
-    in_sight(&gw_a, &gw_b, false).await;
-    // The device comes back on the other side: nobody there holds it, so it is welcomed.
-    let (mut new, welcome) = device(&gw_b, "split").await;
-    // The split: each side routes the device to its own session.
-    let reply = request_reaches(&service_a, &mut old, "split", b"a-side").await;
-    assert_eq!(reply.gateway, "gw-a");
-    let reply = request_reaches(&service_b, &mut new, "split", b"b-side").await;
-    assert_eq!(reply.gateway, "gw-b");
-
-    // The routes come back. The gateways hear each other again and re-check their sessions:
-    // the older one yields, and is told so.
-    route.restore();
-    let (_, reason) = downs_until_goaway(&mut old).await;
+/// Restores the route; then the older session (on `gw_a`) is told `GOAWAY replaced`, the newer
+/// one (welcomed as `welcome` on gw-b) gets what is sent from either side, and `gw_a` counted
+/// the loss once.
+async fn heal_and_settle(
+    c: &Cluster,
+    gw_a: &Gateway,
+    (old, new): (&mut DeviceClient, &mut DeviceClient),
+    welcome: &Welcome,
+) {
+    c.route.restore();
+    let (_, reason) = downs_until_goaway(old).await;
     assert_eq!(reason, GoAwayReason::Replaced);
-    routed(&service_a, &service_b).await;
-    let reply = request_reaches(&service_a, &mut new, "split", b"healed").await;
+    routed(&c.service_a, &c.service_b).await;
+    let reply = request_reaches(&c.service_a, new, "split", b"healed").await;
     assert_eq!(
         (reply.gateway.as_str(), reply.session.as_str()),
         ("gw-b", welcome.session.as_str())
     );
-    metric_reaches(&gw_a, "devgate_gateway_reclaims_lost_total 1").await;
+    metric_reaches(gw_a, "devgate_gateway_reclaims_lost_total 1").await;
+}
+
+#[tokio::test]
+async fn a_device_split_by_a_nats_partition_settles_on_its_newer_session_when_it_heals() {
+    let c = cluster().await;
+    let gw_a = start(&c.side_a, "gw-a").await;
+    let gw_b = start(&c.side_b, "gw-b").await;
+    in_sight(&gw_a, &gw_b, true).await;
+    let (mut old, _) = device(&gw_a, "split").await;
+    let (mut bystander, _) = device(&gw_a, "bystander").await;
+    // Hearing each other, beat after beat, is no partition.
+    announcements(&c.service_a, "gw-b", 5).await;
+    announcements(&c.service_b, "gw-a", 5).await;
+    metric_reaches(&gw_a, "devgate_gateway_partition_sweeps_total 0").await;
+    metric_reaches(&gw_b, "devgate_gateway_partition_sweeps_total 0").await;
+
+    // The routes break; both gateways keep their own connections and lose sight of each other.
+    c.route.cut();
+    in_sight(&gw_a, &gw_b, false).await;
+    // The device comes back on the other side: nobody there holds it, so it is welcomed.
+    let (mut new, welcome) = device(&gw_b, "split").await;
+    // The split: each side routes the device to its own session.
+    let reply = request_reaches(&c.service_a, &mut old, "split", b"a-side").await;
+    assert_eq!(reply.gateway, "gw-a");
+    let reply = request_reaches(&c.service_b, &mut new, "split", b"b-side").await;
+    assert_eq!(reply.gateway, "gw-b");
+
+    // The routes come back. The gateways find the lost announcements and re-check their
+    // sessions: the older one yields, and is told so.
+    heal_and_settle(&c, &gw_a, (&mut old, &mut new), &welcome).await;
     // Both sides noticed, once each.
     metric_reaches(&gw_a, "devgate_gateway_partition_sweeps_total 1").await;
     metric_reaches(&gw_b, "devgate_gateway_partition_sweeps_total 1").await;
 
     // A device only one side ever held is left alone.
-    let reply = request_reaches(&service_b, &mut bystander, "bystander", b"still").await;
+    let reply = request_reaches(&c.service_b, &mut bystander, "bystander", b"still").await;
     assert_eq!(reply.gateway, "gw-a");
 }
 
 #[tokio::test]
 async fn a_gateway_that_reconnects_while_the_cut_stands_still_heals_the_split_when_it_ends() {
-    let Cluster {
-        side_a,
-        side_b,
-        route,
-        service_a,
-        service_b,
-    } = cluster().await;
+    let c = cluster().await;
     // gw-a reaches its node through a link of its own, which the test also cuts.
-    let link_a = CuttableLink::start(([127, 0, 0, 1], side_a.port()).into()).await;
+    let link_a = CuttableLink::start(([127, 0, 0, 1], c.side_a.port()).into()).await;
     let gw_a = start_with(Config {
         nats_url: format!("nats://{}", link_a.addr()),
-        ..config(&side_a, "gw-a")
+        ..config(&c.side_a, "gw-a")
     })
     .await;
-    let gw_b = start(&side_b, "gw-b").await;
+    let gw_b = start(&c.side_b, "gw-b").await;
     in_sight(&gw_a, &gw_b, true).await;
     let (mut old, _) = device(&gw_a, "split").await;
 
-    route.cut();
+    c.route.cut();
     in_sight(&gw_a, &gw_b, false).await;
     let (mut new, welcome) = device(&gw_b, "split").await;
     // gw-a loses NATS and gets it back while the cut stands: its reconnect sweep finds nobody
@@ -190,18 +191,9 @@ async fn a_gateway_that_reconnects_while_the_cut_stands_still_heals_the_split_wh
         .await
         .expect("gw-a reconnects");
     metric_reaches(&gw_a, "devgate_gateway_reclaims_total{outcome=\"clear\"} 1").await;
-    let reply = request_reaches(&service_a, &mut old, "split", b"still split").await;
+    let reply = request_reaches(&c.service_a, &mut old, "split", b"still split").await;
     assert_eq!(reply.gateway, "gw-a");
 
     // When the cut ends, the split is found all the same.
-    route.restore();
-    let (_, reason) = downs_until_goaway(&mut old).await;
-    assert_eq!(reason, GoAwayReason::Replaced);
-    routed(&service_a, &service_b).await;
-    let reply = request_reaches(&service_a, &mut new, "split", b"healed").await;
-    assert_eq!(
-        (reply.gateway.as_str(), reply.session.as_str()),
-        ("gw-b", welcome.session.as_str())
-    );
-    metric_reaches(&gw_a, "devgate_gateway_reclaims_lost_total 1").await;
+    heal_and_settle(&c, &gw_a, (&mut old, &mut new), &welcome).await;
 }
