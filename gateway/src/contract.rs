@@ -383,9 +383,10 @@ pub struct Announce {
     /// forget it now rather than after missed beats. Absent (older gateways): `false`.
     #[serde(default)]
     pub stopped: bool,
-    /// How many announcements this process handed to NATS before this one. Consecutive
-    /// numbers on one connection: a gap tells listeners that announcements were lost on the
-    /// way (a partition between NATS nodes), not merely late. Absent (older gateways): 0.
+    /// How many announcements of this process the NATS server confirmed before this one (the
+    /// next one repeats the number of one not yet confirmed). A skip tells listeners that
+    /// announcements the server took were lost on the way (a partition between NATS nodes),
+    /// not merely late. Absent (older gateways): 0.
     #[serde(default)]
     pub seq: u64,
     /// The announcer's NATS connection generation. Absent (older gateways): 0.

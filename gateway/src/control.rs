@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Serialize;
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::bus::Headers;
@@ -82,19 +83,31 @@ fn stats_of(shared: &Shared) -> GatewayStats {
     }
 }
 
-/// How many announcements this process handed to NATS, and where the current connection's
-/// began: the numbering listeners check for lost ones (`peers.rs`).
+/// How many announcements the NATS server confirmed (a `PONG` after each), and where the
+/// current connection's numbering began: what listeners check for lost ones (`peers.rs`).
+/// Confirmed, not merely written: announcements written into a connection that died without
+/// a word (found out only by the keepalive, up to a minute later) are never counted, so a
+/// quiet outage of this gateway does not look to the others like announcements lost between
+/// NATS nodes, which would make every one of them sweep its sessions.
 #[derive(Default)]
 struct Announced {
     count: u64,
     conn: u64,
     conn_first: u64,
+    /// The last announcement's confirmation, until the next one is sent. One still pending
+    /// then is not counted: the next announcement repeats its number.
+    unconfirmed: Option<oneshot::Receiver<()>>,
 }
 
 /// Publishes this gateway's announcement, numbered (see [`Announced`]).
 fn announce(shared: &Shared, stopped: bool, announced: &mut Announced) {
     let s = stats_of(shared);
     let link = shared.bus.link();
+    if let Some(mut confirmation) = announced.unconfirmed.take()
+        && confirmation.try_recv().is_ok()
+    {
+        announced.count += 1;
+    }
     let conn = link.epoch();
     if conn != announced.conn {
         announced.conn = conn;
@@ -114,7 +127,7 @@ fn announce(shared: &Shared, stopped: bool, announced: &mut Announced) {
         conn_seq: announced.conn_first,
     });
     match link.publish_now(subjects::ANNOUNCE, None, Headers::None, &body) {
-        Ok(()) => announced.count += 1,
+        Ok(()) => announced.unconfirmed = link.ping().ok(),
         Err(error) => tracing::debug!(%error, "announce not published"),
     }
 }

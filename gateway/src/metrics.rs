@@ -174,8 +174,8 @@ pub struct Metrics {
     /// Other gateways heard announcing within their last 3 beats (at least 2 s): fewer here than
     /// on the other gateways means this one is cut off from part of the NATS cluster.
     pub peers_visible: Gauge,
-    /// Sweeps started because another gateway's announcements were lost on the way (a NATS
-    /// partition healed): each re-checks every session here.
+    /// Sweeps started because another gateway's announcements show a NATS partition that
+    /// healed (lost on the way, heard late or first heard late): each re-checks every session.
     pub partition_sweeps: Counter,
     /// 1 while the NATS connection is up.
     pub nats_connected: Gauge,
@@ -304,7 +304,7 @@ impl Metrics {
         let partition_sweeps = counter(
             reg,
             "partition_sweeps",
-            "Re-checks of every session started because another gateway's announcements were lost on the way (a healed NATS partition)",
+            "Re-checks of every session started because another gateway's announcements show a NATS partition that healed",
         );
         let nats_connected = gauge(reg, "nats_connected", "1 while connected to NATS");
         let nats_disconnects = counter(reg, "nats_disconnects", "NATS connection losses");

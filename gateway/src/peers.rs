@@ -19,10 +19,12 @@
 //! - a first announcement with more numbers behind it than a start explains (it started on the
 //!   other side during the cut).
 //!
-//! Numbers, not clocks or silences: a late announcement, a busy listener or skewed clocks do
-//! not look like a partition. Both sides notice, both sweep, and the reclaims settle each
-//! device on its newer session. What this cannot see: a cut so short that it loses no
-//! announcement (under one beat), and gateways too old to number their announcements.
+//! Numbers (counted once the server confirmed them) rather than clocks or silences, but for
+//! the third rule, which applies only right after this gateway's own reconnect: a late
+//! announcement, a busy listener or skewed clocks do not look like a partition. Both sides
+//! notice, both sweep, and the reclaims settle each device on its newer session. What this
+//! cannot see: a cut so short that it loses no announcement (under one beat), and gateways
+//! too old to number their announcements.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -46,8 +48,8 @@ const MIN_EXPIRY: Duration = Duration::from_secs(2);
 /// earshot, before this gateway could hear it (a start is heard within a beat or two).
 const FIRST_HEARD_SEQ: u64 = EXPIRY_BEATS + 2;
 
-/// Announcements a gateway's own outage may lose at its end (in its write buffer, or on the
-/// dying connection) without a cut: announcements go out once per beat.
+/// Announcements a gateway's own outage may lose at its end without a cut: confirmed by the
+/// server, but not yet carried on by the routes. Announcements go out once per beat.
 const LOST_TO_OUTAGE: u64 = 2;
 
 /// How long a gateway out of sight is remembered.
@@ -71,6 +73,8 @@ pub(crate) enum Heal {
 struct Peer {
     /// The last announcement's connection and number.
     last: (u64, u64),
+    /// Its last word was heard: later announcements of this process are late ones.
+    stopped: bool,
     /// Set by this gateway's own outage: the next announcement re-synchronises.
     resync: bool,
     last_heard: Instant,
@@ -98,45 +102,70 @@ impl PeerView {
         }
     }
 
-    /// Takes one announcement; says whether it shows that announcements were lost on the way.
+    /// Takes one announcement; says whether it shows a partition this gateway was cut off by.
     pub(crate) fn observe(&mut self, a: &Announce, now: Instant) -> Option<Heal> {
         if a.instance == self.own_instance {
             return None;
         }
         let key = (a.instance.clone(), a.started_ms);
-        if a.stopped {
-            self.peers.remove(&key);
-            return None;
-        }
         let expiry =
             Duration::from_millis(a.heartbeat_ms.saturating_mul(EXPIRY_BEATS)).max(MIN_EXPIRY);
+        if a.stopped {
+            // Kept as a stopped peer for an expiry, so a late announcement of the same process
+            // is not taken for a gateway first heard with many announcements behind it.
+            self.peers.insert(
+                key,
+                Peer {
+                    last: (a.conn, a.seq),
+                    stopped: true,
+                    resync: false,
+                    last_heard: now,
+                    expiry,
+                },
+            );
+            return None;
+        }
         // Older gateways number nothing (and connect at least once before announcing, so a
         // numbered one never says connection 0): kept in sight, never a reason to sweep.
         let numbered = a.conn != 0;
         let listening = now.saturating_duration_since(self.listening_since);
         if let Some(peer) = self.peers.get_mut(&key) {
-            peer.last_heard = now;
-            peer.expiry = expiry;
-            if !numbered {
+            if peer.stopped {
                 return None;
             }
+            peer.last_heard = now;
+            peer.expiry = expiry;
             let (conn, seq) = peer.last;
+            // Numberless (older gateways), or from an earlier connection of its own: nothing
+            // to compare.
+            if !numbered || a.conn < conn {
+                return None;
+            }
+            // Since its current connection began, as far as heard now.
+            let on_this_conn = a.seq.saturating_sub(a.conn_seq);
             let heal = if peer.resync {
                 peer.resync = false;
-                (listening > expiry).then(|| Heal::Unheard {
+                // Heard late after this gateway's own reconnect: the cut outlived the
+                // reconnect sweep. Unless the other one reconnected later itself (and lost
+                // nothing since), when its own reconnect sweep, run with this gateway already
+                // connected, settled every device the two share.
+                let reconnected_later = a.conn > conn && on_this_conn <= LOST_TO_OUTAGE;
+                (listening > expiry && !reconnected_later).then(|| Heal::Unheard {
                     instance: a.instance.clone(),
                     after: listening,
                 })
-            } else if a.conn < conn || (a.conn == conn && a.seq <= seq) {
-                // From an earlier connection, late, or repeated: nothing new.
+            } else if a.conn == conn && a.seq <= seq {
+                // Late or repeated: nothing new.
                 return None;
             } else {
                 let missed = if a.conn == conn {
                     a.seq - seq - 1
                 } else {
                     // Before its own outage (beyond what an outage loses), and since.
-                    let before = a.conn_seq.saturating_sub(seq + 1);
-                    before.saturating_sub(LOST_TO_OUTAGE) + a.seq.saturating_sub(a.conn_seq)
+                    let before = a.conn_seq.saturating_sub(seq.saturating_add(1));
+                    before
+                        .saturating_sub(LOST_TO_OUTAGE)
+                        .saturating_add(on_this_conn)
                 };
                 (missed > 0).then(|| Heal::Gap {
                     instance: a.instance.clone(),
@@ -153,6 +182,7 @@ impl PeerView {
             key,
             Peer {
                 last: (a.conn, a.seq),
+                stopped: false,
                 resync: false,
                 last_heard: now,
                 expiry,
@@ -167,11 +197,13 @@ impl PeerView {
     /// Forgets the gateways unheard for long, and returns how many were heard within their
     /// expiry: the gauge an alert compares across gateways.
     pub(crate) fn expire(&mut self, now: Instant) -> usize {
-        self.peers
-            .retain(|_, p| now.saturating_duration_since(p.last_heard) < FORGET_AFTER);
+        self.peers.retain(|_, p| {
+            let unheard = now.saturating_duration_since(p.last_heard);
+            unheard < FORGET_AFTER && !(p.stopped && unheard > p.expiry)
+        });
         self.peers
             .values()
-            .filter(|p| now.saturating_duration_since(p.last_heard) <= p.expiry)
+            .filter(|p| !p.stopped && now.saturating_duration_since(p.last_heard) <= p.expiry)
             .count()
     }
 
@@ -183,7 +215,10 @@ impl PeerView {
         self.listening_since = now;
         for peer in self.peers.values_mut() {
             peer.resync = true;
-            peer.last_heard = now;
+            // Those in sight stay so; those already gone are not brought back.
+            if now.saturating_duration_since(peer.last_heard) <= peer.expiry {
+                peer.last_heard = now;
+            }
         }
     }
 
@@ -399,6 +434,95 @@ mod tests {
     }
 
     #[test]
+    fn after_its_own_reconnect_a_peer_that_reconnected_later_itself_is_no_reason() {
+        let t0 = Instant::now();
+        let mut view = settled(t0, "b");
+        let back = t0 + secs(100);
+        view.own_outage(back);
+        // "b" noticed the same dead NATS node 20 s later: its own reconnect sweep ran while
+        // this gateway was connected already.
+        assert_eq!(
+            view.observe(&reconnected("b", 2, 61, 61), back + secs(20)),
+            None
+        );
+        // But one that lost announcements since its reconnect was cut off from here.
+        let mut view = settled(t0, "b");
+        view.own_outage(back);
+        assert_eq!(
+            view.observe(&reconnected("b", 2, 61, 70), back + secs(20)),
+            Some(Heal::Unheard {
+                instance: "b".into(),
+                after: secs(20)
+            })
+        );
+    }
+
+    #[test]
+    fn late_words_of_an_earlier_connection_do_not_move_a_peer_back() {
+        let t0 = Instant::now();
+        let mut view = settled(t0, "b");
+        assert_eq!(
+            view.observe(&reconnected("b", 2, 61, 61), t0 + secs(61)),
+            None
+        );
+        view.own_outage(t0 + secs(62));
+        assert_eq!(view.observe(&announce("b", 1, 60), t0 + secs(62)), None);
+        assert_eq!(
+            view.observe(&reconnected("b", 2, 61, 62), t0 + secs(63)),
+            None,
+            "still counted from connection 2"
+        );
+    }
+
+    #[test]
+    fn a_late_announcement_after_the_last_word_is_no_new_gateway() {
+        let t0 = Instant::now();
+        let mut view = settled(t0, "b");
+        let last_word = Announce {
+            stopped: true,
+            ..announce("b", 1, 61)
+        };
+        assert_eq!(view.observe(&last_word, t0 + secs(61)), None);
+        assert_eq!(view.observe(&announce("b", 1, 60), t0 + secs(61)), None);
+        assert_eq!(
+            view.expire(t0 + secs(61)),
+            0,
+            "stopped: out of sight at once"
+        );
+        assert_eq!(view.expire(t0 + secs(70)), 0);
+        assert!(view.peers.is_empty(), "and forgotten after an expiry");
+    }
+
+    #[test]
+    fn its_own_outage_does_not_bring_back_gateways_already_gone() {
+        let t0 = Instant::now();
+        let mut view = settled(t0, "b");
+        view.observe(&announce("c", 1, 0), t0 + secs(90));
+        view.own_outage(t0 + secs(91));
+        assert_eq!(view.expire(t0 + secs(91)), 1, "only c was in sight");
+    }
+
+    #[test]
+    fn hostile_numbers_do_not_overflow() {
+        let t0 = Instant::now();
+        let mut view = settled(t0, "b");
+        // Whatever they say, they are taken without a panic (a debug build checks overflow).
+        for (conn, conn_seq, seq) in [
+            (2, u64::MAX, u64::MAX),
+            (u64::MAX, 0, u64::MAX),
+            (u64::MAX, u64::MAX, 0),
+            (u64::MAX, u64::MAX, u64::MAX),
+        ] {
+            let _ = view.observe(&reconnected("b", conn, conn_seq, seq), t0 + secs(61));
+        }
+        let mut view = settled(t0, "b");
+        assert!(
+            view.observe(&reconnected("b", 2, 0, u64::MAX), t0 + secs(61))
+                .is_some()
+        );
+    }
+
+    #[test]
     fn a_gateway_first_heard_with_many_announcements_behind_it_asks_for_a_sweep() {
         let t0 = Instant::now();
         let mut view = settled(t0, "b");
@@ -475,7 +599,8 @@ mod tests {
         let mut view = settled(t0, "b");
         assert_eq!(view.expire(t0 + secs(63)), 1, "three beats: still in sight");
         assert_eq!(view.expire(t0 + secs(64)), 0);
-        view.own_outage(t0 + secs(64));
+        let mut view = settled(t0, "b");
+        view.own_outage(t0 + secs(62));
         assert_eq!(view.expire(t0 + secs(65)), 1, "its own outage hides nobody");
     }
 

@@ -15,9 +15,9 @@
 //! session elsewhere let go, but another may remain (a request keeps only the first answer),
 //! so the reclaim is repeated, as a login's claim is.
 //!
-//! The same sweep runs when `peers.rs` finds that another gateway's announcements were lost on
-//! the way: a partition between NATS cluster nodes splits devices the same way without
-//! disconnecting anyone.
+//! The same sweep runs when `peers.rs` finds in another gateway's announcements that a
+//! partition between NATS cluster nodes healed: one splits devices the same way, without
+//! disconnecting anyone (or after a reconnect whose sweep reached nobody).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -42,8 +42,8 @@ const CONCURRENCY: usize = 64;
 const PARTITION_SWEEP_SPACING: u32 = 5;
 
 /// Starts the task; it sweeps after every (re)connect and whenever `heal` rings (another
-/// gateway's announcements were lost; rings during a sweep are kept for one more), and ends
-/// at the gateway's hard stop.
+/// gateway's announcements show a healed NATS partition; rings during a sweep are kept for
+/// one more), and ends at the gateway's hard stop.
 pub(crate) fn spawn(shared: Arc<Shared>, heal: Arc<Notify>) -> JoinHandle<()> {
     tokio::spawn(run(shared, heal))
 }
@@ -68,6 +68,8 @@ async fn run(shared: Arc<Shared>, heal: Arc<Notify>) {
             () = heal.notified(), if link.is_connected() => false,
         };
         let why = if reconnected {
+            // Whatever rang meanwhile is covered by this sweep.
+            let _ = heal.notified().now_or_never();
             "NATS connected"
         } else {
             // Every gateway on the other side of a healed cut rings within about a beat: one
@@ -84,13 +86,13 @@ async fn run(shared: Arc<Shared>, heal: Arc<Notify>) {
                 () = tokio::time::sleep_until(at) => {}
             }
             let _ = heal.notified().now_or_never();
-            if !link.is_connected() {
+            if !link.is_connected() || link.epoch() != swept {
                 // Its reconnect sweep comes instead.
                 continue;
             }
             last_partition_sweep = Some(Instant::now());
             shared.metrics.partition_sweeps.inc();
-            "announcements of another gateway were lost (a NATS partition healed?)"
+            "another gateway's announcements show a NATS partition that healed"
         };
         swept = link.epoch();
         // A sweep cut short by another disconnect ends quickly (its requests fail) and the

@@ -155,12 +155,19 @@ impl Registry {
             .map(|e| e.login_ns)
     }
 
-    /// Whether `session` was told to release `id` (its own gateway's reclaim lost, and
-    /// counted it): another gateway's reclaim reaching it before it leaves is no new loss.
-    pub fn releasing(&self, id: &DeviceId, session: &str) -> bool {
-        self.lock()
-            .get(id)
-            .is_some_and(|e| e.session == session && e.releasing.is_some())
+    /// Marks `session` ending because another gateway's reclaim found it older; returns
+    /// whether that loss is new. It is not when its own gateway's reclaim lost first and told
+    /// it to release (and counted). Checked and marked under one lock, so of the two, exactly
+    /// one counts: a release after this finds the session ending and refuses.
+    pub fn lose(&self, id: &DeviceId, session: &str) -> bool {
+        let mut map = self.lock();
+        let Some(e) = map.get_mut(id).filter(|e| e.session == session) else {
+            return false;
+        };
+        let new = e.releasing.is_none() && e.summary.is_some();
+        e.summary = None;
+        e.replaces_welcomed = false;
+        new
     }
 
     /// Marks `session` as ending: it leaves the listings and is no longer re-asserted by a
@@ -339,11 +346,9 @@ mod tests {
         assert_eq!(r.login_ns(&id("a"), "s-old"), None);
         assert_eq!(r.login_ns(&id("b"), "s-b"), None, "not welcomed yet");
         r.insert(id("c"), entry("s-c", true, "c"));
-        assert!(!r.releasing(&id("c"), "s-c"));
         // Told to go (the session's end of the channel is gone here, so the send fails, but
         // the command slot is used up either way).
         let _ = r.release(&id("c"), "s-c");
-        assert!(r.releasing(&id("c"), "s-c"));
         assert_eq!(
             r.unreleased_login_ns(&id("c"), "s-c"),
             None,
@@ -355,6 +360,16 @@ mod tests {
             "still holds its key against older claims until it leaves"
         );
         assert!(!r.release(&id("c"), "s-c"), "told once");
+        assert!(
+            !r.lose(&id("c"), "s-c"),
+            "its own gateway's reclaim counted the loss"
+        );
+        r.insert(id("d"), entry("s-d", true, "d"));
+        assert!(r.lose(&id("d"), "s-d"), "lost to another gateway's reclaim");
+        assert!(
+            !r.release(&id("d"), "s-d"),
+            "so its own reclaim finds it gone"
+        );
         r.ending(&id("a"), "s-a");
         assert_eq!(r.login_ns(&id("a"), "s-a"), None, "ending");
         assert!(!r.release(&id("a"), "s-a"), "an ending session has let go");

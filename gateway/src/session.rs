@@ -1598,8 +1598,8 @@ impl Session {
             }
             Some(_) => {
                 tracing::warn!(device_id = %self.id, session = %self.session, newer = %claim.key.session, "a newer session of this device re-asserted its claim (its gateway reconnected, or a NATS partition healed); yielding");
-                // Told to release by this gateway's own reclaim, which counted the loss.
-                if !self.shared.registry.releasing(&self.id, &self.session) {
+                // Unless this gateway's own reclaim lost first (and counted).
+                if self.shared.registry.lose(&self.id, &self.session) {
                     self.shared.metrics.reclaims_lost.inc();
                 }
                 Err(self.yield_to(msg.reply).await)
