@@ -94,25 +94,47 @@ struct Announced {
     count: u64,
     conn: u64,
     conn_first: u64,
-    /// The last announcement's confirmation, until the next one is sent. One still pending
-    /// then is not counted: the next announcement repeats its number.
+    /// The confirmation of the last announcement asked for; until it comes, announcements
+    /// repeat its number.
     unconfirmed: Option<oneshot::Receiver<()>>,
+}
+
+impl Announced {
+    /// The numbers (`seq`, `conn_seq`) of the next announcement, on connection `conn`.
+    fn numbers(&mut self, conn: u64) -> (u64, u64) {
+        if let Some(mut confirmation) = self.unconfirmed.take() {
+            match confirmation.try_recv() {
+                Ok(()) => self.count += 1,
+                // Still on its way (a slow server, or a beat shorter than its round trip):
+                // this one repeats the number, and the confirmation counts when it comes.
+                // Asking again at every beat would never let a slow one through.
+                Err(oneshot::error::TryRecvError::Empty) => self.unconfirmed = Some(confirmation),
+                // The connection it was on is gone.
+                Err(oneshot::error::TryRecvError::Closed) => {}
+            }
+        }
+        if conn != self.conn {
+            self.conn = conn;
+            self.conn_first = self.count;
+        }
+        (self.count, self.conn_first)
+    }
+
+    /// The announcement was handed to NATS: `confirm` asks the server to confirm it (a
+    /// `PING`), unless a confirmation is still on its way.
+    fn sent(&mut self, confirm: impl FnOnce() -> Option<oneshot::Receiver<()>>) {
+        if self.unconfirmed.is_none() {
+            self.unconfirmed = confirm();
+        }
+    }
 }
 
 /// Publishes this gateway's announcement, numbered (see [`Announced`]).
 fn announce(shared: &Shared, stopped: bool, announced: &mut Announced) {
     let s = stats_of(shared);
     let link = shared.bus.link();
-    if let Some(mut confirmation) = announced.unconfirmed.take()
-        && confirmation.try_recv().is_ok()
-    {
-        announced.count += 1;
-    }
     let conn = link.epoch();
-    if conn != announced.conn {
-        announced.conn = conn;
-        announced.conn_first = announced.count;
-    }
+    let (seq, conn_seq) = announced.numbers(conn);
     let body = json(&Announce {
         instance: s.instance,
         advertise_addr: s.advertise_addr,
@@ -122,12 +144,12 @@ fn announce(shared: &Shared, stopped: bool, announced: &mut Announced) {
         heartbeat_ms: shared.config.announce_interval_ms,
         started_ms: s.started_ms,
         stopped,
-        seq: announced.count,
+        seq,
         conn,
-        conn_seq: announced.conn_first,
+        conn_seq,
     });
     match link.publish_now(subjects::ANNOUNCE, None, Headers::None, &body) {
-        Ok(()) => announced.unconfirmed = link.ping().ok(),
+        Ok(()) => announced.sent(|| link.ping().ok()),
         Err(error) => tracing::debug!(%error, "announce not published"),
     }
 }
@@ -174,6 +196,64 @@ fn session_page(shared: &Shared, payload: &[u8]) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Sends announcements on `conn`, each confirmed at once or never; returns their numbers.
+    /// The senders of the unconfirmed are kept in `pending` (dropping one is the link
+    /// dropping its waiters with the connection).
+    fn numbered(
+        a: &mut Announced,
+        conn: u64,
+        confirmed: &[bool],
+        pending: &mut Vec<oneshot::Sender<()>>,
+    ) -> Vec<(u64, u64)> {
+        confirmed
+            .iter()
+            .map(|&ok| {
+                let numbers = a.numbers(conn);
+                a.sent(|| {
+                    let (tx, rx) = oneshot::channel();
+                    if ok {
+                        let _ = tx.send(());
+                    } else {
+                        pending.push(tx);
+                    }
+                    Some(rx)
+                });
+                numbers
+            })
+            .collect()
+    }
+
+    #[test]
+    fn announcements_count_once_confirmed_and_wait_for_a_slow_confirmation() {
+        let mut pending = Vec::new();
+        let mut a = Announced::default();
+        assert_eq!(
+            numbered(&mut a, 1, &[true, true, true], &mut pending),
+            [(0, 0), (1, 0), (2, 0)]
+        );
+        // The fourth's confirmation is slow: numbers repeat, and nothing more is asked.
+        assert_eq!(
+            numbered(&mut a, 1, &[false, true, true], &mut pending),
+            [(3, 0), (3, 0), (3, 0)]
+        );
+        assert_eq!(pending.len(), 1);
+        // It comes: counted once, and the next one is asked for again.
+        let _ = pending.remove(0).send(());
+        assert_eq!(
+            numbered(&mut a, 1, &[true, true], &mut pending),
+            [(4, 0), (5, 0)]
+        );
+        // One written into a connection that died without a word is never confirmed; the
+        // link drops its waiter with the connection, and the new connection numbers on from
+        // the count, not counting it.
+        assert_eq!(numbered(&mut a, 1, &[false], &mut pending), [(6, 0)]);
+        pending.clear();
+        assert_eq!(
+            numbered(&mut a, 2, &[true, true], &mut pending),
+            [(6, 6), (7, 6)]
+        );
+    }
 
     #[test]
     fn a_session_page_is_1_to_1000_and_1000_by_default() {

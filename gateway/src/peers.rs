@@ -113,6 +113,9 @@ impl PeerView {
         if a.stopped {
             // Kept as a stopped peer for an expiry, so a late announcement of the same process
             // is not taken for a gateway first heard with many announcements behind it.
+            if self.peers.len() >= MAX_PEERS && !self.peers.contains_key(&key) {
+                self.forget_longest_unheard();
+            }
             self.peers.insert(
                 key,
                 Peer {
@@ -146,10 +149,10 @@ impl PeerView {
             let heal = if peer.resync {
                 peer.resync = false;
                 // Heard late after this gateway's own reconnect: the cut outlived the
-                // reconnect sweep. Unless the other one reconnected later itself (and lost
-                // nothing since), when its own reconnect sweep, run with this gateway already
-                // connected, settled every device the two share.
-                let reconnected_later = a.conn > conn && on_this_conn <= LOST_TO_OUTAGE;
+                // reconnect sweep. Unless the other one reconnected later itself and this is
+                // its first announcement since (nothing lost after it), when its own reconnect
+                // sweep, run with this gateway already connected, settled what the two share.
+                let reconnected_later = a.conn > conn && on_this_conn == 0;
                 (listening > expiry && !reconnected_later).then(|| Heal::Unheard {
                     instance: a.instance.clone(),
                     after: listening,
@@ -380,7 +383,8 @@ mod tests {
     #[test]
     fn across_the_peers_reconnect_only_what_its_outage_does_not_explain_counts() {
         let t0 = Instant::now();
-        // Its outage lost the last two it wrote (61, 62); the new connection starts at 63.
+        // Its outage lost the last two the server confirmed (61, 62) before the routes carried
+        // them on; the new connection starts at 63.
         let mut view = settled(t0, "b");
         assert_eq!(
             view.observe(&reconnected("b", 2, 63, 63), t0 + secs(70)),
@@ -445,16 +449,20 @@ mod tests {
             view.observe(&reconnected("b", 2, 61, 61), back + secs(20)),
             None
         );
-        // But one that lost announcements since its reconnect was cut off from here.
-        let mut view = settled(t0, "b");
-        view.own_outage(back);
-        assert_eq!(
-            view.observe(&reconnected("b", 2, 61, 70), back + secs(20)),
-            Some(Heal::Unheard {
-                instance: "b".into(),
-                after: secs(20)
-            })
-        );
+        // But one whose announcements since its reconnect (even one) did not arrive was cut
+        // off from here after it.
+        for seq in [62, 63, 70] {
+            let mut view = settled(t0, "b");
+            view.own_outage(back);
+            assert_eq!(
+                view.observe(&reconnected("b", 2, 61, seq), back + secs(20)),
+                Some(Heal::Unheard {
+                    instance: "b".into(),
+                    after: secs(20)
+                }),
+                "{seq}"
+            );
+        }
     }
 
     #[test]
