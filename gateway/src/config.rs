@@ -903,12 +903,17 @@ mod tests {
         let with = |extra: &[&str]| -> Vec<String> {
             tls.iter().chain(extra).map(|a| (*a).to_owned()).collect()
         };
-        let ok = with(&[
-            "--device-auth",
-            "certificate",
-            "--device-tls-client-ca",
-            &ca,
-        ]);
+        // Certificate authentication with its client CA, and `extra`.
+        let certificate = |extra: &[&str]| -> Vec<String> {
+            let auth = [
+                "--device-auth",
+                "certificate",
+                "--device-tls-client-ca",
+                &ca,
+            ];
+            with(&auth.iter().chain(extra).copied().collect::<Vec<_>>())
+        };
+        let ok = certificate(&[]);
         let ok = cli(&ok.iter().map(String::as_str).collect::<Vec<_>>())
             .into_config()
             .expect("certificates alone authenticate");
@@ -919,26 +924,10 @@ mod tests {
             "device_auth=certificate needs device_tls_client_ca",
         );
         refused(
-            &with(&[
-                "--device-auth",
-                "certificate",
-                "--device-tls-client-ca",
-                &ca,
-                "--auth-secret",
-                "0123456789abcdef0123",
-            ]),
+            &certificate(&["--auth-secret", "0123456789abcdef0123"]),
             "--auth-secret is not used",
         );
-        refused(
-            &with(&[
-                "--device-auth",
-                "certificate",
-                "--device-tls-client-ca",
-                &ca,
-                "--insecure-no-auth",
-            ]),
-            "contradict",
-        );
+        refused(&certificate(&["--insecure-no-auth"]), "contradict");
         // Tokens stay the default: without a secret, the old refusal.
         refused(
             &with(&["--device-tls-client-ca", &ca]),

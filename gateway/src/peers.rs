@@ -83,6 +83,65 @@ struct Peer {
     expiry: Duration,
 }
 
+/// Older gateways number nothing (and connect at least once before announcing, so a numbered
+/// one never says connection 0): kept in sight, never a reason to sweep.
+fn numbered(a: &Announce) -> bool {
+    a.conn != 0
+}
+
+impl Peer {
+    /// Takes the next announcement of this (running) gateway, heard after this gateway has
+    /// been `listening` for that long on its current connection.
+    fn hear(
+        &mut self,
+        a: &Announce,
+        now: Instant,
+        expiry: Duration,
+        listening: Duration,
+    ) -> Option<Heal> {
+        self.last_heard = now;
+        self.expiry = expiry;
+        let (conn, seq) = self.last;
+        // From an earlier connection of its own: nothing to compare.
+        if !numbered(a) || a.conn < conn {
+            return None;
+        }
+        // Since its current connection began, as far as heard now.
+        let on_this_conn = a.seq.saturating_sub(a.conn_seq);
+        let heal = if self.resync {
+            self.resync = false;
+            // Heard late after this gateway's own reconnect: the cut outlived the reconnect
+            // sweep. Unless the other one reconnected later itself and this is its first
+            // announcement since (nothing lost after it), when its own reconnect sweep, run
+            // with this gateway already connected, settled what the two share.
+            let reconnected_later = a.conn > conn && on_this_conn == 0;
+            (listening > expiry && !reconnected_later).then(|| Heal::Unheard {
+                instance: a.instance.clone(),
+                after: listening,
+            })
+        } else if a.conn == conn && a.seq <= seq {
+            // Late or repeated: nothing new.
+            return None;
+        } else {
+            let missed = if a.conn == conn {
+                a.seq - seq - 1
+            } else {
+                // Before its own outage (beyond what an outage loses), and since.
+                let before = a.conn_seq.saturating_sub(seq.saturating_add(1));
+                before
+                    .saturating_sub(LOST_TO_OUTAGE)
+                    .saturating_add(on_this_conn)
+            };
+            (missed > 0).then(|| Heal::Gap {
+                instance: a.instance.clone(),
+                missed,
+            })
+        };
+        self.last = (a.conn, a.seq);
+        heal
+    }
+}
+
 /// What this gateway knows of the others, from their announcements. Pure: time comes in.
 /// Keyed by instance and start: two processes under one name (a misconfiguration) are two
 /// gateways here, not one restarting at every beat.
@@ -110,91 +169,34 @@ impl PeerView {
         let key = (a.instance.clone(), a.started_ms);
         let expiry =
             Duration::from_millis(a.heartbeat_ms.saturating_mul(EXPIRY_BEATS)).max(MIN_EXPIRY);
-        if a.stopped {
-            // Kept as a stopped peer for an expiry, so a late announcement of the same process
-            // is not taken for a gateway first heard with many announcements behind it.
-            if self.peers.len() >= MAX_PEERS && !self.peers.contains_key(&key) {
-                self.forget_longest_unheard();
-            }
-            self.peers.insert(
-                key,
-                Peer {
-                    last: (a.conn, a.seq),
-                    stopped: true,
-                    resync: false,
-                    last_heard: now,
-                    expiry,
-                },
-            );
-            return None;
-        }
-        // Older gateways number nothing (and connect at least once before announcing, so a
-        // numbered one never says connection 0): kept in sight, never a reason to sweep.
-        let numbered = a.conn != 0;
         let listening = now.saturating_duration_since(self.listening_since);
-        if let Some(peer) = self.peers.get_mut(&key) {
-            if peer.stopped {
-                return None;
+        match self.peers.get_mut(&key) {
+            // A stopped one is kept for an expiry, so a late announcement of the same process
+            // is not taken for a gateway first heard with many announcements behind it.
+            Some(peer) if peer.stopped => None,
+            Some(peer) if !a.stopped => peer.hear(a, now, expiry, listening),
+            _ => {
+                if self.peers.len() >= MAX_PEERS && !self.peers.contains_key(&key) {
+                    self.forget_longest_unheard();
+                }
+                self.peers.insert(
+                    key,
+                    Peer {
+                        last: (a.conn, a.seq),
+                        stopped: a.stopped,
+                        resync: false,
+                        last_heard: now,
+                        expiry,
+                    },
+                );
+                (!a.stopped && numbered(a) && a.seq > FIRST_HEARD_SEQ && listening > expiry).then(
+                    || Heal::Unseen {
+                        instance: a.instance.clone(),
+                        seq: a.seq,
+                    },
+                )
             }
-            peer.last_heard = now;
-            peer.expiry = expiry;
-            let (conn, seq) = peer.last;
-            // Numberless (older gateways), or from an earlier connection of its own: nothing
-            // to compare.
-            if !numbered || a.conn < conn {
-                return None;
-            }
-            // Since its current connection began, as far as heard now.
-            let on_this_conn = a.seq.saturating_sub(a.conn_seq);
-            let heal = if peer.resync {
-                peer.resync = false;
-                // Heard late after this gateway's own reconnect: the cut outlived the
-                // reconnect sweep. Unless the other one reconnected later itself and this is
-                // its first announcement since (nothing lost after it), when its own reconnect
-                // sweep, run with this gateway already connected, settled what the two share.
-                let reconnected_later = a.conn > conn && on_this_conn == 0;
-                (listening > expiry && !reconnected_later).then(|| Heal::Unheard {
-                    instance: a.instance.clone(),
-                    after: listening,
-                })
-            } else if a.conn == conn && a.seq <= seq {
-                // Late or repeated: nothing new.
-                return None;
-            } else {
-                let missed = if a.conn == conn {
-                    a.seq - seq - 1
-                } else {
-                    // Before its own outage (beyond what an outage loses), and since.
-                    let before = a.conn_seq.saturating_sub(seq.saturating_add(1));
-                    before
-                        .saturating_sub(LOST_TO_OUTAGE)
-                        .saturating_add(on_this_conn)
-                };
-                (missed > 0).then(|| Heal::Gap {
-                    instance: a.instance.clone(),
-                    missed,
-                })
-            };
-            peer.last = (a.conn, a.seq);
-            return heal;
         }
-        if self.peers.len() >= MAX_PEERS {
-            self.forget_longest_unheard();
-        }
-        self.peers.insert(
-            key,
-            Peer {
-                last: (a.conn, a.seq),
-                stopped: false,
-                resync: false,
-                last_heard: now,
-                expiry,
-            },
-        );
-        (numbered && a.seq > FIRST_HEARD_SEQ && listening > expiry).then(|| Heal::Unseen {
-            instance: a.instance.clone(),
-            seq: a.seq,
-        })
     }
 
     /// Forgets the gateways unheard for long, and returns how many were heard within their

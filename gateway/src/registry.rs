@@ -89,6 +89,17 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// Whether this is `session`, welcomed and not ending: it holds the device here.
+    fn is_welcomed(&self, session: &str) -> bool {
+        self.session == session && self.summary.is_some()
+    }
+
+    /// Leaves the listings and the sweeps (see [`Registry::ending`]).
+    fn mark_ending(&mut self) {
+        self.summary = None;
+        self.replaces_welcomed = false;
+    }
+
     /// Whether displacing this entry takes a welcomed session's place.
     pub fn holds_welcomed(&self) -> bool {
         self.summary.is_some() || self.replaces_welcomed
@@ -142,7 +153,7 @@ impl Registry {
     pub fn login_ns(&self, id: &DeviceId, session: &str) -> Option<u64> {
         self.lock()
             .get(id)
-            .filter(|e| e.session == session && e.summary.is_some())
+            .filter(|e| e.is_welcomed(session))
             .map(|e| e.login_ns)
     }
 
@@ -151,7 +162,7 @@ impl Registry {
     pub fn unreleased_login_ns(&self, id: &DeviceId, session: &str) -> Option<u64> {
         self.lock()
             .get(id)
-            .filter(|e| e.session == session && e.summary.is_some() && e.commands.is_some())
+            .filter(|e| e.is_welcomed(session) && e.commands.is_some())
             .map(|e| e.login_ns)
     }
 
@@ -164,9 +175,8 @@ impl Registry {
         let Some(e) = map.get_mut(id).filter(|e| e.session == session) else {
             return false;
         };
-        let new = e.releasing.is_none() && e.summary.is_some();
-        e.summary = None;
-        e.replaces_welcomed = false;
+        let new = e.releasing.is_none() && e.is_welcomed(session);
+        e.mark_ending();
         new
     }
 
@@ -178,13 +188,12 @@ impl Registry {
         if let Some(e) = self.lock().get_mut(id)
             && e.session == session
         {
-            e.summary = None;
-            e.replaces_welcomed = false;
+            e.mark_ending();
         }
     }
 
-    /// Device, session and login time of every welcomed session not told to go: the claims to re-assert
-    /// after a reconnect. (Sessions still logging in run their own claim rounds.)
+    /// Device, session and login time of every welcomed session not told to go: the claims to
+    /// re-assert after a reconnect. (Sessions still logging in run their own claim rounds.)
     pub fn welcomed_claims(&self) -> Vec<(DeviceId, String, u64)> {
         self.lock()
             .iter()
@@ -199,10 +208,7 @@ impl Registry {
         let mut map = self.lock();
         // An ending session (it yielded to another gateway's reclaim meanwhile, say) has let
         // go already.
-        let Some(entry) = map
-            .get_mut(id)
-            .filter(|e| e.session == session && e.summary.is_some())
-        else {
+        let Some(entry) = map.get_mut(id).filter(|e| e.is_welcomed(session)) else {
             return false;
         };
         let Some(commands) = entry.commands.take() else {

@@ -1171,8 +1171,7 @@ impl Inner {
             let mut st = lock(&self.state);
             st.out.clear();
             st.pongs.clear();
-            let inbox = format!("{}*", self.inbox);
-            subscribe_marked(&mut st, &inbox, INBOX_SID);
+            subscribe_marked(&mut st, &self.inbox_subject(), INBOX_SID);
             // The gateway's own subscriptions first, then the devices': over a lowered
             // `max_subs` the refused ones are then devices', whose sessions end (and whose
             // devices reconnect elsewhere), not the stats, sessions or announcement ones, which
@@ -1291,6 +1290,11 @@ impl Inner {
         }
     }
 
+    /// What the reply inbox subscribes to: every reply to this link's requests.
+    fn inbox_subject(&self) -> String {
+        format!("{}*", self.inbox)
+    }
+
     /// Handles a `SUB` refused for the connection's subscription limit (`max_subs`, of the
     /// server, the account or the user). Like a permissions refusal, a device's subscription
     /// ends, and with it its login or session: welcomed, nothing would reach it. The gateway's
@@ -1305,7 +1309,7 @@ impl Inner {
     fn end_over_limit(&self, error: &str) {
         let sid = lock(&self.state).pongs.front().and_then(|p| p.after_sub);
         let subject: Option<Box<str>> = match sid {
-            Some(INBOX_SID) => Some(format!("{}*", self.inbox).into()),
+            Some(INBOX_SID) => Some(self.inbox_subject().into()),
             Some(sid) => lock(&self.subs).get(&sid).map(|slot| slot.subject.clone()),
             None => None,
         };
